@@ -1,0 +1,344 @@
+// FUSE ops for the exported file and its directory, and the request coroutines.
+// Loop thread only; see file_system.hpp for the reply-once rule.
+#include "bridge/file_system.hpp"
+
+#include "bridge/errno_map.hpp"
+#include "bridge/geometry.hpp"
+
+#include <asio/experimental/as_tuple.hpp>
+#include <asio/co_spawn.hpp>
+#include <asio/detached.hpp>
+#include <asio/post.hpp>
+#include <asio/redirect_error.hpp>
+#include <asio/use_awaitable.hpp>
+
+#include <cerrno>
+#include <cinttypes>
+#include <cstdio>
+#include <cstring>
+#include <fcntl.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+namespace bridge {
+
+namespace {
+
+constexpr fuse_ino_t root_inode = FUSE_ROOT_ID;
+constexpr fuse_ino_t file_inode_in_directory = 2;
+// Attributes never change while mounted (the export cannot be resized), so the
+// kernel may cache them for long.
+constexpr double attribute_timeout_seconds = 3600.0;
+constexpr std::size_t largest_request = 1u << 20;  // FUSE max_write/max_read on this kernel
+
+constexpr auto as_result = asio::experimental::as_tuple(asio::use_awaitable);
+
+}  // namespace
+
+FileSystem::FileSystem(asio::any_io_executor executor, nbd_client::Connection& connection,
+                       fuse_front::Session& session, FileSystemOptions options)
+    : executor_(executor),
+      connection_(connection),
+      session_(session),
+      options_(std::move(options)),
+      owner_uid_(getuid()),
+      owner_gid_(getgid()),
+      drained_(executor) {
+  clock_gettime(CLOCK_REALTIME, &mounted_at_);
+}
+
+// ---- request tracking -------------------------------------------------------
+
+FileSystem::Tracked::Tracked(FileSystem& owner, fuse_req_t request, const char* operation, std::uint64_t offset,
+                             std::size_t length)
+    : owner_(owner),
+      request_(request),
+      operation_(operation),
+      id_(owner.next_request_id_++),
+      offset_(offset),
+      length_(length) {
+  next_ = owner_.in_flight_head_;
+  if (next_) next_->previous_ = this;
+  owner_.in_flight_head_ = this;
+  ++owner_.in_flight_count_;
+  if (owner_.options_.verbose) {
+    started_ = std::chrono::steady_clock::now();
+    std::fprintf(stderr, "nbdbridge: #%" PRIu64 " %s offset=%" PRIu64 " length=%zu\n", id_, operation_, offset_,
+                 length_);
+  }
+}
+
+FileSystem::Tracked::~Tracked() {
+  if (!replied_) reply_error(EIO);  // never leave the application waiting
+  if (previous_) previous_->next_ = next_;
+  else owner_.in_flight_head_ = next_;
+  if (next_) next_->previous_ = previous_;
+  if (--owner_.in_flight_count_ == 0 && owner_.draining_) owner_.drained_.cancel();
+}
+
+bool FileSystem::Tracked::begin_reply() {
+  if (replied_) return false;  // already answered by drain()
+  replied_ = true;
+  return true;
+}
+
+void FileSystem::Tracked::trace_reply(int error, std::size_t length) const {
+  if (!owner_.options_.verbose) return;
+  auto micros = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - started_);
+  if (error)
+    std::fprintf(stderr, "nbdbridge: #%" PRIu64 " %s failed: %s (%lld us)\n", id_, operation_, std::strerror(error),
+                 static_cast<long long>(micros.count()));
+  else
+    std::fprintf(stderr, "nbdbridge: #%" PRIu64 " %s done: %zu bytes (%lld us)\n", id_, operation_, length,
+                 static_cast<long long>(micros.count()));
+}
+
+void FileSystem::Tracked::reply_error(int error) {
+  if (!begin_reply()) return;
+  trace_reply(error, 0);
+  fuse_reply_err(request_, error);
+}
+
+void FileSystem::Tracked::reply_data(const std::byte* data, std::size_t length) {
+  if (!begin_reply()) return;
+  trace_reply(0, length);
+  fuse_reply_buf(request_, reinterpret_cast<const char*>(data), length);
+}
+
+void FileSystem::Tracked::reply_written(std::size_t length) {
+  if (!begin_reply()) return;
+  trace_reply(0, length);
+  fuse_reply_write(request_, length);
+}
+
+asio::awaitable<void> FileSystem::drain(std::chrono::milliseconds bound) {
+  draining_ = true;
+  drained_.expires_after(bound);
+  while (in_flight_count_ > 0) {
+    std::error_code woken;
+    co_await drained_.async_wait(asio::redirect_error(asio::use_awaitable, woken));
+    if (!woken) break;  // deadline passed
+  }
+  for (Tracked* request = in_flight_head_; request; request = request->next_) request->reply_error(EIO);
+}
+
+// ---- request coroutines -----------------------------------------------------
+
+asio::awaitable<void> FileSystem::serve_read(fuse_req_t request, std::size_t length, std::uint64_t offset) {
+  Tracked tracked(*this, request, "READ", offset, length);
+  BufferPool::Lease buffer = buffers_.acquire(length);
+  // The buffer outlives the command: it is released only after the reply.
+  auto [error] = co_await connection_.async_pread(buffer.data(), length, offset, as_result);
+  if (error) tracked.reply_error(to_application_errno(error));
+  else tracked.reply_data(buffer.data(), length);
+}
+
+asio::awaitable<void> FileSystem::serve_write(fuse_req_t request, fuse_front::RequestBuffer payload_owner,
+                                              const std::byte* data, std::size_t length, std::uint64_t offset) {
+  Tracked tracked(*this, request, "WRITE", offset, length);
+  // payload_owner keeps `data` (inside the FUSE receive buffer) alive until the server has it.
+  auto [error] = co_await connection_.async_pwrite(data, length, offset, 0, as_result);
+  if (error) tracked.reply_error(to_application_errno(error));
+  else tracked.reply_written(length);
+}
+
+asio::awaitable<void> FileSystem::serve_flush(fuse_req_t request, const char* operation) {
+  Tracked tracked(*this, request, operation, 0, 0);
+  auto [error] = co_await connection_.async_flush(as_result);
+  tracked.reply_error(to_application_errno(error));
+}
+
+// ---- FUSE handlers ----------------------------------------------------------
+
+void FileSystem::init(fuse_conn_info* connection) {
+  connection->max_write = largest_request;
+  // Room for a deep queue of asynchronous direct I/O (the kernel default is 12).
+  connection->max_background = 256;
+  connection->congestion_threshold = 192;
+  if (connection->capable & FUSE_CAP_ATOMIC_O_TRUNC) connection->want |= FUSE_CAP_ATOMIC_O_TRUNC;
+  connection->want &= ~(FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE);
+  if (connection->capable & FUSE_CAP_ASYNC_DIO) connection->want |= FUSE_CAP_ASYNC_DIO;
+  // Posted: the mount counts as live once libfuse has sent the INIT reply.
+  if (on_live) asio::post(executor_, std::exchange(on_live, nullptr));
+}
+
+bool FileSystem::is_file(fuse_ino_t inode) const {
+  return options_.file_name.empty() ? inode == root_inode : inode == file_inode_in_directory;
+}
+
+struct stat FileSystem::attributes_of(fuse_ino_t inode) const {
+  struct stat attributes {};
+  attributes.st_ino = inode;
+  attributes.st_uid = owner_uid_;
+  attributes.st_gid = owner_gid_;
+  attributes.st_atim = attributes.st_mtim = attributes.st_ctim = mounted_at_;
+  if (is_file(inode)) {
+    attributes.st_mode = S_IFREG | (export_.read_only ? 0444 : 0644);
+    attributes.st_nlink = 1;
+    attributes.st_size = off_t(export_.size);
+    attributes.st_blksize = blksize_t(export_.preferred_block);
+    attributes.st_blocks = blkcnt_t((export_.size + 511) / 512);
+  } else {
+    attributes.st_mode = S_IFDIR | (export_.read_only ? 0555 : 0755);
+    attributes.st_nlink = 2;
+    attributes.st_size = 0;
+    attributes.st_blksize = 4096;
+  }
+  return attributes;
+}
+
+void FileSystem::lookup(fuse_req_t request, fuse_ino_t parent, const char* name) {
+  if (options_.file_name.empty() || parent != root_inode || options_.file_name != name) {
+    fuse_reply_err(request, ENOENT);
+    return;
+  }
+  fuse_entry_param entry{};
+  entry.ino = file_inode_in_directory;
+  entry.generation = 1;
+  entry.attr = attributes_of(entry.ino);
+  entry.attr_timeout = attribute_timeout_seconds;
+  entry.entry_timeout = attribute_timeout_seconds;
+  fuse_reply_entry(request, &entry);
+}
+
+void FileSystem::getattr(fuse_req_t request, fuse_ino_t inode) {
+  if (inode != root_inode && !is_file(inode)) {
+    fuse_reply_err(request, ENOENT);
+    return;
+  }
+  struct stat attributes = attributes_of(inode);
+  fuse_reply_attr(request, &attributes, attribute_timeout_seconds);
+}
+
+void FileSystem::setattr(fuse_req_t request, fuse_ino_t inode, const struct stat& wanted, int to_set) {
+  if (inode != root_inode && !is_file(inode)) {
+    fuse_reply_err(request, ENOENT);
+    return;
+  }
+  // The export has a fixed size and fixed ownership; timestamps are accepted and
+  // left stable so that `touch` and `cp -p` do not fail.
+  if ((to_set & FUSE_SET_ATTR_SIZE) && (!is_file(inode) || std::uint64_t(wanted.st_size) != export_.size)) {
+    fuse_reply_err(request, is_file(inode) ? EINVAL : EISDIR);
+    return;
+  }
+  if (to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) {
+    fuse_reply_err(request, EPERM);
+    return;
+  }
+  struct stat attributes = attributes_of(inode);
+  fuse_reply_attr(request, &attributes, attribute_timeout_seconds);
+}
+
+void FileSystem::open(fuse_req_t request, fuse_ino_t inode, fuse_file_info* file) {
+  if (!is_file(inode)) {
+    fuse_reply_err(request, inode == root_inode ? EISDIR : ENOENT);
+    return;
+  }
+  // Root passes the kernel's permission check, so refuse writers here too.
+  if ((file->flags & O_ACCMODE) != O_RDONLY && export_.read_only) {
+    fuse_reply_err(request, EROFS);
+    return;
+  }
+  // O_TRUNC is ignored, as for a block device: the export cannot shrink.
+  file->direct_io = options_.cache == CacheMode::none;
+  file->keep_cache = 0;  // page mode: drop cached pages at each open, as other clients may write
+  fuse_reply_open(request, file);
+}
+
+void FileSystem::read(fuse_req_t request, std::size_t size, off_t offset, const fuse_file_info*) {
+  std::size_t length = clamp_read(export_.size, std::uint64_t(offset), size);
+  if (length == 0) {
+    fuse_reply_buf(request, nullptr, 0);
+    return;
+  }
+  asio::co_spawn(executor_, serve_read(request, length, std::uint64_t(offset)), asio::detached);
+}
+
+void FileSystem::write(fuse_req_t request, const char* data, std::size_t size, off_t offset,
+                       const fuse_file_info*) {
+  if (export_.read_only) {
+    fuse_reply_err(request, EROFS);
+    return;
+  }
+  WritePlan plan = plan_write(export_.size, std::uint64_t(offset), size);
+  if (plan.error || plan.length == 0) {
+    if (plan.error) fuse_reply_err(request, plan.error);
+    else fuse_reply_write(request, 0);
+    return;
+  }
+  asio::co_spawn(executor_,
+                 serve_write(request, session_.claim_request_buffer(), reinterpret_cast<const std::byte*>(data),
+                             plan.length, std::uint64_t(offset)),
+                 asio::detached);
+}
+
+void FileSystem::flush(fuse_req_t request, const fuse_file_info* file) {
+  // FLUSH comes with every close(); a reader's close has nothing to make durable.
+  if ((file->flags & O_ACCMODE) == O_RDONLY || !export_.can_flush) {
+    fuse_reply_err(request, 0);
+    return;
+  }
+  asio::co_spawn(executor_, serve_flush(request, "FLUSH"), asio::detached);
+}
+
+void FileSystem::fsync(fuse_req_t request, bool, const fuse_file_info*) {
+  if (!export_.can_flush || export_.read_only) {
+    fuse_reply_err(request, 0);
+    return;
+  }
+  asio::co_spawn(executor_, serve_flush(request, "FSYNC"), asio::detached);
+}
+
+void FileSystem::opendir(fuse_req_t request, fuse_ino_t inode, fuse_file_info* file) {
+  if (inode != root_inode || options_.file_name.empty()) {
+    fuse_reply_err(request, ENOTDIR);
+    return;
+  }
+  fuse_reply_open(request, file);
+}
+
+void FileSystem::readdir(fuse_req_t request, fuse_ino_t inode, std::size_t size, off_t offset) {
+  if (inode != root_inode || options_.file_name.empty()) {
+    fuse_reply_err(request, ENOTDIR);
+    return;
+  }
+  struct Entry {
+    const char* name;
+    fuse_ino_t inode;
+    mode_t mode;
+  };
+  const Entry entries[] = {{".", root_inode, S_IFDIR},
+                           {"..", root_inode, S_IFDIR},
+                           {options_.file_name.c_str(), file_inode_in_directory, S_IFREG}};
+  char buffer[1024];
+  std::size_t used = 0;
+  std::size_t limit = std::min(size, sizeof buffer);
+  for (off_t index = offset; index < off_t(std::size(entries)); ++index) {
+    struct stat attributes {};
+    attributes.st_ino = entries[index].inode;
+    attributes.st_mode = entries[index].mode;
+    std::size_t needed = fuse_add_direntry(request, buffer + used, limit - used, entries[index].name, &attributes,
+                                           index + 1);
+    if (needed > limit - used) break;
+    used += needed;
+  }
+  fuse_reply_buf(request, buffer, used);
+}
+
+void FileSystem::statfs(fuse_req_t request) {
+  struct statvfs totals {};
+  const std::uint64_t block = std::max<std::uint64_t>(export_.preferred_block, 512);
+  totals.f_bsize = block;
+  totals.f_frsize = block;
+  totals.f_blocks = (export_.size + block - 1) / block;
+  totals.f_bfree = 0;  // every byte of the export belongs to the one file
+  totals.f_bavail = 0;
+  totals.f_files = options_.file_name.empty() ? 1 : 2;
+  totals.f_ffree = 0;
+  totals.f_favail = 0;
+  totals.f_namemax = 255;
+  totals.f_flag = export_.read_only ? ST_RDONLY : 0;
+  fuse_reply_statfs(request, &totals);
+}
+
+}  // namespace bridge

@@ -1,0 +1,113 @@
+// The bridge: FUSE requests on the exported file become pipelined NBD commands.
+// Single-threaded on the loop; each READ/WRITE/FLUSH/FSYNC is one coroutine that
+// owns copies of what it needs (only fuse_req_t outlives a handler) and replies
+// exactly once, through the in-flight list so shutdown can answer stragglers.
+#pragma once
+
+#include "bridge/buffer_pool.hpp"
+#include "fuse_front/operations.hpp"
+#include "nbd_client/connection.hpp"
+
+#include <asio/awaitable.hpp>
+#include <asio/steady_timer.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <ctime>
+#include <functional>
+#include <string>
+
+namespace bridge {
+
+enum class CacheMode { none, page };
+
+struct FileSystemOptions {
+  std::string file_name;  // directory mode: the export's name in the root; empty: file mode
+  CacheMode cache = CacheMode::none;
+  bool verbose = false;
+};
+
+class FileSystem final : public fuse_front::Handlers {
+ public:
+  FileSystem(asio::any_io_executor executor, nbd_client::Connection& connection, fuse_front::Session& session,
+             FileSystemOptions options);
+
+  void set_export(const nbd_client::ExportInfo& info) { export_ = info; }
+
+  // Runs once, after the kernel's INIT has been answered: the mount is live.
+  std::function<void()> on_live;
+
+  // Waits up to `bound` for requests in flight, then answers the rest with EIO.
+  asio::awaitable<void> drain(std::chrono::milliseconds bound);
+  std::size_t in_flight() const { return in_flight_count_; }
+
+  void init(fuse_conn_info* connection) override;
+  void lookup(fuse_req_t request, fuse_ino_t parent, const char* name) override;
+  void getattr(fuse_req_t request, fuse_ino_t inode) override;
+  void setattr(fuse_req_t request, fuse_ino_t inode, const struct stat& attributes, int to_set) override;
+  void open(fuse_req_t request, fuse_ino_t inode, fuse_file_info* file) override;
+  void read(fuse_req_t request, std::size_t size, off_t offset, const fuse_file_info* file) override;
+  void write(fuse_req_t request, const char* data, std::size_t size, off_t offset,
+             const fuse_file_info* file) override;
+  void flush(fuse_req_t request, const fuse_file_info* file) override;
+  void fsync(fuse_req_t request, bool data_only, const fuse_file_info* file) override;
+  void opendir(fuse_req_t request, fuse_ino_t inode, fuse_file_info* file) override;
+  void readdir(fuse_req_t request, fuse_ino_t inode, std::size_t size, off_t offset) override;
+  void statfs(fuse_req_t request) override;
+
+ private:
+  // One request being served; lives in its coroutine's frame and links itself
+  // into the in-flight list for as long as it exists.
+  class Tracked {
+   public:
+    Tracked(FileSystem& owner, fuse_req_t request, const char* operation, std::uint64_t offset, std::size_t length);
+    ~Tracked();
+    Tracked(const Tracked&) = delete;
+    Tracked& operator=(const Tracked&) = delete;
+
+    void reply_error(int error);  // 0 means success for FLUSH/FSYNC
+    void reply_data(const std::byte* data, std::size_t length);
+    void reply_written(std::size_t length);
+
+   private:
+    friend class FileSystem;
+    bool begin_reply();
+    void trace_reply(int error, std::size_t length) const;
+
+    FileSystem& owner_;
+    fuse_req_t request_;
+    const char* operation_;
+    std::uint64_t id_;
+    std::uint64_t offset_;
+    std::size_t length_;
+    std::chrono::steady_clock::time_point started_;
+    bool replied_ = false;
+    Tracked* previous_ = nullptr;
+    Tracked* next_ = nullptr;
+  };
+
+  asio::awaitable<void> serve_read(fuse_req_t request, std::size_t length, std::uint64_t offset);
+  asio::awaitable<void> serve_write(fuse_req_t request, fuse_front::RequestBuffer payload_owner,
+                                    const std::byte* data, std::size_t length, std::uint64_t offset);
+  asio::awaitable<void> serve_flush(fuse_req_t request, const char* operation);
+
+  bool is_file(fuse_ino_t inode) const;
+  struct stat attributes_of(fuse_ino_t inode) const;
+
+  asio::any_io_executor executor_;
+  nbd_client::Connection& connection_;
+  fuse_front::Session& session_;
+  FileSystemOptions options_;
+  nbd_client::ExportInfo export_;
+  BufferPool buffers_;
+  timespec mounted_at_{};
+  uid_t owner_uid_;
+  gid_t owner_gid_;
+  std::uint64_t next_request_id_ = 1;
+  std::size_t in_flight_count_ = 0;
+  Tracked* in_flight_head_ = nullptr;
+  asio::steady_timer drained_;
+  bool draining_ = false;
+};
+
+}  // namespace bridge

@@ -1,0 +1,32 @@
+// The export's shape as the application sees it: where reads end and which
+// writes fit. Pure functions over the export size; no I/O.
+#pragma once
+
+#include <cerrno>
+#include <cstddef>
+#include <cstdint>
+
+namespace bridge {
+
+// Reads are short at EOF and empty past it, as for a regular file.
+constexpr std::size_t clamp_read(std::uint64_t export_size, std::uint64_t offset, std::size_t length) {
+  if (offset >= export_size) return 0;
+  std::uint64_t available = export_size - offset;
+  return available < length ? std::size_t(available) : length;
+}
+
+struct WritePlan {
+  std::size_t length = 0;  // bytes to send; may be short of the request
+  int error = 0;           // errno when nothing can be written
+};
+
+// The export cannot grow: a write starting at or past EOF fails with ENOSPC, as
+// on a full disk; one crossing EOF writes what fits and reports the short count,
+// so the application learns of the end at its next write instead of silently.
+constexpr WritePlan plan_write(std::uint64_t export_size, std::uint64_t offset, std::size_t length) {
+  if (length == 0) return {0, 0};
+  if (offset >= export_size) return {0, ENOSPC};
+  return {clamp_read(export_size, offset, length), 0};
+}
+
+}  // namespace bridge

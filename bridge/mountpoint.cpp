@@ -1,0 +1,127 @@
+// Mountpoint forms and refusal checks. Runs once at start-up, before the loop.
+#include "bridge/mountpoint.hpp"
+
+#include <cerrno>
+#include <climits>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <sys/stat.h>
+#include <vector>
+
+namespace bridge {
+
+void split_parent(std::string_view path, std::string& parent, std::string& name) {
+  while (path.size() > 1 && path.back() == '/') path.remove_suffix(1);
+  auto slash = path.rfind('/');
+  if (slash == std::string_view::npos) {
+    parent = ".";
+    name = std::string(path);
+  } else {
+    parent = slash == 0 ? "/" : std::string(path.substr(0, slash));
+    name = std::string(path.substr(slash + 1));
+  }
+}
+
+std::string plan_mount(std::string_view path, PathKind path_kind, PathKind parent_kind, MountPlan& plan) {
+  std::string text(path);
+  switch (path_kind) {
+    case PathKind::directory:
+      plan = {text, "nbd"};
+      return {};
+    case PathKind::regular_file:
+      plan = {text, ""};
+      return {};
+    case PathKind::other:
+      return "mountpoint " + text + " is neither a directory nor a regular file";
+    case PathKind::disconnected:
+      return "mountpoint " + text +
+             " is a stale FUSE mount (Transport endpoint is not connected); clear it with: fusermount3 -u " + text;
+    case PathKind::inaccessible:
+      return "cannot access mountpoint " + text;
+    case PathKind::missing:
+      break;
+  }
+  std::string parent, name;
+  split_parent(path, parent, name);
+  if (parent_kind == PathKind::disconnected)
+    return "mountpoint " + parent +
+           " is a stale FUSE mount (Transport endpoint is not connected); clear it with: fusermount3 -u " + parent;
+  if (parent_kind != PathKind::directory || name.empty() || name == "." || name == "..")
+    return "mountpoint " + text + " does not exist (give an existing directory, DIRECTORY/NAME, or a regular file)";
+  plan = {parent, name};
+  return {};
+}
+
+PathKind classify_path(const std::string& path) {
+  struct stat status {};
+  if (stat(path.c_str(), &status) != 0) {
+    if (errno == ENOENT) return PathKind::missing;
+    if (errno == ENOTCONN) return PathKind::disconnected;
+    return PathKind::inaccessible;
+  }
+  if (S_ISDIR(status.st_mode)) return PathKind::directory;
+  if (S_ISREG(status.st_mode)) return PathKind::regular_file;
+  return PathKind::other;
+}
+
+namespace {
+
+std::string unescape_mountinfo(std::string_view field) {
+  std::string out;
+  auto octal = [](char c) { return c >= '0' && c <= '7'; };
+  for (std::size_t i = 0; i < field.size(); ++i) {
+    if (field[i] == '\\' && i + 3 < field.size() && octal(field[i + 1]) && octal(field[i + 2]) &&
+        octal(field[i + 3])) {
+      out += char((field[i + 1] - '0') * 64 + (field[i + 2] - '0') * 8 + (field[i + 3] - '0'));
+      i += 3;
+      continue;
+    }
+    out += field[i];
+  }
+  return out;
+}
+
+}  // namespace
+
+bool has_fuse_mount(std::string_view mountinfo, std::string_view absolute_path) {
+  std::istringstream lines{std::string(mountinfo)};
+  for (std::string line; std::getline(lines, line);) {
+    // id parent major:minor root mount-point options [optional...] - fstype source super-options
+    std::istringstream words(line);
+    std::vector<std::string> fields;
+    for (std::string word; words >> word;) fields.push_back(word);
+    if (fields.size() < 7) continue;
+    std::size_t separator = 6;
+    while (separator < fields.size() && fields[separator] != "-") ++separator;
+    if (separator + 1 >= fields.size()) continue;
+    const std::string& type = fields[separator + 1];
+    if (type.rfind("fuse", 0) != 0) continue;
+    if (unescape_mountinfo(fields[4]) == absolute_path) return true;
+  }
+  return false;
+}
+
+std::string resolve_mountpoint(const std::string& path, MountPlan& plan) {
+  PathKind kind = classify_path(path);
+  PathKind parent_kind = PathKind::missing;
+  if (kind == PathKind::missing) {
+    std::string parent, name;
+    split_parent(path, parent, name);
+    parent_kind = classify_path(parent);
+  }
+  std::string problem = plan_mount(path, kind, parent_kind, plan);
+  if (!problem.empty()) return problem;
+  char resolved[PATH_MAX];
+  if (!realpath(plan.mount_path.c_str(), resolved)) return "cannot resolve mountpoint " + plan.mount_path;
+  plan.mount_path = resolved;
+  std::ifstream mountinfo_file("/proc/self/mountinfo");
+  std::stringstream mountinfo;
+  mountinfo << mountinfo_file.rdbuf();
+  if (has_fuse_mount(mountinfo.str(), plan.mount_path))
+    return "mountpoint " + plan.mount_path + " is already a FUSE mount; unmount it first (fusermount3 -u " +
+           plan.mount_path + ")";
+  return {};
+}
+
+}  // namespace bridge

@@ -1,0 +1,205 @@
+// libfuse session driven by Asio. See session.hpp for the buffer-ownership rule.
+#include "fuse_front/session.hpp"
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <cstdio>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include <utility>
+
+namespace fuse_front {
+
+namespace {
+
+// libfuse reads up to its bufsize: 256 pages of payload plus one page of header.
+constexpr std::size_t receive_buffer_size = (256 + 1) * 4096;
+constexpr std::size_t kept_buffers = 256;
+// Bounded so one busy /dev/fuse cannot starve the NBD side of the loop.
+constexpr int requests_per_wakeup = 64;
+
+}  // namespace
+
+RequestBuffer::RequestBuffer(RequestBuffer&& other) noexcept
+    : session_(std::exchange(other.session_, nullptr)), data_(std::exchange(other.data_, nullptr)) {}
+
+RequestBuffer& RequestBuffer::operator=(RequestBuffer&& other) noexcept {
+  if (this != &other) {
+    if (data_) session_->give_back(data_);
+    session_ = std::exchange(other.session_, nullptr);
+    data_ = std::exchange(other.data_, nullptr);
+  }
+  return *this;
+}
+
+RequestBuffer::~RequestBuffer() {
+  if (data_) session_->give_back(data_);
+}
+
+Session::Session(asio::any_io_executor executor, const fuse_lowlevel_ops& operations, void* user_data)
+    : descriptor_(executor), operations_(operations), user_data_(user_data) {}
+
+Session::~Session() {
+  stop_receiving();
+  unmount();
+  if (descriptor_.is_open()) descriptor_.release();  // libfuse owns and closes the fd
+  if (session_) fuse_session_destroy(session_);
+  for (std::byte* buffer : free_buffers_) std::free(buffer);
+}
+
+namespace {
+
+// libfuse and fusermount3 report mount failures on stderr in several lines; we
+// catch them so the user gets one line from us that includes their reason.
+class StderrCapture {
+ public:
+  StderrCapture() {
+    std::fflush(stderr);
+    capture_ = memfd_create("nbdbridge-stderr", MFD_CLOEXEC);
+    saved_ = dup(STDERR_FILENO);
+    if (capture_ >= 0 && saved_ >= 0) dup2(capture_, STDERR_FILENO);
+  }
+  ~StderrCapture() { restore(); }
+  // Restores stderr and returns what was written, folded onto one line.
+  std::string finish() {
+    restore();
+    std::string text;
+    if (capture_ < 0) return text;
+    char chunk[512];
+    lseek(capture_, 0, SEEK_SET);
+    for (ssize_t got; (got = read(capture_, chunk, sizeof chunk)) > 0;) text.append(chunk, std::size_t(got));
+    close(capture_);
+    capture_ = -1;
+    for (char& c : text)
+      if (c == '\n') c = ' ';
+    while (!text.empty() && text.back() == ' ') text.pop_back();
+    return text;
+  }
+
+ private:
+  void restore() {
+    if (saved_ >= 0) {
+      std::fflush(stderr);
+      dup2(saved_, STDERR_FILENO);
+      close(saved_);
+      saved_ = -1;
+    }
+  }
+  int capture_ = -1;
+  int saved_ = -1;
+};
+
+}  // namespace
+
+std::error_code Session::mount(const std::string& mountpoint, const std::vector<std::string>& mount_options,
+                               std::string& error_message) {
+  std::string joined;
+  for (const auto& option : mount_options) joined += (joined.empty() ? "" : ",") + option;
+  std::vector<std::string> words{"nbdbridge", "-o", joined};
+  std::vector<char*> argv;
+  for (auto& word : words) argv.push_back(word.data());
+  fuse_args args = FUSE_ARGS_INIT(int(argv.size()), argv.data());
+
+  StderrCapture capture;
+  session_ = fuse_session_new(&args, &operations_, sizeof operations_, user_data_);
+  if (!session_) {
+    error_message = "invalid mount options '" + joined + "': " + capture.finish();
+    return std::make_error_code(std::errc::invalid_argument);
+  }
+  if (fuse_session_mount(session_, mountpoint.c_str()) != 0) {
+    error_message = "cannot mount on " + mountpoint + ": " + capture.finish();
+    return std::make_error_code(std::errc::operation_not_permitted);
+  }
+  capture.finish();
+  mounted_ = true;
+  mountpoint_ = mountpoint;
+  int fd = fuse_session_fd(session_);
+  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+  descriptor_.assign(fd);
+  buffer_size_ = receive_buffer_size;
+  return {};
+}
+
+void Session::start(std::function<void()> on_ended) {
+  on_ended_ = std::move(on_ended);
+  receiving_ = true;
+  wait_readable();
+}
+
+void Session::wait_readable() {
+  if (!receiving_) return;
+  descriptor_.async_wait(asio::posix::descriptor_base::wait_read, [this](std::error_code error) {
+    if (error) return;
+    receive();
+  });
+}
+
+void Session::receive() {
+  for (int handled = 0; handled < requests_per_wakeup && receiving_; ++handled) {
+    std::byte* buffer = take_buffer();
+    fuse_buf request{};
+    request.mem = buffer;
+    request.size = buffer_size_;
+    int result = fuse_session_receive_buf(session_, &request);
+    if (result == -EINTR) {
+      give_back(buffer);
+      continue;
+    }
+    if (result == -EAGAIN) {
+      give_back(buffer);
+      break;
+    }
+    if (result <= 0) {
+      // 0: unmounted (ENODEV); other errors leave nothing to serve either.
+      give_back(buffer);
+      receiving_ = false;
+      mounted_ = false;  // the kernel has already let go of the mount
+      if (on_ended_) std::exchange(on_ended_, nullptr)();
+      return;
+    }
+    current_buffer_ = buffer;
+    fuse_session_process_buf(session_, &request);
+    if (current_buffer_) give_back(std::exchange(current_buffer_, nullptr));
+  }
+  wait_readable();
+}
+
+RequestBuffer Session::claim_request_buffer() { return RequestBuffer(this, std::exchange(current_buffer_, nullptr)); }
+
+std::byte* Session::take_buffer() {
+  if (!free_buffers_.empty()) {
+    std::byte* buffer = free_buffers_.back();
+    free_buffers_.pop_back();
+    return buffer;
+  }
+  void* memory = std::aligned_alloc(4096, buffer_size_);
+  if (!memory) throw std::bad_alloc();
+  return static_cast<std::byte*>(memory);
+}
+
+void Session::give_back(std::byte* buffer) {
+  if (free_buffers_.size() < kept_buffers) {
+    free_buffers_.push_back(buffer);
+  } else {
+    std::free(buffer);
+  }
+}
+
+void Session::stop_receiving() {
+  receiving_ = false;
+  if (descriptor_.is_open()) descriptor_.cancel();
+}
+
+// Also after the kernel let go (fusermount3 -u): libfuse then only closes the fd.
+void Session::unmount() {
+  if (!session_ || unmounted_) return;
+  // fuse_session_unmount closes the fd: take it out of the reactor first.
+  if (descriptor_.is_open()) descriptor_.release();
+  fuse_session_unmount(session_);
+  unmounted_ = true;
+  mounted_ = false;
+}
+
+}  // namespace fuse_front

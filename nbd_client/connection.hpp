@@ -1,0 +1,176 @@
+// One libnbd handle, its socket driven by an Asio executor, and awaitable NBD commands.
+// Thread rule: every member runs on the executor's single thread. libnbd completion
+// callbacks run inside nbd_aio_notify_* with the handle locked, so they only record
+// the result and asio::post the resumption; nothing calls nbd_* from inside one.
+#pragma once
+
+#include <asio/any_io_executor.hpp>
+#include <asio/async_result.hpp>
+#include <asio/awaitable.hpp>
+#include <asio/associated_executor.hpp>
+#include <asio/post.hpp>
+#include <asio/posix/stream_descriptor.hpp>
+#include <asio/recycling_allocator.hpp>
+#include <asio/steady_timer.hpp>
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <system_error>
+
+#include "nbd_client/server_process.hpp"
+#include "nbd_client/target.hpp"
+
+struct nbd_handle;
+
+namespace nbd_client {
+
+// What the server told us at the handshake.
+struct ExportInfo {
+  std::uint64_t size = 0;
+  bool read_only = false;
+  bool can_flush = false;
+  bool can_fua = false;
+  bool can_multi_conn = false;
+  std::uint64_t minimum_block = 1;
+  std::uint64_t preferred_block = 4096;
+  std::uint64_t maximum_request = 32u << 20;  // NBD's conservative default
+};
+
+struct ConnectOptions {
+  bool readonly = false;
+  std::chrono::milliseconds timeout = std::chrono::seconds(30);
+};
+
+// A command in flight, possibly split into several NBD commands (chunks). It is
+// finished once, when the last chunk's callback has run, and freed once libnbd has
+// released every chunk (the .free callback), so neither order of the two can
+// touch freed memory.
+class PendingCommand {
+ public:
+  virtual ~PendingCommand() = default;
+  virtual void finish(std::error_code result) = 0;  // posts the waiting handler
+  virtual void destroy() = 0;
+
+  int callbacks_outstanding = 0;
+  int frees_outstanding = 0;
+  int first_error = 0;
+  bool submitting = false;
+  bool finished = false;
+};
+
+// libnbd's completion and .free callbacks for one chunk of a PendingCommand
+// (user_data). Exposed so the unit tests can drive every order libnbd may use.
+int on_chunk_done(void* user_data, int* error);
+void on_chunk_freed(void* user_data);
+
+enum class CommandKind { read, write, flush };
+
+class Connection {
+ public:
+  explicit Connection(asio::any_io_executor executor);
+  ~Connection();
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
+
+  // Connects and negotiates within options.timeout. On failure returns an error and
+  // leaves a one-line reason in error_message().
+  asio::awaitable<std::error_code> async_connect(const Target& target, ConnectOptions options);
+
+  const ExportInfo& info() const { return info_; }
+  const std::string& error_message() const { return error_message_; }
+  bool usable() const;
+
+  // Called once, on the executor, when an established connection is lost.
+  std::function<void(const std::string& reason)> on_lost;
+
+  // buffer must stay valid until completion; requests longer than the server's
+  // maximum are split into chunks issued together, the first error wins.
+  template <typename Token>
+  auto async_pread(std::byte* buffer, std::size_t length, std::uint64_t offset, Token&& token) {
+    return async_command(CommandKind::read, buffer, length, offset, 0, std::forward<Token>(token));
+  }
+  template <typename Token>
+  auto async_pwrite(const std::byte* buffer, std::size_t length, std::uint64_t offset,
+                    std::uint32_t flags, Token&& token) {
+    return async_command(CommandKind::write, const_cast<std::byte*>(buffer), length, offset, flags,
+                         std::forward<Token>(token));
+  }
+  template <typename Token>
+  auto async_flush(Token&& token) {
+    return async_command(CommandKind::flush, nullptr, 0, 0, 0, std::forward<Token>(token));
+  }
+
+  // Makes a connect in progress give up now (e.g. on a signal).
+  void cancel_connect() { connect_wakeup_.cancel(); }
+
+  // Sends NBD_CMD_DISC, closes the handle and stops a subprocess server. Commands
+  // still in flight complete with ESHUTDOWN.
+  void close();
+
+  // Exposed for tests of the completion plumbing.
+  void issue(PendingCommand* command, CommandKind kind, std::byte* buffer, std::size_t length,
+             std::uint64_t offset, std::uint32_t flags);
+
+ private:
+  template <typename Handler>
+  class HandlerCommand final : public PendingCommand {
+   public:
+    explicit HandlerCommand(Handler handler) : handler_(std::move(handler)) {}
+    void finish(std::error_code result) override {
+      // Take the executor before the handler is moved from.
+      auto executor = asio::get_associated_executor(handler_);
+      asio::post(executor, [handler = std::move(handler_), result]() mutable { handler(result); });
+    }
+    void destroy() override {
+      asio::recycling_allocator<HandlerCommand> allocator;
+      this->~HandlerCommand();
+      allocator.deallocate(this, 1);
+    }
+
+   private:
+    Handler handler_;
+  };
+
+  template <typename Token>
+  auto async_command(CommandKind kind, std::byte* buffer, std::size_t length, std::uint64_t offset,
+                     std::uint32_t flags, Token&& token) {
+    return asio::async_initiate<Token, void(std::error_code)>(
+        [this](auto handler, CommandKind kind, std::byte* buffer, std::size_t length,
+               std::uint64_t offset, std::uint32_t flags) {
+          using Command = HandlerCommand<std::decay_t<decltype(handler)>>;
+          asio::recycling_allocator<Command> allocator;
+          Command* command = allocator.allocate(1);
+          new (command) Command(std::move(handler));
+          issue(command, kind, buffer, length, offset, flags);
+        },
+        token, kind, buffer, length, offset, flags);
+  }
+
+  void arm();
+  void on_readable();
+  void on_writable();
+  void notice_state_change();
+  void bind_descriptor(int fd);
+  void release_descriptor();
+  void read_export_info();
+  int start_connect(const Target& target);
+
+  asio::any_io_executor executor_;
+  nbd_handle* handle_ = nullptr;
+  asio::posix::stream_descriptor descriptor_;
+  int bound_fd_ = -1;
+  bool read_armed_ = false;
+  bool write_armed_ = false;
+  bool connecting_ = false;
+  bool lost_ = false;
+  asio::steady_timer connect_wakeup_;
+  ExportInfo info_;
+  std::string error_message_;
+  ServerProcess server_process_;
+};
+
+}  // namespace nbd_client

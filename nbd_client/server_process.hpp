@@ -1,0 +1,40 @@
+// A server subprocess started with systemd socket activation (`[ CMD ARGS... ]`).
+// Owns the child pid and its private socket directory; stop() is idempotent and
+// bounded, and runs from the destructor too, so the server never outlives us.
+#pragma once
+
+#include <string>
+#include <sys/types.h>
+#include <system_error>
+#include <vector>
+
+namespace nbd_client {
+
+class ServerProcess {
+ public:
+  ServerProcess() = default;
+  ~ServerProcess();
+  ServerProcess(const ServerProcess&) = delete;
+  ServerProcess& operator=(const ServerProcess&) = delete;
+
+  // Binds a listening unix socket in a private directory and starts argv with
+  // LISTEN_PID/LISTEN_FDS=1 and the socket as fd 3. Returns the socket path to
+  // connect to, or an error with a one-line reason.
+  std::error_code start(const std::vector<std::string>& argv, std::string& socket_path,
+                        std::string& error_message);
+
+  // If the child has already exited, describes how (for "failed to start" messages).
+  bool exited(std::string& how);
+
+  // SIGTERM, then SIGKILL after a bounded wait; reaps the child, removes the socket.
+  void stop();
+
+  bool running() const { return pid_ > 0; }
+
+ private:
+  pid_t pid_ = -1;
+  std::string directory_;
+  std::string socket_path_;
+};
+
+}  // namespace nbd_client

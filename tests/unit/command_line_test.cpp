@@ -1,0 +1,94 @@
+// Target and option parsing.
+#include "tools/cli_options.hpp"
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+
+namespace {
+
+std::string parse(std::vector<std::string> args, tools::Options& options, nbd_client::Target& target) {
+  std::string problem = tools::extract_server_command(args, options.server_command);
+  if (!problem.empty()) return problem;
+  CLI::App app{"nbdbridge"};
+  tools::setup(app, options);
+  std::reverse(args.begin(), args.end());
+  try {
+    app.parse(args);
+  } catch (const CLI::ParseError& error) {
+    return error.what();
+  }
+  return tools::build_target(options, target);
+}
+
+}  // namespace
+
+TEST_CASE("a URI target") {
+  tools::Options options;
+  nbd_client::Target target;
+  CHECK(parse({"mnt", "nbd+unix:///?socket=/tmp/s"}, options, target) == "");
+  CHECK(target.kind == nbd_client::Target::Kind::uri);
+  CHECK(target.uri == "nbd+unix:///?socket=/tmp/s");
+  CHECK(options.mountpoint == "mnt");
+}
+
+TEST_CASE("a bracketed server command, options on either side") {
+  tools::Options options;
+  nbd_client::Target target;
+  CHECK(parse({"-r", "mnt", "[", "nbdkit", "memory", "1G", "]", "-v"}, options, target) == "");
+  CHECK(target.kind == nbd_client::Target::Kind::command);
+  CHECK(target.command == std::vector<std::string>{"nbdkit", "memory", "1G"});
+  CHECK(options.readonly);
+  CHECK(options.verbose);
+}
+
+TEST_CASE("--unix, --tcp and --fd") {
+  {
+    tools::Options options;
+    nbd_client::Target target;
+    CHECK(parse({"mnt", "--unix", "/run/s"}, options, target) == "");
+    CHECK(target.kind == nbd_client::Target::Kind::unix_socket);
+    CHECK(target.unix_path == "/run/s");
+  }
+  {
+    tools::Options options;
+    nbd_client::Target target;
+    CHECK(parse({"mnt", "--tcp", "127.0.0.1", "10809"}, options, target) == "");
+    CHECK(target.kind == nbd_client::Target::Kind::tcp);
+    CHECK(target.host == "127.0.0.1");
+    CHECK(target.port == "10809");
+  }
+  {
+    tools::Options options;
+    nbd_client::Target target;
+    CHECK(parse({"mnt", "--fd", "5", "-e", "disk"}, options, target) == "");
+    CHECK(target.kind == nbd_client::Target::Kind::socket_fd);
+    CHECK(target.fd == 5);
+    CHECK(target.export_name == "disk");
+  }
+}
+
+TEST_CASE("bad command lines get one reason") {
+  tools::Options options;
+  nbd_client::Target target;
+  CHECK(parse({"mnt"}, options, target).find("no TARGET") != std::string::npos);
+  tools::Options two;
+  CHECK(parse({"mnt", "nbd://h/", "--unix", "/s"}, two, target).find("only one") != std::string::npos);
+  tools::Options not_uri;
+  CHECK(parse({"mnt", "localhost"}, not_uri, target).find("not an NBD URI") != std::string::npos);
+  tools::Options unbalanced;
+  CHECK(parse({"mnt", "[", "nbdkit", "memory"}, unbalanced, target).find("matching") != std::string::npos);
+  tools::Options empty;
+  CHECK(parse({"mnt", "[", "]"}, empty, target).find("empty") != std::string::npos);
+  tools::Options bad_cache;
+  CHECK_FALSE(parse({"mnt", "nbd://h/", "--cache", "weird"}, bad_cache, target).empty());
+}
+
+TEST_CASE("mount options split at commas; allow_other needs fuse.conf for non-root") {
+  auto split = tools::split_mount_options({"allow_other,ro", "noatime"});
+  CHECK(split == std::vector<std::string>{"allow_other", "ro", "noatime"});
+  CHECK(tools::check_allow_other(split, true, "").empty());
+  CHECK_FALSE(tools::check_allow_other(split, false, "#user_allow_other\n").empty());
+  CHECK(tools::check_allow_other(split, false, "  user_allow_other  \n").empty());
+  CHECK(tools::check_allow_other({"ro"}, false, "").empty());
+}

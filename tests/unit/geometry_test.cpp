@@ -1,0 +1,69 @@
+// Reads and writes against the export's end, and splitting at the server maximum.
+#include "bridge/buffer_pool.hpp"
+#include "bridge/geometry.hpp"
+#include "nbd_client/request_split.hpp"
+
+#include <doctest/doctest.h>
+
+#include <utility>
+#include <vector>
+
+using bridge::clamp_read;
+using bridge::plan_write;
+
+TEST_CASE("reads are short at EOF and empty past it") {
+  CHECK(clamp_read(1000, 0, 100) == 100);
+  CHECK(clamp_read(1000, 900, 100) == 100);
+  CHECK(clamp_read(1000, 950, 100) == 50);
+  CHECK(clamp_read(1000, 999, 4096) == 1);
+  CHECK(clamp_read(1000, 1000, 10) == 0);
+  CHECK(clamp_read(1000, 5000, 10) == 0);
+  CHECK(clamp_read(0, 0, 10) == 0);
+}
+
+TEST_CASE("writes never grow the export") {
+  CHECK(plan_write(1000, 0, 100).length == 100);
+  CHECK(plan_write(1000, 0, 100).error == 0);
+  auto crossing = plan_write(1000, 990, 100);
+  CHECK(crossing.length == 10);
+  CHECK(crossing.error == 0);
+  CHECK(plan_write(1000, 1000, 1).error == ENOSPC);
+  CHECK(plan_write(1000, 4096, 512).error == ENOSPC);
+  CHECK(plan_write(1000, 1000, 0).error == 0);
+}
+
+TEST_CASE("requests split into chunks no larger than the limit, covering every byte once") {
+  auto chunks_of = [](std::size_t length, std::size_t limit) {
+    std::vector<std::pair<std::size_t, std::size_t>> chunks;
+    nbd_client::for_each_chunk(length, limit, [&](std::size_t done, std::size_t chunk) {
+      chunks.emplace_back(done, chunk);
+      return true;
+    });
+    return chunks;
+  };
+  CHECK(chunks_of(4096, 65536) == std::vector<std::pair<std::size_t, std::size_t>>{{0, 4096}});
+  CHECK(chunks_of(1 << 20, 256 << 10).size() == 4);
+  auto uneven = chunks_of(1000, 300);
+  REQUIRE(uneven.size() == 4);
+  CHECK(uneven[3] == std::pair<std::size_t, std::size_t>{900, 100});
+  CHECK(chunks_of(0, 512).empty());
+  std::size_t visited = 0;
+  bool completed = nbd_client::for_each_chunk(1000, 100, [&](std::size_t, std::size_t) { return ++visited < 3; });
+  CHECK_FALSE(completed);
+  CHECK(visited == 3);
+}
+
+TEST_CASE("buffer pool reuses buffers of a size class") {
+  bridge::BufferPool pool;
+  std::byte* first;
+  {
+    auto lease = pool.acquire(3000);
+    CHECK(lease.capacity() == 4096);
+    first = lease.data();
+  }
+  auto again = pool.acquire(4096);
+  CHECK(again.data() == first);
+  auto bigger = pool.acquire(4097);
+  CHECK(bigger.capacity() == 8192);
+  CHECK(bridge::BufferPool::class_of(1 << 20) == 8);
+}

@@ -1,0 +1,116 @@
+// Command-line parsing for nbdbridge; see cli_options.hpp.
+#include "tools/cli_options.hpp"
+
+#include <algorithm>
+#include <sstream>
+
+namespace tools {
+
+std::string extract_server_command(std::vector<std::string>& args, std::vector<std::string>& command) {
+  auto open = std::find(args.begin(), args.end(), "[");
+  auto stray_close = std::find(args.begin(), open, "]");
+  if (stray_close != open) return "']' without a matching '['";
+  if (open == args.end()) return {};
+  auto close = std::find(open + 1, args.end(), "]");
+  if (close == args.end()) return "'[' without a matching ']' around the server command";
+  command.assign(open + 1, close);
+  if (command.empty()) return "the server command between [ and ] is empty";
+  args.erase(open, close + 1);
+  if (std::find(args.begin(), args.end(), "[") != args.end()) return "only one [ CMD ... ] server command is allowed";
+  return {};
+}
+
+void setup(CLI::App& app, Options& options) {
+  app.description(
+      "Mount a remote NBD export as one local file. Every read and write becomes a pipelined NBD command.\n"
+      "TARGET is an NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, nbds://...),\n"
+      "or [ CMD ARGS... ] (a server started with socket activation and stopped at unmount),\n"
+      "or one of --unix PATH, --tcp HOST PORT, --fd N.");
+  app.add_option("MOUNTPOINT", options.mountpoint,
+                 "an existing directory (the export appears as MOUNTPOINT/nbd), DIRECTORY/NAME "
+                 "(appears as NAME), or an existing regular file (mounted over)")
+      ->required();
+  app.add_option("TARGET", options.uri, "NBD URI of the export");
+  app.add_option("--unix", options.unix_path, "connect to the NBD server's unix socket PATH");
+  app.add_option("--tcp", options.tcp, "connect to HOST PORT over TCP")->expected(2)->type_name("HOST PORT");
+  app.add_option("--fd", options.fd, "use the already-connected socket N")->check(CLI::NonNegativeNumber);
+  app.add_option("-e,--export-name", options.export_name, "export name for --unix, --tcp, --fd and [ CMD ]");
+  app.add_flag("-r,--readonly", options.readonly, "read-only mount (also chosen when the server says so)");
+  app.add_option("-P,--pidfile", options.pidfile, "write the pid to FILE once the mount is live");
+  app.add_flag("--daemon", options.daemon, "go to the background once the mount is live");
+  app.add_option("-o", options.mount_options, "FUSE mount option(s), e.g. allow_other")->type_name("OPT");
+  app.add_flag("-v,--verbose", options.verbose, "trace each request, with its id, on stderr");
+  app.add_option("--cache", options.cache,
+                 "none: direct I/O, every request goes to the server (default); "
+                 "page: kernel page cache and readahead")
+      ->check(CLI::IsMember({"none", "page"}));
+  app.add_option("--connect-timeout", options.connect_timeout_seconds, "seconds to wait for the server")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--shutdown-timeout", options.shutdown_timeout_seconds,
+                 "seconds that requests in flight may take at unmount before they fail with EIO")
+      ->check(CLI::NonNegativeNumber);
+  app.footer(
+      "Examples:\n"
+      "  nbdbridge ./mnt [ nbdkit memory 1G ]          # ./mnt/nbd is a 1 GiB scratch disk\n"
+      "  nbdbridge ./mnt/disk.raw nbd://server/vmdisk  # appears as ./mnt/disk.raw\n"
+      "  nbdbridge -r image.raw nbd+unix:///?socket=/run/nbd.sock   # mounted over a file\n"
+      "  nbdbridge --pidfile /tmp/b.pid ./mnt --tcp 127.0.0.1 10809\n"
+      "  fusermount3 -u ./mnt                           # unmount (or Ctrl-C)\n"
+      "Writes cannot grow the file: a write past the end fails with ENOSPC. Use dd conv=notrunc.");
+}
+
+std::string build_target(const Options& options, nbd_client::Target& target) {
+  int given = !options.uri.empty() + !options.server_command.empty() + !options.unix_path.empty() +
+              !options.tcp.empty() + (options.fd >= 0);
+  if (given == 0) return "no TARGET given (an NBD URI, [ CMD ARGS... ], --unix PATH, --tcp HOST PORT or --fd N)";
+  if (given > 1) return "give only one TARGET (an NBD URI, [ CMD ], --unix, --tcp or --fd)";
+  target = {};
+  target.export_name = options.export_name;
+  if (!options.uri.empty()) {
+    if (options.uri.find("://") == std::string::npos)
+      return "TARGET '" + options.uri + "' is not an NBD URI (expected nbd://, nbds://, nbd+unix://, ...)";
+    if (!options.export_name.empty()) return "--export-name does not apply to a URI: put the export in the URI";
+    target.kind = nbd_client::Target::Kind::uri;
+    target.uri = options.uri;
+  } else if (!options.server_command.empty()) {
+    target.kind = nbd_client::Target::Kind::command;
+    target.command = options.server_command;
+  } else if (!options.unix_path.empty()) {
+    target.kind = nbd_client::Target::Kind::unix_socket;
+    target.unix_path = options.unix_path;
+  } else if (!options.tcp.empty()) {
+    if (options.tcp.size() != 2) return "--tcp needs HOST and PORT";
+    target.kind = nbd_client::Target::Kind::tcp;
+    target.host = options.tcp[0];
+    target.port = options.tcp[1];
+  } else {
+    target.kind = nbd_client::Target::Kind::socket_fd;
+    target.fd = options.fd;
+  }
+  return {};
+}
+
+std::vector<std::string> split_mount_options(const std::vector<std::string>& words) {
+  std::vector<std::string> options;
+  for (const auto& word : words) {
+    std::stringstream parts(word);
+    for (std::string option; std::getline(parts, option, ',');)
+      if (!option.empty()) options.push_back(option);
+  }
+  return options;
+}
+
+std::string check_allow_other(const std::vector<std::string>& mount_options, bool is_root,
+                              const std::string& fuse_conf_text) {
+  bool wants = std::find(mount_options.begin(), mount_options.end(), "allow_other") != mount_options.end();
+  if (!wants || is_root) return {};
+  std::stringstream lines(fuse_conf_text);
+  for (std::string line; std::getline(lines, line);) {
+    line.erase(0, line.find_first_not_of(" \t"));
+    line.erase(line.find_last_not_of(" \t\r") + 1);
+    if (line == "user_allow_other") return {};
+  }
+  return "-o allow_other needs a line 'user_allow_other' in /etc/fuse.conf (ask root), or run as root";
+}
+
+}  // namespace tools

@@ -1,0 +1,48 @@
+// The nbdbridge command line: options struct, CLI11 setup, and the checks that
+// turn options into a connection target. Pure except for reading /etc/fuse.conf.
+#pragma once
+
+#include "nbd_client/target.hpp"
+
+#include <CLI/CLI.hpp>
+
+#include <string>
+#include <vector>
+
+namespace tools {
+
+struct Options {
+  std::string mountpoint;
+  std::string uri;                           // positional TARGET
+  std::vector<std::string> server_command;   // [ CMD ARGS... ]
+  std::string unix_path;                     // --unix
+  std::vector<std::string> tcp;              // --tcp HOST PORT
+  int fd = -1;                               // --fd
+  std::string export_name;                   // for --unix/--tcp/--fd/[ CMD ]
+  bool readonly = false;
+  std::string pidfile;
+  bool daemon = false;
+  std::vector<std::string> mount_options;    // -o, split at commas
+  bool verbose = false;
+  std::string cache = "none";
+  double connect_timeout_seconds = 30;
+  double shutdown_timeout_seconds = 10;
+};
+
+// Removes a `[ CMD ARGS... ]` group from args into command. Returns a one-line
+// problem (unbalanced or empty brackets) or "".
+std::string extract_server_command(std::vector<std::string>& args, std::vector<std::string>& command);
+
+void setup(CLI::App& app, Options& options);
+
+// Exactly one target must be given. Returns a one-line problem or "".
+std::string build_target(const Options& options, nbd_client::Target& target);
+
+// Splits "-o a,b" words into single options.
+std::vector<std::string> split_mount_options(const std::vector<std::string>& words);
+
+// A non-root user may pass allow_other only if /etc/fuse.conf says so.
+std::string check_allow_other(const std::vector<std::string>& mount_options, bool is_root,
+                              const std::string& fuse_conf_text);
+
+}  // namespace tools

@@ -1,0 +1,257 @@
+// The nbdbridge program: parse the command line, connect, mount, serve until
+// unmounted or signalled, then shut down in one place. One thread runs the Asio
+// loop that serves both /dev/fuse and the NBD socket.
+#include "bridge/file_system.hpp"
+#include "bridge/mountpoint.hpp"
+#include "fuse_front/operations.hpp"
+#include "fuse_front/session.hpp"
+#include "nbd_client/connection.hpp"
+#include "tools/cli_options.hpp"
+
+#include <asio/co_spawn.hpp>
+#include <asio/detached.hpp>
+#include <asio/io_context.hpp>
+#include <asio/redirect_error.hpp>
+#include <asio/signal_set.hpp>
+#include <asio/steady_timer.hpp>
+#include <asio/use_awaitable.hpp>
+
+#include <algorithm>
+#include <cerrno>
+#include <csignal>
+#include <cstdio>
+#include <cstring>
+#include <fcntl.h>
+#include <fstream>
+#include <sstream>
+#include <sys/wait.h>
+#include <unistd.h>
+
+namespace {
+
+void say(const std::string& line) { std::fprintf(stderr, "nbdbridge: %s\n", line.c_str()); }
+
+std::chrono::milliseconds to_duration(double seconds) {
+  return std::chrono::milliseconds(static_cast<long long>(seconds * 1000));
+}
+
+std::string read_text_file(const char* path) {
+  std::ifstream file(path);
+  std::stringstream text;
+  text << file.rdbuf();
+  return text.str();
+}
+
+// Written atomically (rename), so a script polling for it never reads half a pid.
+bool write_pidfile(const std::string& path) {
+  std::string temporary = path + ".tmp";
+  {
+    std::ofstream file(temporary, std::ios::trunc);
+    if (!file) return false;
+    file << getpid() << "\n";
+    if (!file.flush()) return false;
+  }
+  return std::rename(temporary.c_str(), path.c_str()) == 0;
+}
+
+// --daemon: the parent waits until the child reports the mount live (one byte)
+// or fails (EOF), and exits accordingly. Returns the fd the child reports on.
+int become_daemon() {
+  int report[2];
+  if (pipe2(report, O_CLOEXEC) != 0) return -1;
+  std::fflush(nullptr);
+  pid_t child = fork();
+  if (child < 0) return -1;
+  if (child > 0) {
+    close(report[1]);
+    char byte = 0;
+    ssize_t got;
+    do {
+      got = read(report[0], &byte, 1);
+    } while (got < 0 && errno == EINTR);
+    if (got == 1) std::_Exit(0);
+    int status = 0;
+    waitpid(child, &status, 0);
+    std::_Exit(WIFEXITED(status) && WEXITSTATUS(status) != 0 ? WEXITSTATUS(status) : 1);
+  }
+  close(report[0]);
+  setsid();
+  return report[1];
+}
+
+class Bridge {
+ public:
+  Bridge(const tools::Options& options, nbd_client::Target target, bridge::MountPlan plan, int daemon_report)
+      : options_(options),
+        target_(std::move(target)),
+        plan_(std::move(plan)),
+        daemon_report_(daemon_report),
+        connection_(io_.get_executor()),
+        session_(io_.get_executor(), fuse_front::operations_table(), &file_system_),
+        file_system_(io_.get_executor(), connection_, session_,
+                     {plan_.file_name, options.cache == "page" ? bridge::CacheMode::page : bridge::CacheMode::none,
+                      options.verbose}),
+        signals_(io_, SIGINT, SIGTERM, SIGHUP),
+        ended_(io_) {}
+
+  int run() {
+    asio::co_spawn(io_, lifecycle(), asio::detached);
+    io_.run();
+    return exit_code_;
+  }
+
+ private:
+  void end() {
+    ended_flag_ = true;
+    ended_.cancel();
+  }
+
+  asio::awaitable<void> lifecycle() {
+    signals_.async_wait([this](std::error_code error, int) {
+      if (error) return;
+      stop_requested_ = true;
+      end();
+      connection_.cancel_connect();
+    });
+
+    std::error_code error = co_await connection_.async_connect(
+        target_, {options_.readonly, to_duration(options_.connect_timeout_seconds)});
+    if (stop_requested_) {
+      say("interrupted before the mount was made");
+      co_return finish(1);
+    }
+    if (error) {
+      say("cannot connect to " + target_.describe() + ": " + connection_.error_message());
+      co_return finish(1);
+    }
+    const nbd_client::ExportInfo& info = connection_.info();
+    file_system_.set_export(info);
+    if (options_.verbose) {
+      say("connected: " + std::to_string(info.size) + " bytes, " + (info.read_only ? "read-only" : "read-write") +
+          ", flush " + (info.can_flush ? "yes" : "no") + ", fua " + (info.can_fua ? "yes" : "no") +
+          ", largest request " + std::to_string(info.maximum_request));
+    }
+    connection_.on_lost = [](const std::string& reason) {
+      say("lost the connection to the server (" + reason + "); every request now fails with EIO");
+    };
+
+    std::vector<std::string> mount_options{"fsname=nbdbridge", "subtype=nbdbridge", "default_permissions"};
+    if (info.read_only) mount_options.push_back("ro");
+    for (const auto& option : tools::split_mount_options(options_.mount_options)) mount_options.push_back(option);
+    std::string problem;
+    file_system_.on_live = [this] { on_live(); };
+    if (session_.mount(plan_.mount_path, mount_options, problem)) {
+      say(problem);
+      connection_.close();
+      co_return finish(1);
+    }
+    session_.start([this] { end(); });
+
+    if (!ended_flag_) {
+      ended_.expires_at(asio::steady_timer::time_point::max());
+      std::error_code ignored;
+      co_await ended_.async_wait(asio::redirect_error(asio::use_awaitable, ignored));
+    }
+
+    // One way out for signals, fusermount3 -u and umount alike.
+    session_.stop_receiving();
+    co_await file_system_.drain(to_duration(options_.shutdown_timeout_seconds));
+    session_.unmount();
+    connection_.close();
+    if (!options_.pidfile.empty()) std::remove(options_.pidfile.c_str());
+    if (options_.verbose) say("unmounted " + plan_.export_path());
+    finish(0);
+  }
+
+  void on_live() {
+    if (!options_.pidfile.empty() && !write_pidfile(options_.pidfile))
+      say("cannot write pidfile " + options_.pidfile + ": " + std::strerror(errno));
+    if (options_.verbose) say("mounted " + plan_.export_path());
+    if (daemon_report_ >= 0) {
+      int null_device = open("/dev/null", O_RDWR | O_CLOEXEC);
+      if (null_device >= 0) {
+        dup2(null_device, STDIN_FILENO);
+        dup2(null_device, STDOUT_FILENO);
+        close(null_device);
+      }
+      ssize_t ignored = write(daemon_report_, "1", 1);
+      (void)ignored;
+      close(daemon_report_);
+      daemon_report_ = -1;
+    }
+  }
+
+  void finish(int code) {
+    exit_code_ = code;
+    signals_.cancel();
+  }
+
+  const tools::Options& options_;
+  nbd_client::Target target_;
+  bridge::MountPlan plan_;
+  int daemon_report_;
+  asio::io_context io_{1};
+  nbd_client::Connection connection_;
+  fuse_front::Session session_;
+  bridge::FileSystem file_system_;
+  asio::signal_set signals_;
+  asio::steady_timer ended_;
+  bool ended_flag_ = false;
+  bool stop_requested_ = false;
+  int exit_code_ = 1;
+};
+
+int run(const tools::Options& options) {
+  nbd_client::Target target;
+  if (std::string problem = tools::build_target(options, target); !problem.empty()) {
+    say(problem);
+    return 2;
+  }
+  bridge::MountPlan plan;
+  if (std::string problem = bridge::resolve_mountpoint(options.mountpoint, plan); !problem.empty()) {
+    say(problem);
+    return 1;
+  }
+  if (std::string problem = tools::check_allow_other(tools::split_mount_options(options.mount_options),
+                                                     geteuid() == 0, read_text_file("/etc/fuse.conf"));
+      !problem.empty()) {
+    say(problem);
+    return 1;
+  }
+  std::signal(SIGPIPE, SIG_IGN);
+  int daemon_report = -1;
+  if (options.daemon && (daemon_report = become_daemon()) < 0) {
+    say(std::string("cannot go to the background: ") + std::strerror(errno));
+    return 1;
+  }
+  Bridge bridge(options, std::move(target), std::move(plan), daemon_report);
+  return bridge.run();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  tools::Options options;
+  std::string bracket_problem = tools::extract_server_command(args, options.server_command);
+
+  CLI::App app{"nbdbridge"};
+  app.name("nbdbridge");
+  tools::setup(app, options);
+  try {
+    std::reverse(args.begin(), args.end());  // CLI11 takes a vector in reverse order
+    app.parse(args);
+  } catch (const CLI::CallForHelp& help) {
+    return app.exit(help);
+  } catch (const CLI::CallForAllHelp& help) {
+    return app.exit(help);
+  } catch (const CLI::ParseError& error) {
+    say(std::string(error.what()) + " (see nbdbridge --help)");
+    return 2;
+  }
+  if (!bracket_problem.empty()) {
+    say(bracket_problem);
+    return 2;
+  }
+  return run(options);
+}

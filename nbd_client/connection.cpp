@@ -154,7 +154,7 @@ int Connection::start_connect(const Target& target) {
       return nbd_aio_connect_socket(handle_, target.fd);
     case Target::Kind::command: {
       std::string socket_path;
-      if (server_process_.start(target.command, socket_path, error_message_)) return -1;
+      if (server_process_.start(target.command, pass_server_stderr_, socket_path, error_message_)) return -1;
       return nbd_aio_connect_unix(handle_, socket_path.c_str());
     }
   }
@@ -162,6 +162,7 @@ int Connection::start_connect(const Target& target) {
 }
 
 asio::awaitable<std::error_code> Connection::async_connect(const Target& target, ConnectOptions options) {
+  pass_server_stderr_ = options.pass_server_stderr;
   handle_ = nbd_create();
   if (!handle_) {
     error_message_ = last_libnbd_error();
@@ -188,7 +189,7 @@ asio::awaitable<std::error_code> Connection::async_connect(const Target& target,
   if (!nbd_aio_is_ready(handle_)) {
     std::string how;
     if (target.kind == Target::Kind::command && server_process_.exited(how)) {
-      error_message_ = "the server command " + how + " before it answered";
+      error_message_ = "the server command failed to start (" + how + ")";
     } else if (error_message_.empty()) {
       error_message_ = nbd_aio_is_dead(handle_) ? last_libnbd_error()
                                                 : "no answer from the server within " +

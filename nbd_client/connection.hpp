@@ -43,6 +43,7 @@ struct ExportInfo {
 struct ConnectOptions {
   bool readonly = false;
   std::chrono::milliseconds timeout = std::chrono::seconds(30);
+  bool pass_server_stderr = false;  // a [ CMD ] server's stderr: ours, or kept for error messages
 };
 
 // A command in flight, possibly split into several NBD commands (chunks). It is
@@ -167,6 +168,7 @@ class Connection {
   bool write_armed_ = false;
   bool connecting_ = false;
   bool lost_ = false;
+  bool pass_server_stderr_ = false;
   asio::steady_timer connect_wakeup_;
   ExportInfo info_;
   std::string error_message_;

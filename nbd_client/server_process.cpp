@@ -9,6 +9,7 @@
 #include <cstring>
 #include <fcntl.h>
 #include <string>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -29,8 +30,8 @@ std::string describe_status(int status) {
 
 ServerProcess::~ServerProcess() { stop(); }
 
-std::error_code ServerProcess::start(const std::vector<std::string>& argv, std::string& socket_path,
-                                     std::string& error_message) {
+std::error_code ServerProcess::start(const std::vector<std::string>& argv, bool pass_stderr,
+                                     std::string& socket_path, std::string& error_message) {
   if (argv.empty()) {
     error_message = "the server command between [ and ] is empty";
     return std::make_error_code(std::errc::invalid_argument);
@@ -80,6 +81,8 @@ std::error_code ServerProcess::start(const std::vector<std::string>& argv, std::
     return {err, std::generic_category()};
   }
 
+  if (!pass_stderr) captured_stderr_ = memfd_create("nbdbridge-server-stderr", MFD_CLOEXEC);
+
   pid_t pid = fork();
   if (pid < 0) {
     int err = errno;
@@ -92,6 +95,7 @@ std::error_code ServerProcess::start(const std::vector<std::string>& argv, std::
   if (pid == 0) {
     // Child: only async-signal-safe calls from here on.
     ::close(exec_status[0]);
+    if (captured_stderr_ >= 0) dup2(captured_stderr_, STDERR_FILENO);
     if (listener != 3) {
       dup2(listener, 3);
     } else {
@@ -135,7 +139,22 @@ bool ServerProcess::exited(std::string& how) {
   if (waitpid(pid_, &status, WNOHANG) != pid_) return false;
   pid_ = -1;
   how = describe_status(status);
+  std::string said = last_words();
+  if (!said.empty()) how += ": " + said;
   return true;
+}
+
+std::string ServerProcess::last_words() {
+  if (captured_stderr_ < 0) return {};
+  std::string text;
+  char chunk[4096];
+  lseek(captured_stderr_, 0, SEEK_SET);
+  for (ssize_t got; (got = read(captured_stderr_, chunk, sizeof chunk)) > 0 && text.size() < 65536;)
+    text.append(chunk, std::size_t(got));
+  while (!text.empty() && (text.back() == '\n' || text.back() == ' ')) text.pop_back();
+  // The first line is usually the reason; later ones are hints like "see --help".
+  auto end = text.find('\n');
+  return end == std::string::npos ? text : text.substr(0, end);
 }
 
 void ServerProcess::stop() {
@@ -154,6 +173,10 @@ void ServerProcess::stop() {
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
     pid_ = -1;
+  }
+  if (captured_stderr_ >= 0) {
+    ::close(captured_stderr_);
+    captured_stderr_ = -1;
   }
   if (!socket_path_.empty()) {
     unlink(socket_path_.c_str());

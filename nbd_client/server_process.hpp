@@ -20,10 +20,13 @@ class ServerProcess {
   // Binds a listening unix socket in a private directory and starts argv with
   // LISTEN_PID/LISTEN_FDS=1 and the socket as fd 3. Returns the socket path to
   // connect to, or an error with a one-line reason.
-  std::error_code start(const std::vector<std::string>& argv, std::string& socket_path,
+  // The server's stderr is kept in a private file (quoted if it fails to start)
+  // unless pass_stderr, when it shares ours.
+  std::error_code start(const std::vector<std::string>& argv, bool pass_stderr, std::string& socket_path,
                         std::string& error_message);
 
-  // If the child has already exited, describes how (for "failed to start" messages).
+  // If the child has already exited, describes how and what it said last
+  // (for "failed to start" messages).
   bool exited(std::string& how);
 
   // SIGTERM, then SIGKILL after a bounded wait; reaps the child, removes the socket.
@@ -32,7 +35,10 @@ class ServerProcess {
   bool running() const { return pid_ > 0; }
 
  private:
+  std::string last_words();
+
   pid_t pid_ = -1;
+  int captured_stderr_ = -1;
   std::string directory_;
   std::string socket_path_;
 };

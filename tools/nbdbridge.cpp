@@ -115,7 +115,7 @@ class Bridge {
     });
 
     std::error_code error = co_await connection_.async_connect(
-        target_, {options_.readonly, to_duration(options_.connect_timeout_seconds)});
+        target_, {options_.readonly, to_duration(options_.connect_timeout_seconds), options_.verbose});
     if (stop_requested_) {
       say("interrupted before the mount was made");
       co_return finish(1);

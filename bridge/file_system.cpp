@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
@@ -29,22 +30,33 @@ constexpr fuse_ino_t file_inode_in_directory = 2;
 // Attributes never change while mounted (the export cannot be resized), so the
 // kernel may cache them for long.
 constexpr double attribute_timeout_seconds = 3600.0;
+// The file's st_blocks follows the server's allocation, so its attributes are
+// cached only briefly.
+constexpr double file_attribute_timeout_seconds = 1.0;
 constexpr std::size_t largest_request = 1u << 20;  // FUSE max_write/max_read on this kernel
 
-constexpr auto as_result = asio::experimental::as_tuple(asio::use_awaitable);
+// Block-status replies spent on one count of allocated bytes; past it, the rest
+// of a huge export counts as allocated.
+constexpr unsigned allocation_scan_limit = 256;
 
 }  // namespace
 
-FileSystem::FileSystem(asio::any_io_executor executor, nbd_client::Connection& connection,
+FileSystem::FileSystem(asio::any_io_executor executor, nbd_client::ConnectionPool& pool,
                        fuse_front::Session& session, FileSystemOptions options)
     : executor_(executor),
-      connection_(connection),
       session_(session),
       options_(std::move(options)),
+      io_(executor, pool, buffers_),
       owner_uid_(getuid()),
       owner_gid_(getgid()),
       drained_(executor) {
   clock_gettime(CLOCK_REALTIME, &mounted_at_);
+}
+
+void FileSystem::set_export(const nbd_client::ExportInfo& info) {
+  export_ = info;
+  io_.configure(info);
+  allocated_bytes_ = info.size;
 }
 
 // ---- request tracking -------------------------------------------------------
@@ -128,24 +140,53 @@ asio::awaitable<void> FileSystem::serve_read(fuse_req_t request, std::size_t len
   Tracked tracked(*this, request, "READ", offset, length);
   BufferPool::Lease buffer = buffers_.acquire(length);
   // The buffer outlives the command: it is released only after the reply.
-  auto [error] = co_await connection_.async_pread(buffer.data(), length, offset, as_result);
-  if (error) tracked.reply_error(to_application_errno(error));
+  if (auto error = co_await io_.read(buffer.data(), length, offset)) tracked.reply_error(to_application_errno(error));
   else tracked.reply_data(buffer.data(), length);
 }
 
-asio::awaitable<void> FileSystem::serve_write(fuse_req_t request, fuse_front::RequestBuffer payload_owner,
-                                              const std::byte* data, std::size_t length, std::uint64_t offset) {
-  Tracked tracked(*this, request, "WRITE", offset, length);
+asio::awaitable<void> FileSystem::serve_write(fuse_req_t request, [[maybe_unused]] fuse_front::RequestBuffer payload_owner,
+                                              const std::byte* data, std::size_t length, std::uint64_t offset,
+                                              bool durable) {
+  Tracked tracked(*this, request, durable ? "WRITE+SYNC" : "WRITE", offset, length);
   // payload_owner keeps `data` (inside the FUSE receive buffer) alive until the server has it.
-  auto [error] = co_await connection_.async_pwrite(data, length, offset, 0, as_result);
+  std::error_code error = co_await io_.write(data, length, offset, durable);
+  note_allocation_changed();
   if (error) tracked.reply_error(to_application_errno(error));
   else tracked.reply_written(length);
 }
 
 asio::awaitable<void> FileSystem::serve_flush(fuse_req_t request, const char* operation) {
   Tracked tracked(*this, request, operation, 0, 0);
-  auto [error] = co_await connection_.async_flush(as_result);
+  tracked.reply_error(to_application_errno(co_await io_.flush()));
+}
+
+asio::awaitable<void> FileSystem::serve_zero(fuse_req_t request, std::uint64_t offset, std::uint64_t length,
+                                             bool allow_unmap) {
+  Tracked tracked(*this, request, allow_unmap ? "PUNCH-HOLE" : "ZERO-RANGE", offset, std::size_t(length));
+  std::error_code error = co_await io_.zero(offset, length, allow_unmap);
+  note_allocation_changed();
   tracked.reply_error(to_application_errno(error));
+}
+
+asio::awaitable<void> FileSystem::serve_seek(fuse_req_t request, std::uint64_t offset, bool want_data) {
+  Tracked tracked(*this, request, want_data ? "SEEK-DATA" : "SEEK-HOLE", offset, 0);
+  std::uint64_t found = 0;
+  if (auto error = co_await io_.seek(offset, want_data, found)) {
+    // ENXIO is lseek's own answer ("no more data"), not an I/O failure.
+    tracked.reply_error(error.value() == ENXIO ? ENXIO : to_application_errno(error));
+    co_return;
+  }
+  if (tracked.begin_reply()) {
+    tracked.trace_reply(0, 0);
+    fuse_reply_lseek(request, off_t(found));
+  }
+}
+
+asio::awaitable<void> FileSystem::count_allocation() {
+  allocation_counting_ = true;
+  allocation_stale_ = false;
+  allocated_bytes_ = co_await io_.allocated_bytes(allocation_scan_limit);
+  allocation_counting_ = false;
 }
 
 // ---- FUSE handlers ----------------------------------------------------------
@@ -158,6 +199,7 @@ void FileSystem::init(fuse_conn_info* connection) {
   if (connection->capable & FUSE_CAP_ATOMIC_O_TRUNC) connection->want |= FUSE_CAP_ATOMIC_O_TRUNC;
   connection->want &= ~(FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE);
   if (connection->capable & FUSE_CAP_ASYNC_DIO) connection->want |= FUSE_CAP_ASYNC_DIO;
+  asio::co_spawn(executor_, count_allocation(), asio::detached);
   // Posted: the mount counts as live once libfuse has sent the INIT reply.
   if (on_live) asio::post(executor_, std::exchange(on_live, nullptr));
 }
@@ -177,7 +219,7 @@ struct stat FileSystem::attributes_of(fuse_ino_t inode) const {
     attributes.st_nlink = 1;
     attributes.st_size = off_t(export_.size);
     attributes.st_blksize = blksize_t(export_.preferred_block);
-    attributes.st_blocks = blkcnt_t((export_.size + 511) / 512);
+    attributes.st_blocks = blkcnt_t((allocated_bytes_ + 511) / 512);
   } else {
     attributes.st_mode = S_IFDIR | (export_.read_only ? 0555 : 0755);
     attributes.st_nlink = 2;
@@ -196,7 +238,7 @@ void FileSystem::lookup(fuse_req_t request, fuse_ino_t parent, const char* name)
   entry.ino = file_inode_in_directory;
   entry.generation = 1;
   entry.attr = attributes_of(entry.ino);
-  entry.attr_timeout = attribute_timeout_seconds;
+  entry.attr_timeout = file_attribute_timeout_seconds;
   entry.entry_timeout = attribute_timeout_seconds;
   fuse_reply_entry(request, &entry);
 }
@@ -206,8 +248,10 @@ void FileSystem::getattr(fuse_req_t request, fuse_ino_t inode) {
     fuse_reply_err(request, ENOENT);
     return;
   }
+  if (is_file(inode) && allocation_stale_ && !allocation_counting_)
+    asio::co_spawn(executor_, count_allocation(), asio::detached);
   struct stat attributes = attributes_of(inode);
-  fuse_reply_attr(request, &attributes, attribute_timeout_seconds);
+  fuse_reply_attr(request, &attributes, is_file(inode) ? file_attribute_timeout_seconds : attribute_timeout_seconds);
 }
 
 void FileSystem::setattr(fuse_req_t request, fuse_ino_t inode, const struct stat& wanted, int to_set) {
@@ -255,7 +299,7 @@ void FileSystem::read(fuse_req_t request, std::size_t size, off_t offset, const 
 }
 
 void FileSystem::write(fuse_req_t request, const char* data, std::size_t size, off_t offset,
-                       const fuse_file_info*) {
+                       const fuse_file_info* file) {
   if (export_.read_only) {
     fuse_reply_err(request, EROFS);
     return;
@@ -268,7 +312,7 @@ void FileSystem::write(fuse_req_t request, const char* data, std::size_t size, o
   }
   asio::co_spawn(executor_,
                  serve_write(request, session_.claim_request_buffer(), reinterpret_cast<const std::byte*>(data),
-                             plan.length, std::uint64_t(offset)),
+                             plan.length, std::uint64_t(offset), (file->flags & O_DSYNC) != 0),
                  asio::detached);
 }
 
@@ -287,6 +331,57 @@ void FileSystem::fsync(fuse_req_t request, bool, const fuse_file_info*) {
     return;
   }
   asio::co_spawn(executor_, serve_flush(request, "FSYNC"), asio::detached);
+}
+
+void FileSystem::fallocate(fuse_req_t request, int mode, off_t offset, off_t length) {
+  if (offset < 0 || length <= 0) {
+    fuse_reply_err(request, EINVAL);
+    return;
+  }
+  const std::uint64_t begin = std::uint64_t(offset);
+  const std::uint64_t end = begin + std::uint64_t(length);
+  const bool keep_size = mode & FALLOC_FL_KEEP_SIZE;
+  const int kind = mode & ~FALLOC_FL_KEEP_SIZE;
+  if (kind == 0) {
+    // Preallocation: every byte inside the export already exists on the server.
+    fuse_reply_err(request, keep_size || end <= export_.size ? 0 : EOPNOTSUPP);
+    return;
+  }
+  if (kind != FALLOC_FL_PUNCH_HOLE && kind != FALLOC_FL_ZERO_RANGE) {
+    fuse_reply_err(request, EOPNOTSUPP);
+    return;
+  }
+  if (kind == FALLOC_FL_PUNCH_HOLE && !keep_size) {
+    fuse_reply_err(request, EOPNOTSUPP);  // the kernel's rule: punching needs KEEP_SIZE
+    return;
+  }
+  if (export_.read_only) {
+    fuse_reply_err(request, EROFS);
+    return;
+  }
+  if (!keep_size && end > export_.size) {
+    fuse_reply_err(request, ENOSPC);  // zeroing past EOF would grow the file
+    return;
+  }
+  if (begin >= export_.size) {
+    fuse_reply_err(request, 0);
+    return;
+  }
+  asio::co_spawn(executor_,
+                 serve_zero(request, begin, std::min(end, export_.size) - begin, kind == FALLOC_FL_PUNCH_HOLE),
+                 asio::detached);
+}
+
+void FileSystem::lseek(fuse_req_t request, off_t offset, int whence) {
+  if (whence != SEEK_DATA && whence != SEEK_HOLE) {
+    fuse_reply_err(request, EINVAL);  // the kernel handles SEEK_SET/CUR/END itself
+    return;
+  }
+  if (offset < 0) {
+    fuse_reply_err(request, ENXIO);
+    return;
+  }
+  asio::co_spawn(executor_, serve_seek(request, std::uint64_t(offset), whence == SEEK_DATA), asio::detached);
 }
 
 void FileSystem::opendir(fuse_req_t request, fuse_ino_t inode, fuse_file_info* file) {

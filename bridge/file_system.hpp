@@ -4,9 +4,10 @@
 // exactly once, through the in-flight list so shutdown can answer stragglers.
 #pragma once
 
+#include "bridge/block_io.hpp"
 #include "bridge/buffer_pool.hpp"
 #include "fuse_front/operations.hpp"
-#include "nbd_client/connection.hpp"
+#include "nbd_client/connection_pool.hpp"
 
 #include <asio/awaitable.hpp>
 #include <asio/steady_timer.hpp>
@@ -29,10 +30,10 @@ struct FileSystemOptions {
 
 class FileSystem final : public fuse_front::Handlers {
  public:
-  FileSystem(asio::any_io_executor executor, nbd_client::Connection& connection, fuse_front::Session& session,
+  FileSystem(asio::any_io_executor executor, nbd_client::ConnectionPool& pool, fuse_front::Session& session,
              FileSystemOptions options);
 
-  void set_export(const nbd_client::ExportInfo& info) { export_ = info; }
+  void set_export(const nbd_client::ExportInfo& info);
 
   // Runs once, after the kernel's INIT has been answered: the mount is live.
   std::function<void()> on_live;
@@ -54,6 +55,8 @@ class FileSystem final : public fuse_front::Handlers {
   void opendir(fuse_req_t request, fuse_ino_t inode, fuse_file_info* file) override;
   void readdir(fuse_req_t request, fuse_ino_t inode, std::size_t size, off_t offset) override;
   void statfs(fuse_req_t request) override;
+  void fallocate(fuse_req_t request, int mode, off_t offset, off_t length) override;
+  void lseek(fuse_req_t request, off_t offset, int whence) override;
 
  private:
   // One request being served; lives in its coroutine's frame and links itself
@@ -88,18 +91,27 @@ class FileSystem final : public fuse_front::Handlers {
 
   asio::awaitable<void> serve_read(fuse_req_t request, std::size_t length, std::uint64_t offset);
   asio::awaitable<void> serve_write(fuse_req_t request, fuse_front::RequestBuffer payload_owner,
-                                    const std::byte* data, std::size_t length, std::uint64_t offset);
+                                    const std::byte* data, std::size_t length, std::uint64_t offset, bool durable);
   asio::awaitable<void> serve_flush(fuse_req_t request, const char* operation);
+  asio::awaitable<void> serve_zero(fuse_req_t request, std::uint64_t offset, std::uint64_t length, bool allow_unmap);
+  asio::awaitable<void> serve_seek(fuse_req_t request, std::uint64_t offset, bool want_data);
+  // st_blocks follows the server's allocation, re-counted in the background
+  // after writes when someone asks.
+  asio::awaitable<void> count_allocation();
+  void note_allocation_changed() { allocation_stale_ = true; }
 
   bool is_file(fuse_ino_t inode) const;
   struct stat attributes_of(fuse_ino_t inode) const;
 
   asio::any_io_executor executor_;
-  nbd_client::Connection& connection_;
   fuse_front::Session& session_;
   FileSystemOptions options_;
   nbd_client::ExportInfo export_;
   BufferPool buffers_;
+  BlockIo io_;
+  std::uint64_t allocated_bytes_ = 0;
+  bool allocation_stale_ = true;
+  bool allocation_counting_ = false;
   timespec mounted_at_{};
   uid_t owner_uid_;
   gid_t owner_gid_;

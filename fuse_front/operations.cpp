@@ -46,6 +46,12 @@ fuse_lowlevel_ops operations_table() {
   };
   table.releasedir = [](fuse_req_t request, fuse_ino_t, fuse_file_info*) { fuse_reply_err(request, 0); };
   table.statfs = [](fuse_req_t request, fuse_ino_t) { handlers_of(request).statfs(request); };
+  table.fallocate = [](fuse_req_t request, fuse_ino_t, int mode, off_t offset, off_t length, fuse_file_info*) {
+    handlers_of(request).fallocate(request, mode, offset, length);
+  };
+  table.lseek = [](fuse_req_t request, fuse_ino_t, off_t offset, int whence, fuse_file_info*) {
+    handlers_of(request).lseek(request, offset, whence);
+  };
   return table;
 }
 

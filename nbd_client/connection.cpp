@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstring>
 
 namespace nbd_client {
 
@@ -24,6 +25,7 @@ int on_chunk_done(void* user_data, int* error) {
   if (*error != 0 && command->first_error == 0) command->first_error = *error;
   if (--command->callbacks_outstanding == 0 && !command->submitting) {
     command->finished = true;
+    if (command->in_flight_counter) --*command->in_flight_counter;
     command->finish(std::error_code(command->first_error, std::generic_category()));
   }
   return 1;  // retire the command
@@ -35,6 +37,7 @@ void on_chunk_freed(void* user_data) {
     // Freed without its callback: the handle was closed under it.
     if (!command->finished) {
       command->finished = true;
+      if (command->in_flight_counter) --*command->in_flight_counter;
       command->finish(std::error_code(ESHUTDOWN, std::generic_category()));
     }
     command->destroy();
@@ -42,6 +45,17 @@ void on_chunk_freed(void* user_data) {
 }
 
 namespace {
+
+// Called under the handle's lock for each block-status reply chunk: only records.
+int on_extents(void* user_data, const char* context, uint64_t offset, uint32_t* entries, size_t count, int* error) {
+  auto* extents = static_cast<std::vector<Extent>*>(user_data);
+  if (*error || std::strcmp(context, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0) return 0;
+  for (size_t i = 0; i + 1 < count; i += 2) {
+    extents->push_back({offset, entries[i], entries[i + 1]});
+    offset += entries[i];
+  }
+  return 0;
+}
 
 std::string last_libnbd_error() {
   const char* message = nbd_get_error();
@@ -152,17 +166,14 @@ int Connection::start_connect(const Target& target) {
       return nbd_aio_connect_tcp(handle_, target.host.c_str(), target.port.c_str());
     case Target::Kind::socket_fd:
       return nbd_aio_connect_socket(handle_, target.fd);
-    case Target::Kind::command: {
-      std::string socket_path;
-      if (server_process_.start(target.command, pass_server_stderr_, socket_path, error_message_)) return -1;
-      return nbd_aio_connect_unix(handle_, socket_path.c_str());
-    }
+    case Target::Kind::command:
+      error_message_ = "a [ CMD ] target is started by the pool and connected as a unix socket";
+      return -1;
   }
   return -1;
 }
 
 asio::awaitable<std::error_code> Connection::async_connect(const Target& target, ConnectOptions options) {
-  pass_server_stderr_ = options.pass_server_stderr;
   handle_ = nbd_create();
   if (!handle_) {
     error_message_ = last_libnbd_error();
@@ -172,6 +183,7 @@ asio::awaitable<std::error_code> Connection::async_connect(const Target& target,
   nbd_set_uri_allow_local_file(handle_, true);
   nbd_set_full_info(handle_, true);
   if (target.kind != Target::Kind::uri) nbd_set_export_name(handle_, target.export_name.c_str());
+  if (options.want_block_status) nbd_add_meta_context(handle_, LIBNBD_CONTEXT_BASE_ALLOCATION);
 
   connecting_ = true;
   if (start_connect(target) == -1) {
@@ -187,10 +199,7 @@ asio::awaitable<std::error_code> Connection::async_connect(const Target& target,
   }
   connecting_ = false;
   if (!nbd_aio_is_ready(handle_)) {
-    std::string how;
-    if (target.kind == Target::Kind::command && server_process_.exited(how)) {
-      error_message_ = "the server command failed to start (" + how + ")";
-    } else if (error_message_.empty()) {
+    if (error_message_.empty()) {
       error_message_ = nbd_aio_is_dead(handle_) ? last_libnbd_error()
                                                 : "no answer from the server within " +
                                                       std::to_string(options.timeout.count() / 1000) + " s";
@@ -198,7 +207,6 @@ asio::awaitable<std::error_code> Connection::async_connect(const Target& target,
     release_descriptor();
     nbd_close(handle_);
     handle_ = nullptr;
-    server_process_.stop();
     co_return std::error_code(ECONNREFUSED, std::generic_category());
   }
   read_export_info();
@@ -214,6 +222,9 @@ void Connection::read_export_info() {
   info_.can_flush = nbd_can_flush(handle_) == 1;
   info_.can_fua = nbd_can_fua(handle_) == 1;
   info_.can_multi_conn = nbd_can_multi_conn(handle_) == 1;
+  info_.can_zero = nbd_can_zero(handle_) == 1;
+  info_.can_trim = nbd_can_trim(handle_) == 1;
+  info_.can_block_status = nbd_can_meta_context(handle_, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
   int64_t minimum = nbd_get_block_size(handle_, LIBNBD_SIZE_MINIMUM);
   int64_t preferred = nbd_get_block_size(handle_, LIBNBD_SIZE_PREFERRED);
   int64_t maximum = nbd_get_block_size(handle_, LIBNBD_SIZE_MAXIMUM);
@@ -223,29 +234,59 @@ void Connection::read_export_info() {
                                       : std::uint64_t(32u << 20);
 }
 
-void Connection::issue(PendingCommand* command, CommandKind kind, std::byte* buffer, std::size_t length,
-                       std::uint64_t offset, std::uint32_t flags) {
+std::size_t Connection::chunk_limit(CommandKind kind) const {
+  switch (kind) {
+    case CommandKind::read:
+    case CommandKind::write:
+      return std::size_t(info_.maximum_request);
+    case CommandKind::zero_fill:
+      return std::min<std::size_t>(std::size_t(info_.maximum_request), zero_buffer_size);
+    default:
+      // No payload, but keep within 32-bit NBD lengths and, conservatively, the advertised maximum.
+      return std::size_t(std::min<std::uint64_t>(info_.maximum_request * 32, std::uint64_t(1) << 30));
+  }
+}
+
+int64_t Connection::submit_chunk(PendingCommand* command, const CommandRequest& request, std::size_t done,
+                                 std::size_t chunk) {
+  nbd_completion_callback callback{&on_chunk_done, command, &on_chunk_freed};
+  std::uint64_t offset = request.offset + done;
+  switch (request.kind) {
+    case CommandKind::read:
+      return nbd_aio_pread(handle_, request.buffer + done, chunk, offset, callback, 0);
+    case CommandKind::write:
+      return nbd_aio_pwrite(handle_, request.buffer + done, chunk, offset, callback, request.flags);
+    case CommandKind::zero_fill:
+      return nbd_aio_pwrite(handle_, zero_buffer(), chunk, offset, callback, request.flags);
+    case CommandKind::zero:
+      return nbd_aio_zero(handle_, chunk, offset, callback, request.flags);
+    case CommandKind::trim:
+      return nbd_aio_trim(handle_, chunk, offset, callback, request.flags);
+    case CommandKind::flush:
+      return nbd_aio_flush(handle_, callback, 0);
+    case CommandKind::block_status: {
+      nbd_extent_callback extents{&on_extents, request.extents, nullptr};
+      return nbd_aio_block_status(handle_, chunk, offset, extents, callback, 0);
+    }
+  }
+  return -1;
+}
+
+void Connection::issue(PendingCommand* command, const CommandRequest& request) {
   command->submitting = true;
   if (!usable()) {
     command->first_error = ENOTCONN;
-  } else if (kind == CommandKind::flush) {
-    ++command->callbacks_outstanding;
-    ++command->frees_outstanding;
-    nbd_completion_callback callback{&on_chunk_done, command, &on_chunk_freed};
-    if (nbd_aio_flush(handle_, callback, 0) == -1) {
-      --command->callbacks_outstanding;
-      command->first_error = nbd_get_errno() ? nbd_get_errno() : EIO;
-    }
   } else {
-    // Chunks go out back to back; each is a separate NBD command with its own reply.
-    for_each_chunk(length, std::size_t(info_.maximum_request), [&](std::size_t done, std::size_t chunk) {
+    // Flush and block status are one command; the rest go out in chunks, back to
+    // back, each a separate NBD command with its own reply.
+    bool single = request.kind == CommandKind::flush || request.kind == CommandKind::block_status;
+    std::size_t length = request.kind == CommandKind::flush ? 1 : request.length;
+    std::size_t limit = single ? length : chunk_limit(request.kind);
+    if (request.kind == CommandKind::block_status) length = std::min<std::size_t>(length, chunk_limit(request.kind));
+    for_each_chunk(length, limit, [&](std::size_t done, std::size_t chunk) {
       ++command->callbacks_outstanding;
       ++command->frees_outstanding;
-      nbd_completion_callback callback{&on_chunk_done, command, &on_chunk_freed};
-      int64_t cookie = kind == CommandKind::read
-                           ? nbd_aio_pread(handle_, buffer + done, chunk, offset + done, callback, 0)
-                           : nbd_aio_pwrite(handle_, buffer + done, chunk, offset + done, callback, flags);
-      if (cookie != -1) return true;
+      if (submit_chunk(command, request, done, chunk) != -1) return true;
       --command->callbacks_outstanding;
       command->first_error = nbd_get_errno() ? nbd_get_errno() : EIO;
       return false;
@@ -255,10 +296,19 @@ void Connection::issue(PendingCommand* command, CommandKind kind, std::byte* buf
   if (command->callbacks_outstanding == 0 && !command->finished) {
     command->finished = true;
     command->finish(std::error_code(command->first_error, std::generic_category()));
+  } else if (!command->finished) {
+    ++in_flight_;
+    command->in_flight_counter = &in_flight_;
   }
   if (command->frees_outstanding == 0) command->destroy();
   // Sending may have stopped at a full socket; wait for writability if so.
   if (handle_ && !connecting_) arm();
+}
+
+std::byte* Connection::zero_buffer() {
+  // Shared and never written: every zero-filled write points into it.
+  static std::byte* zeros = static_cast<std::byte*>(std::calloc(1, zero_buffer_size));
+  return zeros;
 }
 
 void Connection::close() {
@@ -270,7 +320,6 @@ void Connection::close() {
     nbd_close(handle_);  // frees in-flight commands: they finish with ESHUTDOWN
     handle_ = nullptr;
   }
-  server_process_.stop();
 }
 
 }  // namespace nbd_client

@@ -7,6 +7,8 @@
 #include <asio/any_io_executor.hpp>
 #include <asio/async_result.hpp>
 #include <asio/awaitable.hpp>
+#include <asio/experimental/as_tuple.hpp>
+#include <asio/use_awaitable.hpp>
 #include <asio/associated_executor.hpp>
 #include <asio/post.hpp>
 #include <asio/posix/stream_descriptor.hpp>
@@ -20,13 +22,17 @@
 #include <memory>
 #include <string>
 #include <system_error>
+#include <vector>
 
-#include "nbd_client/server_process.hpp"
 #include "nbd_client/target.hpp"
 
 struct nbd_handle;
 
 namespace nbd_client {
+
+// Completion token for coroutines: `auto [error] = co_await connection.async_pread(..., use_result);`
+// gives the std::error_code instead of throwing it.
+inline constexpr auto use_result = asio::experimental::as_tuple(asio::use_awaitable);
 
 // What the server told us at the handshake.
 struct ExportInfo {
@@ -35,6 +41,9 @@ struct ExportInfo {
   bool can_flush = false;
   bool can_fua = false;
   bool can_multi_conn = false;
+  bool can_zero = false;
+  bool can_trim = false;
+  bool can_block_status = false;  // base:allocation was negotiated
   std::uint64_t minimum_block = 1;
   std::uint64_t preferred_block = 4096;
   std::uint64_t maximum_request = 32u << 20;  // NBD's conservative default
@@ -42,8 +51,8 @@ struct ExportInfo {
 
 struct ConnectOptions {
   bool readonly = false;
+  bool want_block_status = true;
   std::chrono::milliseconds timeout = std::chrono::seconds(30);
-  bool pass_server_stderr = false;  // a [ CMD ] server's stderr: ours, or kept for error messages
 };
 
 // A command in flight, possibly split into several NBD commands (chunks). It is
@@ -58,6 +67,7 @@ class PendingCommand {
 
   int callbacks_outstanding = 0;
   int frees_outstanding = 0;
+  std::size_t* in_flight_counter = nullptr;  // the connection's load, for spreading
   int first_error = 0;
   bool submitting = false;
   bool finished = false;
@@ -68,7 +78,24 @@ class PendingCommand {
 int on_chunk_done(void* user_data, int* error);
 void on_chunk_freed(void* user_data);
 
-enum class CommandKind { read, write, flush };
+// One run of base:allocation block status: [offset, offset+length) with its flags.
+struct Extent {
+  std::uint64_t offset;
+  std::uint64_t length;
+  std::uint32_t flags;  // LIBNBD_STATE_HOLE | LIBNBD_STATE_ZERO
+};
+
+enum class CommandKind { read, write, flush, zero, trim, zero_fill, block_status };
+
+// Everything one command needs; the buffer and extents must outlive its completion.
+struct CommandRequest {
+  CommandKind kind;
+  std::byte* buffer = nullptr;
+  std::size_t length = 0;
+  std::uint64_t offset = 0;
+  std::uint32_t flags = 0;
+  std::vector<Extent>* extents = nullptr;  // block_status: filled in order, clipped to the request
+};
 
 class Connection {
  public:
@@ -88,22 +115,45 @@ class Connection {
   // Called once, on the executor, when an established connection is lost.
   std::function<void(const std::string& reason)> on_lost;
 
-  // buffer must stay valid until completion; requests longer than the server's
-  // maximum are split into chunks issued together, the first error wins.
+  // Buffers must stay valid until completion. Requests longer than the server's
+  // maximum are split into chunks issued together; the first error wins.
   template <typename Token>
   auto async_pread(std::byte* buffer, std::size_t length, std::uint64_t offset, Token&& token) {
-    return async_command(CommandKind::read, buffer, length, offset, 0, std::forward<Token>(token));
+    return async_command({CommandKind::read, buffer, length, offset}, std::forward<Token>(token));
   }
   template <typename Token>
-  auto async_pwrite(const std::byte* buffer, std::size_t length, std::uint64_t offset,
-                    std::uint32_t flags, Token&& token) {
-    return async_command(CommandKind::write, const_cast<std::byte*>(buffer), length, offset, flags,
+  auto async_pwrite(const std::byte* buffer, std::size_t length, std::uint64_t offset, std::uint32_t flags,
+                    Token&& token) {
+    return async_command({CommandKind::write, const_cast<std::byte*>(buffer), length, offset, flags},
                          std::forward<Token>(token));
   }
   template <typename Token>
   auto async_flush(Token&& token) {
-    return async_command(CommandKind::flush, nullptr, 0, 0, 0, std::forward<Token>(token));
+    return async_command({CommandKind::flush}, std::forward<Token>(token));
   }
+  // NBD_CMD_WRITE_ZEROES; flags may carry LIBNBD_CMD_FLAG_NO_HOLE / FUA.
+  template <typename Token>
+  auto async_zero(std::size_t length, std::uint64_t offset, std::uint32_t flags, Token&& token) {
+    return async_command({CommandKind::zero, nullptr, length, offset, flags}, std::forward<Token>(token));
+  }
+  template <typename Token>
+  auto async_trim(std::size_t length, std::uint64_t offset, Token&& token) {
+    return async_command({CommandKind::trim, nullptr, length, offset}, std::forward<Token>(token));
+  }
+  // Zeros by writing zero-filled buffers: for servers without WRITE_ZEROES.
+  template <typename Token>
+  auto async_write_zero_fill(std::size_t length, std::uint64_t offset, std::uint32_t flags, Token&& token) {
+    return async_command({CommandKind::zero_fill, nullptr, length, offset, flags}, std::forward<Token>(token));
+  }
+  // base:allocation extents from offset on; the server may describe less than length.
+  template <typename Token>
+  auto async_block_status(std::size_t length, std::uint64_t offset, std::vector<Extent>& extents, Token&& token) {
+    return async_command({CommandKind::block_status, nullptr, length, offset, 0, &extents},
+                         std::forward<Token>(token));
+  }
+
+  // Commands issued and not yet completed: the load used to spread requests.
+  std::size_t in_flight() const { return in_flight_; }
 
   // Makes a connect in progress give up now (e.g. on a signal).
   void cancel_connect() { connect_wakeup_.cancel(); }
@@ -113,8 +163,7 @@ class Connection {
   void close();
 
   // Exposed for tests of the completion plumbing.
-  void issue(PendingCommand* command, CommandKind kind, std::byte* buffer, std::size_t length,
-             std::uint64_t offset, std::uint32_t flags);
+  void issue(PendingCommand* command, const CommandRequest& request);
 
  private:
   template <typename Handler>
@@ -137,19 +186,22 @@ class Connection {
   };
 
   template <typename Token>
-  auto async_command(CommandKind kind, std::byte* buffer, std::size_t length, std::uint64_t offset,
-                     std::uint32_t flags, Token&& token) {
+  auto async_command(CommandRequest request, Token&& token) {
     return asio::async_initiate<Token, void(std::error_code)>(
-        [this](auto handler, CommandKind kind, std::byte* buffer, std::size_t length,
-               std::uint64_t offset, std::uint32_t flags) {
+        [this](auto handler, const CommandRequest& request) {
           using Command = HandlerCommand<std::decay_t<decltype(handler)>>;
           asio::recycling_allocator<Command> allocator;
           Command* command = allocator.allocate(1);
           new (command) Command(std::move(handler));
-          issue(command, kind, buffer, length, offset, flags);
+          issue(command, request);
         },
-        token, kind, buffer, length, offset, flags);
+        token, request);
   }
+
+  int64_t submit_chunk(PendingCommand* command, const CommandRequest& request, std::size_t done, std::size_t chunk);
+  std::size_t chunk_limit(CommandKind kind) const;
+  static std::byte* zero_buffer();
+  static constexpr std::size_t zero_buffer_size = 1u << 20;
 
   void arm();
   void on_readable();
@@ -168,11 +220,10 @@ class Connection {
   bool write_armed_ = false;
   bool connecting_ = false;
   bool lost_ = false;
-  bool pass_server_stderr_ = false;
   asio::steady_timer connect_wakeup_;
   ExportInfo info_;
+  std::size_t in_flight_ = 0;
   std::string error_message_;
-  ServerProcess server_process_;
 };
 
 }  // namespace nbd_client

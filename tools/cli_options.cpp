@@ -28,8 +28,7 @@ void setup(CLI::App& app, Options& options) {
       "or one of --unix PATH, --tcp HOST PORT, --fd N.");
   app.add_option("MOUNTPOINT", options.mountpoint,
                  "an existing directory (the export appears as MOUNTPOINT/nbd), DIRECTORY/NAME "
-                 "(appears as NAME), or an existing regular file (mounted over)")
-      ->required();
+                 "(appears as NAME), or an existing regular file (mounted over)");
   app.add_option("TARGET", options.uri, "NBD URI of the export");
   app.add_option("--unix", options.unix_path, "connect to the NBD server's unix socket PATH");
   app.add_option("--tcp", options.tcp, "connect to HOST PORT over TCP")->expected(2)->type_name("HOST PORT");
@@ -44,6 +43,10 @@ void setup(CLI::App& app, Options& options) {
                  "none: direct I/O, every request goes to the server (default); "
                  "page: kernel page cache and readahead")
       ->check(CLI::IsMember({"none", "page"}));
+  app.add_option("-C,--connections", options.connections,
+                 "connections to open when the server allows multi-conn (default 4)")
+      ->check(CLI::Range(1, 64));
+  app.add_flag("--list", options.list, "print the server's exports with their sizes, then exit (no MOUNTPOINT)");
   app.add_option("--connect-timeout", options.connect_timeout_seconds, "seconds to wait for the server")
       ->check(CLI::PositiveNumber);
   app.add_option("--shutdown-timeout", options.shutdown_timeout_seconds,
@@ -55,11 +58,20 @@ void setup(CLI::App& app, Options& options) {
       "  nbdbridge ./mnt/disk.raw nbd://server/vmdisk  # appears as ./mnt/disk.raw\n"
       "  nbdbridge -r image.raw nbd+unix:///?socket=/run/nbd.sock   # mounted over a file\n"
       "  nbdbridge --pidfile /tmp/b.pid ./mnt --tcp 127.0.0.1 10809\n"
+      "  nbdbridge ./mnt 'nbds+unix://alice@/?socket=/run/nbd.sock&tls-psk-file=keys.psk'   # TLS\n"
+      "  nbdbridge --list nbd://server                  # exports and sizes\n"
       "  fusermount3 -u ./mnt                           # unmount (or Ctrl-C)\n"
       "Writes cannot grow the file: a write past the end fails with ENOSPC. Use dd conv=notrunc.");
 }
 
-std::string build_target(const Options& options, nbd_client::Target& target) {
+std::string build_target(Options options, nbd_client::Target& target) {
+  if (options.list && options.uri.empty() && !options.mountpoint.empty()) {
+    // `--list TARGET` has no mountpoint: the one positional is the target.
+    options.uri = options.mountpoint;
+    options.mountpoint.clear();
+  }
+  if (options.list && !options.mountpoint.empty()) return "--list takes a TARGET and no MOUNTPOINT";
+  if (!options.list && options.mountpoint.empty()) return "no MOUNTPOINT given (see nbdbridge --help)";
   int given = !options.uri.empty() + !options.server_command.empty() + !options.unix_path.empty() +
               !options.tcp.empty() + (options.fd >= 0);
   if (given == 0) return "no TARGET given (an NBD URI, [ CMD ARGS... ], --unix PATH, --tcp HOST PORT or --fd N)";

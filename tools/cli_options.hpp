@@ -27,6 +27,8 @@ struct Options {
   std::string cache = "none";
   double connect_timeout_seconds = 30;
   double shutdown_timeout_seconds = 10;
+  unsigned connections = 4;                  // -C: used when the server allows multi-conn
+  bool list = false;                         // --list TARGET: print exports and exit
 };
 
 // Removes a `[ CMD ARGS... ]` group from args into command. Returns a one-line
@@ -36,7 +38,7 @@ std::string extract_server_command(std::vector<std::string>& args, std::vector<s
 void setup(CLI::App& app, Options& options);
 
 // Exactly one target must be given. Returns a one-line problem or "".
-std::string build_target(const Options& options, nbd_client::Target& target);
+std::string build_target(Options options, nbd_client::Target& target);
 
 // Splits "-o a,b" words into single options.
 std::vector<std::string> split_mount_options(const std::vector<std::string>& words);

@@ -5,7 +5,8 @@
 #include "bridge/mountpoint.hpp"
 #include "fuse_front/operations.hpp"
 #include "fuse_front/session.hpp"
-#include "nbd_client/connection.hpp"
+#include "nbd_client/connection_pool.hpp"
+#include "nbd_client/export_list.hpp"
 #include "tools/cli_options.hpp"
 
 #include <asio/co_spawn.hpp>
@@ -86,9 +87,9 @@ class Bridge {
         target_(std::move(target)),
         plan_(std::move(plan)),
         daemon_report_(daemon_report),
-        connection_(io_.get_executor()),
+        pool_(io_.get_executor()),
         session_(io_.get_executor(), fuse_front::operations_table(), &file_system_),
-        file_system_(io_.get_executor(), connection_, session_,
+        file_system_(io_.get_executor(), pool_, session_,
                      {plan_.file_name, options.cache == "page" ? bridge::CacheMode::page : bridge::CacheMode::none,
                       options.verbose}),
         signals_(io_, SIGINT, SIGTERM, SIGHUP),
@@ -111,28 +112,41 @@ class Bridge {
       if (error) return;
       stop_requested_ = true;
       end();
-      connection_.cancel_connect();
+      pool_.cancel_connect();
     });
 
-    std::error_code error = co_await connection_.async_connect(
-        target_, {options_.readonly, to_duration(options_.connect_timeout_seconds), options_.verbose});
+    nbd_client::PoolOptions pool_options;
+    pool_options.connect.readonly = options_.readonly;
+    pool_options.connect.timeout = to_duration(options_.connect_timeout_seconds);
+    pool_options.connections = options_.connections;
+    pool_options.pass_server_stderr = options_.verbose;
+    std::error_code error = co_await pool_.async_connect(target_, pool_options);
     if (stop_requested_) {
       say("interrupted before the mount was made");
       co_return finish(1);
     }
     if (error) {
-      say("cannot connect to " + target_.describe() + ": " + connection_.error_message());
+      say("cannot connect to " + target_.describe() + ": " + pool_.error_message());
+      pool_.close();
       co_return finish(1);
     }
-    const nbd_client::ExportInfo& info = connection_.info();
+    const nbd_client::ExportInfo& info = pool_.info();
     file_system_.set_export(info);
     if (options_.verbose) {
       say("connected: " + std::to_string(info.size) + " bytes, " + (info.read_only ? "read-only" : "read-write") +
-          ", flush " + (info.can_flush ? "yes" : "no") + ", fua " + (info.can_fua ? "yes" : "no") +
-          ", largest request " + std::to_string(info.maximum_request));
+          ", " + std::to_string(pool_.size()) + " connection(s), flush " + (info.can_flush ? "yes" : "no") +
+          ", fua " + (info.can_fua ? "yes" : "no") + ", zero " + (info.can_zero ? "yes" : "no") +
+          ", block status " + (info.can_block_status ? "yes" : "no") + ", block sizes " +
+          std::to_string(info.minimum_block) + "/" + std::to_string(info.preferred_block) + "/" +
+          std::to_string(info.maximum_request));
+      if (!pool_.note().empty()) say(pool_.note());
     }
-    connection_.on_lost = [](const std::string& reason) {
-      say("lost the connection to the server (" + reason + "); every request now fails with EIO");
+    if (!info.can_flush && !info.read_only)
+      say("note: the server does not support flush: it keeps no volatile write cache, so a write is durable "
+          "once acknowledged and fsync succeeds without sending anything");
+    pool_.on_lost = [this](std::size_t index, const std::string& reason) {
+      say("lost connection " + std::to_string(index + 1) + " of " + std::to_string(pool_.size()) + " (" + reason +
+          "); requests on it fail with EIO");
     };
 
     std::vector<std::string> mount_options{"fsname=nbdbridge", "subtype=nbdbridge", "default_permissions"};
@@ -142,7 +156,7 @@ class Bridge {
     file_system_.on_live = [this] { on_live(); };
     if (session_.mount(plan_.mount_path, mount_options, problem)) {
       say(problem);
-      connection_.close();
+      pool_.close();
       co_return finish(1);
     }
     session_.start([this] { end(); });
@@ -157,7 +171,7 @@ class Bridge {
     session_.stop_receiving();
     co_await file_system_.drain(to_duration(options_.shutdown_timeout_seconds));
     session_.unmount();
-    connection_.close();
+    pool_.close();
     if (!options_.pidfile.empty()) std::remove(options_.pidfile.c_str());
     if (options_.verbose) say("unmounted " + plan_.export_path());
     finish(0);
@@ -191,7 +205,7 @@ class Bridge {
   bridge::MountPlan plan_;
   int daemon_report_;
   asio::io_context io_{1};
-  nbd_client::Connection connection_;
+  nbd_client::ConnectionPool pool_;
   fuse_front::Session session_;
   bridge::FileSystem file_system_;
   asio::signal_set signals_;
@@ -201,12 +215,40 @@ class Bridge {
   int exit_code_ = 1;
 };
 
+// Bounds a synchronous libnbd call that has no timeout of its own.
+void give_up_after(double seconds) {
+  std::signal(SIGALRM, [](int) {
+    const char message[] = "nbdbridge: no answer from the server in time\n";
+    ssize_t ignored = write(STDERR_FILENO, message, sizeof message - 1);
+    (void)ignored;
+    std::_Exit(1);
+  });
+  alarm(static_cast<unsigned>(seconds + 0.999));
+}
+
+int list_exports(const nbd_client::Target& target, double timeout_seconds) {
+  give_up_after(timeout_seconds);
+  std::vector<nbd_client::ExportListing> exports;
+  if (std::string problem = nbd_client::list_exports(target, exports); !problem.empty()) {
+    say("cannot list the exports of " + target.describe() + ": " + problem);
+    return 1;
+  }
+  for (const auto& listing : exports) {
+    std::printf("%s\t%s", listing.name.empty() ? "\"\"" : listing.name.c_str(),
+                listing.size >= 0 ? std::to_string(listing.size).c_str() : "?");
+    if (!listing.description.empty()) std::printf("\t%s", listing.description.c_str());
+    std::printf("\n");
+  }
+  return 0;
+}
+
 int run(const tools::Options& options) {
   nbd_client::Target target;
   if (std::string problem = tools::build_target(options, target); !problem.empty()) {
     say(problem);
     return 2;
   }
+  if (options.list) return list_exports(target, options.connect_timeout_seconds);
   bridge::MountPlan plan;
   if (std::string problem = bridge::resolve_mountpoint(options.mountpoint, plan); !problem.empty()) {
     say(problem);

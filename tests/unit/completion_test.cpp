@@ -1,6 +1,6 @@
 // The awaitable wrapper completes exactly once whatever order libnbd calls back
 // in: success, error, submission failure, and freed without a callback.
-#include "nbd_client/connection.hpp"
+#include "nbd_client/connection_pool.hpp"
 
 #include <asio/experimental/as_tuple.hpp>
 #include <asio/co_spawn.hpp>
@@ -76,12 +76,6 @@ TEST_CASE("freed without its callback (handle closed): completes once with ESHUT
   CHECK(destroyed);
 }
 
-namespace {
-
-constexpr auto as_result = asio::experimental::as_tuple(asio::use_awaitable);
-
-}  // namespace
-
 TEST_CASE("submission failure on an unconnected handle completes once with ENOTCONN") {
   asio::io_context io;
   nbd_client::Connection connection(io.get_executor());
@@ -90,7 +84,7 @@ TEST_CASE("submission failure on an unconnected handle completes once with ENOTC
   asio::co_spawn(
       io,
       [&]() -> asio::awaitable<void> {
-        auto [error] = co_await connection.async_pread(buffer, sizeof buffer, 0, as_result);
+        auto [error] = co_await connection.async_pread(buffer, sizeof buffer, 0, nbd_client::use_result);
         results.push_back(error.value());
       },
       asio::detached);
@@ -100,38 +94,36 @@ TEST_CASE("submission failure on an unconnected handle completes once with ENOTC
 
 TEST_CASE("against a real nbdkit: success, server error, and libnbd refusing the command") {
   asio::io_context io;
-  nbd_client::Connection connection(io.get_executor());
+  nbd_client::ConnectionPool pool(io.get_executor());
   nbd_client::Target target;
   target.kind = nbd_client::Target::Kind::command;
-  // Reads of the second 64 KiB fail with EIO at the server; the rest is a memory disk.
-  target.command = {"nbdkit", "--filter=error", "memory", "1M", "error-pread=EIO", "error-pread-rate=100%",
-                    "error-pread-file=/dev/null"};
   target.command = {"nbdkit", "memory", "1M"};
   std::vector<int> results;
   std::error_code connect_error;
   asio::co_spawn(
       io,
       [&]() -> asio::awaitable<void> {
-        connect_error = co_await connection.async_connect(target, {});
+        connect_error = co_await pool.async_connect(target, {});
         if (connect_error) co_return;
+        nbd_client::Connection& connection = pool.pick();
         static std::byte data[4096];
         for (auto& byte : data) byte = std::byte{0x5a};
-        auto [written] = co_await connection.async_pwrite(data, sizeof data, 4096, 0, as_result);
+        auto [written] = co_await connection.async_pwrite(data, sizeof data, 4096, 0, nbd_client::use_result);
         results.push_back(written.value());
         static std::byte back[4096];
-        auto [read] = co_await connection.async_pread(back, sizeof back, 4096, as_result);
+        auto [read] = co_await connection.async_pread(back, sizeof back, 4096, nbd_client::use_result);
         results.push_back(read.value());
         results.push_back(back[100] == std::byte{0x5a} ? 0 : -1);
         // Past the end: libnbd refuses before sending; the callback never runs.
-        auto [refused] = co_await connection.async_pread(back, sizeof back, 2u << 20, as_result);
+        auto [refused] = co_await connection.async_pread(back, sizeof back, 2u << 20, nbd_client::use_result);
         results.push_back(refused.value());
-        auto [flushed] = co_await connection.async_flush(as_result);
+        auto [flushed] = co_await connection.async_flush(nbd_client::use_result);
         results.push_back(flushed.value());
-        connection.close();
+        pool.close();
       },
       asio::detached);
   io.run_for(std::chrono::seconds(20));
-  REQUIRE_MESSAGE(!connect_error, connection.error_message());
+  REQUIRE_MESSAGE(!connect_error, pool.error_message());
   REQUIRE(results.size() == 5);
   CHECK(results[0] == 0);
   CHECK(results[1] == 0);

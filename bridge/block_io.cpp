@@ -1,0 +1,179 @@
+// Alignment, durability, zeroing and seeking on top of the connection pool.
+// Loop thread only; see block_io.hpp.
+#include "bridge/block_io.hpp"
+
+#include <libnbd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+namespace bridge {
+
+namespace {
+
+using nbd_client::use_result;
+
+std::error_code errno_code(int value) { return {value, std::generic_category()}; }
+
+// Block status is asked for in pieces of at most this much; servers may answer less.
+constexpr std::uint64_t status_span = std::uint64_t(1) << 30;
+
+}  // namespace
+
+bool find_in_extents(const std::vector<nbd_client::Extent>& extents, std::uint64_t offset, bool want_data,
+                     std::uint64_t& found) {
+  for (const auto& extent : extents) {
+    if (extent.offset + extent.length <= offset) continue;
+    if (is_hole(extent.flags) != want_data) {
+      found = std::max(extent.offset, offset);
+      return true;
+    }
+  }
+  return false;
+}
+
+asio::awaitable<std::error_code> BlockIo::read(std::byte* out, std::size_t length, std::uint64_t offset) {
+  const std::uint64_t unit = block();
+  if (unit == 1 || (offset % unit == 0 && length % unit == 0)) {
+    auto [error] = co_await pool_.pick().async_pread(out, length, offset, use_result);
+    co_return error;
+  }
+  // Widen to whole blocks, then copy out the part asked for.
+  std::uint64_t start = align_down(offset, unit);
+  std::uint64_t end = std::min(align_up(offset + length, unit), info_.size);
+  BufferPool::Lease whole = buffers_.acquire(end - start);
+  auto [error] = co_await pool_.pick().async_pread(whole.data(), end - start, start, use_result);
+  if (!error) std::memcpy(out, whole.data() + (offset - start), length);
+  co_return error;
+}
+
+asio::awaitable<std::error_code> BlockIo::write_aligned(const std::byte* data, std::size_t length,
+                                                        std::uint64_t offset, bool durable) {
+  std::uint32_t flags = durable && info_.can_fua ? LIBNBD_CMD_FLAG_FUA : 0;
+  auto [error] = co_await pool_.pick().async_pwrite(data, length, offset, flags, use_result);
+  if (!error && durable && !info_.can_fua) error = co_await flush();
+  co_return error;
+}
+
+asio::awaitable<std::error_code> BlockIo::write(const std::byte* data, std::size_t length, std::uint64_t offset,
+                                                bool durable) {
+  const std::uint64_t unit = block();
+  if (unit == 1) co_return co_await write_aligned(data, length, offset, durable);
+
+  std::uint64_t start = align_down(offset, unit);
+  std::uint64_t end = std::min(align_up(offset + length, unit), info_.size);
+  // Every write to a server with a minimum block takes the lock over the whole
+  // blocks it touches: an aligned write racing a read-modify-write of the same
+  // block would otherwise be undone by the stale write-back.
+  RangeLock::Guard guard = co_await rmw_lock_.acquire(start, end);
+  if (offset == start && offset + length == end) co_return co_await write_aligned(data, length, offset, durable);
+
+  BufferPool::Lease whole = buffers_.acquire(end - start);
+  // Read only the partial blocks at either end; the middle is overwritten anyway.
+  std::uint64_t head_end = std::min(start + unit, end);
+  if (offset != start || offset + length < head_end) {
+    auto [error] = co_await pool_.pick().async_pread(whole.data(), head_end - start, start, use_result);
+    if (error) co_return error;
+  }
+  std::uint64_t tail_start = std::max(align_down(offset + length, unit), head_end);
+  if (tail_start < end && offset + length != end) {
+    auto [error] =
+        co_await pool_.pick().async_pread(whole.data() + (tail_start - start), end - tail_start, tail_start, use_result);
+    if (error) co_return error;
+  }
+  std::memcpy(whole.data() + (offset - start), data, length);
+  co_return co_await write_aligned(whole.data(), end - start, start, durable);
+}
+
+asio::awaitable<std::error_code> BlockIo::zero_aligned(std::uint64_t offset, std::uint64_t length, bool allow_unmap) {
+  if (length == 0) co_return std::error_code{};
+  if (info_.can_zero) {
+    std::uint32_t flags = allow_unmap ? 0 : LIBNBD_CMD_FLAG_NO_HOLE;
+    auto [error] = co_await pool_.pick().async_zero(length, offset, flags, use_result);
+    co_return error;
+  }
+  // No WRITE_ZEROES: write zero-filled buffers over the whole range. (TRIM alone
+  // does not promise that the range reads back as zeros.)
+  auto [error] = co_await pool_.pick().async_write_zero_fill(length, offset, 0, use_result);
+  co_return error;
+}
+
+asio::awaitable<std::error_code> BlockIo::zero(std::uint64_t offset, std::uint64_t length, bool allow_unmap) {
+  const std::uint64_t unit = block();
+  if (unit == 1) co_return co_await zero_aligned(offset, length, allow_unmap);
+  std::uint64_t inner_start = align_up(offset, unit);
+  std::uint64_t inner_end = align_down(offset + length, unit);
+  if (inner_start >= inner_end) inner_start = inner_end = offset;  // no whole block inside
+  // Partial blocks at the ends are written as zeros, by read-modify-write.
+  for (auto [piece_start, piece_end] : {std::pair{offset, inner_start}, std::pair{inner_end, offset + length}}) {
+    if (piece_start >= piece_end) continue;
+    BufferPool::Lease zeros = buffers_.acquire(piece_end - piece_start);
+    std::memset(zeros.data(), 0, piece_end - piece_start);
+    if (auto error = co_await write(zeros.data(), piece_end - piece_start, piece_start, false)) co_return error;
+  }
+  if (inner_start < inner_end) {
+    RangeLock::Guard guard = co_await rmw_lock_.acquire(inner_start, inner_end);
+    co_return co_await zero_aligned(inner_start, inner_end - inner_start, allow_unmap);
+  }
+  co_return std::error_code{};
+}
+
+asio::awaitable<std::error_code> BlockIo::flush() {
+  if (!info_.can_flush) co_return std::error_code{};
+  auto [error] = co_await pool_.pick().async_flush(use_result);
+  co_return error;
+}
+
+asio::awaitable<std::error_code> BlockIo::seek(std::uint64_t offset, bool want_data, std::uint64_t& result) {
+  if (offset >= info_.size) co_return errno_code(ENXIO);
+  if (!info_.can_block_status) {
+    // Without block status everything is data, and the only hole is at EOF.
+    result = want_data ? offset : info_.size;
+    co_return std::error_code{};
+  }
+  std::vector<nbd_client::Extent> extents;
+  for (std::uint64_t position = offset; position < info_.size;) {
+    extents.clear();
+    auto [error] = co_await pool_.pick().async_block_status(
+        std::size_t(std::min(info_.size - position, status_span)), position, extents, use_result);
+    if (error) co_return error;
+    if (extents.empty()) {
+      // A server that describes nothing: treat the rest as data.
+      result = want_data ? position : info_.size;
+      co_return std::error_code{};
+    }
+    std::uint64_t found;
+    if (find_in_extents(extents, position, want_data, found)) {
+      if (found >= info_.size) break;
+      result = found;
+      co_return std::error_code{};
+    }
+    position = extents.back().offset + extents.back().length;
+  }
+  if (want_data) co_return errno_code(ENXIO);
+  result = info_.size;  // the implicit hole at EOF
+  co_return std::error_code{};
+}
+
+asio::awaitable<std::uint64_t> BlockIo::allocated_bytes(unsigned max_commands) {
+  if (!info_.can_block_status) co_return info_.size;
+  std::uint64_t allocated = 0;
+  std::uint64_t position = 0;
+  std::vector<nbd_client::Extent> extents;
+  for (unsigned command = 0; command < max_commands && position < info_.size; ++command) {
+    extents.clear();
+    auto [error] = co_await pool_.pick().async_block_status(
+        std::size_t(std::min(info_.size - position, status_span)), position, extents, use_result);
+    if (error || extents.empty()) break;
+    for (const auto& extent : extents) {
+      std::uint64_t extent_end = std::min(extent.offset + extent.length, info_.size);
+      if (extent_end <= position) continue;
+      if (!is_hole(extent.flags)) allocated += extent_end - std::max(extent.offset, position);
+    }
+    position = std::min(extents.back().offset + extents.back().length, info_.size);
+  }
+  co_return allocated + (info_.size - position);
+}
+
+}  // namespace bridge

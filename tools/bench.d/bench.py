@@ -1,0 +1,727 @@
+#!/usr/bin/python3
+"""The body of tools/bench: runs fio through each subject against fresh nbdkit memory exports.
+
+Normally started by tools/bench, which installs the packages and builds nbdbridge first. Needs
+Debian's /usr/bin/python3 (for python3-matplotlib). Every subject process and server is started
+in its own session, so a Ctrl-C reaches only this script, which then unmounts and stops them all.
+"""
+import argparse
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+EXPORT_SIZE = "1G"
+EXPORT_BYTES = 1 << 30
+SUBJECTS = ("bridge", "nbdfuse", "qsd", "nbd")
+PEERS = ("nbdfuse", "qsd")
+FUSE_SUBJECTS = ("bridge", "nbdfuse", "qsd")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+SERVER_START_DEADLINE = 15   # seconds for nbdkit to accept connections
+MOUNT_DEADLINE = 20          # seconds for a subject's file to appear on a FUSE mount
+FIO_GRACE = 30               # seconds fio may take beyond --runtime before `timeout` ends it
+STOP_DEADLINE = 20           # seconds for a subject to exit after it was asked to unmount
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    rw: str
+    bs: str
+    ioengine: str  # for the FUSE subjects; the nbd subject always uses fio's nbd engine
+    iodepth: int
+    direct: bool
+    metric: str  # "iops", or "read"/"write" for bandwidth in MiB/s
+
+    @property
+    def unit(self):
+        return "IOPS" if self.metric == "iops" else "MiB/s"
+
+    @property
+    def description(self):
+        pattern = {"randrw": "random 50/50 read/write", "randread": "random read",
+                   "read": "sequential read", "write": "sequential write"}[self.rw]
+        cache = "O_DIRECT" if self.direct else "buffered"
+        return f"{self.bs} {pattern}, {self.ioengine} {cache}, depth {self.iodepth}"
+
+
+WORKLOADS = (
+    Workload("qd1", "randrw", "4k", "psync", 1, False, "iops"),
+    Workload("qd1d", "randrw", "4k", "psync", 1, True, "iops"),
+    Workload("qd64", "randrw", "4k", "io_uring", 64, True, "iops"),
+    Workload("rd64", "randread", "4k", "io_uring", 64, True, "iops"),
+    Workload("seqr", "read", "1M", "io_uring", 8, True, "read"),
+    Workload("seqw", "write", "1M", "io_uring", 8, True, "write"),
+    Workload("seqrb", "read", "1M", "psync", 1, False, "read"),
+)
+WORKLOAD_BY_NAME = {w.name: w for w in WORKLOADS}
+RSS_WORKLOAD = "qd64"  # peak RSS is read at the end of this workload
+
+
+class BenchError(Exception):
+    """A subject or server that did not start, mount, run or stop as it should."""
+
+
+class Interrupted(BaseException):
+    """SIGINT, SIGTERM or SIGHUP: stop measuring, clean up, exit non-zero."""
+
+
+def log(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- processes and mounts
+
+class Child:
+    """A background process in its own session, its output in a log file."""
+
+    started = []  # every Child, so that the end of the run can stop any left behind
+
+    def __init__(self, name, argv, log_path):
+        self.name, self.argv, self.log_path = name, argv, log_path
+        with open(log_path, "wb") as out:
+            self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                          stderr=subprocess.STDOUT, start_new_session=True)
+        self.pid = self.popen.pid
+        self.exit_note = None  # how it ended, once it has
+        Child.started.append(self)
+
+    def alive(self):
+        return self.popen.poll() is None
+
+    def log_tail(self, lines=15):
+        try:
+            text = Path(self.log_path).read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return "\n".join("    | " + line for line in text[-lines:])
+
+    def died_message(self):
+        tail = self.log_tail()
+        return (f"{self.name} (pid {self.pid}) exited with status {self.popen.returncode}"
+                + (f"; its output ends:\n{tail}" if tail else "; it printed nothing"))
+
+    def wait(self, seconds):
+        try:
+            self.popen.wait(timeout=seconds)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def stop(self, sig=signal.SIGTERM, grace=5):
+        """Signal, then SIGKILL after `grace` seconds. Notes how it ended."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, sig)
+            if not self.wait(grace):
+                self.exit_note = f"needed SIGKILL ({signal.Signals(sig).name} was ignored for {grace}s)"
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signal.SIGKILL)
+                self.wait(10)
+        if self.exit_note is None:
+            self.exit_note = f"exit status {self.popen.returncode}"
+
+
+def wait_until(what, ready, deadline, watch=()):
+    """Polls ready() until it is true; fails if a watched Child dies or the deadline passes."""
+    end = time.monotonic() + deadline
+    while not ready():
+        for child in watch:
+            if not child.alive():
+                raise BenchError(f"{what}: {child.died_message()}")
+        if time.monotonic() > end:
+            raise BenchError(f"{what}: not ready after {deadline}s")
+        time.sleep(0.05)
+
+
+def unescape_mountinfo(field):
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def fuse_mount(path):
+    """The FUSE mount at `path` as (fstype, minor device number), or None if there is none."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            before, _, after = line.partition(" - ")
+            fields = before.split()
+            fstype = after.split()[0]
+            if unescape_mountinfo(fields[4]) == path and fstype.startswith("fuse"):
+                return fstype, int(fields[2].split(":")[1])
+    return None
+
+
+def mounts_under(directory):
+    prefix = directory.rstrip("/") + "/"
+    with open("/proc/self/mountinfo") as f:
+        found = [unescape_mountinfo(line.split()[4]) for line in f]
+    return [m for m in found if m.startswith(prefix)]
+
+
+def force_unmount(path):
+    """Last resort for a mount whose process hangs: abort the FUSE connection, detach the mount."""
+    mount = fuse_mount(path)
+    if mount:
+        with contextlib.suppress(OSError):
+            Path(f"/sys/fs/fuse/connections/{mount[1]}/abort").write_text("1")
+    subprocess.run(["umount", "-l", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   timeout=15, check=False)
+
+
+def holds_dev_fuse(pid):
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in fd_dir.iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) == "/dev/fuse":
+                return True
+    return False
+
+
+def cpu_ticks(pid):
+    """utime + stime of the process (all its threads), in clock ticks."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()  # fields[0] is field 3 (state)
+    return int(fields[11]) + int(fields[12])
+
+
+def vmhwm_kib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return None
+
+
+# ---------------------------------------------------------------- servers and subjects
+
+class Server:
+    """A fresh `nbdkit memory 1G` on a private unix socket."""
+
+    def __init__(self, run_dir, log_dir, tag):
+        self.socket = f"{run_dir}/nbd.sock"
+        pidfile = f"{run_dir}/nbdkit.pid"  # nbdkit writes it once it accepts connections
+        self.uri = f"nbd+unix:///?socket={self.socket}"
+        self.child = Child("nbdkit", ["nbdkit", "-f", "--exit-with-parent", "-P", pidfile,
+                                      "-U", self.socket, "memory", EXPORT_SIZE],
+                           f"{log_dir}/{tag}-nbdkit.log")
+        try:
+            wait_until("nbdkit", lambda: os.path.exists(pidfile) and os.path.exists(self.socket),
+                       SERVER_START_DEADLINE, [self.child])
+        except BenchError:
+            self.stop()
+            raise
+
+    def stop(self):
+        self.child.stop()
+
+
+class Mount:
+    """One FUSE subject serving the export as a file; stop() unmounts it and ends the process."""
+
+    def __init__(self, subject, bridge_argv, server, run_dir, log_dir, tag):
+        self.subject = subject
+        directory = f"{run_dir}/mnt"
+        if subject == "qsd":  # qemu's FUSE export mounts over a regular file
+            self.mountpoint = self.file = directory
+            Path(directory).touch()
+            argv = ["qemu-storage-daemon",
+                    "--blockdev", "driver=nbd,node-name=disk,server.type=unix,"
+                                  f"server.path={server.socket}",
+                    "--export", f"type=fuse,id=export,node-name=disk,mountpoint={directory},"
+                                "writable=on"]
+        else:
+            os.mkdir(directory)
+            self.mountpoint, self.file = directory, f"{directory}/nbd"
+            program = bridge_argv if subject == "bridge" else ["nbdfuse"]
+            argv = [*program, directory, server.uri]
+        self.child = Child(subject, argv, f"{log_dir}/{tag}-{subject}.log")
+        self.pid = self.child.pid
+        try:
+            self._check()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _check(self):
+        wait_until(f"{self.subject} mount", self._mounted, MOUNT_DEADLINE, [self.child])
+        size = os.stat(self.file).st_size
+        if size != EXPORT_BYTES:
+            raise BenchError(f"{self.subject}: {self.file} is {size} bytes, not {EXPORT_BYTES}")
+        if not holds_dev_fuse(self.pid):
+            raise BenchError(f"{self.subject}: pid {self.pid} does not hold /dev/fuse, so its CPU "
+                             "time would not be the FUSE server's")
+
+    def _mounted(self):
+        return fuse_mount(self.mountpoint) is not None and os.path.exists(self.file)
+
+    def stop(self):
+        """Unmounts the way a user would (qsd: SIGTERM; others: fusermount3 -u), with deadlines."""
+        if not self.child.alive() and fuse_mount(self.mountpoint) is None:
+            self.child.exit_note = self.child.exit_note or f"exit status {self.child.popen.returncode}"
+        elif not self.child.alive():
+            self.child.exit_note = f"died while mounted: {self.child.died_message()}"
+        elif self.subject == "qsd":
+            self.child.stop(signal.SIGTERM, grace=STOP_DEADLINE)
+        elif self.child.alive():
+            try:
+                done = subprocess.run(["fusermount3", "-u", self.mountpoint], capture_output=True,
+                                      text=True, timeout=STOP_DEADLINE, check=False)
+                failure = done.stderr.strip() if done.returncode else None
+            except subprocess.TimeoutExpired:
+                failure = f"it hung for {STOP_DEADLINE}s"
+            if failure:
+                self.child.exit_note = f"fusermount3 -u failed: {failure}"
+            elif not self.child.wait(STOP_DEADLINE):
+                self.child.exit_note = f"still running {STOP_DEADLINE}s after its unmount"
+            self.child.stop()
+        if fuse_mount(self.mountpoint):
+            force_unmount(self.mountpoint)
+            self.child.stop(signal.SIGKILL)
+            self.child.exit_note = (self.child.exit_note or "") + "; left mounted, unmounted by force"
+
+
+# ---------------------------------------------------------------- fio
+
+def fio_argv(workload, runtime, subject, target, output):
+    argv = ["fio", f"--name={workload.name}", f"--rw={workload.rw}", f"--bs={workload.bs}",
+            f"--iodepth={workload.iodepth}", f"--runtime={runtime}", "--time_based=1",
+            "--output-format=json", f"--output={output}"]
+    if subject == "nbd":
+        argv += ["--ioengine=nbd", f"--uri={target}"]
+    else:
+        argv += [f"--ioengine={workload.ioengine}", f"--direct={int(workload.direct)}",
+                 f"--filename={target}"]
+    return argv
+
+
+def run_fio(argv, runtime, stderr_path):
+    """Runs fio under `timeout`, in its own process group; returns its one job's JSON."""
+    deadline = runtime + FIO_GRACE
+    with open(stderr_path, "wb") as err:
+        proc = subprocess.Popen(["timeout", "--kill-after=5", str(deadline), *argv],
+                                stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT)
+        try:
+            returncode = proc.wait(timeout=deadline + 15)
+        except BaseException:  # our own deadline, or Ctrl-C: end fio before anything else
+            proc.terminate()   # `timeout` passes SIGTERM on to fio
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
+    messages = Path(stderr_path).read_text(errors="replace").strip()
+    if returncode == 124:
+        raise BenchError(f"fio hung: still running {deadline}s after a {runtime}s run; {messages}")
+    output = next(a.split("=", 1)[1] for a in argv if a.startswith("--output="))
+    try:
+        job = json.loads(Path(output).read_text())["jobs"][0]
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise BenchError(f"fio exited {returncode} without a usable report ({e}): {messages}")
+    if returncode != 0 or job.get("error"):
+        raise BenchError(f"fio exited {returncode}, job error {job.get('error')}: {messages}")
+    return job
+
+
+def measure(workload, job):
+    read, write = job["read"], job["write"]
+    ios = read["total_ios"] + write["total_ios"]
+    if workload.metric == "iops":
+        value = read["iops"] + write["iops"]
+    else:
+        value = job[workload.metric]["bw_bytes"] / 2**20
+    return {"value": value, "ios": ios,
+            "read_iops": read["iops"], "write_iops": write["iops"],
+            "read_mib_s": read["bw_bytes"] / 2**20, "write_mib_s": write["bw_bytes"] / 2**20,
+            "read_ios": read["total_ios"], "write_ios": write["total_ios"],
+            "runtime_ms": job["job_runtime"]}
+
+
+# ---------------------------------------------------------------- one subject, one round
+
+def run_subject(subject, round_no, config, dirs):
+    """Runs every workload through one subject on a fresh server. Returns the run record."""
+    tag = f"r{round_no}-{subject}"
+    record = {"round": round_no, "subject": subject, "ok": False, "error": None,
+              "exit": None, "workloads": {}}
+    run_dir = tempfile.mkdtemp(prefix=f"{tag}.", dir=dirs["work"])
+    mount = None
+    try:
+        with contextlib.ExitStack() as cleanup:
+            server = Server(run_dir, dirs["logs"], tag)
+            cleanup.callback(server.stop)
+            if subject == "nbd":
+                target, pid = server.uri, None
+            else:
+                mount = Mount(subject, config["bridge_argv"], server, run_dir, dirs["logs"], tag)
+                cleanup.callback(mount.stop)
+                target, pid = mount.file, mount.pid
+            record["pid"] = pid
+            for workload in config["workloads"]:
+                for child in [server.child] + ([mount.child] if mount else []):
+                    if not child.alive():
+                        raise BenchError(f"before {workload.name}: {child.died_message()}")
+                argv = fio_argv(workload, config["runtime"], subject, target,
+                                f"{dirs['fio']}/{tag}-{workload.name}.json")
+                before = cpu_ticks(pid) if pid else None
+                server_before = cpu_ticks(server.child.pid)
+                job = run_fio(argv, config["runtime"], f"{dirs['fio']}/{tag}-{workload.name}.log")
+                result = measure(workload, job)
+                result["argv"] = argv
+                server_cpu = (cpu_ticks(server.child.pid) - server_before) / CLK_TCK
+                result["server_cpu_s"] = server_cpu
+                if pid:
+                    cpu = (cpu_ticks(pid) - before) / CLK_TCK
+                    result["cpu_s"] = cpu
+                    result["cpu_us_per_io"] = cpu * 1e6 / result["ios"] if result["ios"] else None
+                    result["vmhwm_kib"] = vmhwm_kib(pid)
+                record["workloads"][workload.name] = result
+                if result["ios"] == 0:
+                    raise BenchError(f"{workload.name}: fio did no I/O")
+                log(f"  {tag:<12} {workload.name:<6} {result['value']:>10.0f} {workload.unit}")
+        record["ok"] = True
+    except BenchError as e:
+        record["error"] = str(e)
+        log(f"  {tag}: FAILED: {e}")
+    finally:
+        if mount:
+            record["exit"] = mount.child.exit_note
+    if subject == "bridge" and record["exit"] not in (None, "exit status 0"):
+        record["ok"] = False
+        record["error"] = (record["error"] or "") + f" nbdbridge did not stop cleanly: {record['exit']}"
+    elif record["exit"] and not record["exit"].startswith("exit status"):
+        log(f"  {tag}: note: {subject} {record['exit']}")
+    if not mounts_under(run_dir):  # never recurse into a live mount
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return record
+
+
+# ---------------------------------------------------------------- summary, table, plot
+
+def summarise(runs, subjects, workloads):
+    summary = {}
+    for subject in subjects:
+        per_workload = {}
+        for workload in workloads:
+            results = [r["workloads"][workload.name] for r in runs
+                       if r["subject"] == subject and workload.name in r["workloads"]
+                       and r["workloads"][workload.name]["ios"] > 0]
+            if not results:
+                continue
+            values = [x["value"] for x in results]
+            cpu = [x["cpu_us_per_io"] for x in results if x.get("cpu_us_per_io") is not None]
+            per_workload[workload.name] = {
+                "median": statistics.median(values), "min": min(values), "max": max(values),
+                "values": values, "unit": workload.unit,
+                "cpu_us_per_io_median": statistics.median(cpu) if cpu else None}
+        rss_from = RSS_WORKLOAD if RSS_WORKLOAD in [w.name for w in workloads] else workloads[-1].name
+        rss = [r["workloads"][rss_from]["vmhwm_kib"] for r in runs
+               if r["subject"] == subject and rss_from in r["workloads"]
+               and r["workloads"][rss_from].get("vmhwm_kib") is not None]
+        summary[subject] = {"workloads": per_workload,
+                            "peak_rss_kib_median": statistics.median(rss) if rss else None,
+                            "peak_rss_read_after": rss_from}
+    return summary
+
+
+def ratios(summary, workloads):
+    out = {}
+    for workload in workloads:
+        def median(subject):
+            return summary.get(subject, {}).get("workloads", {}).get(workload.name, {}).get("median")
+        bridge = median("bridge")
+        peers = {p: median(p) for p in PEERS if median(p)}
+        best = max(peers, key=peers.get) if peers else None
+        out[workload.name] = {
+            "best_peer": best,
+            "bridge_over_best_peer": bridge / peers[best] if bridge and best else None,
+            "bridge_over_nbd": bridge / median("nbd") if bridge and median("nbd") else None}
+    return out
+
+
+def table(config, summary, ratio):
+    subjects, workloads = config["subjects"], config["workloads"]
+    rows = []
+    rounds = config["rounds"]
+    rows.append(f"median of {rounds} round{'s' * (rounds > 1)} x {config['runtime']} s per workload; "
+                "4k workloads in IOPS (read+write), 1M workloads in MiB/s")
+    header = f"{'workload':<8} {'unit':<6}" + "".join(f"{s:>10}" for s in subjects)
+    show_peer = "bridge" in subjects and any(p in subjects for p in PEERS)
+    show_nbd = "bridge" in subjects and "nbd" in subjects
+    header += (f"{'bridge/peer':>19}" if show_peer else "") + (f"{'bridge/nbd':>12}" if show_nbd else "")
+    rows.append(header)
+    for w in workloads:
+        line = f"{w.name:<8} {w.unit:<6}"
+        for s in subjects:
+            cell = summary[s]["workloads"].get(w.name)
+            line += f"{cell['median']:>10.0f}" if cell else f"{'-':>10}"
+        r = ratio[w.name]
+        if show_peer:
+            peer = f"{r['bridge_over_best_peer']:.2f} ({r['best_peer']})" if r["best_peer"] and \
+                r["bridge_over_best_peer"] else "-"
+            line += f"{peer:>19}"
+        if show_nbd:
+            line += f"{r['bridge_over_nbd']:>12.2f}" if r["bridge_over_nbd"] else f"{'-':>12}"
+        rows.append(line)
+    fuse_subjects = [s for s in subjects if s in FUSE_SUBJECTS]
+    if fuse_subjects:
+        rows.append("")
+        rows.append("CPU time of the FUSE process per I/O, microseconds (median); nbd: n/a")
+        rows.append(f"{'workload':<15}" + "".join(f"{s:>10}" for s in subjects))
+        for w in workloads:
+            line = f"{w.name:<15}"
+            for s in subjects:
+                cell = summary[s]["workloads"].get(w.name)
+                if s not in FUSE_SUBJECTS:
+                    line += f"{'n/a':>10}"
+                else:
+                    cpu = cell and cell["cpu_us_per_io_median"]
+                    line += f"{cpu:>10.1f}" if cpu is not None else f"{'-':>10}"
+            rows.append(line)
+        rss_line = f"{'peak RSS MiB':<15}"
+        for s in subjects:
+            rss = summary[s]["peak_rss_kib_median"]
+            rss_line += f"{rss / 1024:>10.1f}" if rss else f"{'n/a' if s == 'nbd' else '-':>10}"
+        after = summary[fuse_subjects[0]]["peak_rss_read_after"]
+        rows.append(rss_line + f"   (VmHWM after {after})")
+    return "\n".join(rows)
+
+
+COLOURS = {"bridge": "#d62728", "nbdfuse": "#1f77b4", "qsd": "#2ca02c", "nbd": "#7f7f7f"}
+
+
+def plot(config, summary, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    subjects, workloads = config["subjects"], config["workloads"]
+    panels = [(unit, [w for w in workloads if w.unit == unit]) for unit in ("IOPS", "MiB/s")]
+    panels = [(unit, ws) for unit, ws in panels if ws]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 + 2 * len(workloads), 5.5), squeeze=False,
+                             gridspec_kw={"width_ratios": [len(ws) for _, ws in panels]})
+    width = 0.8 / len(subjects)
+    for ax, (unit, ws) in zip(axes[0], panels):
+        for i, subject in enumerate(subjects):
+            cells = [summary[subject]["workloads"].get(w.name) for w in ws]
+            xs = [j + (i - (len(subjects) - 1) / 2) * width for j in range(len(ws))]
+            heights = [c["median"] if c else 0 for c in cells]
+            low = [c["median"] - c["min"] if c else 0 for c in cells]
+            high = [c["max"] - c["median"] if c else 0 for c in cells]
+            bars = ax.bar(xs, heights, width, label=subject, color=COLOURS.get(subject),
+                          yerr=[low, high], capsize=2, error_kw={"elinewidth": 0.8})
+            labels = [format_value(h) if h else "" for h in heights]
+            ax.bar_label(bars, labels=labels, fontsize=7, padding=2, rotation=90)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(ws)), [f"{w.name}\n{w.bs} d{w.iodepth}" +
+                                       ("" if w.direct else " buf") for w in ws])
+        ax.set_ylabel(f"{unit} (log scale)")
+        ax.set_title("4 KiB random I/O" if unit == "IOPS" else "1 MiB sequential I/O")
+        ax.grid(axis="y", which="both", alpha=0.3)
+        bottom, top = ax.get_ylim()
+        ax.set_ylim(bottom, top * 4)  # room for the labels
+    axes[0][0].legend(loc="upper left", fontsize=9)
+    rounds = config["rounds"]
+    fig.suptitle(f"nbdbridge vs peers on nbdkit memory: median of {rounds} round"
+                 f"{'s' * (rounds > 1)} x {config['runtime']} s (bars: min-max)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_value(v):
+    return f"{v / 1000:.1f}k" if v >= 10000 else f"{v:.0f}"
+
+
+# ---------------------------------------------------------------- main
+
+def parse_args():
+    p = argparse.ArgumentParser(
+        prog="tools/bench",
+        description="Benchmark nbdbridge against its peers with fio. Every subject gets a fresh "
+                    f"`nbdkit memory {EXPORT_SIZE}` on a private unix socket in every round; rounds "
+                    "are interleaved with the subject order rotated each round.",
+        epilog="subjects: bridge (build/nbdbridge, extra arguments from $BRIDGE_ARGS), nbdfuse "
+               "(libnbd-bin), qsd (qemu-storage-daemon FUSE export over its nbd driver), nbd "
+               "(fio's nbd engine straight to the server: the no-FUSE ceiling). workloads: "
+               + "; ".join(f"{w.name} = {w.description}" for w in WORKLOADS)
+               + ". Exits non-zero if any subject failed to run or did no I/O.")
+    p.add_argument("--rounds", type=int, help="rounds (default 3)")
+    p.add_argument("--runtime", type=int, help="seconds per workload (default 5)")
+    p.add_argument("--subjects", default=",".join(SUBJECTS), help="comma-separated (default: all)")
+    p.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS),
+                   help="comma-separated (default: all)")
+    p.add_argument("--out", help="output directory (default bench-results/<timestamp>)")
+    p.add_argument("--quick", action="store_true", help="1 round of 2 s per workload (smoke test)")
+    p.add_argument("--bridge", default="build/nbdbridge", help="the nbdbridge binary")
+    args = p.parse_args()
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.runtime = args.runtime or (2 if args.quick else 5)
+    if args.rounds < 1 or args.runtime < 1:
+        p.error("--rounds and --runtime must be at least 1")
+    args.subjects = pick(p, "subject", args.subjects, SUBJECTS)
+    args.workloads = [WORKLOAD_BY_NAME[n] for n in pick(p, "workload", args.workloads,
+                                                         WORKLOAD_BY_NAME)]
+    return args
+
+
+def pick(parser, kind, text, known):
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        parser.error(f"unknown {kind}(s) {', '.join(unknown) or '(none given)'}; "
+                     f"choose from {', '.join(known)}")
+    return names
+
+
+def check_tools(args):
+    problems = []
+    needed = {"nbdkit", "fio", "timeout", "umount"}
+    if "nbdfuse" in args.subjects:
+        needed |= {"nbdfuse", "fusermount3"}
+    if "bridge" in args.subjects:
+        needed.add("fusermount3")
+    if "qsd" in args.subjects:
+        needed.add("qemu-storage-daemon")
+    problems += [f"{tool} is not installed" for tool in sorted(needed) if not shutil.which(tool)]
+    if "bridge" in args.subjects and not os.access(args.bridge, os.X_OK):
+        problems.append(f"nbdbridge binary {args.bridge} is missing (build it first)")
+    if set(args.subjects) & set(FUSE_SUBJECTS) and not os.path.exists("/dev/fuse"):
+        problems.append("/dev/fuse is missing")
+    if "nbd" in args.subjects and shutil.which("fio"):
+        engine = subprocess.run(["fio", "--enghelp=nbd"], capture_output=True, text=True,
+                                timeout=30, check=False)
+        if engine.returncode != 0 or "uri" not in engine.stdout:
+            problems.append("this fio has no nbd engine (fio --enghelp=nbd failed)")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        problems.append(f"{sys.executable} cannot import matplotlib (apt-get install python3-matplotlib)")
+    return problems
+
+
+def versions(args):
+    def first_line(argv):
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+            return (done.stdout or done.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return None
+    found = {"fio": first_line(["fio", "--version"]), "nbdkit": first_line(["nbdkit", "--version"]),
+             "kernel": os.uname().release}
+    if "nbdfuse" in args.subjects:
+        found["nbdfuse"] = first_line(["nbdfuse", "--version"])
+    if "qsd" in args.subjects:
+        found["qsd"] = first_line(["qemu-storage-daemon", "--version"])
+    if "bridge" in args.subjects:
+        repo = Path(args.bridge).resolve().parent.parent
+        found["bridge_commit"] = first_line(["git", "-C", str(repo), "rev-parse", "HEAD"])
+    return found
+
+
+def on_signal(signum, _frame):
+    if getattr(on_signal, "seen", False):
+        log("cleaning up, please wait")
+        return
+    on_signal.seen = True
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def main():
+    args = parse_args()
+    problems = check_tools(args)
+    if problems:
+        for problem in problems:
+            log(f"error: {problem}")
+        return 1
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out or f"bench-results/{stamp}").resolve()
+    dirs = {"out": out, "fio": out / "fio", "logs": out / "logs"}
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="nbdbridge-bench.")  # short paths for the unix sockets
+    dirs["work"] = work
+
+    config = {"rounds": args.rounds, "runtime": args.runtime, "subjects": args.subjects,
+              "workloads": args.workloads}
+    meta = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
+            "rounds": args.rounds, "runtime_s": args.runtime, "subjects": args.subjects,
+            "workloads": {w.name: {"description": w.description, "unit": w.unit}
+                          for w in args.workloads},
+            "export": f"nbdkit memory {EXPORT_SIZE}", "clk_tck": CLK_TCK,
+            "versions": versions(args)}
+    if "bridge" in args.subjects:
+        # A private copy, so a rebuild of build/ during the run cannot mix two binaries.
+        bridge_copy = f"{work}/nbdbridge"
+        shutil.copy2(args.bridge, bridge_copy)
+        bridge_args = shlex.split(os.environ.get("BRIDGE_ARGS", ""))
+        config["bridge_argv"] = [bridge_copy, *bridge_args]
+        meta["bridge"] = {"binary": str(Path(args.bridge).resolve()), "args": bridge_args,
+                          "sha256": hashlib.sha256(Path(bridge_copy).read_bytes()).hexdigest()}
+
+    log(f"tools/bench: {args.rounds} round(s) x {len(args.workloads)} workload(s) x "
+        f"{args.runtime} s, subjects {', '.join(args.subjects)}; results in {out}")
+    runs, interrupted = [], None
+    try:
+        for round_no in range(1, args.rounds + 1):
+            shift = (round_no - 1) % len(args.subjects)
+            order = args.subjects[shift:] + args.subjects[:shift]
+            log(f"round {round_no}/{args.rounds}: {' '.join(order)}")
+            for subject in order:
+                runs.append(run_subject(subject, round_no, config, dirs))
+    except Interrupted as e:
+        interrupted = str(e)
+        log(f"interrupted by {interrupted}: cleaning up")
+    finally:
+        for mountpoint in mounts_under(work):
+            log(f"warning: {mountpoint} was still mounted: unmounting by force")
+            force_unmount(mountpoint)
+        for child in Child.started:
+            if child.alive():
+                log(f"warning: {child.name} (pid {child.pid}) was still running: stopping it")
+                child.stop()
+        if not mounts_under(work):
+            shutil.rmtree(work, ignore_errors=True)
+    meta["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
+
+    summary = summarise(runs, args.subjects, args.workloads)
+    ratio = ratios(summary, args.workloads)
+    failures = [f"round {r['round']} {r['subject']}: {r['error']}" for r in runs if not r["ok"]]
+    ran = {r["subject"] for r in runs if r["ok"]}
+    failures += [f"{s}: never ran successfully" for s in args.subjects if s not in ran]
+    if interrupted:
+        failures.insert(0, f"interrupted by {interrupted}")
+
+    results = {"meta": meta, "runs": runs, "summary": summary, "ratios": ratio,
+               "failures": failures}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = table(config, summary, ratio)
+    (out / "summary.txt").write_text(text + "\n" + "".join(f"FAILED: {f}\n" for f in failures))
+    print(text, flush=True)
+    if any(summary[s]["workloads"] for s in args.subjects):
+        plot(config, summary, out / "plot.png")
+        log(f"wrote {out}/results.json, summary.txt, plot.png")
+    if failures:
+        log("")
+        for failure in failures:
+            log(f"FAILED: {failure}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

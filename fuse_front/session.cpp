@@ -1,6 +1,8 @@
 // libfuse session driven by Asio. See session.hpp for the buffer-ownership rule.
 #include "fuse_front/session.hpp"
 
+#include <asio/post.hpp>
+
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -136,8 +138,15 @@ void Session::wait_readable() {
   });
 }
 
+// Reads until /dev/fuse is empty: Asio's epoll registration is edge-triggered,
+// so stopping early and waiting could sleep on requests already queued.
 void Session::receive() {
-  for (int handled = 0; handled < requests_per_wakeup && receiving_; ++handled) {
+  for (int handled = 0; receiving_; ++handled) {
+    if (handled == requests_per_wakeup) {
+      // Let NBD replies in, then carry on where we stopped.
+      asio::post(descriptor_.get_executor(), [this] { receive(); });
+      return;
+    }
     std::byte* buffer = take_buffer();
     fuse_buf request{};
     request.mem = buffer;

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <poll.h>
 
 namespace nbd_client {
 
@@ -116,7 +117,7 @@ void Connection::arm() {
     descriptor_.async_wait(asio::posix::descriptor_base::wait_read, [this](std::error_code error) {
       if (error) return;  // cancelled by release_descriptor
       read_armed_ = false;
-      on_readable();
+      service();
     });
   }
   if ((direction & LIBNBD_AIO_DIRECTION_WRITE) && !write_armed_) {
@@ -124,21 +125,46 @@ void Connection::arm() {
     descriptor_.async_wait(asio::posix::descriptor_base::wait_write, [this](std::error_code error) {
       if (error) return;
       write_armed_ = false;
-      on_writable();
+      service();
     });
   }
 }
 
-void Connection::on_readable() {
-  if (!handle_) return;
-  if (nbd_aio_notify_read(handle_) == -1 && error_message_.empty()) error_message_ = last_libnbd_error();
-  arm();
-}
-
-void Connection::on_writable() {
-  if (!handle_) return;
-  // Replies first: the read side may already have data that frees the writer.
-  if (nbd_aio_notify_write(handle_) == -1 && error_message_.empty()) error_message_ = last_libnbd_error();
+// Asio's epoll registration is edge-triggered and its wake-ups may be stale,
+// while libnbd wants level-triggered notifications: it may stop after one reply
+// with more in the socket, and a notify_read with nothing to read while a write
+// payload is paused leaves it waiting for a reply the server cannot send yet (a
+// deadlock seen with 1 MiB writes at depth 2). So each wake-up asks poll() what
+// is really ready now and notifies libnbd until nothing is, replies first.
+void Connection::service() {
+  constexpr int rounds_per_wakeup = 64;  // then yield to the rest of the loop
+  bool speculated = false;
+  for (int round = 0; round < rounds_per_wakeup; ++round) {
+    if (!handle_ || lost_ || bound_fd_ < 0) return;
+    unsigned direction = nbd_aio_get_direction(handle_);
+    pollfd ready{bound_fd_, short(((direction & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
+                                  ((direction & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0)),
+                 0};
+    int polled = ::poll(&ready, 1, 0);
+    bool readable = polled > 0 && (ready.revents & (POLLIN | POLLHUP | POLLERR));
+    bool writable = polled > 0 && (ready.revents & POLLOUT);
+    // TLS may hold decrypted replies that poll() cannot see. Reading once more is
+    // safe only with no paused write (direction READ alone) and replies owed.
+    if (!readable && !writable && tls_ && !speculated && direction == LIBNBD_AIO_DIRECTION_READ &&
+        nbd_aio_in_flight(handle_) > 0) {
+      readable = speculated = true;
+    }
+    int result;
+    if (readable && (direction & LIBNBD_AIO_DIRECTION_READ)) result = nbd_aio_notify_read(handle_);
+    else if (writable && (direction & LIBNBD_AIO_DIRECTION_WRITE)) result = nbd_aio_notify_write(handle_);
+    else break;
+    if (result == -1 && error_message_.empty()) error_message_ = last_libnbd_error();
+    notice_state_change();
+    if (round + 1 == rounds_per_wakeup) {
+      asio::post(executor_, [this] { service(); });
+      return;
+    }
+  }
   arm();
 }
 
@@ -210,6 +236,7 @@ asio::awaitable<std::error_code> Connection::async_connect(const Target& target,
     co_return std::error_code(ECONNREFUSED, std::generic_category());
   }
   read_export_info();
+  tls_ = nbd_get_tls_negotiated(handle_) == 1;
   if (options.readonly) info_.read_only = true;
   arm();
   co_return std::error_code{};

@@ -204,8 +204,7 @@ class Connection {
   static constexpr std::size_t zero_buffer_size = 1u << 20;
 
   void arm();
-  void on_readable();
-  void on_writable();
+  void service();
   void notice_state_change();
   void bind_descriptor(int fd);
   void release_descriptor();
@@ -220,6 +219,7 @@ class Connection {
   bool write_armed_ = false;
   bool connecting_ = false;
   bool lost_ = false;
+  bool tls_ = false;
   asio::steady_timer connect_wakeup_;
   ExportInfo info_;
   std::size_t in_flight_ = 0;

@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import hashlib
 import json
+import math
 import os
 import re
 import shlex
@@ -152,14 +153,13 @@ def unescape_mountinfo(field):
 
 
 def fuse_mount(path):
-    """The FUSE mount at `path` as (fstype, minor device number), or None if there is none."""
+    """The FUSE connection number (the device minor) of the FUSE mount at `path`, or None."""
     with open("/proc/self/mountinfo") as f:
         for line in f:
             before, _, after = line.partition(" - ")
             fields = before.split()
-            fstype = after.split()[0]
-            if unescape_mountinfo(fields[4]) == path and fstype.startswith("fuse"):
-                return fstype, int(fields[2].split(":")[1])
+            if unescape_mountinfo(fields[4]) == path and after.startswith("fuse"):
+                return int(fields[2].split(":")[1])
     return None
 
 
@@ -170,14 +170,20 @@ def mounts_under(directory):
     return [m for m in found if m.startswith(prefix)]
 
 
+def abort_fuse_connection(path):
+    """Every request waiting on the FUSE server of `path` fails at once, and so do new ones."""
+    connection = fuse_mount(path)
+    if connection is not None:
+        with contextlib.suppress(OSError):
+            Path(f"/sys/fs/fuse/connections/{connection}/abort").write_text("1")
+
+
 def force_unmount(path):
     """Last resort for a mount whose process hangs: abort the FUSE connection, detach the mount."""
-    mount = fuse_mount(path)
-    if mount:
-        with contextlib.suppress(OSError):
-            Path(f"/sys/fs/fuse/connections/{mount[1]}/abort").write_text("1")
-    subprocess.run(["umount", "-l", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   timeout=15, check=False)
+    abort_fuse_connection(path)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        subprocess.run(["umount", "-l", path], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=15, check=False)
 
 
 def holds_dev_fuse(pid):
@@ -262,6 +268,11 @@ class Mount:
             raise BenchError(f"{self.subject}: pid {self.pid} does not hold /dev/fuse, so its CPU "
                              "time would not be the FUSE server's")
 
+    def abort(self):
+        """Frees a process stuck on this mount (the subject stopped answering)."""
+        abort_fuse_connection(self.mountpoint)
+        time.sleep(0.5)  # let the freed fio exit and close the file
+
     def _mounted(self):
         return fuse_mount(self.mountpoint) is not None and os.path.exists(self.file)
 
@@ -273,7 +284,7 @@ class Mount:
             self.child.exit_note = f"died while mounted: {self.child.died_message()}"
         elif self.subject == "qsd":
             self.child.stop(signal.SIGTERM, grace=STOP_DEADLINE)
-        elif self.child.alive():
+        else:
             try:
                 done = subprocess.run(["fusermount3", "-u", self.mountpoint], capture_output=True,
                                       text=True, timeout=STOP_DEADLINE, check=False)
@@ -284,8 +295,8 @@ class Mount:
                 self.child.exit_note = f"fusermount3 -u failed: {failure}"
             elif not self.child.wait(STOP_DEADLINE):
                 self.child.exit_note = f"still running {STOP_DEADLINE}s after its unmount"
-            self.child.stop()
-        if fuse_mount(self.mountpoint):
+            self.child.stop(grace=STOP_DEADLINE)
+        if fuse_mount(self.mountpoint) is not None:
             force_unmount(self.mountpoint)
             self.child.stop(signal.SIGKILL)
             self.child.exit_note = (self.child.exit_note or "") + "; left mounted, unmounted by force"
@@ -293,10 +304,16 @@ class Mount:
 
 # ---------------------------------------------------------------- fio
 
+class FioHung(BenchError):
+    """fio outlived its deadline: the subject stopped answering."""
+
+
 def fio_argv(workload, runtime, subject, target, output):
-    argv = ["fio", f"--name={workload.name}", f"--rw={workload.rw}", f"--bs={workload.bs}",
-            f"--iodepth={workload.iodepth}", f"--runtime={runtime}", "--time_based=1",
-            "--output-format=json", f"--output={output}"]
+    # --thread: one fio process, so that `timeout` can end all of it (fio's job processes
+    # would be session leaders of their own, out of reach of a process-group kill).
+    argv = ["fio", "--thread", f"--name={workload.name}", f"--rw={workload.rw}",
+            f"--bs={workload.bs}", f"--iodepth={workload.iodepth}", f"--runtime={runtime}",
+            "--time_based=1", "--output-format=json", f"--output={output}"]
     if subject == "nbd":
         argv += ["--ioengine=nbd", f"--uri={target}"]
     else:
@@ -305,12 +322,13 @@ def fio_argv(workload, runtime, subject, target, output):
     return argv
 
 
-def run_fio(argv, runtime, stderr_path):
-    """Runs fio under `timeout`, in its own process group; returns its one job's JSON."""
+def run_fio(argv, runtime, output, messages_path):
+    """Runs fio under `timeout`; returns its one job's JSON report."""
     deadline = runtime + FIO_GRACE
-    with open(stderr_path, "wb") as err:
+    with open(messages_path, "wb") as messages_file:
         proc = subprocess.Popen(["timeout", "--kill-after=5", str(deadline), *argv],
-                                stdin=subprocess.DEVNULL, stdout=err, stderr=subprocess.STDOUT)
+                                stdin=subprocess.DEVNULL, stdout=messages_file,
+                                stderr=subprocess.STDOUT)
         try:
             returncode = proc.wait(timeout=deadline + 15)
         except BaseException:  # our own deadline, or Ctrl-C: end fio before anything else
@@ -321,17 +339,26 @@ def run_fio(argv, runtime, stderr_path):
                 proc.kill()
                 proc.wait()
             raise
-    messages = Path(stderr_path).read_text(errors="replace").strip()
-    if returncode == 124:
-        raise BenchError(f"fio hung: still running {deadline}s after a {runtime}s run; {messages}")
-    output = next(a.split("=", 1)[1] for a in argv if a.startswith("--output="))
+    messages = summarise_messages(Path(messages_path).read_text(errors="replace"))
+    if returncode in (124, 137, -signal.SIGKILL):  # timed out (and maybe killed)
+        raise FioHung(f"fio hung: still running {deadline}s into a {runtime}s run"
+                      + (f"; fio said: {messages}" if messages else ""))
     try:
-        job = json.loads(Path(output).read_text())["jobs"][0]
+        report = Path(output).read_text()
+        start = re.search(r"^\{", report, re.MULTILINE)  # engines may print lines before it
+        job = json.loads(report[start.start() if start else 0:])["jobs"][0]
     except (OSError, ValueError, KeyError, IndexError) as e:
         raise BenchError(f"fio exited {returncode} without a usable report ({e}): {messages}")
     if returncode != 0 or job.get("error"):
         raise BenchError(f"fio exited {returncode}, job error {job.get('error')}: {messages}")
     return job
+
+
+def summarise_messages(text, keep=4):
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if len(lines) > keep:
+        lines = lines[:keep] + [f"... ({len(lines) - keep} more lines)"]
+    return " / ".join(lines)
 
 
 def measure(workload, job):
@@ -350,61 +377,105 @@ def measure(workload, job):
 
 # ---------------------------------------------------------------- one subject, one round
 
-def run_subject(subject, round_no, config, dirs):
-    """Runs every workload through one subject on a fresh server. Returns the run record."""
-    tag = f"r{round_no}-{subject}"
-    record = {"round": round_no, "subject": subject, "ok": False, "error": None,
-              "exit": None, "workloads": {}}
+def run_subject(subject, round_no, config, dirs, runs):
+    """Runs every workload through one subject, on a fresh server and mount, recording into a
+    new entry of `runs`. When a workload fails, the rest run on another fresh server and mount,
+    so one failure hides nothing else."""
+    record = {"round": round_no, "subject": subject, "ok": False, "errors": [],
+              "instances": [], "workloads": {}}
+    runs.append(record)  # now, so that an interrupted run keeps what it measured
+    pending = list(config["workloads"])
+    while pending:
+        tag = f"r{round_no}-{subject}" + (f"-{len(record['instances']) + 1}"
+                                          if record["instances"] else "")
+        before = len(pending)
+        run_instance(subject, tag, pending, record, config, dirs)
+        if len(pending) == before:  # it did not even start: trying again would not help
+            break
+    for workload in pending:
+        record["errors"].append(f"{workload.name}: not run")
+    record["ok"] = not record["errors"]
+
+
+def run_instance(subject, tag, pending, record, config, dirs):
+    """One server (and mount) running workloads from `pending` until one fails."""
+    instance = {"tag": tag, "pid": None, "exit": None, "workloads": []}
+    record["instances"].append(instance)
     run_dir = tempfile.mkdtemp(prefix=f"{tag}.", dir=dirs["work"])
-    mount = None
+    server, mount, step = None, None, "start"
     try:
         with contextlib.ExitStack() as cleanup:
             server = Server(run_dir, dirs["logs"], tag)
             cleanup.callback(server.stop)
-            if subject == "nbd":
-                target, pid = server.uri, None
-            else:
-                mount = Mount(subject, config["bridge_argv"], server, run_dir, dirs["logs"], tag)
+            step = "mount"
+            if subject != "nbd":
+                mount = Mount(subject, config.get("bridge_argv"), server, run_dir, dirs["logs"], tag)
                 cleanup.callback(mount.stop)
-                target, pid = mount.file, mount.pid
-            record["pid"] = pid
-            for workload in config["workloads"]:
-                for child in [server.child] + ([mount.child] if mount else []):
-                    if not child.alive():
-                        raise BenchError(f"before {workload.name}: {child.died_message()}")
-                argv = fio_argv(workload, config["runtime"], subject, target,
-                                f"{dirs['fio']}/{tag}-{workload.name}.json")
-                before = cpu_ticks(pid) if pid else None
-                server_before = cpu_ticks(server.child.pid)
-                job = run_fio(argv, config["runtime"], f"{dirs['fio']}/{tag}-{workload.name}.log")
-                result = measure(workload, job)
-                result["argv"] = argv
-                server_cpu = (cpu_ticks(server.child.pid) - server_before) / CLK_TCK
-                result["server_cpu_s"] = server_cpu
-                if pid:
-                    cpu = (cpu_ticks(pid) - before) / CLK_TCK
-                    result["cpu_s"] = cpu
-                    result["cpu_us_per_io"] = cpu * 1e6 / result["ios"] if result["ios"] else None
-                    result["vmhwm_kib"] = vmhwm_kib(pid)
+                instance["pid"] = mount.pid
+            while pending:
+                workload = pending.pop(0)
+                step = workload.name
+                instance["workloads"].append(workload.name)
+                try:
+                    result = run_workload(workload, subject, server, mount, tag, config, dirs)
+                except FioHung:
+                    if mount:
+                        mount.abort()  # frees the fio stuck in the FUSE connection
+                    raise
                 record["workloads"][workload.name] = result
-                if result["ios"] == 0:
-                    raise BenchError(f"{workload.name}: fio did no I/O")
                 log(f"  {tag:<12} {workload.name:<6} {result['value']:>10.0f} {workload.unit}")
-        record["ok"] = True
-    except BenchError as e:
-        record["error"] = str(e)
-        log(f"  {tag}: FAILED: {e}")
+    except BenchError as e:  # reported once the server and mount have stopped, with their logs
+        message = str(e)
+        for child in (server and server.child, mount and mount.child):
+            said = child and step not in ("start", "mount") and child.log_tail(5)
+            if said:
+                message += f"\n  {child.name}'s output ends:\n{said}"
+        record["errors"].append(f"{step}: {message}")
+        log(f"  {tag} {step}: FAILED: {message}")
     finally:
         if mount:
-            record["exit"] = mount.child.exit_note
-    if subject == "bridge" and record["exit"] not in (None, "exit status 0"):
-        record["ok"] = False
-        record["error"] = (record["error"] or "") + f" nbdbridge did not stop cleanly: {record['exit']}"
-    elif record["exit"] and not record["exit"].startswith("exit status"):
-        log(f"  {tag}: note: {subject} {record['exit']}")
+            instance["exit"] = mount.child.exit_note
+    if subject == "bridge" and mount and instance["exit"] != "exit status 0":
+        record["errors"].append(f"nbdbridge did not stop cleanly: {instance['exit']}")
+    elif instance["exit"] and not instance["exit"].startswith("exit status"):
+        log(f"  {tag}: note: {subject} {instance['exit']}")
     if not mounts_under(run_dir):  # never recurse into a live mount
         shutil.rmtree(run_dir, ignore_errors=True)
-    return record
+
+
+def run_workload(workload, subject, server, mount, tag, config, dirs):
+    try:
+        return measure_workload(workload, subject, server, mount, tag, config, dirs)
+    except OSError as e:  # /proc/PID of a process that is gone
+        for child in [server.child] + ([mount.child] if mount else []):
+            if not child.alive():
+                raise BenchError(child.died_message()) from e
+        raise
+
+
+def measure_workload(workload, subject, server, mount, tag, config, dirs):
+    """fio once, with the CPU time the subject and the server spent meanwhile."""
+    for child in [server.child] + ([mount.child] if mount else []):
+        if not child.alive():
+            raise BenchError(child.died_message())
+    output = f"{dirs['fio']}/{tag}-{workload.name}.json"
+    argv = fio_argv(workload, config["runtime"], subject, mount.file if mount else server.uri,
+                    output)
+    pid = mount.pid if mount else None
+    cpu_before = cpu_ticks(pid) if pid else None
+    server_before = cpu_ticks(server.child.pid)
+    job = run_fio(argv, config["runtime"], output, f"{dirs['fio']}/{tag}-{workload.name}.log")
+    result = measure(workload, job)
+    result["argv"] = argv
+    result["server_cpu_s"] = (cpu_ticks(server.child.pid) - server_before) / CLK_TCK
+    if pid:
+        cpu = (cpu_ticks(pid) - cpu_before) / CLK_TCK
+        result["cpu_s"] = cpu
+        result["cpu_us_per_io"] = cpu * 1e6 / result["ios"] if result["ios"] else None
+        result["vmhwm_kib"] = vmhwm_kib(pid)
+    if result["ios"] == 0:
+        raise BenchError("fio did no I/O")
+    return result
 
 
 # ---------------------------------------------------------------- summary, table, plot
@@ -509,28 +580,36 @@ def plot(config, summary, path):
     subjects, workloads = config["subjects"], config["workloads"]
     panels = [(unit, [w for w in workloads if w.unit == unit]) for unit in ("IOPS", "MiB/s")]
     panels = [(unit, ws) for unit, ws in panels if ws]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 + 2 * len(workloads), 5.5), squeeze=False,
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 + 1.6 * len(workloads), 5.5), squeeze=False,
                              gridspec_kw={"width_ratios": [len(ws) for _, ws in panels]})
     width = 0.8 / len(subjects)
     for ax, (unit, ws) in zip(axes[0], panels):
+        lows = [c["min"] for s in subjects for w in ws if (c := summary[s]["workloads"].get(w.name))]
+        floor = 10 ** math.floor(math.log10(min(lows, default=1) * 0.9))
         for i, subject in enumerate(subjects):
             cells = [summary[subject]["workloads"].get(w.name) for w in ws]
             xs = [j + (i - (len(subjects) - 1) / 2) * width for j in range(len(ws))]
             heights = [c["median"] if c else 0 for c in cells]
             low = [c["median"] - c["min"] if c else 0 for c in cells]
             high = [c["max"] - c["median"] if c else 0 for c in cells]
-            bars = ax.bar(xs, heights, width, label=subject, color=COLOURS.get(subject),
-                          yerr=[low, high], capsize=2, error_kw={"elinewidth": 0.8})
-            labels = [format_value(h) if h else "" for h in heights]
-            ax.bar_label(bars, labels=labels, fontsize=7, padding=2, rotation=90)
+            ax.bar(xs, heights, width, label=subject, color=COLOURS.get(subject),
+                   yerr=[low, high], capsize=2, error_kw={"elinewidth": 0.8})
+            for x, cell in zip(xs, cells):
+                if cell:  # the median, just above the error bar
+                    ax.text(x, cell["max"] * 1.06, format_value(cell["median"]), rotation=90,
+                            ha="center", va="bottom", fontsize=8)
+                else:
+                    ax.text(x, floor * 1.1, "no result", rotation=90, ha="center", va="bottom",
+                            fontsize=8, color=COLOURS.get(subject))
         ax.set_yscale("log")
+        ax.set_ylim(bottom=floor)
         ax.set_xticks(range(len(ws)), [f"{w.name}\n{w.bs} d{w.iodepth}" +
                                        ("" if w.direct else " buf") for w in ws])
         ax.set_ylabel(f"{unit} (log scale)")
         ax.set_title("4 KiB random I/O" if unit == "IOPS" else "1 MiB sequential I/O")
         ax.grid(axis="y", which="both", alpha=0.3)
         bottom, top = ax.get_ylim()
-        ax.set_ylim(bottom, top * 4)  # room for the labels
+        ax.set_ylim(bottom, top * 3)  # room for the labels
     axes[0][0].legend(loc="upper left", fontsize=9)
     rounds = config["rounds"]
     fig.suptitle(f"nbdbridge vs peers on nbdkit memory: median of {rounds} round"
@@ -682,7 +761,7 @@ def main():
             order = args.subjects[shift:] + args.subjects[:shift]
             log(f"round {round_no}/{args.rounds}: {' '.join(order)}")
             for subject in order:
-                runs.append(run_subject(subject, round_no, config, dirs))
+                run_subject(subject, round_no, config, dirs, runs)
     except Interrupted as e:
         interrupted = str(e)
         log(f"interrupted by {interrupted}: cleaning up")
@@ -700,11 +779,12 @@ def main():
 
     summary = summarise(runs, args.subjects, args.workloads)
     ratio = ratios(summary, args.workloads)
-    failures = [f"round {r['round']} {r['subject']}: {r['error']}" for r in runs if not r["ok"]]
-    ran = {r["subject"] for r in runs if r["ok"]}
-    failures += [f"{s}: never ran successfully" for s in args.subjects if s not in ran]
+    failures = [f"round {r['round']} {r['subject']}: {error}" for r in runs for error in r["errors"]]
     if interrupted:
         failures.insert(0, f"interrupted by {interrupted}")
+    else:
+        failures += [f"{s}: no workload ran through it" for s in args.subjects
+                     if not summary[s]["workloads"]]
 
     results = {"meta": meta, "runs": runs, "summary": summary, "ratios": ratio,
                "failures": failures}

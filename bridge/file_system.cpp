@@ -33,6 +33,7 @@ constexpr double attribute_timeout_seconds = 3600.0;
 // The file's st_blocks follows the server's allocation, so its attributes are
 // cached only briefly.
 constexpr double file_attribute_timeout_seconds = 1.0;
+constexpr std::uint32_t FOPEN_PARALLEL_DIRECT_WRITES = 1u << 6;  // linux/fuse.h; no field in libfuse 3.14
 constexpr std::size_t largest_request = 1u << 20;  // FUSE max_write/max_read on this kernel
 
 // Block-status replies spent on one count of allocated bytes; past it, the rest
@@ -286,7 +287,10 @@ void FileSystem::open(fuse_req_t request, fuse_ino_t inode, fuse_file_info* file
   // O_TRUNC is ignored, as for a block device: the export cannot shrink.
   file->direct_io = options_.cache == CacheMode::none;
   file->keep_cache = 0;  // page mode: drop cached pages at each open, as other clients may write
-  fuse_reply_open(request, file);
+  // Direct writes need not take the inode lock exclusively: NBD orders nothing
+  // between overlapping writes in flight anyway, and the kernel lock would
+  // serialise a deep queue of writes.
+  session_.reply_open(request, file, file->direct_io ? FOPEN_PARALLEL_DIRECT_WRITES : 0);
 }
 
 void FileSystem::read(fuse_req_t request, std::size_t size, off_t offset, const fuse_file_info*) {

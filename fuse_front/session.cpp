@@ -3,6 +3,9 @@
 
 #include <asio/post.hpp>
 
+#include <linux/fuse.h>
+#include <sys/uio.h>
+
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -21,6 +24,8 @@ constexpr std::size_t receive_buffer_size = (256 + 1) * 4096;
 constexpr std::size_t kept_buffers = 256;
 // Bounded so one busy /dev/fuse cannot starve the NBD side of the loop.
 constexpr int requests_per_wakeup = 64;
+
+Session* patching_session = nullptr;
 
 }  // namespace
 
@@ -44,6 +49,7 @@ Session::Session(asio::any_io_executor executor, const fuse_lowlevel_ops& operat
     : descriptor_(executor), operations_(operations), user_data_(user_data) {}
 
 Session::~Session() {
+  if (patching_session == this) patching_session = nullptr;
   stop_receiving();
   unmount();
   if (descriptor_.is_open()) descriptor_.release();  // libfuse owns and closes the fd
@@ -118,6 +124,21 @@ std::error_code Session::mount(const std::string& mountpoint, const std::vector<
   mounted_ = true;
   mountpoint_ = mountpoint;
   int fd = fuse_session_fd(session_);
+  // Our own read/writev for /dev/fuse, only so that a reply can carry flags
+  // that libfuse 3.14 has no field for (FOPEN_PARALLEL_DIRECT_WRITES).
+  fuse_custom_io io{};
+  io.read = [](int fd, void* buffer, std::size_t length, void*) { return ::read(fd, buffer, length); };
+  // libfuse hands these hooks the filesystem's user data, not ours: the one
+  // mounted session of the process is found through patching_session.
+  patching_session = this;
+  io.writev = [](int fd, struct iovec* parts, int count, void*) {
+    if (patching_session) patching_session->patch_reply(parts, count);
+    return ::writev(fd, parts, count);
+  };
+  if (int failed = fuse_session_custom_io(session_, &io, fd); failed != 0) {
+    error_message = "cannot set up FUSE I/O: " + std::string(std::strerror(-failed));
+    return {-failed, std::generic_category()};
+  }
   fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
   descriptor_.assign(fd);
   buffer_size_ = receive_buffer_size;
@@ -173,6 +194,22 @@ void Session::receive() {
     if (current_buffer_) give_back(std::exchange(current_buffer_, nullptr));
   }
   wait_readable();
+}
+
+void Session::reply_open(fuse_req_t request, const fuse_file_info* file, std::uint32_t extra_open_flags) {
+  extra_open_flags_ = extra_open_flags;
+  fuse_reply_open(request, file);
+  extra_open_flags_ = 0;
+}
+
+// Runs inside fuse_reply_* on this thread: only the OPEN reply sent by
+// reply_open() has extra_open_flags_ set.
+void Session::patch_reply(struct iovec* parts, int count) {
+  if (extra_open_flags_ == 0 || count < 2 || parts[0].iov_len != sizeof(fuse_out_header) ||
+      parts[1].iov_len != sizeof(fuse_open_out))
+    return;
+  auto* header = static_cast<fuse_out_header*>(parts[0].iov_base);
+  if (header->error == 0) static_cast<fuse_open_out*>(parts[1].iov_base)->open_flags |= extra_open_flags_;
 }
 
 RequestBuffer Session::claim_request_buffer() { return RequestBuffer(this, std::exchange(current_buffer_, nullptr)); }

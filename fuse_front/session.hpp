@@ -15,6 +15,7 @@
 #include <asio/posix/stream_descriptor.hpp>
 
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
@@ -59,6 +60,10 @@ class Session {
   void unmount();
   bool mounted() const { return mounted_; }
 
+  // fuse_reply_open, plus open flags libfuse 3.14 cannot express (e.g.
+  // FOPEN_PARALLEL_DIRECT_WRITES, 1 << 6).
+  void reply_open(fuse_req_t request, const fuse_file_info* file, std::uint32_t extra_open_flags);
+
   // Only valid inside a handler: keeps the current request's buffer alive.
   RequestBuffer claim_request_buffer();
 
@@ -68,6 +73,7 @@ class Session {
   void receive();
   std::byte* take_buffer();
   void give_back(std::byte* buffer);
+  void patch_reply(struct iovec* parts, int count);
 
   asio::posix::stream_descriptor descriptor_;
   fuse_lowlevel_ops operations_;
@@ -81,6 +87,7 @@ class Session {
   std::size_t buffer_size_ = 0;
   std::vector<std::byte*> free_buffers_;
   std::byte* current_buffer_ = nullptr;
+  std::uint32_t extra_open_flags_ = 0;
 };
 
 }  // namespace fuse_front

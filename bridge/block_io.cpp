@@ -12,6 +12,7 @@ namespace bridge {
 
 namespace {
 
+using nbd_client::Connection;
 using nbd_client::use_result;
 
 std::error_code errno_code(int value) { return {value, std::generic_category()}; }
@@ -36,14 +37,17 @@ bool find_in_extents(const std::vector<nbd_client::Extent>& extents, std::uint64
 asio::awaitable<std::error_code> BlockIo::read(std::byte* out, std::size_t length, std::uint64_t offset) {
   const std::uint64_t unit = block();
   if (unit == 1 || (offset % unit == 0 && length % unit == 0)) {
-    auto [error] = co_await pool_.pick().async_pread(out, length, offset, use_result);
-    co_return error;
+    co_return co_await command([&](Connection& connection) {
+      return connection.async_pread(out, length, offset, use_result);
+    });
   }
   // Widen to whole blocks, then copy out the part asked for.
   std::uint64_t start = align_down(offset, unit);
   std::uint64_t end = std::min(align_up(offset + length, unit), info_.size);
   BufferPool::Lease whole = buffers_.acquire(end - start);
-  auto [error] = co_await pool_.pick().async_pread(whole.data(), end - start, start, use_result);
+  std::error_code error = co_await command([&](Connection& connection) {
+    return connection.async_pread(whole.data(), end - start, start, use_result);
+  });
   if (!error) std::memcpy(out, whole.data() + (offset - start), length);
   co_return error;
 }
@@ -51,7 +55,9 @@ asio::awaitable<std::error_code> BlockIo::read(std::byte* out, std::size_t lengt
 asio::awaitable<std::error_code> BlockIo::write_aligned(const std::byte* data, std::size_t length,
                                                         std::uint64_t offset, bool durable) {
   std::uint32_t flags = durable && info_.can_fua ? LIBNBD_CMD_FLAG_FUA : 0;
-  auto [error] = co_await pool_.pick().async_pwrite(data, length, offset, flags, use_result);
+  std::error_code error = co_await command([&](Connection& connection) {
+    return connection.async_pwrite(data, length, offset, flags, use_result);
+  });
   if (!error && durable && !info_.can_fua) error = co_await flush();
   co_return error;
 }
@@ -73,14 +79,17 @@ asio::awaitable<std::error_code> BlockIo::write(const std::byte* data, std::size
   // Read only the partial blocks at either end; the middle is overwritten anyway.
   std::uint64_t head_end = std::min(start + unit, end);
   if (offset != start || offset + length < head_end) {
-    auto [error] = co_await pool_.pick().async_pread(whole.data(), head_end - start, start, use_result);
-    if (error) co_return error;
+    if (auto error = co_await command([&](Connection& connection) {
+          return connection.async_pread(whole.data(), head_end - start, start, use_result);
+        }))
+      co_return error;
   }
   std::uint64_t tail_start = std::max(align_down(offset + length, unit), head_end);
   if (tail_start < end && offset + length != end) {
-    auto [error] =
-        co_await pool_.pick().async_pread(whole.data() + (tail_start - start), end - tail_start, tail_start, use_result);
-    if (error) co_return error;
+    if (auto error = co_await command([&](Connection& connection) {
+          return connection.async_pread(whole.data() + (tail_start - start), end - tail_start, tail_start, use_result);
+        }))
+      co_return error;
   }
   std::memcpy(whole.data() + (offset - start), data, length);
   co_return co_await write_aligned(whole.data(), end - start, start, durable);
@@ -90,13 +99,15 @@ asio::awaitable<std::error_code> BlockIo::zero_aligned(std::uint64_t offset, std
   if (length == 0) co_return std::error_code{};
   if (info_.can_zero) {
     std::uint32_t flags = allow_unmap ? 0 : LIBNBD_CMD_FLAG_NO_HOLE;
-    auto [error] = co_await pool_.pick().async_zero(length, offset, flags, use_result);
-    co_return error;
+    co_return co_await command([&](Connection& connection) {
+      return connection.async_zero(length, offset, flags, use_result);
+    });
   }
   // No WRITE_ZEROES: write zero-filled buffers over the whole range. (TRIM alone
   // does not promise that the range reads back as zeros.)
-  auto [error] = co_await pool_.pick().async_write_zero_fill(length, offset, 0, use_result);
-  co_return error;
+  co_return co_await command([&](Connection& connection) {
+    return connection.async_write_zero_fill(length, offset, 0, use_result);
+  });
 }
 
 asio::awaitable<std::error_code> BlockIo::zero(std::uint64_t offset, std::uint64_t length, bool allow_unmap) {
@@ -121,8 +132,7 @@ asio::awaitable<std::error_code> BlockIo::zero(std::uint64_t offset, std::uint64
 
 asio::awaitable<std::error_code> BlockIo::flush() {
   if (!info_.can_flush) co_return std::error_code{};
-  auto [error] = co_await pool_.pick().async_flush(use_result);
-  co_return error;
+  co_return co_await command([&](Connection& connection) { return connection.async_flush(use_result); });
 }
 
 asio::awaitable<std::error_code> BlockIo::seek(std::uint64_t offset, bool want_data, std::uint64_t& result) {
@@ -135,9 +145,12 @@ asio::awaitable<std::error_code> BlockIo::seek(std::uint64_t offset, bool want_d
   std::vector<nbd_client::Extent> extents;
   for (std::uint64_t position = offset; position < info_.size;) {
     extents.clear();
-    auto [error] = co_await pool_.pick().async_block_status(
-        std::size_t(std::min(info_.size - position, status_span)), position, extents, use_result);
-    if (error) co_return error;
+    if (auto error = co_await command([&](Connection& connection) {
+          extents.clear();  // a retried command starts afresh
+          return connection.async_block_status(std::size_t(std::min(info_.size - position, status_span)), position,
+                                               extents, use_result);
+        }))
+      co_return error;
     if (extents.empty()) {
       // A server that describes nothing: treat the rest as data.
       result = want_data ? position : info_.size;
@@ -161,10 +174,13 @@ asio::awaitable<std::uint64_t> BlockIo::allocated_bytes(unsigned max_commands) {
   std::uint64_t allocated = 0;
   std::uint64_t position = 0;
   std::vector<nbd_client::Extent> extents;
-  for (unsigned command = 0; command < max_commands && position < info_.size; ++command) {
+  for (unsigned asked = 0; asked < max_commands && position < info_.size; ++asked) {
     extents.clear();
-    auto [error] = co_await pool_.pick().async_block_status(
-        std::size_t(std::min(info_.size - position, status_span)), position, extents, use_result);
+    std::error_code error = co_await command([&](Connection& connection) {
+      extents.clear();
+      return connection.async_block_status(std::size_t(std::min(info_.size - position, status_span)), position,
+                                           extents, use_result);
+    });
     if (error || extents.empty()) break;
     for (const auto& extent : extents) {
       std::uint64_t extent_end = std::min(extent.offset + extent.length, info_.size);

@@ -53,6 +53,21 @@ class BlockIo {
   asio::awaitable<std::uint64_t> allocated_bytes(unsigned max_commands);
 
  private:
+  // Issues start(connection) on a usable connection; a command the connection
+  // broke under was never acknowledged, so it is issued again once the pool has
+  // reconnected (or fails with EIO when the pool gives up). start returns the
+  // awaitable of one Connection::async_* call with use_result.
+  template <typename Start>
+  asio::awaitable<std::error_code> command(Start start) {
+    for (;;) {
+      nbd_client::Connection* connection = co_await pool_.usable_connection();
+      if (!connection) co_return std::error_code(EIO, std::generic_category());
+      auto [error] = co_await start(*connection);
+      // Still usable after a "connection" error: the server itself said so; do not spin.
+      if (!nbd_client::is_connection_failure(error) || connection->usable()) co_return error;
+    }
+  }
+
   std::uint64_t block() const { return info_.minimum_block > 1 ? info_.minimum_block : 1; }
   asio::awaitable<std::error_code> write_aligned(const std::byte* data, std::size_t length, std::uint64_t offset,
                                                  bool durable);

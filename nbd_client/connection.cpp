@@ -85,7 +85,7 @@ Connection::Connection(asio::any_io_executor executor)
 
 Connection::~Connection() { close(); }
 
-bool Connection::usable() const { return handle_ && !lost_ && !connecting_; }
+bool Connection::usable() const { return handle_ && established_ && !lost_; }
 
 void Connection::bind_descriptor(int fd) {
   if (fd == bound_fd_) return;
@@ -215,6 +215,9 @@ asio::awaitable<std::error_code> Connection::async_connect(const Target& target,
   if (start_connect(target) == -1) {
     if (error_message_.empty()) error_message_ = last_libnbd_error();
     connecting_ = false;
+    release_descriptor();
+    nbd_close(handle_);
+    handle_ = nullptr;
     co_return std::error_code(ECONNREFUSED, std::generic_category());
   }
   arm();
@@ -236,6 +239,7 @@ asio::awaitable<std::error_code> Connection::async_connect(const Target& target,
     co_return std::error_code(ECONNREFUSED, std::generic_category());
   }
   read_export_info();
+  established_ = true;
   tls_ = nbd_get_tls_negotiated(handle_) == 1;
   if (options.readonly) info_.read_only = true;
   arm();

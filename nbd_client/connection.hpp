@@ -219,6 +219,7 @@ class Connection {
   bool write_armed_ = false;
   bool connecting_ = false;
   bool lost_ = false;
+  bool established_ = false;  // negotiated and ready once; stays true after a loss
   bool tls_ = false;
   asio::steady_timer connect_wakeup_;
   ExportInfo info_;

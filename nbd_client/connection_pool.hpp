@@ -1,12 +1,18 @@
-// The connections to one export: one, or N when the server allows multi-conn.
-// Owns a [ CMD ] server subprocess too, so every connection reaches the same
-// server. Loop thread only; requests go to the least-loaded usable connection.
+// The connections to one export: one, or N when the server allows multi-conn,
+// and their reconnection. Owns a [ CMD ] server subprocess too, so every
+// connection reaches the same server. Loop thread only. Requests go to the
+// least-loaded usable connection; while none is usable they wait for a
+// reconnect, bounded by the retry timeout.
 #pragma once
 
 #include "nbd_client/connection.hpp"
 #include "nbd_client/server_process.hpp"
 
+#include <asio/steady_timer.hpp>
+
+#include <chrono>
 #include <functional>
+#include <list>
 #include <memory>
 #include <string>
 #include <vector>
@@ -17,7 +23,13 @@ struct PoolOptions {
   ConnectOptions connect;
   unsigned connections = 4;  // wanted when the server advertises multi-conn
   bool pass_server_stderr = false;
+  // How long requests wait for a lost server to come back; zero: fail at once.
+  std::chrono::milliseconds retry_timeout = std::chrono::seconds(60);
 };
+
+// Errors that mean "the connection broke under the command", not "the server
+// refused it": such a command was never acknowledged and may be issued again.
+bool is_connection_failure(std::error_code error);
 
 class ConnectionPool {
  public:
@@ -27,28 +39,61 @@ class ConnectionPool {
   // On failure: an error and a one-line reason in error_message().
   asio::awaitable<std::error_code> async_connect(const Target& target, PoolOptions options);
 
-  const ExportInfo& info() const { return connections_.front()->info(); }
+  const ExportInfo& info() const { return info_; }
   const std::string& error_message() const { return error_message_; }
   std::size_t size() const { return connections_.size(); }
   // A note on why fewer connections were opened than asked for (empty if none).
   const std::string& note() const { return note_; }
+  std::uint64_t disconnects() const { return disconnects_; }
+  std::uint64_t reconnects() const { return reconnects_; }
 
   // The usable connection with the fewest commands in flight (the first if none
   // is usable: its commands then fail at once with ENOTCONN).
   Connection& pick();
 
-  // Called once per connection lost, with its index and the reason.
-  std::function<void(std::size_t index, const std::string& reason)> on_lost;
+  // A usable connection, waiting through a reconnect if need be; nullptr once
+  // the server has not come back within the retry timeout (after that, each
+  // call makes one reconnect attempt of its own).
+  asio::awaitable<Connection*> usable_connection();
+
+  // One line per event, for stderr: losses, reconnects, giving up.
+  std::function<void(const std::string& line)> on_event;
 
   void cancel_connect();
   void close();
 
  private:
+  bool any_usable() const;
+  bool reconnectable() const;
+  void lost(std::size_t index, const std::string& reason);
+  asio::awaitable<void> reconnect(std::size_t index);
+  asio::awaitable<std::error_code> connect_slot(std::size_t index);
+  void wake_waiters();
+  asio::awaitable<void> wait_for_change(std::chrono::steady_clock::time_point deadline);
+  void say(const std::string& line) {
+    if (on_event) on_event(line);
+  }
+
   asio::any_io_executor executor_;
+  Target target_;
+  bool target_was_command_ = false;
+  PoolOptions options_;
+  ExportInfo info_;
   std::vector<std::unique_ptr<Connection>> connections_;
+  // Replaced connections stay alive until close(): callbacks may still name them.
+  std::vector<std::unique_ptr<Connection>> retired_;
+  std::vector<bool> reconnecting_;
   ServerProcess server_;
   std::string error_message_;
   std::string note_;
+  std::list<asio::steady_timer*> waiters_;
+  std::chrono::steady_clock::time_point outage_started_{};
+  bool in_outage_ = false;
+  bool gave_up_ = false;
+  bool export_changed_ = false;
+  bool closed_ = false;
+  std::uint64_t disconnects_ = 0;
+  std::uint64_t reconnects_ = 0;
 };
 
 }  // namespace nbd_client

@@ -37,7 +37,9 @@ void setup(CLI::App& app, Options& options) {
   app.add_flag("-r,--readonly", options.readonly, "read-only mount (also chosen when the server says so)");
   app.add_option("-P,--pidfile", options.pidfile, "write the pid to FILE once the mount is live");
   app.add_flag("--daemon", options.daemon, "go to the background once the mount is live");
-  app.add_option("-o", options.mount_options, "FUSE mount option(s), e.g. allow_other")->type_name("OPT");
+  app.add_option("-o", options.mount_options, "FUSE mount option(s), e.g. allow_other")
+      ->type_name("OPT")
+      ->allow_extra_args(false);  // one word per -o, so the positionals after it stay positionals
   app.add_flag("-v,--verbose", options.verbose, "trace each request, with its id, on stderr");
   app.add_option("--cache", options.cache,
                  "none: direct I/O, every request goes to the server (default); "
@@ -49,6 +51,13 @@ void setup(CLI::App& app, Options& options) {
   app.add_flag("--list", options.list, "print the server's exports with their sizes, then exit (no MOUNTPOINT)");
   app.add_option("--connect-timeout", options.connect_timeout_seconds, "seconds to wait for the server")
       ->check(CLI::PositiveNumber);
+  app.add_option("--retry-timeout", options.retry_timeout_seconds,
+                 "seconds to keep reconnecting to a lost server while requests wait (default 60; 0: fail at once)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--request-timeout", options.request_timeout_seconds,
+                 "fail a request with EIO after this many seconds (default 0: no limit)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_flag("--force", options.force, "clear a stale mount (Transport endpoint is not connected) at MOUNTPOINT");
   app.add_option("--shutdown-timeout", options.shutdown_timeout_seconds,
                  "seconds that requests in flight may take at unmount before they fail with EIO")
       ->check(CLI::NonNegativeNumber);

@@ -29,6 +29,9 @@ struct Options {
   double shutdown_timeout_seconds = 10;
   unsigned connections = 4;                  // -C: used when the server allows multi-conn
   bool list = false;                         // --list TARGET: print exports and exit
+  double retry_timeout_seconds = 60;         // 0: no reconnect, fail at once
+  double request_timeout_seconds = 0;        // 0: unbounded
+  bool force = false;                        // clear a stale mount at MOUNTPOINT first
 };
 
 // Removes a `[ CMD ARGS... ]` group from args into command. Returns a one-line

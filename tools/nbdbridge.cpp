@@ -120,6 +120,7 @@ class Bridge {
     pool_options.connect.timeout = to_duration(options_.connect_timeout_seconds);
     pool_options.connections = options_.connections;
     pool_options.pass_server_stderr = options_.verbose;
+    pool_options.retry_timeout = to_duration(options_.retry_timeout_seconds);
     std::error_code error = co_await pool_.async_connect(target_, pool_options);
     if (stop_requested_) {
       say("interrupted before the mount was made");
@@ -144,12 +145,12 @@ class Bridge {
     if (!info.can_flush && !info.read_only)
       say("note: the server does not support flush: it keeps no volatile write cache, so a write is durable "
           "once acknowledged and fsync succeeds without sending anything");
-    pool_.on_lost = [this](std::size_t index, const std::string& reason) {
-      say("lost connection " + std::to_string(index + 1) + " of " + std::to_string(pool_.size()) + " (" + reason +
-          "); requests on it fail with EIO");
-    };
+    pool_.on_event = [](const std::string& line) { say(line); };
 
-    std::vector<std::string> mount_options{"fsname=nbdbridge", "subtype=nbdbridge", "default_permissions"};
+    // auto_unmount: fusermount3 stays behind and removes the mount if we die,
+    // even by SIGKILL, so a crash never leaves a dead mount.
+    std::vector<std::string> mount_options{"fsname=nbdbridge", "subtype=nbdbridge", "default_permissions",
+                                           "auto_unmount"};
     if (info.read_only) mount_options.push_back("ro");
     for (const auto& option : tools::split_mount_options(options_.mount_options)) mount_options.push_back(option);
     std::string problem;

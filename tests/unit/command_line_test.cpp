@@ -84,6 +84,24 @@ TEST_CASE("bad command lines get one reason") {
   CHECK_FALSE(parse({"mnt", "nbd://h/", "--cache", "weird"}, bad_cache, target).empty());
 }
 
+TEST_CASE("-o takes one word, leaving MOUNTPOINT and TARGET positional") {
+  tools::Options options;
+  nbd_client::Target target;
+  CHECK(parse({"-o", "allow_other", "-o", "ro,noatime", "mnt", "nbd://h/"}, options, target) == "");
+  CHECK(options.mountpoint == "mnt");
+  CHECK(target.uri == "nbd://h/");
+  CHECK(tools::split_mount_options(options.mount_options) == std::vector<std::string>{"allow_other", "ro", "noatime"});
+}
+
+TEST_CASE("--list takes a TARGET and no MOUNTPOINT") {
+  tools::Options options;
+  nbd_client::Target target;
+  CHECK(parse({"--list", "nbd://h/"}, options, target) == "");
+  CHECK(target.uri == "nbd://h/");
+  tools::Options both;
+  CHECK(parse({"--list", "mnt", "nbd://h/"}, both, target).find("no MOUNTPOINT") != std::string::npos);
+}
+
 TEST_CASE("mount options split at commas; allow_other needs fuse.conf for non-root") {
   auto split = tools::split_mount_options({"allow_other,ro", "noatime"});
   CHECK(split == std::vector<std::string>{"allow_other", "ro", "noatime"});

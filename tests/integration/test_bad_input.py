@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Bad input: one line on stderr, non-zero exit, nothing left mounted.
+
+Each case runs nbdbridge to completion with a deadline and then checks
+/proc/self/mountinfo and the process tree.
+"""
+import os
+import socket
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+
+
+def _expect_failure(args, mountdir, one_line=True, what="", must_mention=None):
+    before = {m["mountpoint"] for m in h.fuse_mounts()}
+    rc, err = h.nbdbridge_run(args, timeout=h.DEADLINE)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    h.check(rc != "timeout", "%s: nbdbridge did not exit within %ss: %r" % (what, h.DEADLINE, args))
+    h.check(rc != 0, "%s: exit status 0 for bad input %r (stderr %r)" % (what, args, err))
+    h.check(rc > 0, "%s: nbdbridge died from signal %d (stderr %r)" % (what, -rc, err))
+    if one_line:
+        h.check_eq(len(lines), 1, "%s: number of stderr lines (stderr %r)" % (what, err))
+    else:
+        h.check(len(lines) >= 1, "%s: no error message on stderr" % what)
+    if must_mention:
+        h.check(any(w.lower() in err.lower() for w in must_mention),
+                "%s: stderr %r mentions none of %r" % (what, err, must_mention))
+    if mountdir:
+        h.check(not h.is_mounted(mountdir), "%s: %s left mounted" % (what, mountdir))
+    after = {m["mountpoint"] for m in h.fuse_mounts()}
+    h.check_eq(after - before, set(), "%s: new FUSE mounts left behind" % what)
+    return rc, err
+
+
+def test_unparsable_uris():
+    mp = h.tmpdir("mp")
+    for uri in ["not a uri", "nbd+unix:///", "nbd://127.0.0.1:notaport/",
+                "http://127.0.0.1/", "nbd+unix:///?socket=", "nbd://[::1/"]:
+        _expect_failure([mp, uri], mp, what="URI %r" % uri)
+
+
+def test_unreachable_servers():
+    mp = h.tmpdir("mp")
+    d = h.tmpdir("sock")
+    missing = os.path.join(d, "missing.sock")
+    # a socket file with nobody listening (bound, never listen()ed, closed)
+    dead = os.path.join(d, "dead.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(dead)
+    s.close()
+    port = h.free_tcp_port()
+    for args in ([mp, "nbd+unix:///?socket=" + missing],
+                 [mp, "nbd+unix:///?socket=" + dead],
+                 [mp, "--unix", missing],
+                 [mp, "nbd://127.0.0.1:%d/" % port],
+                 [mp, "--tcp", "127.0.0.1", str(port)]):
+        _expect_failure(args, mp, what="unreachable %r" % args[1:])
+
+
+def test_unknown_export_name():
+    mp = h.tmpdir("mp")
+    with h.Nbdkit(["memory", "1M", "exportname-strict=true", "exportname=good"],
+                  opts=["--filter=exportname"]) as srv:
+        _expect_failure([mp, srv.uri_export("bad")], mp, what="unknown export",
+                        must_mention=["bad", "export"])
+        # the good name works (so the failure above is really about the name)
+        with h.Mount(mp, [srv.uri_export("good")]) as m:
+            h.check_eq(os.stat(m.export).st_size, 1 << 20, "size of export 'good'")
+
+
+def test_missing_mountpoint():
+    base = h.tmpdir("mp")
+    with h.Nbdkit(["memory", "1M"]) as srv:
+        for mp in [os.path.join(base, "no", "such", "dir"),
+                   os.path.join(base, "nodir", "name")]:
+            _expect_failure([mp, srv.uri], None, what="missing mountpoint %s" % mp)
+            h.check(not os.path.exists(os.path.dirname(mp)), "missing parent was created")
+        h.check_eq(os.listdir(base), [], "mountpoint base dir content")
+
+
+def test_mountpoint_already_fuse_mounted():
+    mp = h.tmpdir("mp")
+    with h.Nbdkit(["pattern", "1M"]) as srv, h.Mount(mp, [srv.uri]) as m:
+        _expect_failure([mp, srv.uri], None, what="second mount on same dir")
+        # exactly one FUSE mount on mp, and the first mount still works
+        n = sum(1 for e in h.fuse_mounts() if e["mountpoint"] == m.mountdir)
+        h.check_eq(n, 1, "number of FUSE mounts on %s" % mp)
+        with open(m.export, "rb") as f:
+            h.check_bytes(f.read(4096), h.pattern_bytes(0, 4096), "first mount after 2nd attempt")
+        # also in DIR/NAME form and file form on top of the existing mount
+        _expect_failure([os.path.join(mp, "other"), srv.uri], None,
+                        what="DIR/NAME on already-mounted dir")
+        n = sum(1 for e in h.fuse_mounts() if e["mountpoint"].startswith(m.mountdir))
+        h.check_eq(n, 1, "FUSE mounts at/below %s" % mp)
+
+
+def test_tls_required_but_not_configured():
+    mp = h.tmpdir("mp")
+    d = h.tmpdir("psk")
+    psk = os.path.join(d, "keys.psk")
+    with open(psk, "w") as f:
+        f.write("user:%s\n" % os.urandom(16).hex())
+    os.chmod(psk, 0o600)
+    with h.Nbdkit(["memory", "1M"], opts=["--tls=require", "--tls-psk=" + psk]) as srv:
+        _expect_failure([mp, srv.uri], mp, what="TLS required", must_mention=["tls"])
+
+
+def test_subprocess_server_fails_to_start():
+    mp = h.tmpdir("mp")
+    for args in ([mp, "[", "nbdkit", "no-such-plugin", "]"],
+                 [mp, "[", "/nonexistent/cmd", "]"],
+                 [mp, "[", "nbdkit", "memory", "]"],      # missing required size
+                 [mp, "[", "false", "]"]):
+        # the server's own messages may add lines, so don't insist on one
+        _expect_failure(args, mp, one_line=False, what="server %r" % args[1:])
+        # no stray server process left behind
+        h.check_eq(_stray_servers(), [], "server processes left after %r" % args[1:])
+
+
+def _stray_servers():
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and h.pid_alive(int(pid)):
+            cl = h.proc_cmdline(int(pid))
+            if cl and ("no-such-plugin" in cl or "/nonexistent/cmd" in cl
+                       or cl[-2:] == ["nbdkit", "memory"]
+                       or (os.path.basename(cl[0]) == "nbdkit" and cl[-1] == "memory")):
+                out.append((int(pid), cl))
+    return out
+
+
+def test_usage_errors():
+    mp = h.tmpdir("mp")
+    with h.Nbdkit(["memory", "1M"]) as srv:
+        for args in ([],                                   # nothing
+                     [mp],                                 # no target
+                     ["--no-such-option", mp, srv.uri],
+                     ["--cache=bogus", mp, srv.uri],
+                     [mp, "[", "nbdkit", "memory", "1M"],  # unterminated [
+                     [mp, "[", "]"],                       # empty command
+                     [mp, "--tcp", "127.0.0.1"],           # missing port
+                     [mp, "--fd", "notanumber"],
+                     [mp, "--fd", "97"],                   # fd not open
+                     [mp, srv.uri, "extra-arg"]):
+            _expect_failure(args, mp, one_line=False, what="usage %r" % args)
+
+
+if __name__ == "__main__":
+    h.main(globals())

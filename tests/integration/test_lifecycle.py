@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""Lifecycle: SIGINT / SIGTERM / fusermount3 -u, --pidfile and --daemon."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+
+SIZE = 4 * 1024 * 1024
+
+
+def _server_kids(pid):
+    return [p for p in h.descendants(pid) if "nbdkit" in " ".join(h.proc_cmdline(p))]
+
+
+def _stop_and_check(how, target_kind):
+    mp = h.tmpdir("mp")
+    srv = None
+    if target_kind == "subprocess":
+        target = ["[", "nbdkit", "memory", str(SIZE), "]"]
+    else:
+        srv = h.Nbdkit(["memory", str(SIZE)]).start()
+        target = [srv.uri]
+    try:
+        with h.Mount(mp, target) as m:
+            with open(m.export, "r+b", buffering=0) as f:
+                f.write(b"data")
+                f.seek(0)
+                h.check_eq(f.read(4), b"data", "readback")
+            kids = _server_kids(m.pid)
+            if target_kind == "subprocess":
+                h.check(kids, "no subprocess server found")
+            t0 = time.monotonic()
+            if how == "fusermount":
+                r = m.unmount()
+                h.check_eq(r.returncode, 0, "fusermount3 -u rc (%s)" % r.stderr)
+            else:
+                m.signal(how)
+            rc = m.wait_exit(timeout=h.DEADLINE)
+            dt = time.monotonic() - t0
+            h.check_eq(rc, 0, "exit status after %s (stderr: %s)" % (how, m.stderr()[-2000:]))
+            h.check(not m.mounted(), "mount still present after %s" % how)
+            h.check(dt < 10, "took %.1fs to stop after %s" % (dt, how))
+            for p in kids:
+                h.wait_until(lambda: not h.pid_alive(p), timeout=10,
+                             what="subprocess server %d to be gone" % p)
+            h.check_eq(os.listdir(mp), [], "mountpoint content after stop")
+        if srv is not None:
+            h.check(srv.proc.poll() is None, "external server died because of the bridge stop")
+    finally:
+        if srv is not None:
+            srv.stop()
+
+
+def test_sigint_external_server():
+    _stop_and_check(signal.SIGINT, "external")
+
+
+def test_sigterm_external_server():
+    _stop_and_check(signal.SIGTERM, "external")
+
+
+def test_fusermount_external_server():
+    _stop_and_check("fusermount", "external")
+
+
+def test_sigint_subprocess_server():
+    _stop_and_check(signal.SIGINT, "subprocess")
+
+
+def test_sigterm_subprocess_server():
+    _stop_and_check(signal.SIGTERM, "subprocess")
+
+
+def test_fusermount_subprocess_server():
+    _stop_and_check("fusermount", "subprocess")
+
+
+def test_signal_while_file_open():
+    # SIGTERM while an application holds the file open: the process still
+    # ends with status 0 and the mount is gone (lazily detached if needed).
+    with h.Nbdkit(["memory", str(SIZE)]) as srv:
+        m = h.Mount(h.tmpdir("mp"), [srv.uri])
+        with m:
+            fd = os.open(m.export, os.O_RDONLY)
+            try:
+                os.pread(fd, 10, 0)
+                m.signal(signal.SIGTERM)
+                rc = m.wait_exit(timeout=h.DEADLINE)
+                h.check_eq(rc, 0, "exit status after SIGTERM with open file (%s)" % m.stderr())
+                h.check(not m.mounted(), "mount still present after SIGTERM")
+            finally:
+                try:
+                    os.close(fd)       # ENOTCONN is fine: the fs is gone
+                except OSError:
+                    pass
+
+
+def test_pidfile_written_only_when_live():
+    d = h.tmpdir("pid")
+    pidfile = os.path.join(d, "nbdbridge.pid")
+    mp = h.tmpdir("mp")
+    # Poll every millisecond: the pidfile must never be seen before the
+    # mount is visible in /proc/self/mountinfo.
+    with h.Nbdkit(["memory", str(SIZE)]) as srv:
+        m = h.Mount(mp, [srv.uri], opts=["-P", pidfile], wait_pidfile=pidfile)
+        m.start()
+        try:
+            seen_early = []
+
+            def pidfile_ok():
+                if m.proc.poll() is not None:
+                    return True
+                if os.path.exists(pidfile):
+                    # pidfile visible => mount must already be live
+                    if not m.mounted():
+                        seen_early.append(True)
+                    return True
+                return False
+            h.wait_until(pidfile_ok, interval=0.001, what="pidfile %s" % pidfile)
+            h.check(m.proc.poll() is None, "nbdbridge exited: %s" % m.stderr())
+            h.check(not seen_early, "pidfile appeared before the mount was live")
+            # pidfile content: the pid of the process serving the mount
+            h.wait_until(lambda: open(pidfile).read().strip(), timeout=5, what="pidfile content")
+            h.check_eq(open(pidfile).read().strip(), str(m.pid), "pidfile content")
+        except BaseException:
+            m.cleanup()
+            raise
+        m.wait_mounted()
+        with m:
+            with open(m.export, "rb") as f:
+                h.check_eq(f.read(16), bytes(16), "read through mount")
+
+
+def test_pidfile_long_option_subprocess_server():
+    d = h.tmpdir("pid")
+    pidfile = os.path.join(d, "p")
+    with h.Mount(h.tmpdir("mp"), ["[", "nbdkit", "pattern", "1M", "]"],
+                 opts=["--pidfile", pidfile]) as m:
+        h.wait_until(lambda: os.path.exists(pidfile), timeout=5, what="pidfile")
+        h.check_eq(open(pidfile).read().strip(), str(m.pid), "pidfile content")
+        with open(m.export, "rb") as f:
+            h.check_bytes(f.read(), h.pattern_bytes(0, 1 << 20), "pattern content")
+
+
+def _daemon_case(target, srv=None):
+    d = h.tmpdir("daemon")
+    pidfile = os.path.join(d, "pid")
+    mp = h.tmpdir("mp")
+    mountdir = mp
+    outp, errp = os.path.join(d, "out"), os.path.join(d, "err")
+    # output goes to files: the daemon may keep them open after the parent exits
+    with open(outp, "wb") as out, open(errp, "wb") as err:
+        try:
+            r = subprocess.run([h.NBDBRIDGE, "--daemon", "-P", pidfile, mp] + target,
+                               stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                               timeout=h.DEADLINE)
+        except subprocess.TimeoutExpired:
+            h.force_unmount(mountdir)
+            raise h.TestFailure("nbdbridge --daemon did not return within %ss" % h.DEADLINE)
+    # right when the parent has returned, the mount must be live
+    live = h.is_mounted(mountdir)
+    daemon_pid = None
+    try:
+        h.check_eq(r.returncode, 0, "--daemon parent exit status (stderr %s)" % open(errp).read())
+        h.check(live, "--daemon returned before the mount was live")
+        h.check(os.path.exists(pidfile), "pidfile missing right after --daemon returned")
+        daemon_pid = int(open(pidfile).read().strip())
+        h.check(h.pid_alive(daemon_pid), "daemon pid %d not alive" % daemon_pid)
+        h.check_eq(os.path.basename(h.proc_cmdline(daemon_pid)[0]), "nbdbridge",
+                   "command of the pidfile's process")
+        with open(os.path.join(mp, "nbd"), "r+b", buffering=0) as f:
+            f.write(b"daemonized")
+            f.seek(0)
+            h.check_eq(f.read(10), b"daemonized", "I/O through daemon mount")
+        kids = _server_kids(daemon_pid)
+        r2 = h.run(["fusermount3", "-u", mountdir])
+        h.check_eq(r2.returncode, 0, "fusermount3 -u of daemon mount (%s)" % r2.stderr)
+        h.wait_until(lambda: not h.pid_alive(daemon_pid), what="daemon process to exit")
+        for p in kids:
+            h.wait_until(lambda: not h.pid_alive(p), timeout=10, what="server %d to exit" % p)
+        h.check(not h.is_mounted(mountdir), "mount still present")
+        return kids
+    finally:
+        if h.is_mounted(mountdir):
+            h.force_unmount(mountdir)
+        if daemon_pid and h.pid_alive(daemon_pid) and \
+                os.path.basename(h.proc_cmdline(daemon_pid)[0]) == "nbdbridge":
+            os.kill(daemon_pid, signal.SIGKILL)
+
+
+def test_daemon_external_server():
+    with h.Nbdkit(["memory", str(SIZE)]) as srv:
+        _daemon_case([srv.uri], srv)
+        h.check(srv.proc.poll() is None, "server died")
+
+
+def test_daemon_subprocess_server():
+    kids = _daemon_case(["[", "nbdkit", "memory", str(SIZE), "]"])
+    h.check(kids, "no subprocess server found under the daemon")
+
+
+def test_daemon_failure_reported_by_parent():
+    # If mounting fails, the --daemon parent must exit non-zero.
+    d = h.tmpdir("sock")
+    rc, err = h.nbdbridge_run(["--daemon", h.tmpdir("mp"),
+                               "nbd+unix:///?socket=" + os.path.join(d, "none.sock")])
+    h.check(rc != 0 and rc != "timeout", "--daemon with unreachable server: rc %r" % rc)
+    h.check(err.strip(), "--daemon failure printed nothing on stderr")
+
+
+def test_repeated_mount_unmount():
+    # The same server and mountpoint can be mounted again and again.
+    mp = h.tmpdir("mp")
+    with h.Nbdkit(["memory", str(SIZE)]) as srv:
+        for i in range(5):
+            with h.Mount(mp, [srv.uri]) as m:
+                with open(m.export, "r+b", buffering=0) as f:
+                    prev = f.read(1)
+                    h.check_eq(prev, bytes([i]) if i else b"\0", "value from previous round")
+                    f.seek(0)
+                    f.write(bytes([i + 1]))
+
+
+if __name__ == "__main__":
+    h.main(globals())

@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""The NBD server dies (kill -9) or closes the connection while mounted.
+
+Expected: pending and new requests fail with EIO promptly (no hang), the
+bridge says so on stderr, the mount can still be removed with
+`fusermount3 -u`, and nbdbridge then exits 0.
+
+All I/O on the mount runs in child processes with deadlines, so a hang is
+reported as a failure instead of blocking the suite.
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+
+# These tests check the behaviour without reconnection (every request fails
+# with EIO at once); test_reconnect.py covers the default, which waits.
+NO_RECONNECT = ["--retry-timeout", "0"]
+
+SIZE = 64 * 1024 * 1024
+PROMPT = 10          # seconds within which failing requests must return
+STDERR_RE = re.compile(r"clos|disconnect|eof|lost|reset|dead|died|server|connection|hang",
+                       re.IGNORECASE)
+
+# Child: N threads doing pwrite+pread until the first error; prints
+# "progress" after the first successful round and "T<i> <ERRNO>" per thread.
+WORKER = r"""
+import os, sys, threading, random
+path = sys.argv[1]
+n = 4
+out = []
+lock = threading.Lock()
+started = threading.Barrier(n + 1)
+def w(i):
+    fd = os.open(path, os.O_RDWR)
+    rnd = random.Random(i)
+    first = True
+    try:
+        while True:
+            off = rnd.randrange(0, %(size)d - 65536)
+            os.pwrite(fd, os.urandom(65536), off)
+            os.pread(fd, 65536, off)
+            if first:
+                first = False
+                started.wait()
+    except OSError as e:
+        with lock:
+            out.append("T%%d %%s" %% (i, __import__("errno").errorcode.get(e.errno, e.errno)))
+        if first:
+            started.abort()
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+ts = [threading.Thread(target=w, args=(i,)) for i in range(n)]
+for t in ts: t.start()
+try:
+    started.wait()
+    print("progress", flush=True)
+except threading.BrokenBarrierError:
+    print("noprogress", flush=True)
+for t in ts: t.join()
+print("\n".join(out), flush=True)
+""" % {"size": SIZE}
+
+NEW_REQUEST = r"""
+import os, sys, errno
+path = sys.argv[1]
+res = []
+try:
+    fd = os.open(path, os.O_RDWR)
+except OSError as e:
+    print("open", errno.errorcode.get(e.errno, e.errno)); sys.exit(0)
+for name, fn in (("pread", lambda: os.pread(fd, 4096, 8192)),
+                 ("pwrite", lambda: os.pwrite(fd, b"x" * 4096, 8192)),
+                 ("fsync", lambda: os.fsync(fd))):
+    try:
+        fn(); res.append(name + " OK")
+    except OSError as e:
+        res.append(name + " " + errno.errorcode.get(e.errno, str(e.errno)))
+print(";".join(res))
+"""
+
+
+def _check_new_requests_fail(m):
+    t0 = time.monotonic()
+    r = h.run_python(NEW_REQUEST, timeout=PROMPT + 10, args=[m.export])
+    dt = time.monotonic() - t0
+    h.check(dt < PROMPT, "new requests took %.1fs to fail" % dt)
+    out = r.stdout.strip()
+    if out.startswith("open"):
+        h.check_eq(out, "open EIO", "open after server death")
+    else:
+        h.check_eq(out, "pread EIO;pwrite EIO;fsync EIO", "new requests after server death")
+
+
+def _finish(m):
+    # The bridge must report the lost connection on stderr.
+    h.wait_until(lambda: STDERR_RE.search(m.stderr()), timeout=PROMPT,
+                 what="a message about the lost connection on nbdbridge stderr")
+    h.check(m.mounted(), "mount vanished by itself (expected it to stay until unmounted)")
+    r = m.unmount()
+    h.check_eq(r.returncode, 0, "fusermount3 -u after server death (%s)" % r.stderr.strip())
+    rc = m.wait_exit(timeout=h.DEADLINE)
+    h.check_eq(rc, 0, "nbdbridge exit status after unmount (stderr: %s)" % m.stderr()[-2000:])
+    h.check(not m.mounted(), "mount still present")
+
+
+def test_kill9_server_mid_io():
+    with h.Nbdkit(["memory", str(SIZE)]) as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri], opts=NO_RECONNECT) as m:
+        child = h.popen([sys.executable, "-c", WORKER, m.export],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # wait (with deadline) for the workers to make progress
+        line = _readline_with_deadline(child, h.DEADLINE)
+        h.check_eq(line.strip(), "progress", "I/O workers did not get going")
+        srv.kill(signal.SIGKILL)
+        srv.proc.wait(timeout=10)
+        t0 = time.monotonic()
+        try:
+            out, err = child.communicate(timeout=PROMPT + 10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate(timeout=10)
+            raise h.TestFailure("I/O workers hung after the server was killed")
+        dt = time.monotonic() - t0
+        h.check(dt < PROMPT, "pending requests took %.1fs to fail" % dt)
+        res = sorted(ln for ln in out.split("\n") if ln.startswith("T"))
+        h.check_eq(res, ["T%d EIO" % i for i in range(4)], "per-thread errors (stderr %s)" % err)
+        _check_new_requests_fail(m)
+        _finish(m)
+
+
+def test_pending_request_fails_when_server_killed():
+    # A read is parked in the server by the delay filter; the server is
+    # killed while it is pending; the read must fail with EIO promptly.
+    d = h.tmpdir("log")
+    logfile = os.path.join(d, "log")
+    with h.Nbdkit(["memory", str(SIZE), "logfile=" + logfile, "delay-read=60"],
+                  opts=["--filter=log", "--filter=delay"]) as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri], opts=NO_RECONNECT) as m:
+        code = ("import os,sys,errno\nfd=os.open(sys.argv[1],os.O_RDONLY)\n"
+                "try:\n os.pread(fd,4096,1<<20); print('OK')\n"
+                "except OSError as e: print(errno.errorcode.get(e.errno,e.errno))\n")
+        child = h.popen([sys.executable, "-c", code, m.export],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        def read_pending():
+            try:
+                with open(logfile) as f:
+                    # request lines: "connection=N Read id=K offset=0x100000 ... ..."
+                    # (completion lines are "...Read id=K return=..." without offset)
+                    return any(" Read id=" in ln and "offset=0x100000" in ln for ln in f)
+            except OSError:
+                return False
+        h.wait_until(read_pending, what="the read to reach the server")
+        h.check(child.poll() is None, "read finished before the server was killed")
+        srv.kill(signal.SIGKILL)
+        t0 = time.monotonic()
+        try:
+            out, err = child.communicate(timeout=PROMPT + 10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate(timeout=10)
+            raise h.TestFailure("pending read hung after the server was killed")
+        dt = time.monotonic() - t0
+        h.check(dt < PROMPT, "pending read took %.1fs to fail" % dt)
+        h.check_eq(out.strip(), "EIO", "pending read result (stderr %s)" % err.strip())
+        _check_new_requests_fail(m)
+        _finish(m)
+
+
+def test_server_closes_connection_idle():
+    # "The server" closes the connection in an orderly way (FIN) while
+    # nothing is in flight (a proxy in front of nbdkit does the closing).
+    with h.Nbdkit(["memory", str(SIZE)]) as srv, h.Proxy(srv.sock) as px, \
+            h.Mount(h.tmpdir("mp"), [px.uri], opts=NO_RECONNECT) as m:
+        fd = os.open(m.export, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"hello", 0)
+            h.check_eq(os.pread(fd, 5, 0), b"hello", "before the connection closes")
+        finally:
+            os.close(fd)
+        h.check(px.nconn >= 1, "no connection went through the proxy")
+        px.close_all()
+        _check_new_requests_fail(m)
+        _finish(m)
+
+
+def test_server_sigterm_idle():
+    # nbdkit asked to quit while a client is connected and idle; it may
+    # take its time, but once it is gone requests fail with EIO.
+    with h.Nbdkit(["memory", str(SIZE)]) as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri], opts=NO_RECONNECT) as m:
+        with open(m.export, "rb") as f:
+            f.read(10)
+        srv.kill(signal.SIGTERM)
+        try:
+            srv.proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            srv.kill(signal.SIGKILL)
+            srv.proc.wait(timeout=10)
+        _check_new_requests_fail(m)
+        _finish(m)
+
+
+def test_subprocess_server_killed():
+    # `[ nbdkit ... ]` form: kill -9 the server child of nbdbridge.
+    with h.Mount(h.tmpdir("mp"), ["[", "nbdkit", "memory", str(SIZE), "]"]) as m:
+        fd = os.open(m.export, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"x" * 4096, 0)
+        finally:
+            os.close(fd)
+        kids = [p for p in h.descendants(m.pid) if "nbdkit" in " ".join(h.proc_cmdline(p))]
+        h.check(kids, "no nbdkit child of nbdbridge found")
+        for p in kids:
+            os.kill(p, signal.SIGKILL)
+        _check_new_requests_fail(m)
+        _finish(m)
+
+
+def _readline_with_deadline(p, timeout):
+    import selectors
+    sel = selectors.DefaultSelector()
+    sel.register(p.stdout, selectors.EVENT_READ)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if sel.select(timeout=0.1):
+            return p.stdout.readline()
+        if p.poll() is not None:
+            return p.stdout.readline()
+    p.kill()
+    p.communicate(timeout=10)
+    raise h.TestFailure("no output from I/O workers within %ss" % timeout)
+
+
+if __name__ == "__main__":
+    h.main(globals())

@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Every TARGET form: URIs, [ CMD ARGS... ], --unix, --tcp, --fd."""
+import os
+import socket
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+
+SIZE = 2 * 1024 * 1024 + 8 * 3 + 5
+
+
+def _check_pattern(m, size=SIZE):
+    st = os.stat(m.export)
+    h.check_eq(st.st_size, size, "export size")
+    with open(m.export, "rb") as f:
+        h.check_bytes(f.read(), h.pattern_bytes(0, size), "pattern content")
+
+
+def _check_rw(m, size):
+    fd = os.open(m.export, os.O_RDWR)
+    try:
+        data = os.urandom(65536 + 3)
+        h.pwrite_full(fd, data, 12345)
+        os.fsync(fd)
+        h.check_bytes(h.pread_full(fd, len(data), 12345), data, "readback")
+        h.check_eq(os.fstat(fd).st_size, size, "export size")
+    finally:
+        os.close(fd)
+
+
+def test_uri_unix():
+    with h.Nbdkit(["pattern", str(SIZE)]) as srv, h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
+        _check_pattern(m)
+
+
+def test_uri_tcp():
+    with h.Nbdkit(["pattern", str(SIZE)], tcp=True) as srv, \
+            h.Mount(h.tmpdir("mp"), ["nbd://127.0.0.1:%d/" % srv.port]) as m:
+        _check_pattern(m)
+
+
+def test_uri_with_export_name():
+    # The export name in the URI is honoured (the filter rejects others).
+    with h.Nbdkit(["pattern", str(SIZE), "exportname-strict=true", "exportname=good"],
+                  opts=["--filter=exportname"]) as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri_export("good")]) as m:
+        _check_pattern(m)
+    with h.Nbdkit(["pattern", str(SIZE), "exportname-strict=true", "exportname=good"],
+                  opts=["--filter=exportname"], tcp=True) as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri_export("good")]) as m:
+        _check_pattern(m)
+
+
+def test_unix_option():
+    with h.Nbdkit(["memory", str(SIZE)]) as srv, \
+            h.Mount(h.tmpdir("mp"), ["--unix", srv.sock]) as m:
+        _check_rw(m, SIZE)
+
+
+def test_tcp_option():
+    with h.Nbdkit(["memory", str(SIZE)], tcp=True) as srv, \
+            h.Mount(h.tmpdir("mp"), ["--tcp", "127.0.0.1", str(srv.port)]) as m:
+        _check_rw(m, SIZE)
+
+
+def test_fd_unix_socket():
+    with h.Nbdkit(["memory", str(SIZE)]) as srv:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(srv.sock)
+        fd = s.fileno()
+        # our copy is closed right after the spawn: the bridge owns the socket
+        with h.Mount(h.tmpdir("mp"), ["--fd", str(fd)], pass_fds=(fd,),
+                     after_start=s.close) as m:
+            _check_rw(m, SIZE)
+        s.close()
+
+
+def test_fd_tcp_socket():
+    with h.Nbdkit(["pattern", str(SIZE)], tcp=True) as srv:
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+        s.settimeout(None)
+        fd = s.fileno()
+        with h.Mount(h.tmpdir("mp"), ["--fd", str(fd)], pass_fds=(fd,),
+                     after_start=s.close) as m:
+            _check_pattern(m)
+        s.close()
+
+
+def test_fd_survives_only_in_bridge():
+    # After the bridge exits, the server sees the connection closed.
+    d = h.tmpdir("log")
+    logfile = os.path.join(d, "log")
+    with h.Nbdkit(["pattern", str(SIZE), "logfile=" + logfile], opts=["--filter=log"]) as srv:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(srv.sock)
+        fd = s.fileno()
+        with h.Mount(h.tmpdir("mp"), ["--fd", str(fd)], pass_fds=(fd,),
+                     after_start=s.close) as m:
+            _check_pattern(m)
+        s.close()
+
+        def disconnected():
+            with open(logfile) as f:
+                return any(" Disconnect " in ln for ln in f)
+        h.wait_until(disconnected, timeout=10, what="server to see the --fd connection close")
+
+
+def test_subprocess_server_pattern():
+    with h.Mount(h.tmpdir("mp"), ["[", "nbdkit", "pattern", str(SIZE), "]"]) as m:
+        _check_pattern(m)
+        kids = [p for p in h.descendants(m.pid) if "nbdkit" in " ".join(h.proc_cmdline(p))]
+        h.check(kids, "no nbdkit child process found")
+        # started with systemd socket activation
+        env = h.proc_environ(kids[0])
+        h.check_eq(env.get("LISTEN_FDS"), "1", "LISTEN_FDS in server environment")
+        h.check_eq(env.get("LISTEN_PID"), str(kids[0]), "LISTEN_PID in server environment")
+    for p in kids:
+        h.check(not h.pid_alive(p), "server process %d still alive after unmount" % p)
+
+
+def test_subprocess_server_memory_rw():
+    size = 16 * 1024 * 1024
+    with h.Mount(h.tmpdir("mp"), ["[", "nbdkit", "memory", "16M", "]"]) as m:
+        _check_rw(m, size)
+        kids = h.descendants(m.pid)
+    for p in kids:
+        h.wait_until(lambda: not h.pid_alive(p), timeout=10,
+                     what="server process %d to exit" % p)
+
+
+def test_subprocess_server_with_options():
+    # arguments are passed through verbatim, including ones starting with '-'
+    with h.Mount(h.tmpdir("mp"), ["[", "nbdkit", "-r", "--filter=offset", "pattern", "4M",
+                                  "offset=4096", "range=65536", "]"]) as m:
+        st = os.stat(m.export)
+        h.check_eq(st.st_size, 65536, "size with offset filter")
+        h.check_eq(st.st_mode & 0o777, 0o444, "mode of server-readonly export")
+        with open(m.export, "rb") as f:
+            h.check_bytes(f.read(), h.pattern_bytes(4096, 65536), "offset pattern")
+
+
+def test_subprocess_server_full_path():
+    nbdkit = h.run(["sh", "-c", "command -v nbdkit"]).stdout.strip()
+    with h.Mount(h.tmpdir("mp"), ["[", nbdkit, "pattern", str(SIZE), "]"]) as m:
+        _check_pattern(m)
+
+
+if __name__ == "__main__":
+    h.main(globals())

@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""Write-then-read through the mount, backed by the nbdkit memory plugin.
+
+Data is checked three ways: read back through the same mount, read back
+through a fresh mount of the same server, and fetched directly from the
+server with nbdcopy (so a write that only lives in a cache is caught).
+"""
+import os
+import random
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+
+SIZE = 8 * 1024 * 1024 + 4097          # deliberately not block aligned
+
+
+def _server_image(srv):
+    return h.nbdcopy_to_file(srv.uri, os.path.join(h.tmpdir("img"), "img"))
+
+
+def test_write_read_unaligned():
+    rnd = random.Random(42)
+    shadow = bytearray(SIZE)                       # memory plugin starts zeroed
+    with h.Nbdkit(["memory", str(SIZE)]) as srv:
+        with h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
+            st = os.stat(m.export)
+            h.check_eq(st.st_size, SIZE, "st_size")
+            fd = os.open(m.export, os.O_RDWR)
+            try:
+                cases = [(0, 4096), (1, 1), (7, 9), (4095, 2), (12345, 67891),
+                         (131072 - 5, 131072 + 10), (1 << 20, 1 << 20), (3, 3 * 131072 + 1)]
+                for _ in range(100):
+                    cases.append((rnd.randrange(0, SIZE - 300000), rnd.randrange(1, 300000)))
+                for off, length in cases:
+                    data = rnd.randbytes(length)
+                    n = os.pwrite(fd, data, off)
+                    h.check_eq(n, length, "pwrite(off=%d,len=%d) count" % (off, length))
+                    shadow[off:off + length] = data
+                    got = h.pread_full(fd, length, off)
+                    h.check_bytes(got, data, "read-after-write off=%d len=%d" % (off, length))
+                os.fsync(fd)
+                h.check_bytes(h.pread_full(fd, SIZE, 0), bytes(shadow), "whole export via mount")
+            finally:
+                os.close(fd)
+        # The data must be on the server, not in some cache of the bridge.
+        h.check_bytes(_server_image(srv), bytes(shadow), "server image (nbdcopy)")
+        # And a fresh mount of the same server sees it.
+        with h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
+            with open(m.export, "rb") as f:
+                h.check_bytes(f.read(), bytes(shadow), "whole export via fresh mount")
+
+
+def test_dd_in_cmp_out():
+    d = h.tmpdir("data")
+    src = os.path.join(d, "src")
+    h.fill_random_file(src, SIZE)
+    with h.Nbdkit(["memory", str(SIZE)]) as srv:
+        with h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
+            r = h.run(["dd", "if=" + src, "of=" + m.export, "bs=64k", "conv=notrunc,fsync"],
+                      timeout=60)
+            h.check_eq(r.returncode, 0, "dd into export rc (%s)" % r.stderr)
+            r = h.run(["cmp", src, m.export], timeout=60)
+            h.check_eq(r.returncode, 0, "cmp src export (%s%s)" % (r.stdout, r.stderr))
+            # cp out of the export
+            out = os.path.join(d, "copy")
+            r = h.run(["cp", m.export, out], timeout=60)
+            h.check_eq(r.returncode, 0, "cp out rc (%s)" % r.stderr)
+            h.check_eq(h.run(["cmp", src, out]).returncode, 0, "cmp src copy")
+        with open(src, "rb") as f:
+            h.check_bytes(_server_image(srv), f.read(), "server image after dd")
+
+
+def test_eof_write_semantics():
+    with h.Nbdkit(["memory", str(SIZE)]) as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
+        fd = os.open(m.export, os.O_RDWR)
+        try:
+            # write starting exactly at EOF -> ENOSPC
+            e, _ = h.os_errno(os.pwrite, fd, b"x" * 10, SIZE)
+            h.check_eq(h.errno_name(e), "ENOSPC", "pwrite at EOF")
+            # write starting past EOF -> ENOSPC
+            e, _ = h.os_errno(os.pwrite, fd, b"x" * 10, SIZE + 4096)
+            h.check_eq(h.errno_name(e), "ENOSPC", "pwrite past EOF")
+            # write crossing EOF: short count, the part that fits is written
+            data = bytes(range(256)) * 16          # 4096 bytes
+            e, n = h.os_errno(os.pwrite, fd, data, SIZE - 1000)
+            h.check_eq(h.errno_name(e), "OK", "pwrite crossing EOF errno")
+            h.check_eq(n, 1000, "pwrite crossing EOF count")
+            h.check_bytes(os.pread(fd, 4096, SIZE - 1000), data[:1000], "data written before EOF")
+            # write() continuing at the file position: 1st cut, then ENOSPC
+            os.lseek(fd, SIZE - 10, os.SEEK_SET)
+            n = os.write(fd, b"A" * 100)
+            h.check_eq(n, 10, "write() crossing EOF count")
+            e, _ = h.os_errno(os.write, fd, b"B" * 100)
+            h.check_eq(h.errno_name(e), "ENOSPC", "write() after reaching EOF")
+            h.check_bytes(os.pread(fd, 100, SIZE - 10), b"A" * 10, "tail after write()")
+            # size did not change
+            h.check_eq(os.fstat(fd).st_size, SIZE, "st_size after EOF writes")
+        finally:
+            os.close(fd)
+        h.check_eq(os.stat(m.export).st_size, SIZE, "stat size after EOF writes")
+
+
+def test_fsync_sends_flush():
+    d = h.tmpdir("log")
+    logfile = os.path.join(d, "nbdkit.log")
+    with h.Nbdkit(["memory", str(SIZE), "logfile=" + logfile], opts=["--filter=log"]) as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
+        def flushes():
+            with open(logfile) as f:
+                # request lines look like "connection=1 Flush id=7 ..."; the
+                # replies are "connection=1 ...Flush id=7 return=0"
+                return sum(1 for ln in f if re.search(r"connection=\d+ Flush id=", ln))
+        fd = os.open(m.export, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"hello", 100)
+            n0 = flushes()
+            os.fsync(fd)
+            # fsync only returns after the flush reply, so it must be logged now
+            h.wait_until(lambda: flushes() > n0, timeout=5, what="NBD flush after fsync")
+            n1 = flushes()
+            os.fdatasync(fd)
+            h.wait_until(lambda: flushes() > n1, timeout=5, what="NBD flush after fdatasync")
+        finally:
+            os.close(fd)
+        with open(logfile) as f:
+            text = f.read()
+        h.check("Write" in text, "no NBD write in nbdkit log")
+
+
+def test_default_mode_is_uncached():
+    # Default --cache=none: every read goes to the server, so a change made
+    # on the server by another client is visible at once through the mount.
+    d = h.tmpdir("data")
+    img = os.path.join(d, "new.img")
+    h.fill_random_file(img, SIZE)
+    with open(img, "rb") as f:
+        new = f.read()
+    with h.Nbdkit(["memory", str(SIZE)]) as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
+        fd = os.open(m.export, os.O_RDONLY)
+        try:
+            h.check_bytes(h.pread_full(fd, 65536, 4096), bytes(65536), "initial zeros")
+            h.run(["nbdcopy", img, srv.uri], timeout=60, check=True)   # behind our back
+            h.check_bytes(h.pread_full(fd, 65536, 4096), new[4096:4096 + 65536],
+                          "data changed on the server, read again through the same fd")
+        finally:
+            os.close(fd)
+        with open(m.export, "rb") as f:
+            h.check_bytes(f.read(), new, "whole export after server-side change")
+
+
+def test_page_cache_mode_write():
+    rnd = random.Random(7)
+    shadow = bytearray(SIZE)
+    with h.Nbdkit(["memory", str(SIZE)]) as srv:
+        with h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--cache=page"]) as m:
+            fd = os.open(m.export, os.O_RDWR)
+            try:
+                for _ in range(50):
+                    off = rnd.randrange(0, SIZE - 70000)
+                    data = rnd.randbytes(rnd.randrange(1, 70000))
+                    h.pwrite_full(fd, data, off)
+                    shadow[off:off + len(data)] = data
+                os.fsync(fd)
+                h.check_bytes(h.pread_full(fd, SIZE, 0), bytes(shadow), "page-cache readback")
+            finally:
+                os.close(fd)
+        h.check_bytes(_server_image(srv), bytes(shadow), "server image after --cache=page writes")
+
+
+if __name__ == "__main__":
+    h.main(globals())

@@ -705,7 +705,7 @@ def versions(args):
         found["qsd"] = first_line(["qemu-storage-daemon", "--version"])
     if "bridge" in args.subjects:
         repo = Path(args.bridge).resolve().parent.parent
-        found["bridge_commit"] = first_line(["git", "-C", str(repo), "rev-parse", "HEAD"])
+        found["repo_head_at_start"] = first_line(["git", "-C", str(repo), "rev-parse", "HEAD"])
     return found
 
 

@@ -33,6 +33,7 @@ constexpr double attribute_timeout_seconds = 3600.0;
 // The file's st_blocks follows the server's allocation, so its attributes are
 // cached only briefly.
 constexpr double file_attribute_timeout_seconds = 1.0;
+constexpr std::uint64_t writable_handle = 1;  // fuse_file_info::fh of a handle opened for writing
 constexpr std::uint32_t FOPEN_PARALLEL_DIRECT_WRITES = 1u << 6;  // linux/fuse.h; no field in libfuse 3.14
 constexpr std::size_t largest_request = 1u << 20;  // FUSE max_write/max_read on this kernel
 
@@ -285,6 +286,8 @@ void FileSystem::open(fuse_req_t request, fuse_ino_t inode, fuse_file_info* file
     return;
   }
   // O_TRUNC is ignored, as for a block device: the export cannot shrink.
+  // libfuse passes FLUSH no open flags, so the handle records whether it may write.
+  file->fh = (file->flags & O_ACCMODE) != O_RDONLY ? writable_handle : 0;
   file->direct_io = options_.cache == CacheMode::none;
   file->keep_cache = 0;  // page mode: drop cached pages at each open, as other clients may write
   // Direct writes need not take the inode lock exclusively: NBD orders nothing
@@ -322,7 +325,7 @@ void FileSystem::write(fuse_req_t request, const char* data, std::size_t size, o
 
 void FileSystem::flush(fuse_req_t request, const fuse_file_info* file) {
   // FLUSH comes with every close(); a reader's close has nothing to make durable.
-  if ((file->flags & O_ACCMODE) == O_RDONLY || !export_.can_flush) {
+  if (file->fh != writable_handle || !export_.can_flush) {
     fuse_reply_err(request, 0);
     return;
   }

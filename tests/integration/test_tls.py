@@ -145,11 +145,17 @@ def test_wrong_psk_fails_fast():
 
 
 def test_untrusted_server_certificate_fails():
-    srv_dir, _ = _make_pki()
+    # (over TCP: libnbd checks the server certificate against the host name
+    # in the URI; a unix socket has none)
+    srv_dir, cli_dir = _make_pki()
     _, other_cli = _make_pki()       # a client that trusts another CA
-    with h.Nbdkit(["memory", str(SIZE)],
+    with h.Nbdkit(["memory", str(SIZE)], tcp=True,
                   opts=["--tls=require", "--tls-certificates=" + srv_dir]) as srv:
-        uri = "nbds+unix:///?socket=%s&tls-certificates=%s" % (srv.sock, other_cli)
+        # the good client works over TCP too (the failure below is the CA's)
+        uri = "nbds://localhost:%d/?tls-certificates=%s" % (srv.port, cli_dir)
+        with h.Mount(h.tmpdir("mp"), [uri]) as m:
+            h.check_eq(os.stat(m.export).st_size, SIZE, "st_size over TLS/TCP")
+        uri = "nbds://localhost:%d/?tls-certificates=%s" % (srv.port, other_cli)
         _expect_failure(uri, "server certificate from an untrusted CA")
 
 

@@ -27,11 +27,12 @@ struct Options {
   std::string cache = "none";
   double connect_timeout_seconds = 30;
   double shutdown_timeout_seconds = 10;
-  unsigned connections = 4;                  // -C: used when the server allows multi-conn
+  std::string connections = "auto";          // -C N or auto; used when the server allows multi-conn
   bool list = false;                         // --list TARGET: print exports and exit
   double retry_timeout_seconds = 60;         // 0: no reconnect, fail at once
   double request_timeout_seconds = 0;        // 0: unbounded
   bool force = false;                        // clear a stale mount at MOUNTPOINT first
+  double busy_poll_microseconds = 50;        // keep polling this long before sleeping
 };
 
 // Removes a `[ CMD ARGS... ]` group from args into command. Returns a one-line
@@ -44,6 +45,9 @@ void setup(CLI::App& app, Options& options);
 std::string build_target(Options options, nbd_client::Target& target);
 
 // Splits "-o a,b" words into single options.
+// -C: a number 1..64, or "auto" (4 with at least 4 CPUs, else 1). 0 = invalid.
+unsigned resolve_connections(const std::string& text, unsigned cpus);
+
 std::vector<std::string> split_mount_options(const std::vector<std::string>& words);
 
 // A non-root user may pass allow_other only if /etc/fuse.conf says so.

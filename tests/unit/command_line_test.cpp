@@ -110,3 +110,12 @@ TEST_CASE("mount options split at commas; allow_other needs fuse.conf for non-ro
   CHECK(tools::check_allow_other(split, false, "  user_allow_other  \n").empty());
   CHECK(tools::check_allow_other({"ro"}, false, "").empty());
 }
+
+TEST_CASE("-C: a number or auto, which follows the CPU count") {
+  CHECK(tools::resolve_connections("auto", 2) == 1);
+  CHECK(tools::resolve_connections("auto", 8) == 4);
+  CHECK(tools::resolve_connections("3", 2) == 3);
+  CHECK(tools::resolve_connections("0", 2) == 0);
+  CHECK(tools::resolve_connections("65", 2) == 0);
+  CHECK(tools::resolve_connections("x", 2) == 0);
+}

@@ -209,6 +209,7 @@ class Connection {
   void bind_descriptor(int fd);
   void release_descriptor();
   void read_export_info();
+  void enlarge_socket_buffers();
   int start_connect(const Target& target);
 
   asio::any_io_executor executor_;

@@ -2,6 +2,7 @@
 // them frees) and its blocking POSIX client. Errors cross both APIs as std::error_code.
 #include "bridge/control_socket.hpp"
 
+#include <asio/awaitable.hpp>
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
 #include <asio/local/stream_protocol.hpp>

@@ -51,7 +51,8 @@ FileSystem::FileSystem(asio::any_io_executor executor, nbd_client::ConnectionPoo
       io_(executor, pool, buffers_),
       owner_uid_(getuid()),
       owner_gid_(getgid()),
-      drained_(executor) {
+      drained_(executor),
+      expiry_sweep_(executor) {
   clock_gettime(CLOCK_REALTIME, &mounted_at_);
 }
 
@@ -70,13 +71,13 @@ FileSystem::Tracked::Tracked(FileSystem& owner, fuse_req_t request, const char* 
       operation_(operation),
       id_(owner.next_request_id_++),
       offset_(offset),
-      length_(length) {
+      length_(length),
+      started_(std::chrono::steady_clock::now()) {
   next_ = owner_.in_flight_head_;
   if (next_) next_->previous_ = this;
   owner_.in_flight_head_ = this;
   ++owner_.in_flight_count_;
   if (owner_.options_.verbose) {
-    started_ = std::chrono::steady_clock::now();
     std::fprintf(stderr, "nbdbridge: #%" PRIu64 " %s offset=%" PRIu64 " length=%zu\n", id_, operation_, offset_,
                  length_);
   }
@@ -125,8 +126,25 @@ void FileSystem::Tracked::reply_written(std::size_t length) {
   fuse_reply_write(request_, length);
 }
 
+asio::awaitable<void> FileSystem::expire_old_requests() {
+  const auto timeout = options_.request_timeout;
+  const auto period = std::max<std::chrono::milliseconds>(timeout / 4, std::chrono::milliseconds(20));
+  while (!draining_) {
+    expiry_sweep_.expires_after(period);
+    std::error_code cancelled;
+    co_await expiry_sweep_.async_wait(asio::redirect_error(asio::use_awaitable, cancelled));
+    if (cancelled) break;
+    const auto now = std::chrono::steady_clock::now();
+    // The command itself cannot be recalled: its coroutine still owns the
+    // buffers and finishes quietly when the server answers.
+    for (Tracked* request = in_flight_head_; request; request = request->next_)
+      if (now - request->started_ >= timeout) request->reply_error(EIO);
+  }
+}
+
 asio::awaitable<void> FileSystem::drain(std::chrono::milliseconds bound) {
   draining_ = true;
+  expiry_sweep_.cancel();
   drained_.expires_after(bound);
   while (in_flight_count_ > 0) {
     std::error_code woken;
@@ -202,6 +220,7 @@ void FileSystem::init(fuse_conn_info* connection) {
   connection->want &= ~(FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE);
   if (connection->capable & FUSE_CAP_ASYNC_DIO) connection->want |= FUSE_CAP_ASYNC_DIO;
   asio::co_spawn(executor_, count_allocation(), asio::detached);
+  if (options_.request_timeout.count() > 0) asio::co_spawn(executor_, expire_old_requests(), asio::detached);
   // Posted: the mount counts as live once libfuse has sent the INIT reply.
   if (on_live) asio::post(executor_, std::exchange(on_live, nullptr));
 }

@@ -26,6 +26,7 @@ struct FileSystemOptions {
   std::string file_name;  // directory mode: the export's name in the root; empty: file mode
   CacheMode cache = CacheMode::none;
   bool verbose = false;
+  std::chrono::milliseconds request_timeout{0};  // 0: requests may take as long as they take
 };
 
 class FileSystem final : public fuse_front::Handlers {
@@ -98,6 +99,9 @@ class FileSystem final : public fuse_front::Handlers {
   // st_blocks follows the server's allocation, re-counted in the background
   // after writes when someone asks.
   asio::awaitable<void> count_allocation();
+  // With a request timeout: answers requests older than it with EIO. One timer
+  // for all requests, so nothing is allocated per request.
+  asio::awaitable<void> expire_old_requests();
   void note_allocation_changed() { allocation_stale_ = true; }
 
   bool is_file(fuse_ino_t inode) const;
@@ -119,6 +123,7 @@ class FileSystem final : public fuse_front::Handlers {
   std::size_t in_flight_count_ = 0;
   Tracked* in_flight_head_ = nullptr;
   asio::steady_timer drained_;
+  asio::steady_timer expiry_sweep_;
   bool draining_ = false;
 };
 

@@ -6,7 +6,12 @@
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
+#include <cstring>
+#include <spawn.h>
+#include <sys/mount.h>
+#include <sys/wait.h>
 #include <sys/stat.h>
+#include <unistd.h>
 #include <vector>
 
 namespace bridge {
@@ -36,7 +41,8 @@ std::string plan_mount(std::string_view path, PathKind path_kind, PathKind paren
       return "mountpoint " + text + " is neither a directory nor a regular file";
     case PathKind::disconnected:
       return "mountpoint " + text +
-             " is a stale FUSE mount (Transport endpoint is not connected); clear it with: fusermount3 -u " + text;
+             " is a stale FUSE mount (Transport endpoint is not connected); clear it with: fusermount3 -u " + text +
+             " (or run again with --force)";
     case PathKind::inaccessible:
       return "cannot access mountpoint " + text;
     case PathKind::missing:
@@ -46,7 +52,8 @@ std::string plan_mount(std::string_view path, PathKind path_kind, PathKind paren
   split_parent(path, parent, name);
   if (parent_kind == PathKind::disconnected)
     return "mountpoint " + parent +
-           " is a stale FUSE mount (Transport endpoint is not connected); clear it with: fusermount3 -u " + parent;
+           " is a stale FUSE mount (Transport endpoint is not connected); clear it with: fusermount3 -u " + parent +
+           " (or run again with --force)";
   if (parent_kind != PathKind::directory || name.empty() || name == "." || name == "..")
     return "mountpoint " + text + " does not exist (give an existing directory, DIRECTORY/NAME, or a regular file)";
   plan = {parent, name};
@@ -100,6 +107,30 @@ bool has_fuse_mount(std::string_view mountinfo, std::string_view absolute_path) 
     if (unescape_mountinfo(fields[4]) == absolute_path) return true;
   }
   return false;
+}
+
+std::string clear_stale_mount(const std::string& path) {
+  std::string target = path;
+  if (classify_path(path) != PathKind::disconnected) {
+    std::string parent, name;
+    split_parent(path, parent, name);
+    if (classify_path(path) != PathKind::missing || classify_path(parent) != PathKind::disconnected) return {};
+    target = parent;
+  }
+  // Lazy, so a process still holding the dead mount open cannot block us.
+  if (geteuid() == 0) {
+    if (umount2(target.c_str(), MNT_DETACH) == 0) return {};
+  } else {
+    // No shell: the path goes to fusermount3 as one argument.
+    const char* argv[] = {"fusermount3", "-u", "-z", "--", target.c_str(), nullptr};
+    pid_t child = -1;
+    int status = 0;
+    if (posix_spawnp(&child, "fusermount3", nullptr, nullptr, const_cast<char* const*>(argv), environ) == 0 &&
+        waitpid(child, &status, 0) == child && WIFEXITED(status) && WEXITSTATUS(status) == 0)
+      return {};
+    errno = EPERM;
+  }
+  return "cannot clear the stale mount at " + target + ": " + std::strerror(errno);
 }
 
 std::string resolve_mountpoint(const std::string& path, MountPlan& plan) {

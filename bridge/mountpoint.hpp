@@ -31,6 +31,11 @@ void split_parent(std::string_view path, std::string& parent, std::string& name)
 // mount point is `absolute_path`. Handles the octal escapes mountinfo uses.
 bool has_fuse_mount(std::string_view mountinfo, std::string_view absolute_path);
 
+// --force: lazily unmounts a stale FUSE mount (ENOTCONN) at path or at its
+// parent (the DIR/NAME form). Returns "" when there was nothing to clear or it
+// was cleared, else a one-line reason.
+std::string clear_stale_mount(const std::string& path);
+
 // The whole check, on the real filesystem: a plan or a one-line reason.
 std::string resolve_mountpoint(const std::string& path, MountPlan& plan);
 

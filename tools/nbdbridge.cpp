@@ -92,7 +92,7 @@ class Bridge {
         session_(io_.get_executor(), fuse_front::operations_table(), &file_system_),
         file_system_(io_.get_executor(), pool_, session_,
                      {plan_.file_name, options.cache == "page" ? bridge::CacheMode::page : bridge::CacheMode::none,
-                      options.verbose}),
+                      options.verbose, to_duration(options.request_timeout_seconds)}),
         signals_(io_, SIGINT, SIGTERM, SIGHUP),
         ended_(io_) {}
 
@@ -273,6 +273,12 @@ int run(const tools::Options& options) {
     return 2;
   }
   if (options.list) return list_exports(target, options.connect_timeout_seconds);
+  if (options.force) {
+    if (std::string problem = bridge::clear_stale_mount(options.mountpoint); !problem.empty()) {
+      say(problem);
+      return 1;
+    }
+  }
   bridge::MountPlan plan;
   if (std::string problem = bridge::resolve_mountpoint(options.mountpoint, plan); !problem.empty()) {
     say(problem);

@@ -37,7 +37,7 @@ bool find_in_extents(const std::vector<nbd_client::Extent>& extents, std::uint64
 asio::awaitable<std::error_code> BlockIo::read(std::byte* out, std::size_t length, std::uint64_t offset) {
   const std::uint64_t unit = block();
   if (unit == 1 || (offset % unit == 0 && length % unit == 0)) {
-    co_return co_await command([&](Connection& connection) {
+    co_return co_await command(Operation::read, [&](Connection& connection) {
       return connection.async_pread(out, length, offset, use_result);
     });
   }
@@ -45,7 +45,7 @@ asio::awaitable<std::error_code> BlockIo::read(std::byte* out, std::size_t lengt
   std::uint64_t start = align_down(offset, unit);
   std::uint64_t end = std::min(align_up(offset + length, unit), info_.size);
   BufferPool::Lease whole = buffers_.acquire(end - start);
-  std::error_code error = co_await command([&](Connection& connection) {
+  std::error_code error = co_await command(Operation::read, [&](Connection& connection) {
     return connection.async_pread(whole.data(), end - start, start, use_result);
   });
   if (!error) std::memcpy(out, whole.data() + (offset - start), length);
@@ -55,7 +55,7 @@ asio::awaitable<std::error_code> BlockIo::read(std::byte* out, std::size_t lengt
 asio::awaitable<std::error_code> BlockIo::write_aligned(const std::byte* data, std::size_t length,
                                                         std::uint64_t offset, bool durable) {
   std::uint32_t flags = durable && info_.can_fua ? LIBNBD_CMD_FLAG_FUA : 0;
-  std::error_code error = co_await command([&](Connection& connection) {
+  std::error_code error = co_await command(Operation::write, [&](Connection& connection) {
     return connection.async_pwrite(data, length, offset, flags, use_result);
   });
   if (!error && durable && !info_.can_fua) error = co_await flush();
@@ -79,14 +79,14 @@ asio::awaitable<std::error_code> BlockIo::write(const std::byte* data, std::size
   // Read only the partial blocks at either end; the middle is overwritten anyway.
   std::uint64_t head_end = std::min(start + unit, end);
   if (offset != start || offset + length < head_end) {
-    if (auto error = co_await command([&](Connection& connection) {
+    if (auto error = co_await command(Operation::read, [&](Connection& connection) {
           return connection.async_pread(whole.data(), head_end - start, start, use_result);
         }))
       co_return error;
   }
   std::uint64_t tail_start = std::max(align_down(offset + length, unit), head_end);
   if (tail_start < end && offset + length != end) {
-    if (auto error = co_await command([&](Connection& connection) {
+    if (auto error = co_await command(Operation::read, [&](Connection& connection) {
           return connection.async_pread(whole.data() + (tail_start - start), end - tail_start, tail_start, use_result);
         }))
       co_return error;
@@ -99,13 +99,13 @@ asio::awaitable<std::error_code> BlockIo::zero_aligned(std::uint64_t offset, std
   if (length == 0) co_return std::error_code{};
   if (info_.can_zero) {
     std::uint32_t flags = allow_unmap ? 0 : LIBNBD_CMD_FLAG_NO_HOLE;
-    co_return co_await command([&](Connection& connection) {
+    co_return co_await command(Operation::trim_zero, [&](Connection& connection) {
       return connection.async_zero(length, offset, flags, use_result);
     });
   }
   // No WRITE_ZEROES: write zero-filled buffers over the whole range. (TRIM alone
   // does not promise that the range reads back as zeros.)
-  co_return co_await command([&](Connection& connection) {
+  co_return co_await command(Operation::trim_zero, [&](Connection& connection) {
     return connection.async_write_zero_fill(length, offset, 0, use_result);
   });
 }
@@ -132,7 +132,7 @@ asio::awaitable<std::error_code> BlockIo::zero(std::uint64_t offset, std::uint64
 
 asio::awaitable<std::error_code> BlockIo::flush() {
   if (!info_.can_flush) co_return std::error_code{};
-  co_return co_await command([&](Connection& connection) { return connection.async_flush(use_result); });
+  co_return co_await command(Operation::flush, [&](Connection& connection) { return connection.async_flush(use_result); });
 }
 
 asio::awaitable<std::error_code> BlockIo::seek(std::uint64_t offset, bool want_data, std::uint64_t& result) {
@@ -145,7 +145,7 @@ asio::awaitable<std::error_code> BlockIo::seek(std::uint64_t offset, bool want_d
   std::vector<nbd_client::Extent> extents;
   for (std::uint64_t position = offset; position < info_.size;) {
     extents.clear();
-    if (auto error = co_await command([&](Connection& connection) {
+    if (auto error = co_await command(Operation::block_status, [&](Connection& connection) {
           extents.clear();  // a retried command starts afresh
           return connection.async_block_status(std::size_t(std::min(info_.size - position, status_span)), position,
                                                extents, use_result);
@@ -176,7 +176,7 @@ asio::awaitable<std::uint64_t> BlockIo::allocated_bytes(unsigned max_commands) {
   std::vector<nbd_client::Extent> extents;
   for (unsigned asked = 0; asked < max_commands && position < info_.size; ++asked) {
     extents.clear();
-    std::error_code error = co_await command([&](Connection& connection) {
+    std::error_code error = co_await command(Operation::block_status, [&](Connection& connection) {
       extents.clear();
       return connection.async_block_status(std::size_t(std::min(info_.size - position, status_span)), position,
                                            extents, use_result);

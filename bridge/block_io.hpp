@@ -5,10 +5,17 @@
 #pragma once
 
 #include "bridge/buffer_pool.hpp"
+#include "bridge/fault_injection.hpp"
+#include "bridge/statistics.hpp"
 #include "bridge/range_lock.hpp"
 #include "nbd_client/connection_pool.hpp"
 
 #include <asio/awaitable.hpp>
+#include <asio/redirect_error.hpp>
+#include <asio/steady_timer.hpp>
+#include <asio/use_awaitable.hpp>
+
+#include <chrono>
 
 #include <cstdint>
 #include <system_error>
@@ -33,9 +40,14 @@ bool find_in_extents(const std::vector<nbd_client::Extent>& extents, std::uint64
 class BlockIo {
  public:
   BlockIo(asio::any_io_executor executor, nbd_client::ConnectionPool& pool, BufferPool& buffers)
-      : pool_(pool), buffers_(buffers), rmw_lock_(executor) {}
+      : executor_(executor), pool_(pool), buffers_(buffers), rmw_lock_(executor) {}
 
   void configure(const nbd_client::ExportInfo& info) { info_ = info; }
+  // Both optional; they must outlive every command.
+  void observe(Statistics* statistics, FaultInjector* faults) {
+    statistics_ = statistics;
+    faults_ = faults && faults->enabled() ? faults : nullptr;
+  }
   const nbd_client::ExportInfo& info() const { return info_; }
 
   // Exactly [offset, offset+length) into out; the caller keeps the range within the export.
@@ -58,11 +70,33 @@ class BlockIo {
   // reconnected (or fails with EIO when the pool gives up). start returns the
   // awaitable of one Connection::async_* call with use_result.
   template <typename Start>
-  asio::awaitable<std::error_code> command(Start start) {
+  asio::awaitable<std::error_code> command(Operation operation, Start start) {
+    // The NBD span starts before an injected delay: that delay stands for the network.
+    auto sent = std::chrono::steady_clock::now();
+    if (faults_) {
+      // Injected faults act before the command reaches the server, as a slow or
+      // failing network would.
+      if (auto delay = faults_->next_delay(); delay.count() > 0) {
+        asio::steady_timer wait(executor_, delay);
+        std::error_code ignored;
+        co_await wait.async_wait(asio::redirect_error(asio::use_awaitable, ignored));
+        if (statistics_) statistics_->injected_delay(std::uint64_t(delay.count()));
+      }
+      if (int error = faults_->next_error()) {
+        if (statistics_) statistics_->injected_error();
+        co_return std::error_code(error, std::generic_category());
+      }
+    }
     for (;;) {
       nbd_client::Connection* connection = co_await pool_.usable_connection();
       if (!connection) co_return std::error_code(EIO, std::generic_category());
       auto [error] = co_await start(*connection);
+      if (statistics_)
+        statistics_->command_finished(
+            operation, connection->index(),
+            std::uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - sent)
+                              .count()),
+            bool(error));
       // Still usable after a "connection" error: the server itself said so; do not spin.
       if (!nbd_client::is_connection_failure(error) || connection->usable()) co_return error;
     }
@@ -73,8 +107,11 @@ class BlockIo {
                                                  bool durable);
   asio::awaitable<std::error_code> zero_aligned(std::uint64_t offset, std::uint64_t length, bool allow_unmap);
 
+  asio::any_io_executor executor_;
   nbd_client::ConnectionPool& pool_;
   BufferPool& buffers_;
+  Statistics* statistics_ = nullptr;
+  FaultInjector* faults_ = nullptr;
   RangeLock rmw_lock_;
   nbd_client::ExportInfo info_;
 };

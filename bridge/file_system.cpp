@@ -27,6 +27,9 @@ namespace {
 
 constexpr fuse_ino_t root_inode = FUSE_ROOT_ID;
 constexpr fuse_ino_t file_inode_in_directory = 2;
+// Directory mode only: live statistics as JSON, a snapshot taken at each open.
+constexpr fuse_ino_t stats_inode = 3;
+constexpr const char* stats_file_name = ".stats";
 // Attributes never change while mounted (the export cannot be resized), so the
 // kernel may cache them for long.
 constexpr double attribute_timeout_seconds = 3600.0;
@@ -48,6 +51,7 @@ FileSystem::FileSystem(asio::any_io_executor executor, nbd_client::ConnectionPoo
     : executor_(executor),
       session_(session),
       options_(std::move(options)),
+      statistics_(std::make_unique<Statistics>(1)),
       io_(executor, pool, buffers_),
       owner_uid_(getuid()),
       owner_gid_(getgid()),
@@ -59,15 +63,22 @@ FileSystem::FileSystem(asio::any_io_executor executor, nbd_client::ConnectionPoo
 void FileSystem::set_export(const nbd_client::ExportInfo& info) {
   export_ = info;
   io_.configure(info);
+  io_.observe(statistics_.get(), faults_.get());
   allocated_bytes_ = info.size;
+}
+
+void FileSystem::inject_faults(std::unique_ptr<FaultInjector> faults) {
+  faults_ = std::move(faults);
+  io_.observe(statistics_.get(), faults_.get());
 }
 
 // ---- request tracking -------------------------------------------------------
 
-FileSystem::Tracked::Tracked(FileSystem& owner, fuse_req_t request, const char* operation, std::uint64_t offset,
-                             std::size_t length)
+FileSystem::Tracked::Tracked(FileSystem& owner, fuse_req_t request, Operation kind, const char* operation,
+                             std::uint64_t offset, std::size_t length)
     : owner_(owner),
       request_(request),
+      kind_(kind),
       operation_(operation),
       id_(owner.next_request_id_++),
       offset_(offset),
@@ -77,6 +88,7 @@ FileSystem::Tracked::Tracked(FileSystem& owner, fuse_req_t request, const char* 
   if (next_) next_->previous_ = this;
   owner_.in_flight_head_ = this;
   ++owner_.in_flight_count_;
+  owner_.statistics_->request_started(kind_);
   if (owner_.options_.verbose) {
     std::fprintf(stderr, "nbdbridge: #%" PRIu64 " %s offset=%" PRIu64 " length=%zu\n", id_, operation_, offset_,
                  length_);
@@ -97,7 +109,15 @@ bool FileSystem::Tracked::begin_reply() {
   return true;
 }
 
+void FileSystem::Tracked::record(int error, std::size_t length) const {
+  auto span = std::chrono::steady_clock::now() - started_;
+  owner_.statistics_->request_finished(
+      kind_, length, error != 0 && error != ENXIO,
+      std::uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(span).count()));
+}
+
 void FileSystem::Tracked::trace_reply(int error, std::size_t length) const {
+  record(error, length);
   if (!owner_.options_.verbose) return;
   auto micros = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - started_);
   if (error)
@@ -157,7 +177,7 @@ asio::awaitable<void> FileSystem::drain(std::chrono::milliseconds bound) {
 // ---- request coroutines -----------------------------------------------------
 
 asio::awaitable<void> FileSystem::serve_read(fuse_req_t request, std::size_t length, std::uint64_t offset) {
-  Tracked tracked(*this, request, "READ", offset, length);
+  Tracked tracked(*this, request, Operation::read, "READ", offset, length);
   BufferPool::Lease buffer = buffers_.acquire(length);
   // The buffer outlives the command: it is released only after the reply.
   if (auto error = co_await io_.read(buffer.data(), length, offset)) tracked.reply_error(to_application_errno(error));
@@ -167,7 +187,7 @@ asio::awaitable<void> FileSystem::serve_read(fuse_req_t request, std::size_t len
 asio::awaitable<void> FileSystem::serve_write(fuse_req_t request, [[maybe_unused]] fuse_front::RequestBuffer payload_owner,
                                               const std::byte* data, std::size_t length, std::uint64_t offset,
                                               bool durable) {
-  Tracked tracked(*this, request, durable ? "WRITE+SYNC" : "WRITE", offset, length);
+  Tracked tracked(*this, request, Operation::write, durable ? "WRITE+SYNC" : "WRITE", offset, length);
   // payload_owner keeps `data` (inside the FUSE receive buffer) alive until the server has it.
   std::error_code error = co_await io_.write(data, length, offset, durable);
   note_allocation_changed();
@@ -176,20 +196,21 @@ asio::awaitable<void> FileSystem::serve_write(fuse_req_t request, [[maybe_unused
 }
 
 asio::awaitable<void> FileSystem::serve_flush(fuse_req_t request, const char* operation) {
-  Tracked tracked(*this, request, operation, 0, 0);
+  Tracked tracked(*this, request, Operation::flush, operation, 0, 0);
   tracked.reply_error(to_application_errno(co_await io_.flush()));
 }
 
 asio::awaitable<void> FileSystem::serve_zero(fuse_req_t request, std::uint64_t offset, std::uint64_t length,
                                              bool allow_unmap) {
-  Tracked tracked(*this, request, allow_unmap ? "PUNCH-HOLE" : "ZERO-RANGE", offset, std::size_t(length));
+  Tracked tracked(*this, request, Operation::trim_zero, allow_unmap ? "PUNCH-HOLE" : "ZERO-RANGE", offset,
+                  std::size_t(length));
   std::error_code error = co_await io_.zero(offset, length, allow_unmap);
   note_allocation_changed();
   tracked.reply_error(to_application_errno(error));
 }
 
 asio::awaitable<void> FileSystem::serve_seek(fuse_req_t request, std::uint64_t offset, bool want_data) {
-  Tracked tracked(*this, request, want_data ? "SEEK-DATA" : "SEEK-HOLE", offset, 0);
+  Tracked tracked(*this, request, Operation::block_status, want_data ? "SEEK-DATA" : "SEEK-HOLE", offset, 0);
   std::uint64_t found = 0;
   if (auto error = co_await io_.seek(offset, want_data, found)) {
     // ENXIO is lseek's own answer ("no more data"), not an I/O failure.
@@ -235,7 +256,12 @@ struct stat FileSystem::attributes_of(fuse_ino_t inode) const {
   attributes.st_uid = owner_uid_;
   attributes.st_gid = owner_gid_;
   attributes.st_atim = attributes.st_mtim = attributes.st_ctim = mounted_at_;
-  if (is_file(inode)) {
+  if (inode == stats_inode) {
+    attributes.st_mode = S_IFREG | 0444;
+    attributes.st_nlink = 1;
+    attributes.st_size = 0;  // read until EOF: the snapshot's length is known only at open
+    attributes.st_blksize = 4096;
+  } else if (is_file(inode)) {
     attributes.st_mode = S_IFREG | (export_.read_only ? 0444 : 0644);
     attributes.st_nlink = 1;
     attributes.st_size = off_t(export_.size);
@@ -251,12 +277,14 @@ struct stat FileSystem::attributes_of(fuse_ino_t inode) const {
 }
 
 void FileSystem::lookup(fuse_req_t request, fuse_ino_t parent, const char* name) {
-  if (options_.file_name.empty() || parent != root_inode || options_.file_name != name) {
+  bool directory_mode = !options_.file_name.empty() && parent == root_inode;
+  bool is_stats = directory_mode && std::strcmp(name, stats_file_name) == 0;
+  if (!directory_mode || (!is_stats && options_.file_name != name)) {
     fuse_reply_err(request, ENOENT);
     return;
   }
   fuse_entry_param entry{};
-  entry.ino = file_inode_in_directory;
+  entry.ino = is_stats ? stats_inode : file_inode_in_directory;
   entry.generation = 1;
   entry.attr = attributes_of(entry.ino);
   entry.attr_timeout = file_attribute_timeout_seconds;
@@ -264,8 +292,12 @@ void FileSystem::lookup(fuse_req_t request, fuse_ino_t parent, const char* name)
   fuse_reply_entry(request, &entry);
 }
 
+bool FileSystem::exists(fuse_ino_t inode) const {
+  return inode == root_inode || is_file(inode) || (inode == stats_inode && !options_.file_name.empty());
+}
+
 void FileSystem::getattr(fuse_req_t request, fuse_ino_t inode) {
-  if (inode != root_inode && !is_file(inode)) {
+  if (!exists(inode)) {
     fuse_reply_err(request, ENOENT);
     return;
   }
@@ -276,7 +308,7 @@ void FileSystem::getattr(fuse_req_t request, fuse_ino_t inode) {
 }
 
 void FileSystem::setattr(fuse_req_t request, fuse_ino_t inode, const struct stat& wanted, int to_set) {
-  if (inode != root_inode && !is_file(inode)) {
+  if (!exists(inode)) {
     fuse_reply_err(request, ENOENT);
     return;
   }
@@ -295,6 +327,17 @@ void FileSystem::setattr(fuse_req_t request, fuse_ino_t inode, const struct stat
 }
 
 void FileSystem::open(fuse_req_t request, fuse_ino_t inode, fuse_file_info* file) {
+  if (inode == stats_inode && exists(inode)) {
+    if ((file->flags & O_ACCMODE) != O_RDONLY) {
+      fuse_reply_err(request, EACCES);
+      return;
+    }
+    file->fh = next_stats_handle_++;
+    stats_snapshots_.emplace(file->fh, statistics_->to_json() + "\n");
+    file->direct_io = 1;
+    session_.reply_open(request, file, 0);
+    return;
+  }
   if (!is_file(inode)) {
     fuse_reply_err(request, inode == root_inode ? EISDIR : ENOENT);
     return;
@@ -315,7 +358,13 @@ void FileSystem::open(fuse_req_t request, fuse_ino_t inode, fuse_file_info* file
   session_.reply_open(request, file, file->direct_io ? FOPEN_PARALLEL_DIRECT_WRITES : 0);
 }
 
-void FileSystem::read(fuse_req_t request, std::size_t size, off_t offset, const fuse_file_info*) {
+void FileSystem::read(fuse_req_t request, std::size_t size, off_t offset, const fuse_file_info* file) {
+  if (auto snapshot = stats_snapshots_.find(file->fh); snapshot != stats_snapshots_.end()) {
+    const std::string& text = snapshot->second;
+    std::size_t start = std::min<std::size_t>(std::size_t(offset), text.size());
+    fuse_reply_buf(request, text.data() + start, std::min(size, text.size() - start));
+    return;
+  }
   std::size_t length = clamp_read(export_.size, std::uint64_t(offset), size);
   if (length == 0) {
     fuse_reply_buf(request, nullptr, 0);
@@ -410,6 +459,11 @@ void FileSystem::lseek(fuse_req_t request, off_t offset, int whence) {
   asio::co_spawn(executor_, serve_seek(request, std::uint64_t(offset), whence == SEEK_DATA), asio::detached);
 }
 
+void FileSystem::release(fuse_req_t request, fuse_ino_t, const fuse_file_info* file) {
+  stats_snapshots_.erase(file->fh);
+  fuse_reply_err(request, 0);
+}
+
 void FileSystem::opendir(fuse_req_t request, fuse_ino_t inode, fuse_file_info* file) {
   if (inode != root_inode || options_.file_name.empty()) {
     fuse_reply_err(request, ENOTDIR);
@@ -431,6 +485,7 @@ void FileSystem::readdir(fuse_req_t request, fuse_ino_t inode, std::size_t size,
   const Entry entries[] = {{".", root_inode, S_IFDIR},
                            {"..", root_inode, S_IFDIR},
                            {options_.file_name.c_str(), file_inode_in_directory, S_IFREG}};
+  // .stats is reachable by name but not listed: `ls -a` shows only the export.
   char buffer[1024];
   std::size_t used = 0;
   std::size_t limit = std::min(size, sizeof buffer);

@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <ctime>
 #include <functional>
+#include <memory>
+#include <unordered_map>
 #include <string>
 
 namespace bridge {
@@ -35,6 +37,11 @@ class FileSystem final : public fuse_front::Handlers {
              FileSystemOptions options);
 
   void set_export(const nbd_client::ExportInfo& info);
+
+  // Counters and latency histograms of every request; lives as long as the file system.
+  Statistics& statistics() { return *statistics_; }
+  // Optional client-side fault injection (--inject-delay/--inject-error).
+  void inject_faults(std::unique_ptr<FaultInjector> faults);
 
   // Runs once, after the kernel's INIT has been answered: the mount is live.
   std::function<void()> on_live;
@@ -58,13 +65,15 @@ class FileSystem final : public fuse_front::Handlers {
   void statfs(fuse_req_t request) override;
   void fallocate(fuse_req_t request, int mode, off_t offset, off_t length) override;
   void lseek(fuse_req_t request, off_t offset, int whence) override;
+  void release(fuse_req_t request, fuse_ino_t inode, const fuse_file_info* file) override;
 
  private:
   // One request being served; lives in its coroutine's frame and links itself
   // into the in-flight list for as long as it exists.
   class Tracked {
    public:
-    Tracked(FileSystem& owner, fuse_req_t request, const char* operation, std::uint64_t offset, std::size_t length);
+    Tracked(FileSystem& owner, fuse_req_t request, Operation kind, const char* operation, std::uint64_t offset,
+            std::size_t length);
     ~Tracked();
     Tracked(const Tracked&) = delete;
     Tracked& operator=(const Tracked&) = delete;
@@ -77,9 +86,11 @@ class FileSystem final : public fuse_front::Handlers {
     friend class FileSystem;
     bool begin_reply();
     void trace_reply(int error, std::size_t length) const;
+    void record(int error, std::size_t length) const;
 
     FileSystem& owner_;
     fuse_req_t request_;
+    Operation kind_;
     const char* operation_;
     std::uint64_t id_;
     std::uint64_t offset_;
@@ -105,6 +116,7 @@ class FileSystem final : public fuse_front::Handlers {
   void note_allocation_changed() { allocation_stale_ = true; }
 
   bool is_file(fuse_ino_t inode) const;
+  bool exists(fuse_ino_t inode) const;
   struct stat attributes_of(fuse_ino_t inode) const;
 
   asio::any_io_executor executor_;
@@ -112,7 +124,12 @@ class FileSystem final : public fuse_front::Handlers {
   FileSystemOptions options_;
   nbd_client::ExportInfo export_;
   BufferPool buffers_;
+  std::unique_ptr<Statistics> statistics_;
+  std::unique_ptr<FaultInjector> faults_;
   BlockIo io_;
+  // Open handles of the .stats file: each holds the JSON taken at its open.
+  std::unordered_map<std::uint64_t, std::string> stats_snapshots_;
+  std::uint64_t next_stats_handle_ = 2;
   std::uint64_t allocated_bytes_ = 0;
   bool allocation_stale_ = true;
   bool allocation_counting_ = false;

@@ -37,7 +37,9 @@ fuse_lowlevel_ops operations_table() {
   table.fsync = [](fuse_req_t request, fuse_ino_t, int data_only, fuse_file_info* file) {
     handlers_of(request).fsync(request, data_only != 0, file);
   };
-  table.release = [](fuse_req_t request, fuse_ino_t, fuse_file_info*) { fuse_reply_err(request, 0); };
+  table.release = [](fuse_req_t request, fuse_ino_t inode, fuse_file_info* file) {
+    handlers_of(request).release(request, inode, file);
+  };
   table.opendir = [](fuse_req_t request, fuse_ino_t inode, fuse_file_info* file) {
     handlers_of(request).opendir(request, inode, file);
   };

@@ -154,6 +154,9 @@ class Connection {
 
   // Commands issued and not yet completed: the load used to spread requests.
   std::size_t in_flight() const { return in_flight_; }
+  // Position in its pool, for per-connection statistics.
+  std::size_t index() const { return index_; }
+  void set_index(std::size_t index) { index_ = index; }
 
   // Makes a connect in progress give up now (e.g. on a signal).
   void cancel_connect() { connect_wakeup_.cancel(); }
@@ -225,6 +228,7 @@ class Connection {
   asio::steady_timer connect_wakeup_;
   ExportInfo info_;
   std::size_t in_flight_ = 0;
+  std::size_t index_ = 0;
   std::string error_message_;
 };
 

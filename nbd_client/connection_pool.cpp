@@ -87,6 +87,7 @@ asio::awaitable<std::error_code> ConnectionPool::async_connect(const Target& req
 // export every other connection saw.
 asio::awaitable<std::error_code> ConnectionPool::connect_slot(std::size_t index) {
   Connection& connection = *connections_[index];
+  connection.set_index(index);
   if (auto error = co_await connection.async_connect(target_, options_.connect)) co_return error;
   const ExportInfo& seen = connection.info();
   if (seen.size != info_.size || seen.read_only != info_.read_only) {
@@ -111,6 +112,7 @@ bool ConnectionPool::reconnectable() const {
 void ConnectionPool::lost(std::size_t index, const std::string& reason) {
   if (closed_) return;
   ++disconnects_;
+  if (on_connection_lost) on_connection_lost(index);
   if (!in_outage_ && !any_usable()) {
     in_outage_ = true;
     gave_up_ = false;
@@ -144,6 +146,7 @@ asio::awaitable<void> ConnectionPool::reconnect(std::size_t index) {
     if (!error) {
       connections_[index]->on_lost = [this, index](const std::string& reason) { lost(index, reason); };
       ++reconnects_;
+      if (on_connection_restored) on_connection_restored(index, clock::now() - started);
       say("reconnected " +
           (connections_.size() > 1 ? "connection " + std::to_string(index + 1) : std::string("to the server")) +
           " after " + std::to_string(milliseconds_since(started)) + " ms");

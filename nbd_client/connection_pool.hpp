@@ -58,6 +58,9 @@ class ConnectionPool {
 
   // One line per event, for stderr: losses, reconnects, giving up.
   std::function<void(const std::string& line)> on_event;
+  // For statistics: a connection lost, and restored after an outage.
+  std::function<void(std::size_t index)> on_connection_lost;
+  std::function<void(std::size_t index, std::chrono::nanoseconds outage)> on_connection_restored;
 
   void cancel_connect();
   void close();

@@ -64,6 +64,15 @@ void setup(CLI::App& app, Options& options) {
   app.add_option("--busy-poll", options.busy_poll_microseconds,
                  "microseconds to keep polling for work before sleeping (lower latency at depth 1, more CPU)")
       ->check(CLI::Range(0.0, 10000.0));
+  app.add_option("--stats-interval", options.stats_interval_seconds,
+                 "print a one-line statistics summary to stderr every S seconds (a summary is always printed at exit)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--stats-file", options.stats_file, "write the final statistics as JSON to FILE at exit");
+  app.add_option("--inject-delay", options.inject_delay,
+                 "delay each NBD command: MEAN[:JITTER][:uniform|normal|exponential|constant], e.g. 2ms:0.5ms:normal");
+  app.add_option("--inject-error", options.inject_error,
+                 "fail a fraction of NBD commands before they reach the server: RATE[:ERRNO], e.g. 0.01:EIO or 1%");
+  app.add_option("--seed", options.seed, "seed for injected delays and errors (same seed, same sequence)");
   app.add_option("--shutdown-timeout", options.shutdown_timeout_seconds,
                  "seconds that requests in flight may take at unmount before they fail with EIO")
       ->check(CLI::NonNegativeNumber);
@@ -75,6 +84,8 @@ void setup(CLI::App& app, Options& options) {
       "  nbdbridge --pidfile /tmp/b.pid ./mnt --tcp 127.0.0.1 10809\n"
       "  nbdbridge ./mnt 'nbds+unix://alice@/?socket=/run/nbd.sock&tls-psk-file=keys.psk'   # TLS\n"
       "  nbdbridge --list nbd://server                  # exports and sizes\n"
+      "  nbdbridge --inject-delay 2ms:0.5ms:normal --seed 7 ./mnt [ nbdkit memory 1G ]   # latency experiment\n"
+      "  nbdbridge stats ./mnt                          # live statistics as JSON (--reset zeroes them)\n"
       "  fusermount3 -u ./mnt                           # unmount (or Ctrl-C)\n"
       "Writes cannot grow the file: a write past the end fails with ENOSPC. Use dd conv=notrunc.");
 }

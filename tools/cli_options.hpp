@@ -6,6 +6,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -33,6 +34,11 @@ struct Options {
   double request_timeout_seconds = 0;        // 0: unbounded
   bool force = false;                        // clear a stale mount at MOUNTPOINT first
   double busy_poll_microseconds = 50;        // keep polling this long before sleeping
+  double stats_interval_seconds = 0;         // print a summary line this often (0: only at exit)
+  std::string stats_file;                    // write the final statistics JSON here
+  std::string inject_delay;                  // MEAN[:JITTER][:DIST] before each NBD command
+  std::string inject_error;                  // RATE[:ERRNO] of commands failed before the server
+  std::uint64_t seed = 1;                    // for injected faults: same seed, same sequence
 };
 
 // Removes a `[ CMD ARGS... ]` group from args into command. Returns a one-line

@@ -1,6 +1,8 @@
 // The nbdbridge program: parse the command line, connect, mount, serve until
 // unmounted or signalled, then shut down in one place. One thread runs the Asio
 // loop that serves both /dev/fuse and the NBD socket.
+#include "bridge/control_socket.hpp"
+#include "bridge/fault_injection.hpp"
 #include "bridge/file_system.hpp"
 #include "bridge/mountpoint.hpp"
 #include "fuse_front/operations.hpp"
@@ -23,7 +25,10 @@
 #include <cstdio>
 #include <cstring>
 #include <fcntl.h>
+#include <climits>
+#include <cstdlib>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <sys/wait.h>
 #include <thread>
@@ -94,7 +99,10 @@ class Bridge {
                      {plan_.file_name, options.cache == "page" ? bridge::CacheMode::page : bridge::CacheMode::none,
                       options.verbose, to_duration(options.request_timeout_seconds)}),
         signals_(io_, SIGINT, SIGTERM, SIGHUP),
-        ended_(io_) {}
+        ended_(io_),
+        stats_ticker_(io_) {}
+
+  void inject_faults(std::unique_ptr<bridge::FaultInjector> faults) { file_system_.inject_faults(std::move(faults)); }
 
   int run() {
     asio::co_spawn(io_, lifecycle(), asio::detached);
@@ -169,6 +177,12 @@ class Bridge {
       say("note: the server does not support flush: it keeps no volatile write cache, so a write is durable "
           "once acknowledged and fsync succeeds without sending anything");
     pool_.on_event = [](const std::string& line) { say(line); };
+    bridge::Statistics& statistics = file_system_.statistics();
+    statistics.set_connections(pool_.size());
+    pool_.on_connection_lost = [&statistics](std::size_t index) { statistics.connection_lost(index); };
+    pool_.on_connection_restored = [&statistics](std::size_t index, std::chrono::nanoseconds outage) {
+      statistics.connection_restored(index, std::uint64_t(outage.count()));
+    };
 
     // auto_unmount: fusermount3 stays behind and removes the mount if we die,
     // even by SIGKILL, so a crash never leaves a dead mount.
@@ -184,6 +198,8 @@ class Bridge {
       co_return finish(1);
     }
     session_.start([this] { end(); });
+    start_control_server();
+    if (options_.stats_interval_seconds > 0) asio::co_spawn(io_, print_statistics_periodically(), asio::detached);
 
     if (!ended_flag_) {
       ended_.expires_at(asio::steady_timer::time_point::max());
@@ -196,9 +212,46 @@ class Bridge {
     co_await file_system_.drain(to_duration(options_.shutdown_timeout_seconds));
     session_.unmount();
     pool_.close();
+    stats_ticker_.cancel();
+    if (control_) control_->stop();
+    report_final_statistics();
     if (!options_.pidfile.empty()) std::remove(options_.pidfile.c_str());
     if (options_.verbose) say("unmounted " + plan_.export_path());
     finish(0);
+  }
+
+  // `nbdbridge stats MOUNTPOINT` reaches us here; directory mounts also show .stats.
+  void start_control_server() {
+    auto& statistics = file_system_.statistics();
+    control_ = std::make_unique<bridge::ControlServer>(
+        io_.get_executor(), bridge::control_socket_path(plan_.mount_path),
+        [&statistics](std::string_view command) -> std::string {
+          if (command == "reset") {
+            statistics.reset();
+            return "ok\n";
+          }
+          if (command == "stats" || command.empty()) return statistics.to_json() + "\n";
+          return "error: unknown command (stats, reset)\n";
+        });
+    if (auto error = control_->start()) say("statistics socket unavailable: " + error.message());
+  }
+
+  asio::awaitable<void> print_statistics_periodically() {
+    for (;;) {
+      stats_ticker_.expires_after(to_duration(options_.stats_interval_seconds));
+      std::error_code cancelled;
+      co_await stats_ticker_.async_wait(asio::redirect_error(asio::use_awaitable, cancelled));
+      if (cancelled || ended_flag_) co_return;
+      say("stats: " + file_system_.statistics().summary_line());
+    }
+  }
+
+  void report_final_statistics() {
+    say("stats at exit: " + file_system_.statistics().summary_line());
+    if (options_.stats_file.empty()) return;
+    std::ofstream file(options_.stats_file, std::ios::trunc);
+    file << file_system_.statistics().to_json() << "\n";
+    if (!file.flush()) say("cannot write " + options_.stats_file);
   }
 
   void on_live() {
@@ -234,6 +287,8 @@ class Bridge {
   bridge::FileSystem file_system_;
   asio::signal_set signals_;
   asio::steady_timer ended_;
+  asio::steady_timer stats_ticker_;
+  std::unique_ptr<bridge::ControlServer> control_;
   bool ended_flag_ = false;
   bool stop_requested_ = false;
   int exit_code_ = 1;
@@ -290,20 +345,86 @@ int run(const tools::Options& options) {
     say(problem);
     return 1;
   }
+  std::unique_ptr<bridge::FaultInjector> faults;
+  if (!options.inject_delay.empty() || !options.inject_error.empty()) {
+    std::optional<bridge::DelaySpec> delay;
+    std::optional<bridge::ErrorSpec> error;
+    if (!options.inject_delay.empty()) {
+      delay.emplace();
+      if (std::string problem = bridge::parse_delay_spec(options.inject_delay, *delay); !problem.empty()) {
+        say("--inject-delay: " + problem);
+        return 2;
+      }
+    }
+    if (!options.inject_error.empty()) {
+      error.emplace();
+      if (std::string problem = bridge::parse_error_spec(options.inject_error, *error); !problem.empty()) {
+        say("--inject-error: " + problem);
+        return 2;
+      }
+    }
+    faults = std::make_unique<bridge::FaultInjector>(delay, error, options.seed);
+  }
   std::signal(SIGPIPE, SIG_IGN);
   int daemon_report = -1;
   if (options.daemon && (daemon_report = become_daemon()) < 0) {
     say(std::string("cannot go to the background: ") + std::strerror(errno));
     return 1;
   }
-  Bridge bridge(options, std::move(target), std::move(plan), daemon_report);
-  return bridge.run();
+  auto bridge = std::make_unique<Bridge>(options, std::move(target), std::move(plan), daemon_report);
+  if (faults) bridge->inject_faults(std::move(faults));
+  return bridge->run();
+}
+
+// `nbdbridge stats [--reset] MOUNTPOINT`: asks the bridge serving MOUNTPOINT
+// through its control socket. MOUNTPOINT may be the mounted directory, the
+// export file inside it, or a file-mode mount.
+int stats_command(std::vector<std::string> args) {
+  CLI::App app{"Print the live statistics of a running nbdbridge as JSON"};
+  app.name("nbdbridge stats");
+  std::string mountpoint;
+  bool reset = false;
+  app.add_option("MOUNTPOINT", mountpoint, "the mountpoint, or the export file, of a running nbdbridge")->required();
+  app.add_flag("--reset", reset, "zero the statistics");
+  app.footer("Examples:\n  nbdbridge stats ./mnt > stats.json && tools/plot-stats stats.json\n  nbdbridge stats --reset ./mnt");
+  try {
+    std::reverse(args.begin(), args.end());
+    app.parse(args);
+  } catch (const CLI::ParseError& error) {
+    if (error.get_exit_code() == 0) return app.exit(error);
+    say(std::string(error.what()) + " (see nbdbridge stats --help)");
+    return 2;
+  }
+  std::vector<std::string> candidates;
+  char resolved[PATH_MAX];
+  if (realpath(mountpoint.c_str(), resolved)) {
+    candidates.emplace_back(resolved);
+    std::string parent, name;
+    bridge::split_parent(resolved, parent, name);
+    candidates.push_back(parent);
+  } else {
+    // A dead or stale mount cannot be resolved; try the path as given.
+    candidates.push_back(mountpoint);
+  }
+  std::error_code last_error;
+  for (const auto& candidate : candidates) {
+    std::string reply;
+    last_error = bridge::query_control(bridge::control_socket_path(candidate), reset ? "reset" : "stats", reply,
+                                       std::chrono::seconds(5));
+    if (!last_error) {
+      std::fputs(reply.c_str(), stdout);
+      return reply.rfind("error", 0) == 0 ? 1 : 0;
+    }
+  }
+  say("no running nbdbridge found for " + mountpoint + " (" + last_error.message() + ")");
+  return 1;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
+  if (!args.empty() && args.front() == "stats") return stats_command({args.begin() + 1, args.end()});
   tools::Options options;
   std::string bracket_problem = tools::extract_server_command(args, options.server_command);
 

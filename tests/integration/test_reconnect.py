@@ -1,0 +1,904 @@
+#!/usr/bin/env python3
+"""Resilience: reconnection, retry and request timeouts, auto_unmount, --force.
+
+What is expected (see `nbdbridge --help`):
+  * When the connection to a URI / --unix / --tcp target breaks, nbdbridge
+    reconnects with backoff (50 ms doubling to 1 s), checks the export is the
+    same (size, read-only) and re-issues every unacknowledged request: the
+    application only sees a delay.  stderr gets "lost ... reconnecting for up
+    to N s" per loss and "reconnected ... after N ms" per reconnect.
+    `--fd` (and `[ CMD ]`) targets are not reconnected: requests fail with EIO.
+  * --retry-timeout S: after S seconds without the server, pending and new
+    requests fail with EIO; the mount can still be unmounted; each further
+    request tries to reconnect once.
+  * A server that comes back with another size (or read-only) is refused.
+  * --request-timeout S answers a request older than S with EIO.
+  * auto_unmount: kill -9 of the bridge removes the mount; a stale mount is
+    reported in one line and cleared by --force.
+
+All I/O on the mounts runs in child processes with deadlines, every wait has
+a deadline, and every server/mount is stopped/removed also on failure.
+"""
+import errno
+import hashlib
+import json
+import os
+import random
+import re
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+
+MiB = 1 << 20
+
+LOST_RE = re.compile(r"lost .*reconnecting for up to (\d+) s")
+LOST_ANY_RE = re.compile(r"\blost\b", re.IGNORECASE)
+RECONNECTED_RE = re.compile(r"reconnected .*after (\d+) ms")
+GAVE_UP_RE = re.compile(r"has not come back within (\d+) s")
+REFUSE_RE = re.compile(r"refus", re.IGNORECASE)
+NO_RECONNECT_RE = re.compile(r"lost .*fail with EIO")
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+def sparse_image(size, name="disk.img"):
+    p = os.path.join(h.tmpdir("img"), name)
+    with open(p, "wb") as f:
+        f.truncate(size)
+    return p
+
+
+def random_image(size, name="disk.img"):
+    p = os.path.join(h.tmpdir("img"), name)
+    h.fill_random_file(p, size)
+    return p
+
+
+def file_sha(path, off, ln):
+    with open(path, "rb") as f:
+        f.seek(off)
+        return hashlib.sha256(f.read(ln)).hexdigest()
+
+
+def wdata(off, ln):
+    """The bytes IO_CHILD writes for op w:off:ln."""
+    return random.Random(off * 1000003 + ln).randbytes(ln)
+
+
+def allocated(path):
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return 0
+
+
+def restart_server(srv, args=None, opts=None):
+    """kill -9 the nbdkit, remove its socket (nbdkit leaves it behind) and
+    start the same (or the given) command on the same socket.  Returns the
+    seconds from the kill until the new server accepts connections."""
+    t0 = time.monotonic()
+    srv.kill(signal.SIGKILL)
+    srv.proc.wait(timeout=10)
+    kill_server_rm_sock(srv, already_dead=True)
+    if args is not None:
+        srv.args = list(args)
+    if opts is not None:
+        srv.opts = list(opts)
+    srv.start()
+    return time.monotonic() - t0
+
+
+def kill_server_rm_sock(srv, already_dead=False):
+    if not already_dead:
+        srv.kill(signal.SIGKILL)
+        srv.proc.wait(timeout=10)
+    if not srv.tcp and os.path.lexists(srv.sock):
+        os.unlink(srv.sock)
+
+
+class FixedTcpNbdkit(h.Nbdkit):
+    """Nbdkit on TCP whose restart keeps the port it got the first time."""
+
+    def __init__(self, args, opts=()):
+        super().__init__(args, opts=opts, tcp=True)
+
+    def start(self):
+        if self.port is None:
+            return super().start()
+        cmd = (["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(self.port)]
+               + self.opts + self.args)
+        err = open(self.errpath, "ab")
+        self.proc = h.popen(cmd, stdout=err, stderr=err)
+        err.close()
+        h.wait_until(lambda: self.proc.poll() is not None
+                     or h._can_connect_tcp("127.0.0.1", self.port),
+                     what="nbdkit to listen again on port %d" % self.port)
+        if self.proc.poll() is not None:
+            raise h.TestFailure("nbdkit failed to restart on port %d: %s"
+                                % (self.port, self.stderr()[-2000:]))
+        return self
+
+
+# Child: performs the ops given as argv (r:OFF:LEN, w:OFF:LEN, f) in order on
+# one fd and prints "KIND RESULT SECONDS" per op (RESULT is OK:<sha256> for
+# reads, OK for writes/fsync, or the errno name).
+IO_CHILD = r"""
+import errno, hashlib, os, random, sys, time
+path = sys.argv[1]
+try:
+    fd = os.open(path, os.O_RDWR)
+except OSError as e:
+    print("open", errno.errorcode.get(e.errno, e.errno), 0, flush=True)
+    sys.exit(0)
+print("opened", flush=True)
+for op in sys.argv[2:]:
+    parts = op.split(":")
+    kind = parts[0]
+    t0 = time.monotonic()
+    try:
+        if kind == "r":
+            off, ln = int(parts[1]), int(parts[2])
+            res = "OK:" + hashlib.sha256(os.pread(fd, ln, off)).hexdigest()
+        elif kind == "w":
+            off, ln = int(parts[1]), int(parts[2])
+            n = os.pwrite(fd, random.Random(off * 1000003 + ln).randbytes(ln), off)
+            res = "OK" if n == ln else "SHORT:%d" % n
+        else:
+            os.fsync(fd)
+            res = "OK"
+    except OSError as e:
+        res = errno.errorcode.get(e.errno, str(e.errno))
+    print("%s %s %.3f" % (kind, res, time.monotonic() - t0), flush=True)
+"""
+
+
+def start_io(path, ops):
+    return h.popen([sys.executable, "-c", IO_CHILD, path] + list(ops),
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_io(p, timeout, what, mount=None):
+    """Wait for an IO_CHILD; returns [(kind, result, seconds)]."""
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        report = h.hang_report(mount) if mount else ""
+        p.kill()
+        try:
+            p.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        raise h.TestFailure("%s: I/O did not return within %ss (hang)\n%s" % (what, timeout, report))
+    h.check_eq(p.returncode, 0, "%s: I/O child exit status (stderr: %s)" % (what, err.strip()[-1000:]))
+    res = []
+    for ln in out.splitlines():
+        parts = ln.split()
+        if parts and parts[0] != "opened":
+            res.append((parts[0], parts[1], float(parts[2])))
+    return res
+
+
+def io_ops(path, ops, timeout=h.DEADLINE, what="I/O", mount=None):
+    return finish_io(start_io(path, ops), timeout, what, mount)
+
+
+def wait_opened(p, timeout=h.DEADLINE):
+    """Wait until an IO_CHILD has opened the file (its first line)."""
+    sel = selectors.DefaultSelector()
+    sel.register(p.stdout, selectors.EVENT_READ)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if sel.select(timeout=0.1):
+            line = p.stdout.readline()
+            h.check_eq(line.strip(), "opened", "I/O child could not open the export")
+            return
+        h.check(p.poll() is None, "I/O child exited before opening the export")
+    raise h.TestFailure("I/O child did not open the export within %ss" % timeout)
+
+
+def count(regex, text):
+    return len(regex.findall(text))
+
+
+class Fio:
+    """fio running in the background (--thread, so one process to stop)."""
+
+    def __init__(self, path, args, name="job"):
+        self.d = h.tmpdir("fio")
+        self.out = os.path.join(self.d, "fio.json")
+        self.errpath = os.path.join(self.d, "fio.stderr")
+        self.cmd = (["fio", "--name=" + name, "--thread", "--filename=" + path,
+                     "--output-format=json", "--output=" + self.out,
+                     "--allow_file_create=0", "--fallocate=none", "--invalidate=0",
+                     "--verify_state_save=0", "--randseed=4242"] + list(args))
+        with open(self.errpath, "wb") as err:
+            self.proc = h.popen(self.cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=self.d)
+
+    def stderr(self):
+        with open(self.errpath, errors="replace") as f:
+            return f.read()
+
+    def wait(self, timeout, mount=None):
+        """Returns (exit status, job dict, stderr)."""
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            report = h.hang_report(mount) if mount else ""
+            self.proc.kill()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            raise h.TestFailure("fio did not finish within %ss (hang?)\n%s" % (timeout, report))
+        try:
+            with open(self.out) as f:
+                text = f.read()
+            data = json.loads(text[text.index("{"):])
+            job = data["jobs"][0]
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            raise h.TestFailure("fio produced no JSON (rc=%s): %s\nstderr: %s"
+                                % (rc, e, self.stderr()[-2000:]))
+        return rc, job, self.stderr()
+
+
+def check_fio_clean(rc, job, err, size, what):
+    h.check_eq(rc, 0, "%s: fio exit status (stderr: %s)" % (what, err.strip()[-2000:]))
+    h.check_eq(job.get("error"), 0, "%s: fio job error (errno)" % what)
+    h.check_eq(job.get("total_err", 0), 0, "%s: fio total_err" % what)
+    h.check(not re.search(r"verify|bad magic|crc", err, re.IGNORECASE),
+            "%s: fio reported verify problems: %s" % (what, err.strip()[-2000:]))
+    h.check_eq(job["write"]["io_bytes"], size, "%s: bytes written" % what)
+    h.check_eq(job["read"]["io_bytes"], size, "%s: bytes read back and verified" % what)
+
+
+FIO_VERIFY = ["--rw=randwrite", "--ioengine=libaio", "--iodepth=64", "--direct=1",
+              "--verify=crc32c", "--do_verify=1", "--verify_fatal=1"]
+
+
+# ---------------------------------------------------------------------------
+# a proxy that drops the connection after N NBD requests (or T ms)
+
+IHAVEOPT = 0x49484156454F5054
+REQUEST_MAGIC = 0x25609513
+NBD_OPT_EXPORT_NAME, NBD_OPT_GO = 1, 7
+NBD_CMD_WRITE = 1
+
+
+class _Conn:
+    def __init__(self, c, u, limit):
+        self.c, self.u = c, u
+        self.limit = limit          # drop after this many requests (None: never)
+        self.requests = 0
+        self.dead = False
+        self.pumps = 2
+
+
+class DropProxy:
+    """Unix-socket proxy in front of an NBD server that parses the client's
+    request stream and closes the connection (both sides, orderly) right
+    after forwarding the Nth request, N drawn from `every` = (lo, hi) per
+    connection, and/or after a time drawn from `after_ms` = (lo, hi).  The
+    requests in flight at that moment are left unanswered, so the bridge
+    has to re-issue them on the next connection."""
+
+    def __init__(self, upstream, every=None, after_ms=None, seed=0, d=None):
+        self.upstream = upstream
+        self.every = every
+        self.after_ms = after_ms
+        self.rng = random.Random(seed)
+        self.d = d or h.tmpdir("dproxy")
+        self.sock = os.path.join(self.d, "proxy.sock")
+        self.uri = "nbd+unix:///?socket=%s" % self.sock
+        self.lock = threading.Lock()
+        self.conns = []
+        self.nconn = 0
+        self.requests = 0            # NBD requests forwarded, all connections
+        self.drops = {"requests": 0, "time": 0, "manual": 0}
+        self.desync = 0              # streams we could not parse
+        self.drop_next_after = None  # one-shot: drop after K more requests
+        self._stop = False
+        self._lsock = None
+
+    def total_drops(self):
+        with self.lock:
+            return sum(self.drops.values())
+
+    def start(self):
+        self._lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._lsock.bind(self.sock)
+        self._lsock.listen(16)
+        self._lsock.settimeout(0.2)
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+        return self
+
+    def _accept_loop(self):
+        while not self._stop:
+            try:
+                c, _ = self._lsock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                u.connect(self.upstream)
+            except OSError:
+                c.close()
+                u.close()
+                continue
+            with self.lock:
+                limit = self.rng.randint(*self.every) if self.every else None
+                ms = self.rng.randint(*self.after_ms) if self.after_ms else None
+                conn = _Conn(c, u, limit)
+                self.conns.append(conn)
+                self.nconn += 1
+            threading.Thread(target=self._client_to_server, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._server_to_client, args=(conn,), daemon=True).start()
+            if ms is not None:
+                t = threading.Timer(ms / 1000.0, self._drop, args=(conn, "time"))
+                t.daemon = True
+                t.start()
+
+    def _drop(self, conn, kind):
+        with self.lock:
+            if conn.dead:
+                return
+            conn.dead = True
+            self.drops[kind] += 1
+        self._shut(conn)
+
+    @staticmethod
+    def _shut(conn):
+        for x in (conn.c, conn.u):
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _pump_done(self, conn):
+        self._shut(conn)
+        with self.lock:
+            conn.dead = True
+            conn.pumps -= 1
+            last = conn.pumps == 0
+            if last and conn in self.conns:
+                self.conns.remove(conn)
+        if last:
+            conn.c.close()
+            conn.u.close()
+
+    def _server_to_client(self, conn):
+        try:
+            while True:
+                data = conn.u.recv(1 << 16)
+                if not data:
+                    break
+                conn.c.sendall(data)
+        except OSError:
+            pass
+        self._pump_done(conn)
+
+    def _client_to_server(self, conn):
+        state, need, hdr, skip = "flags", 4, b"", 0
+        drop_after_skip = False
+        parse = True
+        try:
+            while True:
+                data = conn.c.recv(1 << 16)
+                if not data:
+                    break
+                cut = None
+                i = 0
+                while parse and i < len(data) and cut is None:
+                    if skip:
+                        n = min(skip, len(data) - i)
+                        i += n
+                        skip -= n
+                        if skip == 0 and drop_after_skip:
+                            cut = i
+                        continue
+                    take = min(need - len(hdr), len(data) - i)
+                    hdr += data[i:i + take]
+                    i += take
+                    if len(hdr) < need:
+                        break
+                    if state == "flags":
+                        state, need = "opt", 16
+                    elif state == "opt":
+                        magic, opt, ln = struct.unpack(">QII", hdr)
+                        if magic != IHAVEOPT:
+                            parse = False
+                            with self.lock:
+                                self.desync += 1
+                            break
+                        skip = ln
+                        if opt in (NBD_OPT_EXPORT_NAME, NBD_OPT_GO):
+                            state, need = "trans", 28
+                    else:
+                        magic, _flags, typ, _cookie, _off, ln = struct.unpack(">IHHQQI", hdr)
+                        if magic != REQUEST_MAGIC:
+                            parse = False
+                            with self.lock:
+                                self.desync += 1
+                            break
+                        if typ == NBD_CMD_WRITE:
+                            skip = ln
+                        with self.lock:
+                            self.requests += 1
+                            conn.requests += 1
+                            due = conn.limit is not None and conn.requests >= conn.limit
+                            if self.drop_next_after is not None:
+                                self.drop_next_after -= 1
+                                if self.drop_next_after <= 0:
+                                    self.drop_next_after = None
+                                    due = True
+                        if due:
+                            if skip:
+                                drop_after_skip = True
+                            else:
+                                cut = i
+                    hdr = b""
+                if cut is not None:
+                    conn.u.sendall(data[:cut])
+                    self._drop(conn, "requests")
+                    break
+                conn.u.sendall(data)
+        except OSError:
+            pass
+        self._pump_done(conn)
+
+    def close_all(self):
+        with self.lock:
+            conns = list(self.conns)
+        for conn in conns:
+            self._drop(conn, "manual")
+
+    def stop(self):
+        self._stop = True
+        with self.lock:
+            conns = list(self.conns)
+        for conn in conns:
+            self._shut(conn)
+        if self._lsock:
+            self._lsock.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+
+# ---------------------------------------------------------------------------
+# 1. kill -9 + restart of the server under fio verify
+
+def test_fio_verify_survives_server_restart():
+    size = 256 * MiB
+    img = sparse_image(size)
+    with h.Nbdkit(["file", img]) as srv, \
+            h.Mount(h.tmpdir("mp"), ["--unix", srv.sock]) as m:
+        fio = Fio(m.export, FIO_VERIFY + ["--bs=4k", "--size=128M"])
+        # fio writes into a sparse image: its allocation is the progress
+        h.wait_until(lambda: fio.proc.poll() is not None or allocated(img) >= 24 * MiB,
+                     timeout=60, what="fio to write 24 MiB")
+        h.check(fio.proc.poll() is None,
+                "fio ended before the server could be killed: %s" % fio.stderr()[-1000:])
+        before = allocated(img)
+        dt = restart_server(srv)
+        h.check(dt < 2.0, "test set-up: server restart took %.2fs (>= 2 s)" % dt)
+        rc, job, err = fio.wait(90, m)
+        check_fio_clean(rc, job, err, 128 * MiB, "fio across a server restart")
+        h.check(before < 128 * MiB, "kill happened after the write phase (%d bytes)" % before)
+        text = m.stderr()
+        lost = LOST_RE.findall(text)
+        rec = RECONNECTED_RE.findall(text)
+        h.check(lost, "no 'lost ... reconnecting for up to N s' line on stderr: %s" % text[-2000:])
+        h.check(all(s == "60" for s in lost), "lost lines name %r s, expected the default 60" % lost)
+        h.check_eq(len(rec), len(lost), "'reconnected' lines vs 'lost' lines (stderr: %s)" % text[-2000:])
+        worst = max(int(x) for x in rec)
+        h.check(worst <= dt * 1000 + 1500,
+                "reconnected after %d ms, but the server was back %.0f ms after the kill "
+                "(backoff is capped at 1 s)" % (worst, dt * 1000))
+        h.check(m.mounted(), "mount vanished")
+
+
+# ---------------------------------------------------------------------------
+# 2. server gone for good: --retry-timeout 3
+
+def _log_has_pending_read(logfile, off):
+    try:
+        with open(logfile) as f:
+            return any(" Read id=" in ln and "offset=0x%x" % off in ln for ln in f)
+    except OSError:
+        return False
+
+
+def test_retry_timeout_gives_up():
+    size = 64 * MiB
+    img = random_image(size)
+    logfile = os.path.join(h.tmpdir("log"), "log")
+    with h.Nbdkit(["file", img, "logfile=" + logfile, "delay-read=60"],
+                  opts=["--filter=log", "--filter=delay"]) as srv, \
+            h.Mount(h.tmpdir("mp"), ["--unix", srv.sock], opts=["--retry-timeout", "3"]) as m:
+        child = start_io(m.export, ["r:%d:4096" % MiB])
+        h.wait_until(lambda: _log_has_pending_read(logfile, MiB), what="the read to reach the server")
+        h.check(child.poll() is None, "read finished before the server was killed")
+        srv.kill(signal.SIGKILL)
+        srv.proc.wait(timeout=10)
+        t0 = time.monotonic()
+        res = finish_io(child, 15, "pending read after the server died", m)
+        dt = time.monotonic() - t0
+        h.check_eq([r[:2] for r in res], [("r", "EIO")], "pending read result")
+        h.check(dt <= 5.0, "pending read failed %.2fs after the kill (expected <= 3 + 2 s)" % dt)
+        h.check(dt >= 2.5, "pending read failed after only %.2fs: it did not wait for the "
+                "3 s retry timeout" % dt)
+        text = m.stderr()
+        h.check_eq(LOST_RE.findall(text), ["3"], "'lost ... reconnecting for up to 3 s' lines")
+        h.check(GAVE_UP_RE.search(text), "no 'has not come back within 3 s' line: %s" % text[-2000:])
+        # new requests: each tries once, fails with EIO promptly
+        res = io_ops(m.export, ["r:0:4096", "w:8192:4096", "r:%d:4096" % (4 * MiB)],
+                     timeout=20, what="new requests after giving up", mount=m)
+        h.check_eq([r[:2] for r in res], [("r", "EIO"), ("w", "EIO"), ("r", "EIO")],
+                   "new requests after giving up")
+        for kind, _, sec in res:
+            h.check(sec < 2.0, "a new %s took %.2fs to fail after giving up" % (kind, sec))
+        h.check(m.mounted(), "mount vanished after giving up")
+        r = m.unmount()
+        h.check_eq(r.returncode, 0, "fusermount3 -u with the server gone (%s)" % r.stderr.strip())
+        h.check_eq(m.wait_exit(), 0, "nbdbridge exit status after unmount")
+        h.check(not m.mounted(), "mount still present after unmount")
+
+
+def test_retry_timeout_then_server_returns():
+    size = 64 * MiB
+    img = random_image(size)
+    with h.Nbdkit(["file", img]) as srv, \
+            h.Mount(h.tmpdir("mp"), ["--unix", srv.sock], opts=["--retry-timeout", "3"]) as m:
+        res = io_ops(m.export, ["r:0:4096"], what="read before the kill", mount=m)
+        h.check_eq(res[0][1], "OK:" + file_sha(img, 0, 4096), "read before the kill")
+        kill_server_rm_sock(srv)
+        t0 = time.monotonic()
+        res = io_ops(m.export, ["r:4096:4096"], timeout=15, what="read during the outage", mount=m)
+        h.check_eq(res[0][1], "EIO", "read with the server gone past the retry timeout")
+        h.check(time.monotonic() - t0 <= 5.0, "read took more than 3 + 2 s to fail")
+        h.wait_until(lambda: GAVE_UP_RE.search(m.stderr()), timeout=5,
+                     what="'has not come back within 3 s' on stderr")
+        h.check(not RECONNECTED_RE.search(m.stderr()), "'reconnected' with no server")
+        srv.start()           # same command, same socket
+        res = io_ops(m.export, ["r:%d:65536" % (2 * MiB), "w:%d:65536" % (3 * MiB),
+                                "f", "r:%d:65536" % (3 * MiB)],
+                     timeout=15, what="requests after the server came back", mount=m)
+        h.check_eq([r[:2] for r in res],
+                   [("r", "OK:" + file_sha(img, 2 * MiB, 65536)), ("w", "OK"), ("f", "OK"),
+                    ("r", "OK:" + hashlib.sha256(wdata(3 * MiB, 65536)).hexdigest())],
+                   "a new request after the give-up reconnects (once) and succeeds")
+        h.check_eq(file_sha(img, 3 * MiB, 65536), hashlib.sha256(wdata(3 * MiB, 65536)).hexdigest(),
+                   "data written after the reconnect is on the server")
+        h.check(RECONNECTED_RE.search(m.stderr()), "no 'reconnected' line: %s" % m.stderr()[-2000:])
+
+
+# ---------------------------------------------------------------------------
+# 3. the server comes back as a different export
+
+def _check_refused(restart_args, restart_opts, what):
+    size = 64 * MiB
+    img = random_image(size)
+    with h.Nbdkit(["file", img]) as srv, \
+            h.Mount(h.tmpdir("mp"), ["--unix", srv.sock]) as m:
+        res = io_ops(m.export, ["r:0:4096"], what="read before the kill", mount=m)
+        h.check_eq(res[0][1], "OK:" + file_sha(img, 0, 4096), "read before the kill")
+        kill_server_rm_sock(srv)
+        pending = start_io(m.export, ["r:8192:4096"])
+        wait_opened(pending)
+        h.wait_until(lambda: LOST_RE.search(m.stderr()), timeout=10, what="'lost' line on stderr")
+        h.check(pending.poll() is None,
+                "a read during the outage returned at once (expected it to wait for the server)")
+        srv.args = restart_args(img)
+        srv.opts = restart_opts
+        srv.start()
+        t0 = time.monotonic()
+        h.wait_until(lambda: REFUSE_RE.search(m.stderr()), timeout=10,
+                     what="nbdbridge to refuse the %s" % what)
+        res = finish_io(pending, 10, "read pending when the %s came back" % what, m)
+        h.check_eq([r[:2] for r in res], [("r", "EIO")], "pending read after the %s came back" % what)
+        h.check(time.monotonic() - t0 < 5.0, "pending read took >= 5 s to fail after the refusal")
+        res = io_ops(m.export, ["r:0:4096", "w:0:4096"], timeout=10, what="new requests", mount=m)
+        h.check_eq([r[:2] for r in res], [("r", "EIO"), ("w", "EIO")],
+                   "new requests after refusing the %s" % what)
+        for kind, _, sec in res:
+            h.check(sec < 2.0, "a new %s took %.2fs to fail" % (kind, sec))
+        h.check(not RECONNECTED_RE.search(m.stderr()),
+                "stderr says 'reconnected' to the %s: %s" % (what, m.stderr()[-2000:]))
+        h.check(m.mounted(), "mount vanished")
+
+
+def test_different_size_refused():
+    def bigger(img):
+        other = sparse_image(128 * MiB, "other.img")
+        return ["file", other]
+    _check_refused(bigger, [], "export with a different size")
+
+
+def test_readonly_export_refused():
+    _check_refused(lambda img: ["file", img], ["-r"], "read-only export")
+
+
+# ---------------------------------------------------------------------------
+# 4. faults under load
+
+def test_delay_no_false_request_timeouts():
+    img = sparse_image(64 * MiB)
+    with h.Nbdkit(["file", img, "rdelay=50ms", "wdelay=50ms"], opts=["--filter=delay"]) as srv, \
+            h.Mount(h.tmpdir("mp"), ["--unix", srv.sock], opts=["--request-timeout", "5"]) as m:
+        fio = Fio(m.export, FIO_VERIFY + ["--bs=16k", "--size=16M"])
+        rc, job, err = fio.wait(60, m)
+        check_fio_clean(rc, job, err, 16 * MiB, "fio with 50 ms server delays")
+        lat = job["write"]["clat_ns"]["max"]
+        h.check(lat >= 50e6, "max write latency %.1f ms < 50 ms: delay filter not in effect" % (lat / 1e6))
+        text = m.stderr()
+        h.check(not re.search(r"time|lost|reconnect", text, re.IGNORECASE),
+                "unexpected stderr with --request-timeout 5: %s" % text[-2000:])
+
+
+def test_connection_dropped_every_n_requests():
+    img = sparse_image(64 * MiB)
+    with h.Nbdkit(["file", img]) as srv, \
+            DropProxy(srv.sock, every=(300, 1500), seed=7) as px, \
+            h.Mount(h.tmpdir("mp"), [px.uri]) as m:
+        fio = Fio(m.export, FIO_VERIFY + ["--bs=4k", "--size=32M"])
+        rc, job, err = fio.wait(90, m)
+        check_fio_clean(rc, job, err, 32 * MiB, "fio with connection drops")
+        h.check_eq(px.desync, 0, "proxy could not follow the NBD stream")
+        drops = px.total_drops()
+        h.check(drops >= 5, "only %d drops happened (%d requests forwarded)" % (drops, px.requests))
+
+        def settled():
+            text = m.stderr()
+            return (count(LOST_RE, text) == drops and count(RECONNECTED_RE, text) == drops) or None
+        try:
+            h.wait_until(settled, timeout=10, what="lost/reconnected lines to match the drops")
+        except h.TestFailure:
+            text = m.stderr()
+            raise h.TestFailure("proxy dropped %d connections; stderr has %d 'lost ... reconnecting' "
+                                "and %d 'reconnected' lines:\n%s"
+                                % (drops, count(LOST_RE, text), count(RECONNECTED_RE, text),
+                                   text[-3000:]))
+        h.log("  %d drops over %d requests, %d connections" % (drops, px.requests, px.nconn))
+
+
+# ---------------------------------------------------------------------------
+# 5. injected server errors are errors, not disconnects
+
+def test_error_filter_not_a_disconnect():
+    img = sparse_image(64 * MiB)
+    with h.Nbdkit(["file", img, "error-pread-rate=1%", "error-pwrite-rate=1%"],
+                  opts=["--filter=error"]) as srv, \
+            h.Mount(h.tmpdir("mp"), ["--unix", srv.sock]) as m:
+        fio = Fio(m.export, ["--rw=randrw", "--bs=4k", "--size=32M", "--iodepth=64",
+                             "--ioengine=libaio", "--direct=1", "--continue_on_error=all"])
+        rc, job, err = fio.wait(60, m)
+        ios = job["read"]["total_ios"] + job["write"]["total_ios"]
+        injected = srv.stderr().count("injecting EIO error into")
+        nerr = job.get("total_err", 0)
+        h.check(ios >= 8192, "fio did only %d I/Os (expected >= 8192)" % ios)
+        h.check(injected > 0, "the error filter injected nothing")
+        h.check_eq(nerr, injected, "failed fio I/Os vs errors injected by the server")
+        h.check(nerr < ios * 0.05, "%d of %d I/Os failed" % (nerr, ios))
+        h.check_eq(job.get("first_error"), errno.EIO, "fio first_error")
+        text = m.stderr()
+        h.check(not LOST_ANY_RE.search(text) and "reconnect" not in text,
+                "injected EIO was treated as a disconnect: %s" % text[-2000:])
+        res = io_ops(m.export, ["w:0:4096"] * 20, what="I/O after fio", mount=m)
+        h.check(sum(r[1] == "OK" for r in res) >= 14,
+                "bridge no longer serving after errors: %r" % res)
+        h.check(m.mounted(), "mount vanished")
+
+
+# ---------------------------------------------------------------------------
+# 6. kill -9 of the bridge: auto_unmount, remount, stale mount + --force
+
+WORKER = r"""
+import errno, os, random, sys, threading
+path = sys.argv[1]
+n = 4
+out = []
+lock = threading.Lock()
+started = threading.Barrier(n + 1)
+def w(i):
+    rnd = random.Random(i)
+    first = True
+    try:
+        fd = os.open(path, os.O_RDWR)
+        while True:
+            off = rnd.randrange(1 << 20, (32 << 20) - 65536, 4096)
+            os.pwrite(fd, os.urandom(65536), off)
+            os.pread(fd, 65536, off)
+            if first:
+                first = False
+                started.wait()
+    except OSError as e:
+        with lock:
+            out.append("T%d %s" % (i, errno.errorcode.get(e.errno, e.errno)))
+        if first:
+            started.abort()
+ts = [threading.Thread(target=w, args=(i,)) for i in range(n)]
+for t in ts: t.start()
+try:
+    started.wait()
+    print("progress", flush=True)
+except threading.BrokenBarrierError:
+    print("noprogress", flush=True)
+for t in ts: t.join()
+print("\n".join(out), flush=True)
+"""
+
+
+def _readline(p, timeout):
+    sel = selectors.DefaultSelector()
+    sel.register(p.stdout, selectors.EVENT_READ)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if sel.select(timeout=0.1) or p.poll() is not None:
+            return p.stdout.readline()
+    raise h.TestFailure("no output from the I/O workers within %ss" % timeout)
+
+
+def _helpers(pid):
+    return [p for p in h.descendants(pid) if "fusermount" in " ".join(h.proc_cmdline(p))]
+
+
+def test_kill9_bridge_auto_unmount_and_remount():
+    size = 64 * MiB
+    img = sparse_image(size)
+    mp = h.tmpdir("mp")
+    with h.Nbdkit(["file", img]) as srv, \
+            h.Mount(mp, ["--unix", srv.sock], expect_exit=None) as m1:
+        res = io_ops(m1.export, ["w:0:1048576", "f"], what="write before the kill", mount=m1)
+        h.check_eq([r[:2] for r in res], [("w", "OK"), ("f", "OK")], "write before the kill")
+        helpers = _helpers(m1.pid)
+        h.check(helpers, "no fusermount3 auto_unmount helper under nbdbridge")
+        h.check(any("auto_unmount" in " ".join(h.proc_cmdline(p)) for p in helpers),
+                "helper without auto_unmount: %r" % [h.proc_cmdline(p) for p in helpers])
+        worker = h.popen([sys.executable, "-c", WORKER, m1.export],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        h.check_eq(_readline(worker, h.DEADLINE).strip(), "progress", "I/O workers got going")
+        os.kill(m1.pid, signal.SIGKILL)
+        m1.proc.wait(timeout=10)
+        t0 = time.monotonic()
+        h.wait_until(lambda: not m1.mounted(), timeout=5,
+                     what="auto_unmount to remove the mount after kill -9 of nbdbridge")
+        h.log("  mount gone %.2fs after kill -9" % (time.monotonic() - t0))
+        try:
+            out, err = worker.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.communicate(timeout=10)
+            raise h.TestFailure("I/O on the mount hung after nbdbridge was killed")
+        results = sorted(ln for ln in out.split("\n") if ln.startswith("T"))
+        h.check_eq(len(results), 4, "every I/O thread got an error (stdout %r, stderr %r)" % (out, err))
+        h.log("  I/O threads got: %s" % ", ".join(results))
+        h.wait_until(lambda: not any(h.pid_alive(p) for p in helpers), timeout=5,
+                     what="the fusermount3 helper to exit")
+        with h.Mount(mp, ["--unix", srv.sock]) as m2:
+            res = io_ops(m2.export, ["r:0:1048576"], what="read after remount", mount=m2)
+            h.check_eq(res[0][1], "OK:" + hashlib.sha256(wdata(0, 1048576)).hexdigest(),
+                       "data written before the kill, read through a new bridge")
+
+
+def test_stale_mount_and_force():
+    size = 64 * MiB
+    img = sparse_image(size)
+    mp = h.tmpdir("mp")
+    with h.Nbdkit(["file", img]) as srv:
+        m1 = h.Mount(mp, ["--unix", srv.sock], expect_exit=None)
+        m2 = h.Mount(mp, ["--unix", srv.sock], opts=["--force"])   # (paths computed now)
+        try:
+            with m1:
+                res = io_ops(m1.export, ["w:0:65536", "f"], what="write", mount=m1)
+                h.check_eq([r[:2] for r in res], [("w", "OK"), ("f", "OK")], "write")
+                helpers = _helpers(m1.pid)
+                h.check(helpers, "no fusermount3 auto_unmount helper under nbdbridge")
+                for p in helpers:
+                    os.kill(p, signal.SIGKILL)
+                os.kill(m1.pid, signal.SIGKILL)
+                m1.proc.wait(timeout=10)
+                h.wait_until(lambda: not any(h.pid_alive(p) for p in helpers), timeout=5,
+                             what="helper to die")
+                h.check(m1.mounted(), "no stale mount left (could not make one)")
+                e, _ = h.os_errno(os.stat, m1.export)
+                h.check_eq(h.errno_name(e), "ENOTCONN", "stat on the stale mount")
+                rc, err = h.nbdbridge_run([mp, "--unix", srv.sock], timeout=20)
+                lines = [ln for ln in err.splitlines() if ln.strip()]
+                h.check(rc != "timeout", "nbdbridge hung on a stale mountpoint")
+                h.check(rc != 0, "nbdbridge exited 0 on a stale mountpoint without --force")
+                h.check_eq(len(lines), 1, "stderr lines for a stale mountpoint (%r)" % err)
+                h.check(re.search(r"stale", lines[0], re.I) and re.search(r"not connected", lines[0], re.I),
+                        "stale-mount message: %r" % lines[0])
+                h.check(re.search(r"--force", lines[0]), "message does not mention --force: %r" % lines[0])
+                h.check(m1.mounted(), "the failed run changed the stale mount")
+                with m2:
+                    entries = [x for x in h.fuse_mounts() if x["mountpoint"] == m2.mountdir]
+                    h.check_eq(len(entries), 1, "mounts at the mountpoint after --force")
+                    res = io_ops(m2.export, ["r:0:65536"], what="read with --force", mount=m2)
+                    h.check_eq(res[0][1], "OK:" + hashlib.sha256(wdata(0, 65536)).hexdigest(),
+                               "data through the --force mount")
+                h.check(not h.is_mounted(m2.mountdir), "mount left after unmounting the --force mount")
+        finally:
+            if h.is_mounted(m1.mountdir):
+                h.force_unmount(m1.mountdir)
+            m2.cleanup()
+
+
+# ---------------------------------------------------------------------------
+# 7. --request-timeout
+
+def test_request_timeout():
+    with h.Nbdkit(["memory", str(64 * MiB), "rdelay=3"], opts=["--filter=delay"]) as srv, \
+            h.Mount(h.tmpdir("mp"), ["--unix", srv.sock], opts=["--request-timeout", "1"]) as m:
+        res = io_ops(m.export, ["r:0:4096", "w:4096:4096", "f"], timeout=15,
+                     what="read with a 3 s server delay", mount=m)
+        h.check_eq([r[:2] for r in res], [("r", "EIO"), ("w", "OK"), ("f", "OK")],
+                   "request timeout results")
+        sec = res[0][2]
+        h.check(0.8 <= sec <= 2.5, "read failed after %.2fs (expected 0.8-2.5 s)" % sec)
+        h.check(res[1][2] < 1.0, "write after the timed-out read took %.2fs" % res[1][2])
+
+
+# ---------------------------------------------------------------------------
+# other targets: --tcp reconnects; --fd does not
+
+def test_tcp_target_reconnects_pending_read():
+    img = random_image(64 * MiB)
+    srv = FixedTcpNbdkit(["file", img])
+    with srv, h.Mount(h.tmpdir("mp"), ["--tcp", "127.0.0.1", str(srv.port)]) as m:
+        res = io_ops(m.export, ["r:0:4096"], what="read before the kill", mount=m)
+        h.check_eq(res[0][1], "OK:" + file_sha(img, 0, 4096), "read before the kill")
+        srv.kill(signal.SIGKILL)
+        srv.proc.wait(timeout=10)
+        pending = start_io(m.export, ["r:%d:65536" % (5 * MiB)])
+        wait_opened(pending)
+        h.wait_until(lambda: LOST_RE.search(m.stderr()), timeout=10, what="'lost' line")
+        h.check(pending.poll() is None, "read during the outage did not wait")
+        srv.start()
+        res = finish_io(pending, 10, "read pending across the restart", m)
+        h.check_eq([r[:2] for r in res], [("r", "OK:" + file_sha(img, 5 * MiB, 65536))],
+                   "read pending across a TCP server restart")
+        h.check(RECONNECTED_RE.search(m.stderr()), "no 'reconnected' line: %s" % m.stderr()[-2000:])
+
+
+def test_fd_target_not_reconnected():
+    with h.Nbdkit(["memory", str(64 * MiB)]) as srv:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(srv.sock)
+        fd = s.fileno()
+        try:
+            with h.Mount(h.tmpdir("mp"), ["--fd", str(fd)], pass_fds=(fd,),
+                         after_start=s.close) as m:
+                res = io_ops(m.export, ["w:0:4096"], what="write", mount=m)
+                h.check_eq(res[0][1], "OK", "write before the kill")
+                srv.kill(signal.SIGKILL)
+                srv.proc.wait(timeout=10)
+                res = io_ops(m.export, ["r:0:4096"], timeout=20, what="read after the kill", mount=m)
+                h.check_eq(res[0][1], "EIO", "--fd target: read after the server died")
+                h.check(res[0][2] < 5.0, "--fd target: read took %.2fs to fail (it must not wait "
+                        "for a reconnect)" % res[0][2])
+                text = m.stderr()
+                h.check(NO_RECONNECT_RE.search(text) and "reconnecting" not in text,
+                        "--fd target: expected 'lost ... fail with EIO' and no reconnecting: %s"
+                        % text[-2000:])
+        finally:
+            s.close()
+
+
+if __name__ == "__main__":
+    h.main(globals())

@@ -180,7 +180,7 @@ asio::awaitable<std::uint64_t> BlockIo::allocated_bytes(unsigned max_commands) {
       extents.clear();
       return connection.async_block_status(std::size_t(std::min(info_.size - position, status_span)), position,
                                            extents, use_result);
-    });
+    }, /*inject=*/false);
     if (error || extents.empty()) break;
     for (const auto& extent : extents) {
       std::uint64_t extent_end = std::min(extent.offset + extent.length, info_.size);

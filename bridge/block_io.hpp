@@ -69,11 +69,13 @@ class BlockIo {
   // broke under was never acknowledged, so it is issued again once the pool has
   // reconnected (or fails with EIO when the pool gives up). start returns the
   // awaitable of one Connection::async_* call with use_result.
+  // inject: false for the bridge's own background commands, so that the
+  // injected sequence seen by the application depends only on the seed.
   template <typename Start>
-  asio::awaitable<std::error_code> command(Operation operation, Start start) {
+  asio::awaitable<std::error_code> command(Operation operation, Start start, bool inject = true) {
     // The NBD span starts before an injected delay: that delay stands for the network.
     auto sent = std::chrono::steady_clock::now();
-    if (faults_) {
+    if (faults_ && inject) {
       // Injected faults act before the command reaches the server, as a slow or
       // failing network would.
       if (auto delay = faults_->next_delay(); delay.count() > 0) {
@@ -91,7 +93,7 @@ class BlockIo {
       nbd_client::Connection* connection = co_await pool_.usable_connection();
       if (!connection) co_return std::error_code(EIO, std::generic_category());
       auto [error] = co_await start(*connection);
-      if (statistics_)
+      if (statistics_compiled_in && statistics_)
         statistics_->command_finished(
             operation, connection->index(),
             std::uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - sent)

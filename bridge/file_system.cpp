@@ -88,7 +88,7 @@ FileSystem::Tracked::Tracked(FileSystem& owner, fuse_req_t request, Operation ki
   if (next_) next_->previous_ = this;
   owner_.in_flight_head_ = this;
   ++owner_.in_flight_count_;
-  owner_.statistics_->request_started(kind_);
+  if constexpr (statistics_compiled_in) owner_.statistics_->request_started(kind_);
   if (owner_.options_.verbose) {
     std::fprintf(stderr, "nbdbridge: #%" PRIu64 " %s offset=%" PRIu64 " length=%zu\n", id_, operation_, offset_,
                  length_);
@@ -110,6 +110,7 @@ bool FileSystem::Tracked::begin_reply() {
 }
 
 void FileSystem::Tracked::record(int error, std::size_t length) const {
+  if constexpr (!statistics_compiled_in) return;
   auto span = std::chrono::steady_clock::now() - started_;
   owner_.statistics_->request_finished(
       kind_, length, error != 0 && error != ENXIO,

@@ -37,6 +37,14 @@
 
 namespace bridge {
 
+// Built with -DNBDBRIDGE_WITHOUT_STATISTICS (cmake -DNBDBRIDGE_STATISTICS=OFF) the
+// request path records nothing; tools/bench compares the two builds.
+#ifdef NBDBRIDGE_WITHOUT_STATISTICS
+inline constexpr bool statistics_compiled_in = false;
+#else
+inline constexpr bool statistics_compiled_in = true;
+#endif
+
 enum class Operation { read, write, flush, trim_zero, block_status, count_ };  // count_ = number of kinds
 
 inline constexpr std::size_t operation_kinds = std::size_t(Operation::count_);

@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Live statistics and client-side fault injection.
+
+Statistics are read three ways (the .stats file of a directory mount,
+`nbdbridge stats MOUNTPOINT`, --stats-file at exit) and must count the I/O the
+test did. An injected 2 ms delay must show in the NBD span; the same seed must
+give the same sequence of injected errors; injected errors must reach the
+application with the chosen errno.
+"""
+import errno
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+
+SIZE = 16 * 1024 * 1024
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _stats_via_command(path):
+    r = h.run([h.NBDBRIDGE, "stats", path], timeout=15)
+    h.check_eq(r.returncode, 0, "nbdbridge stats exit (stderr %r)" % r.stderr)
+    return json.loads(r.stdout)
+
+
+def _direct_reads(path, count, length=4096):
+    """count sequential O_DIRECT reads; returns the errno (or 0) of each."""
+    import mmap
+    buf = mmap.mmap(-1, length)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    results = []
+    try:
+        for i in range(count):
+            try:
+                os.preadv(fd, [buf], i * length)
+                results.append(0)
+            except OSError as e:
+                results.append(e.errno)
+    finally:
+        os.close(fd)
+    return results
+
+
+def test_counts_through_stats_file_and_command():
+    with h.Nbdkit(["memory", str(SIZE)]) as srv, h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
+        fd = os.open(m.export, os.O_RDWR)
+        try:
+            for i in range(10):
+                os.pwrite(fd, b"x" * 4096, i * 4096)
+            for i in range(20):
+                h.pread_full(fd, 4096, i * 4096)
+        finally:
+            os.close(fd)
+        with open(os.path.join(m.mountdir, ".stats")) as f:
+            from_file = json.load(f)
+        h.check_eq(from_file["version"], 1, "version")
+        h.check(from_file["operations"]["write"]["count"] >= 10, "writes counted: %r" % from_file["operations"]["write"])
+        h.check(from_file["operations"]["write"]["bytes"] >= 40960, "write bytes counted")
+        h.check(from_file["operations"]["read"]["count"] >= 20, "reads counted")
+        for span in ("fuse_latency_us", "nbd_latency_us"):
+            lat = from_file["operations"]["read"][span]
+            h.check(0 < lat["p50"] <= lat["p99"] <= lat["max"], "%s percentiles ordered: %r" % (span, lat))
+        h.check(".stats" not in os.listdir(m.mountdir), ".stats is not listed")
+        # The command finds the bridge from the directory and from the export file.
+        for path in (m.mountdir, m.export):
+            d = _stats_via_command(path)
+            h.check(d["operations"]["write"]["count"] >= 10, "stats via %s" % path)
+        h.check_eq(len(_stats_via_command(m.mountdir)["connections"]), 1, "one connection listed")
+        r = h.run([h.NBDBRIDGE, "stats", "--reset", m.mountdir], timeout=15)
+        h.check_eq(r.returncode, 0, "stats --reset")
+        h.check_eq(_stats_via_command(m.mountdir)["operations"]["write"]["count"], 0, "writes after reset")
+
+
+def test_stats_of_file_mode_mount_and_missing_bridge():
+    target = os.path.join(h.tmpdir("fm"), "disk.img")
+    open(target, "wb").close()
+    with h.Nbdkit(["memory", str(SIZE)]) as srv, h.Mount(target, [srv.uri]) as m:
+        fd = os.open(m.export, os.O_RDONLY)
+        try:
+            h.pread_full(fd, 4096, 0)
+        finally:
+            os.close(fd)
+        h.check(_stats_via_command(target)["operations"]["read"]["count"] >= 1, "file mode stats")
+    r = h.run([h.NBDBRIDGE, "stats", h.tmpdir("nothing")], timeout=15)
+    h.check(r.returncode != 0, "stats of a directory with no bridge fails")
+    h.check_eq(len(r.stderr.strip().splitlines()), 1, "one error line: %r" % r.stderr)
+
+
+def test_stats_file_interval_and_exit_summary():
+    out = os.path.join(h.tmpdir("sf"), "final.json")
+    with h.Nbdkit(["memory", str(SIZE)]) as srv:
+        m = h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--stats-interval", "0.2", "--stats-file", out])
+        with m:
+            _direct_reads(m.export, 5)
+            h.wait_until(lambda: "stats:" in m.stderr(), timeout=10, what="a periodic summary line")
+        h.check("stats at exit" in m.stderr(), "summary at exit: %r" % m.stderr())
+        with open(out) as f:
+            final = json.load(f)
+        h.check(final["operations"]["read"]["count"] >= 5, "final JSON counts the reads")
+
+
+def _nbd_p50_us(opts):
+    with h.Nbdkit(["memory", str(SIZE)]) as srv, h.Mount(h.tmpdir("mp"), [srv.uri], opts=opts) as m:
+        h.check_eq(set(_direct_reads(m.export, 150)), {0}, "reads succeed")
+        return _stats_via_command(m.mountdir)["operations"]["read"]["nbd_latency_us"]["p50"]
+
+
+def test_injected_delay_raises_nbd_span():
+    base = _nbd_p50_us([])
+    delayed = _nbd_p50_us(["--inject-delay", "2ms", "--seed", "5"])
+    rise_ms = (delayed - base) / 1000.0
+    h.log("NBD p50: %.1f us without, %.1f us with 2 ms injected" % (base, delayed))
+    h.check(1.7 <= rise_ms <= 3.0, "NBD span p50 rose by %.2f ms, expected about 2 ms" % rise_ms)
+
+
+def _error_pattern(seed):
+    with h.Nbdkit(["memory", str(SIZE)]) as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--inject-error", "0.3:EIO", "--seed", str(seed)]) as m:
+        pattern = _direct_reads(m.export, 120)
+        stats = _stats_via_command(m.mountdir)
+        h.check_eq(stats["injected"]["errors"], sum(1 for e in pattern if e), "injected errors counted")
+        return pattern
+
+
+def test_same_seed_same_errors():
+    first = _error_pattern(42)
+    again = _error_pattern(42)
+    other = _error_pattern(43)
+    failures = sum(1 for e in first if e)
+    h.check(15 <= failures <= 60, "about 30%% of 120 reads fail: %d" % failures)
+    h.check_eq(set(first) - {0}, {errno.EIO}, "injected errno")
+    h.check_eq(again, first, "same seed, same sequence")
+    h.check(other != first, "another seed gives another sequence")
+
+
+def test_injected_errno_reaches_application():
+    with h.Nbdkit(["memory", str(SIZE)]) as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--inject-error", "1:ENOSPC"]) as m:
+        fd = os.open(m.export, os.O_RDWR)
+        try:
+            h.check_eq(h.os_errno(os.pwrite, fd, b"y" * 4096, 0)[0], errno.ENOSPC, "write errno")
+            h.check_eq(h.os_errno(os.pread, fd, 4096, 0)[0], errno.ENOSPC, "read errno")
+        finally:
+            # close() flushes what was written, and that command fails too.
+            h.check_eq(h.os_errno(os.close, fd)[0], errno.ENOSPC, "close (flush) errno")
+    rc, err = h.nbdbridge_run(["--inject-error", "2:EIO", h.tmpdir("mp"), "nbd+unix:///?socket=/nonexistent"])
+    h.check(rc != 0, "a rate above 1 is refused")
+    h.check_eq(len(err.strip().splitlines()), 1, "one error line: %r" % err)
+
+
+def test_plot_stats_makes_png():
+    if not os.path.exists("/usr/bin/python3") or h.run(
+            ["/usr/bin/python3", "-c", "import matplotlib"], timeout=60).returncode != 0:
+        raise h.SkipTest("python3-matplotlib is not installed")
+    d = h.tmpdir("plot")
+    out = os.path.join(d, "stats.json")
+    with h.Nbdkit(["memory", str(SIZE)]) as srv:
+        with h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--stats-file", out]) as m:
+            _direct_reads(m.export, 50)
+    png = os.path.join(d, "stats.png")
+    r = h.run([os.path.join(REPO, "tools", "plot-stats"), out, "-o", png], timeout=120)
+    h.check_eq(r.returncode, 0, "plot-stats exit (stderr %r)" % r.stderr)
+    with open(png, "rb") as f:
+        h.check_eq(f.read(8), b"\x89PNG\r\n\x1a\n", "PNG signature")
+
+
+if __name__ == "__main__":
+    h.main(globals())

@@ -112,6 +112,7 @@ std::error_code Session::mount(const std::string& mountpoint, const std::vector<
 
   StderrCapture capture;
   session_ = fuse_session_new(&args, &operations_, sizeof operations_, user_data_);
+  fuse_opt_free_args(&args);  // libfuse may have copied argv into it
   if (!session_) {
     error_message = "invalid mount options '" + joined + "': " + capture.finish();
     return std::make_error_code(std::errc::invalid_argument);

@@ -280,6 +280,8 @@ class _Conn:
         self.requests = 0
         self.dead = False
         self.pumps = 2
+        self.c2s = self.s2c = 0     # bytes forwarded each way
+        self.state = "flags"        # where the client's stream is
 
 
 class DropProxy:
@@ -383,6 +385,7 @@ class DropProxy:
                 if not data:
                     break
                 conn.c.sendall(data)
+                conn.s2c += len(data)
         except OSError:
             pass
         self._pump_done(conn)
@@ -447,11 +450,14 @@ class DropProxy:
                             else:
                                 cut = i
                     hdr = b""
+                conn.state = state
                 if cut is not None:
                     conn.u.sendall(data[:cut])
+                    conn.c2s += cut
                     self._drop(conn, "requests")
                     break
                 conn.u.sendall(data)
+                conn.c2s += len(data)
         except OSError:
             pass
         self._pump_done(conn)

@@ -28,7 +28,10 @@ EXPORT_SIZE = "1G"
 EXPORT_BYTES = 1 << 30
 SUBJECTS = ("bridge", "nbdfuse", "qsd", "nbd")
 PEERS = ("nbdfuse", "qsd")
-FUSE_SUBJECTS = ("bridge", "nbdfuse", "qsd")
+FUSE_SUBJECTS = ("bridge", "nbdfuse", "qsd", "bridge-nostats")
+# Not run by default: nbdbridge built with -DNBDBRIDGE_STATISTICS=OFF, to measure
+# what recording statistics costs (tools/bench builds it into build-nostats/).
+OPTIONAL_SUBJECTS = ("bridge-nostats",)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 SERVER_START_DEADLINE = 15   # seconds for nbdkit to accept connections
@@ -249,7 +252,7 @@ class Mount:
         else:
             os.mkdir(directory)
             self.mountpoint, self.file = directory, f"{directory}/nbd"
-            program = bridge_argv if subject == "bridge" else ["nbdfuse"]
+            program = bridge_argv[subject] if subject in bridge_argv else ["nbdfuse"]
             argv = [*program, directory, server.uri]
         self.child = Child(subject, argv, f"{log_dir}/{tag}-{subject}.log")
         self.pid = self.child.pid
@@ -409,7 +412,7 @@ def run_instance(subject, tag, pending, record, config, dirs):
             cleanup.callback(server.stop)
             step = "mount"
             if subject != "nbd":
-                mount = Mount(subject, config.get("bridge_argv"), server, run_dir, dirs["logs"], tag)
+                mount = Mount(subject, config.get("bridge_argv", {}), server, run_dir, dirs["logs"], tag)
                 cleanup.callback(mount.stop)
                 instance["pid"] = mount.pid
             while pending:
@@ -569,7 +572,8 @@ def table(config, summary, ratio):
     return "\n".join(rows)
 
 
-COLOURS = {"bridge": "#d62728", "nbdfuse": "#1f77b4", "qsd": "#2ca02c", "nbd": "#7f7f7f"}
+COLOURS = {"bridge": "#d62728", "nbdfuse": "#1f77b4", "qsd": "#2ca02c", "nbd": "#7f7f7f",
+           "bridge-nostats": "#ff9896"}
 
 
 def plot(config, summary, path):
@@ -644,12 +648,14 @@ def parse_args():
     p.add_argument("--out", help="output directory (default bench-results/<timestamp>)")
     p.add_argument("--quick", action="store_true", help="1 round of 2 s per workload (smoke test)")
     p.add_argument("--bridge", default="build/nbdbridge", help="the nbdbridge binary")
+    p.add_argument("--bridge-nostats", default="build-nostats/nbdbridge",
+                   help="nbdbridge built without statistics (subject bridge-nostats)")
     args = p.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.runtime = args.runtime or (2 if args.quick else 5)
     if args.rounds < 1 or args.runtime < 1:
         p.error("--rounds and --runtime must be at least 1")
-    args.subjects = pick(p, "subject", args.subjects, SUBJECTS)
+    args.subjects = pick(p, "subject", args.subjects, SUBJECTS + OPTIONAL_SUBJECTS)
     args.workloads = [WORKLOAD_BY_NAME[n] for n in pick(p, "workload", args.workloads,
                                                          WORKLOAD_BY_NAME)]
     return args
@@ -748,9 +754,17 @@ def main():
         bridge_copy = f"{work}/nbdbridge"
         shutil.copy2(args.bridge, bridge_copy)
         bridge_args = shlex.split(os.environ.get("BRIDGE_ARGS", ""))
-        config["bridge_argv"] = [bridge_copy, *bridge_args]
+        config["bridge_argv"] = {"bridge": [bridge_copy, *bridge_args]}
         meta["bridge"] = {"binary": str(Path(args.bridge).resolve()), "args": bridge_args,
                           "sha256": hashlib.sha256(Path(bridge_copy).read_bytes()).hexdigest()}
+
+    if "bridge-nostats" in args.subjects:
+        nostats_copy = f"{work}/nbdbridge-nostats"
+        shutil.copy2(args.bridge_nostats, nostats_copy)
+        config.setdefault("bridge_argv", {})["bridge-nostats"] = [
+            nostats_copy, *shlex.split(os.environ.get("BRIDGE_ARGS", ""))]
+        meta["bridge-nostats"] = {"binary": str(Path(args.bridge_nostats).resolve()),
+                                  "sha256": hashlib.sha256(Path(nostats_copy).read_bytes()).hexdigest()}
 
     log(f"tools/bench: {args.rounds} round(s) x {len(args.workloads)} workload(s) x "
         f"{args.runtime} s, subjects {', '.join(args.subjects)}; results in {out}")

@@ -11,6 +11,7 @@
 #include <sys/mount.h>
 #include <sys/wait.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <unistd.h>
 #include <vector>
 
@@ -63,10 +64,14 @@ std::string plan_mount(std::string_view path, PathKind path_kind, PathKind paren
 PathKind classify_path(const std::string& path) {
   struct stat status {};
   if (stat(path.c_str(), &status) != 0) {
-    if (errno == ENOENT) return PathKind::missing;
     if (errno == ENOTCONN) return PathKind::disconnected;
+    if (errno == ENOENT) return PathKind::missing;
     return PathKind::inaccessible;
   }
+  // The kernel may answer stat() of a dead FUSE mount's root from attributes it
+  // cached; statfs() always asks the (absent) server and says ENOTCONN.
+  struct statfs filesystem {};
+  if (statfs(path.c_str(), &filesystem) != 0 && errno == ENOTCONN) return PathKind::disconnected;
   if (S_ISDIR(status.st_mode)) return PathKind::directory;
   if (S_ISREG(status.st_mode)) return PathKind::regular_file;
   return PathKind::other;

@@ -270,7 +270,8 @@ FIO_VERIFY = ["--rw=randwrite", "--ioengine=libaio", "--iodepth=64", "--direct=1
 IHAVEOPT = 0x49484156454F5054
 REQUEST_MAGIC = 0x25609513
 NBD_OPT_EXPORT_NAME, NBD_OPT_GO = 1, 7
-NBD_CMD_WRITE = 1
+NBD_CMD_WRITE, NBD_CMD_DISC = 1, 2
+QUIET = 0.5          # upstream silence that counts as "no replies outstanding"
 
 
 class _Conn:
@@ -278,19 +279,27 @@ class _Conn:
         self.c, self.u = c, u
         self.limit = limit          # drop after this many requests (None: never)
         self.requests = 0
-        self.dead = False
-        self.pumps = 2
-        self.c2s = self.s2c = 0     # bytes forwarded each way
+        self.dropped = False        # we cut the client side
+        self.client_gone = False
         self.state = "flags"        # where the client's stream is
+        self.lock = threading.Lock()  # held while forwarding one unit upstream
+        self.last_rx = time.monotonic()
+        self.upstream_eof = threading.Event()
+        self.c2s = self.s2c = 0     # bytes forwarded each way
 
 
 class DropProxy:
     """Unix-socket proxy in front of an NBD server that parses the client's
-    request stream and closes the connection (both sides, orderly) right
-    after forwarding the Nth request, N drawn from `every` = (lo, hi) per
-    connection, and/or after a time drawn from `after_ms` = (lo, hi).  The
-    requests in flight at that moment are left unanswered, so the bridge
-    has to re-issue them on the next connection."""
+    request stream and cuts the client's connection (orderly) right after
+    forwarding the Nth request, N drawn from `every` = (lo, hi) per
+    connection, and/or after a time drawn from `after_ms` = (lo, hi), or on
+    close_all().  The requests in flight are left unanswered, so the client
+    has to re-issue them on its next connection.
+
+    The server side is closed gracefully: only whole requests are forwarded,
+    replies are drained until the server is quiet, then NBD_CMD_DISC is sent.
+    (Closing nbdkit 1.32's socket while it still has replies to send can
+    crash it: "raw_send_socket: Assertion `sock >= 0' failed".)"""
 
     def __init__(self, upstream, every=None, after_ms=None, seed=0, d=None):
         self.upstream = upstream
@@ -350,117 +359,147 @@ class DropProxy:
                 t.daemon = True
                 t.start()
 
-    def _drop(self, conn, kind):
-        with self.lock:
-            if conn.dead:
-                return
-            conn.dead = True
-            self.drops[kind] += 1
-        self._shut(conn)
+    def _drop(self, conn, kind, locked=False):
+        """Cut the client side (the client sees the server close)."""
+        if not locked:
+            conn.lock.acquire()
+        try:
+            with self.lock:
+                if conn.dropped or conn.client_gone:
+                    return
+                conn.dropped = True
+                self.drops[kind] += 1
+            try:
+                conn.c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        finally:
+            if not locked:
+                conn.lock.release()
 
-    @staticmethod
-    def _shut(conn):
+    def _server_to_client(self, conn):
+        # Reads the server until EOF, also after the client side is gone.
+        to_client = True
+        while True:
+            try:
+                data = conn.u.recv(1 << 16)
+            except OSError:
+                break
+            if not data:
+                break
+            conn.last_rx = time.monotonic()
+            if to_client and not conn.dropped:
+                try:
+                    conn.c.sendall(data)
+                    conn.s2c += len(data)
+                except OSError:
+                    to_client = False
+        conn.upstream_eof.set()
+        try:
+            conn.c.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _units(self, conn, buf):
+        """Parse whole units (handshake pieces, requests) from the front of
+        buf; returns (bytes to forward, drop after them?)."""
+        p = 0
+        while True:
+            if conn.state == "raw":
+                return len(buf), False
+            if conn.state == "flags":
+                if len(buf) - p < 4:
+                    return p, False
+                p += 4
+                conn.state = "opt"
+            elif conn.state == "opt":
+                if len(buf) - p < 16:
+                    return p, False
+                magic, opt, ln = struct.unpack_from(">QII", buf, p)
+                if magic != IHAVEOPT:
+                    with self.lock:
+                        self.desync += 1
+                    conn.state = "raw"
+                    continue
+                if len(buf) - p < 16 + ln:
+                    return p, False
+                p += 16 + ln
+                if opt in (NBD_OPT_EXPORT_NAME, NBD_OPT_GO):
+                    conn.state = "trans"
+            else:
+                if len(buf) - p < 28:
+                    return p, False
+                magic, _fl, typ, _ck, _off, ln = struct.unpack_from(">IHHQQI", buf, p)
+                if magic != REQUEST_MAGIC:
+                    with self.lock:
+                        self.desync += 1
+                    conn.state = "raw"
+                    continue
+                total = 28 + (ln if typ == NBD_CMD_WRITE else 0)
+                if len(buf) - p < total:
+                    return p, False
+                p += total
+                with self.lock:
+                    self.requests += 1
+                    conn.requests += 1
+                    due = conn.limit is not None and conn.requests >= conn.limit
+                    if self.drop_next_after is not None:
+                        self.drop_next_after -= 1
+                        if self.drop_next_after <= 0:
+                            self.drop_next_after = None
+                            due = True
+                if due:
+                    return p, True
+
+    def _client_to_server(self, conn):
+        buf = bytearray()
+        try:
+            while True:
+                try:
+                    data = conn.c.recv(1 << 16)
+                except OSError:
+                    data = b""
+                with conn.lock:
+                    if conn.dropped:
+                        break
+                    if not data:
+                        conn.client_gone = True
+                        break
+                    buf += data
+                    n, due = self._units(conn, buf)
+                    if n:
+                        conn.u.sendall(buf[:n])
+                        conn.c2s += n
+                        del buf[:n]
+                    if due:
+                        self._drop(conn, "requests", locked=True)
+                        break
+        except OSError:
+            pass
+        self._close_upstream(conn)
+
+    def _close_upstream(self, conn):
+        """Say goodbye to the server once it has answered what it got."""
+        try:
+            if conn.dropped and conn.state == "trans":
+                end = time.monotonic() + 10
+                while (not conn.upstream_eof.is_set() and time.monotonic() < end
+                       and time.monotonic() - conn.last_rx < QUIET):
+                    conn.upstream_eof.wait(0.05)
+                conn.u.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, NBD_CMD_DISC, 0, 0, 0))
+            conn.u.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        conn.upstream_eof.wait(10)
         for x in (conn.c, conn.u):
             try:
                 x.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-
-    def _pump_done(self, conn):
-        self._shut(conn)
+            x.close()
         with self.lock:
-            conn.dead = True
-            conn.pumps -= 1
-            last = conn.pumps == 0
-            if last and conn in self.conns:
+            if conn in self.conns:
                 self.conns.remove(conn)
-        if last:
-            conn.c.close()
-            conn.u.close()
-
-    def _server_to_client(self, conn):
-        try:
-            while True:
-                data = conn.u.recv(1 << 16)
-                if not data:
-                    break
-                conn.c.sendall(data)
-                conn.s2c += len(data)
-        except OSError:
-            pass
-        self._pump_done(conn)
-
-    def _client_to_server(self, conn):
-        state, need, hdr, skip = "flags", 4, b"", 0
-        drop_after_skip = False
-        parse = True
-        try:
-            while True:
-                data = conn.c.recv(1 << 16)
-                if not data:
-                    break
-                cut = None
-                i = 0
-                while parse and i < len(data) and cut is None:
-                    if skip:
-                        n = min(skip, len(data) - i)
-                        i += n
-                        skip -= n
-                        if skip == 0 and drop_after_skip:
-                            cut = i
-                        continue
-                    take = min(need - len(hdr), len(data) - i)
-                    hdr += data[i:i + take]
-                    i += take
-                    if len(hdr) < need:
-                        break
-                    if state == "flags":
-                        state, need = "opt", 16
-                    elif state == "opt":
-                        magic, opt, ln = struct.unpack(">QII", hdr)
-                        if magic != IHAVEOPT:
-                            parse = False
-                            with self.lock:
-                                self.desync += 1
-                            break
-                        skip = ln
-                        if opt in (NBD_OPT_EXPORT_NAME, NBD_OPT_GO):
-                            state, need = "trans", 28
-                    else:
-                        magic, _flags, typ, _cookie, _off, ln = struct.unpack(">IHHQQI", hdr)
-                        if magic != REQUEST_MAGIC:
-                            parse = False
-                            with self.lock:
-                                self.desync += 1
-                            break
-                        if typ == NBD_CMD_WRITE:
-                            skip = ln
-                        with self.lock:
-                            self.requests += 1
-                            conn.requests += 1
-                            due = conn.limit is not None and conn.requests >= conn.limit
-                            if self.drop_next_after is not None:
-                                self.drop_next_after -= 1
-                                if self.drop_next_after <= 0:
-                                    self.drop_next_after = None
-                                    due = True
-                        if due:
-                            if skip:
-                                drop_after_skip = True
-                            else:
-                                cut = i
-                    hdr = b""
-                conn.state = state
-                if cut is not None:
-                    conn.u.sendall(data[:cut])
-                    conn.c2s += cut
-                    self._drop(conn, "requests")
-                    break
-                conn.u.sendall(data)
-                conn.c2s += len(data)
-        except OSError:
-            pass
-        self._pump_done(conn)
 
     def close_all(self):
         with self.lock:
@@ -473,7 +512,11 @@ class DropProxy:
         with self.lock:
             conns = list(self.conns)
         for conn in conns:
-            self._shut(conn)
+            for x in (conn.c, conn.u):
+                try:
+                    x.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         if self._lsock:
             self._lsock.close()
 
@@ -663,6 +706,8 @@ def test_connection_dropped_every_n_requests():
             h.Mount(h.tmpdir("mp"), [px.uri]) as m:
         fio = Fio(m.export, FIO_VERIFY + ["--bs=4k", "--size=32M"])
         rc, job, err = fio.wait(90, m)
+        h.check(srv.proc.poll() is None, "test set-up: nbdkit died behind the proxy (status %s): %s"
+                % (srv.proc.poll(), srv.stderr()[-1000:]))
         check_fio_clean(rc, job, err, 32 * MiB, "fio with connection drops")
         h.check_eq(px.desync, 0, "proxy could not follow the NBD stream")
         drops = px.total_drops()
@@ -801,17 +846,25 @@ def test_kill9_bridge_auto_unmount_and_remount():
                        "data written before the kill, read through a new bridge")
 
 
-def test_stale_mount_and_force():
+def _stale_mount_case(used):
+    """Make a stale mount (kill -9 the bridge and its fusermount3
+    auto_unmount helper), then: without --force one clear line and a
+    non-zero exit; with --force a working mount.  used: whether the mount
+    was used (files opened, so the kernel has cached the mountpoint's
+    attributes) before it went stale, as any real mount would be."""
     size = 64 * MiB
     img = sparse_image(size)
     mp = h.tmpdir("mp")
+    expect = hashlib.sha256(wdata(0, 65536) if used else bytes(65536)).hexdigest()
     with h.Nbdkit(["file", img]) as srv:
         m1 = h.Mount(mp, ["--unix", srv.sock], expect_exit=None)
-        m2 = h.Mount(mp, ["--unix", srv.sock], opts=["--force"])   # (paths computed now)
+        pidfile = os.path.join(h.tmpdir("pid"), "pid")
+        m2 = h.Mount(mp, ["--unix", srv.sock], opts=["--force", "--pidfile", pidfile])
         try:
             with m1:
-                res = io_ops(m1.export, ["w:0:65536", "f"], what="write", mount=m1)
-                h.check_eq([r[:2] for r in res], [("w", "OK"), ("f", "OK")], "write")
+                if used:
+                    res = io_ops(m1.export, ["w:0:65536", "f"], what="write", mount=m1)
+                    h.check_eq([r[:2] for r in res], [("w", "OK"), ("f", "OK")], "write")
                 helpers = _helpers(m1.pid)
                 h.check(helpers, "no fusermount3 auto_unmount helper under nbdbridge")
                 for p in helpers:
@@ -821,28 +874,56 @@ def test_stale_mount_and_force():
                 h.wait_until(lambda: not any(h.pid_alive(p) for p in helpers), timeout=5,
                              what="helper to die")
                 h.check(m1.mounted(), "no stale mount left (could not make one)")
-                e, _ = h.os_errno(os.stat, m1.export)
-                h.check_eq(h.errno_name(e), "ENOTCONN", "stat on the stale mount")
+                e, _ = h.os_errno(os.statvfs, m1.mountdir)
+                h.check_eq(h.errno_name(e), "ENOTCONN", "statfs on the stale mount")
+                problems = []
                 rc, err = h.nbdbridge_run([mp, "--unix", srv.sock], timeout=20)
                 lines = [ln for ln in err.splitlines() if ln.strip()]
-                h.check(rc != "timeout", "nbdbridge hung on a stale mountpoint")
-                h.check(rc != 0, "nbdbridge exited 0 on a stale mountpoint without --force")
-                h.check_eq(len(lines), 1, "stderr lines for a stale mountpoint (%r)" % err)
-                h.check(re.search(r"stale", lines[0], re.I) and re.search(r"not connected", lines[0], re.I),
-                        "stale-mount message: %r" % lines[0])
-                h.check(re.search(r"--force", lines[0]), "message does not mention --force: %r" % lines[0])
-                h.check(m1.mounted(), "the failed run changed the stale mount")
-                with m2:
-                    entries = [x for x in h.fuse_mounts() if x["mountpoint"] == m2.mountdir]
-                    h.check_eq(len(entries), 1, "mounts at the mountpoint after --force")
-                    res = io_ops(m2.export, ["r:0:65536"], what="read with --force", mount=m2)
-                    h.check_eq(res[0][1], "OK:" + hashlib.sha256(wdata(0, 65536)).hexdigest(),
-                               "data through the --force mount")
-                h.check(not h.is_mounted(m2.mountdir), "mount left after unmounting the --force mount")
+                if rc == "timeout":
+                    problems.append("without --force: nbdbridge hung")
+                elif rc == 0:
+                    problems.append("without --force: exit status 0")
+                if len(lines) != 1:
+                    problems.append("without --force: %d stderr lines, expected 1: %r" % (len(lines), err))
+                elif not (re.search(r"stale", lines[0], re.I) and re.search(r"not connected", lines[0], re.I)
+                          and "--force" in lines[0]):
+                    problems.append("without --force: message does not say stale / not connected / "
+                                    "--force: %r (exit %r)" % (lines[0], rc))
+                if not m1.mounted():
+                    problems.append("the run without --force changed the stale mount")
+                def new_mount_or_exit():
+                    return m2.proc.poll() is not None or (os.path.exists(pidfile) and m2.mounted())
+                m2.start()      # (Mount.__enter__ would take the stale mount for the new one:
+                # the pidfile says when the new mount is live)
+                h.wait_until(new_mount_or_exit, what="nbdbridge --force to mount or exit")
+                if m2.proc.poll() is not None:
+                    problems.append("with --force: nbdbridge exited %r without mounting: %s"
+                                    % (m2.proc.returncode, m2.stderr().strip()))
+                    m2.expect_exit = None
+                    h.check(False, "; ".join(problems))
+                try:
+                    with m2:
+                        entries = [x for x in h.fuse_mounts() if x["mountpoint"] == m2.mountdir]
+                        h.check_eq(len(entries), 1, "mounts at the mountpoint after --force")
+                        res = io_ops(m2.export, ["r:0:65536"], what="read with --force", mount=m2)
+                        h.check_eq(res[0][1], "OK:" + expect, "data through the --force mount")
+                    h.check(not h.is_mounted(m2.mountdir), "mount left after unmounting the --force mount")
+                except h.MountFailed as e:
+                    problems.append("with --force: nbdbridge did not mount (exit %r): %s"
+                                    % (e.returncode, e.stderr.strip()))
+                h.check(not problems, "; ".join(problems))
         finally:
             if h.is_mounted(m1.mountdir):
                 h.force_unmount(m1.mountdir)
             m2.cleanup()
+
+
+def test_stale_mount_unused_and_force():
+    _stale_mount_case(used=False)
+
+
+def test_stale_mount_after_use_and_force():
+    _stale_mount_case(used=True)
 
 
 # ---------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 // Drives one libnbd handle from the Asio loop and turns its completion callbacks
 // into posted resumptions. Single-threaded: see connection.hpp.
 #include "nbd_client/connection.hpp"
+#include "nbd_client/libnbd_error.hpp"
 #include "nbd_client/request_split.hpp"
 
 #include <asio/redirect_error.hpp>
@@ -59,11 +60,6 @@ int on_extents(void* user_data, const char* context, uint64_t offset, uint32_t* 
     offset += entries[i];
   }
   return 0;
-}
-
-std::string last_libnbd_error() {
-  const char* message = nbd_get_error();
-  return message ? message : "unknown libnbd error";
 }
 
 }  // namespace

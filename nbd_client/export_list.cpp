@@ -1,6 +1,7 @@
 // Export listing with NBD_OPT_LIST and NBD_OPT_INFO; see export_list.hpp.
 #include "nbd_client/export_list.hpp"
 
+#include "nbd_client/libnbd_error.hpp"
 #include "nbd_client/server_process.hpp"
 
 #include <libnbd.h>
@@ -15,11 +16,6 @@ struct HandleCloser {
   void operator()(nbd_handle* handle) const { nbd_close(handle); }
 };
 
-std::string libnbd_error() {
-  const char* message = nbd_get_error();
-  return message ? message : "unknown libnbd error";
-}
-
 int collect_name(void* user_data, const char* name, const char* description) {
   static_cast<std::vector<ExportListing>*>(user_data)->push_back({name, description ? description : "", -1});
   return 0;
@@ -29,7 +25,7 @@ int collect_name(void* user_data, const char* name, const char* description) {
 
 std::string list_exports(const Target& target, std::vector<ExportListing>& exports) {
   std::unique_ptr<nbd_handle, HandleCloser> handle(nbd_create());
-  if (!handle) return libnbd_error();
+  if (!handle) return last_libnbd_error();
   nbd_handle* h = handle.get();
   nbd_set_uri_allow_local_file(h, true);
   nbd_set_opt_mode(h, true);
@@ -48,9 +44,9 @@ std::string list_exports(const Target& target, std::vector<ExportListing>& expor
       break;
     }
   }
-  if (connected == -1) return libnbd_error();
+  if (connected == -1) return last_libnbd_error();
   nbd_list_callback list{&collect_name, &exports, nullptr};
-  if (nbd_opt_list(h, list) == -1) return libnbd_error();
+  if (nbd_opt_list(h, list) == -1) return last_libnbd_error();
   for (auto& listing : exports) {
     // NBD_OPT_INFO per export; a server may refuse it for some, which is not fatal.
     if (nbd_set_export_name(h, listing.name.c_str()) == 0 && nbd_opt_info(h) == 0) listing.size = nbd_get_size(h);

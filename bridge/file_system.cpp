@@ -167,7 +167,9 @@ asio::awaitable<void> FileSystem::drain(std::chrono::milliseconds bound) {
   draining_ = true;
   expiry_sweep_.cancel();
   drained_.expires_after(bound);
-  while (in_flight_count_ > 0) {
+  // The background allocation count is waited for too: closing the connection
+  // under its block-status command would leave the server writing to a closed socket.
+  while (in_flight_count_ > 0 || allocation_counting_) {
     std::error_code woken;
     co_await drained_.async_wait(asio::redirect_error(asio::use_awaitable, woken));
     if (!woken) break;  // deadline passed
@@ -229,6 +231,7 @@ asio::awaitable<void> FileSystem::count_allocation() {
   allocation_stale_ = false;
   allocated_bytes_ = co_await io_.allocated_bytes(allocation_scan_limit);
   allocation_counting_ = false;
+  if (draining_ && in_flight_count_ == 0) drained_.cancel();
 }
 
 // ---- FUSE handlers ----------------------------------------------------------
@@ -302,7 +305,7 @@ void FileSystem::getattr(fuse_req_t request, fuse_ino_t inode) {
     fuse_reply_err(request, ENOENT);
     return;
   }
-  if (is_file(inode) && allocation_stale_ && !allocation_counting_)
+  if (is_file(inode) && allocation_stale_ && !allocation_counting_ && !draining_)
     asio::co_spawn(executor_, count_allocation(), asio::detached);
   struct stat attributes = attributes_of(inode);
   fuse_reply_attr(request, &attributes, is_file(inode) ? file_attribute_timeout_seconds : attribute_timeout_seconds);

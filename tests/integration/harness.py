@@ -487,12 +487,18 @@ class Proxy:
                 u.connect(self.upstream)
             except OSError:
                 c.close()
+                u.close()
                 continue
-            with self._lock:
-                self.conns.append((c, u))
-                self.nconn += 1
-            for a, b in ((c, u), (u, c)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            self._serve(c, u)
+
+    def _serve(self, c, u):
+        """Forwards one accepted client c to its upstream connection u;
+        subclasses override it to interfere with the stream."""
+        with self._lock:
+            self.conns.append((c, u))
+            self.nconn += 1
+        for a, b in ((c, u), (u, c)):
+            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
     @staticmethod
     def _pump(src, dst):

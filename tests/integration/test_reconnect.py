@@ -288,7 +288,7 @@ class _Conn:
         self.c2s = self.s2c = 0     # bytes forwarded each way
 
 
-class DropProxy:
+class DropProxy(h.Proxy):
     """Unix-socket proxy in front of an NBD server that parses the client's
     request stream and cuts the client's connection (orderly) right after
     forwarding the Nth request, N drawn from `every` = (lo, hi) per
@@ -302,62 +302,33 @@ class DropProxy:
     crash it: "raw_send_socket: Assertion `sock >= 0' failed".)"""
 
     def __init__(self, upstream, every=None, after_ms=None, seed=0, d=None):
-        self.upstream = upstream
+        super().__init__(upstream, d or h.tmpdir("dproxy"))
         self.every = every
         self.after_ms = after_ms
         self.rng = random.Random(seed)
-        self.d = d or h.tmpdir("dproxy")
-        self.sock = os.path.join(self.d, "proxy.sock")
-        self.uri = "nbd+unix:///?socket=%s" % self.sock
-        self.lock = threading.Lock()
-        self.conns = []
-        self.nconn = 0
+        self.lock = self._lock
         self.requests = 0            # NBD requests forwarded, all connections
         self.drops = {"requests": 0, "time": 0, "manual": 0}
         self.desync = 0              # streams we could not parse
         self.drop_next_after = None  # one-shot: drop after K more requests
-        self._stop = False
-        self._lsock = None
 
     def total_drops(self):
         with self.lock:
             return sum(self.drops.values())
 
-    def start(self):
-        self._lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._lsock.bind(self.sock)
-        self._lsock.listen(16)
-        self._lsock.settimeout(0.2)
-        threading.Thread(target=self._accept_loop, daemon=True).start()
-        return self
-
-    def _accept_loop(self):
-        while not self._stop:
-            try:
-                c, _ = self._lsock.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                u.connect(self.upstream)
-            except OSError:
-                c.close()
-                u.close()
-                continue
-            with self.lock:
-                limit = self.rng.randint(*self.every) if self.every else None
-                ms = self.rng.randint(*self.after_ms) if self.after_ms else None
-                conn = _Conn(c, u, limit)
-                self.conns.append(conn)
-                self.nconn += 1
-            threading.Thread(target=self._client_to_server, args=(conn,), daemon=True).start()
-            threading.Thread(target=self._server_to_client, args=(conn,), daemon=True).start()
-            if ms is not None:
-                t = threading.Timer(ms / 1000.0, self._drop, args=(conn, "time"))
-                t.daemon = True
-                t.start()
+    def _serve(self, c, u):
+        with self.lock:
+            limit = self.rng.randint(*self.every) if self.every else None
+            ms = self.rng.randint(*self.after_ms) if self.after_ms else None
+            conn = _Conn(c, u, limit)
+            self.conns.append(conn)
+            self.nconn += 1
+        threading.Thread(target=self._client_to_server, args=(conn,), daemon=True).start()
+        threading.Thread(target=self._server_to_client, args=(conn,), daemon=True).start()
+        if ms is not None:
+            t = threading.Timer(ms / 1000.0, self._drop, args=(conn, "time"))
+            t.daemon = True
+            t.start()
 
     def _drop(self, conn, kind, locked=False):
         """Cut the client side (the client sees the server close)."""
@@ -519,13 +490,6 @@ class DropProxy:
                     pass
         if self._lsock:
             self._lsock.close()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-        return False
 
 
 # ---------------------------------------------------------------------------

@@ -123,7 +123,6 @@ std::error_code Session::mount(const std::string& mountpoint, const std::vector<
   }
   capture.finish();
   mounted_ = true;
-  mountpoint_ = mountpoint;
   int fd = fuse_session_fd(session_);
   // Our own read/writev for /dev/fuse, only so that a reply can carry flags
   // that libfuse 3.14 has no field for (FOPEN_PARALLEL_DIRECT_WRITES).

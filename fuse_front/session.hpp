@@ -79,7 +79,6 @@ class Session {
   fuse_lowlevel_ops operations_;
   void* user_data_;
   fuse_session* session_ = nullptr;
-  std::string mountpoint_;
   bool mounted_ = false;
   bool unmounted_ = false;
   bool receiving_ = false;

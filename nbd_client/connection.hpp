@@ -161,14 +161,14 @@ class Connection {
   // Makes a connect in progress give up now (e.g. on a signal).
   void cancel_connect() { connect_wakeup_.cancel(); }
 
-  // Sends NBD_CMD_DISC, closes the handle and stops a subprocess server. Commands
+  // Queues NBD_CMD_DISC and closes the handle (the pool stops a [ CMD ] server). Commands
   // still in flight complete with ESHUTDOWN.
   void close();
 
-  // Exposed for tests of the completion plumbing.
+ private:
+  // Submits the request's NBD command(s); the command finishes exactly once.
   void issue(PendingCommand* command, const CommandRequest& request);
 
- private:
   template <typename Handler>
   class HandlerCommand final : public PendingCommand {
    public:

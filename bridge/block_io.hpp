@@ -90,7 +90,8 @@ class BlockIo {
       }
     }
     for (;;) {
-      nbd_client::Connection* connection = co_await pool_.usable_connection();
+      nbd_client::Connection* connection = pool_.least_loaded_usable();
+      if (!connection) connection = co_await pool_.usable_connection();  // waits through a reconnect
       if (!connection) co_return std::error_code(EIO, std::generic_category());
       auto [error] = co_await start(*connection);
       if (statistics_compiled_in && statistics_)

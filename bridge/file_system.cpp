@@ -363,7 +363,9 @@ void FileSystem::open(fuse_req_t request, fuse_ino_t inode, fuse_file_info* file
 }
 
 void FileSystem::read(fuse_req_t request, std::size_t size, off_t offset, const fuse_file_info* file) {
-  if (auto snapshot = stats_snapshots_.find(file->fh); snapshot != stats_snapshots_.end()) {
+  // Export handles are 0 or writable_handle; only .stats handles are larger.
+  if (auto snapshot = file->fh > writable_handle ? stats_snapshots_.find(file->fh) : stats_snapshots_.end();
+      snapshot != stats_snapshots_.end()) {
     const std::string& text = snapshot->second;
     std::size_t start = std::min<std::size_t>(std::size_t(offset), text.size());
     fuse_reply_buf(request, text.data() + start, std::min(size, text.size() - start));

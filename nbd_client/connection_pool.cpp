@@ -211,12 +211,17 @@ void ConnectionPool::wake_waiters() {
   for (asio::steady_timer* waiter : waiters_) waiter->cancel();
 }
 
-Connection& ConnectionPool::pick() {
+Connection* ConnectionPool::least_loaded_usable() {
   Connection* best = nullptr;
   for (auto& connection : connections_) {
     if (!connection->usable()) continue;
     if (!best || connection->in_flight() < best->in_flight()) best = connection.get();
   }
+  return best;
+}
+
+Connection& ConnectionPool::pick() {
+  Connection* best = least_loaded_usable();
   return best ? *best : *connections_.front();
 }
 

@@ -50,6 +50,9 @@ class ConnectionPool {
   // The usable connection with the fewest commands in flight (the first if none
   // is usable: its commands then fail at once with ENOTCONN).
   Connection& pick();
+  // The same, or nullptr when none is usable: the per-command fast path, which
+  // needs no coroutine (usable_connection() costs a frame).
+  Connection* least_loaded_usable();
 
   // A usable connection, waiting through a reconnect if need be; nullptr once
   // the server has not come back within the retry timeout (after that, each

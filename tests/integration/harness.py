@@ -71,6 +71,15 @@ def wait_until(cond, timeout=DEADLINE, what="condition", interval=POLL):
         time.sleep(interval)
 
 
+def read_text(path):
+    """The file's text, or "" if it cannot be read (a log not written yet)."""
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def tmpdir(prefix="t"):
     return tempfile.mkdtemp(prefix=prefix + "-", dir=BASE)
 
@@ -419,11 +428,7 @@ class Nbdkit:
         raise TestFailure("nbdkit failed to start: %r\n%s" % (cmd, self.stderr()))
 
     def stderr(self):
-        try:
-            with open(self.errpath, errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
+        return read_text(self.errpath)
 
     def kill(self, sig=signal.SIGKILL):
         if self.proc and self.proc.poll() is None:
@@ -599,11 +604,7 @@ class Mount:
         return base
 
     def stderr(self):
-        try:
-            with open(self.errpath, errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
+        return read_text(self.errpath)
 
     @property
     def pid(self):

@@ -112,6 +112,19 @@ def _finish(m):
     h.check(not m.mounted(), "mount still present")
 
 
+
+def _collect_after_kill(child, what):
+    """Waits (bounded) for the I/O child once the server is killed; returns
+    its stdout, stderr and how long it took to finish."""
+    t0 = time.monotonic()
+    try:
+        out, err = child.communicate(timeout=PROMPT + 10)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.communicate(timeout=10)
+        raise h.TestFailure("%s hung after the server was killed" % what)
+    return out, err, time.monotonic() - t0
+
 def test_kill9_server_mid_io():
     with h.Nbdkit(["memory", str(SIZE)]) as srv, \
             h.Mount(h.tmpdir("mp"), [srv.uri], opts=NO_RECONNECT) as m:
@@ -122,14 +135,7 @@ def test_kill9_server_mid_io():
         h.check_eq(line.strip(), "progress", "I/O workers did not get going")
         srv.kill(signal.SIGKILL)
         srv.proc.wait(timeout=10)
-        t0 = time.monotonic()
-        try:
-            out, err = child.communicate(timeout=PROMPT + 10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.communicate(timeout=10)
-            raise h.TestFailure("I/O workers hung after the server was killed")
-        dt = time.monotonic() - t0
+        out, err, dt = _collect_after_kill(child, "I/O workers")
         h.check(dt < PROMPT, "pending requests took %.1fs to fail" % dt)
         res = sorted(ln for ln in out.split("\n") if ln.startswith("T"))
         h.check_eq(res, ["T%d EIO" % i for i in range(4)], "per-thread errors (stderr %s)" % err)
@@ -162,14 +168,7 @@ def test_pending_request_fails_when_server_killed():
         h.wait_until(read_pending, what="the read to reach the server")
         h.check(child.poll() is None, "read finished before the server was killed")
         srv.kill(signal.SIGKILL)
-        t0 = time.monotonic()
-        try:
-            out, err = child.communicate(timeout=PROMPT + 10)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.communicate(timeout=10)
-            raise h.TestFailure("pending read hung after the server was killed")
-        dt = time.monotonic() - t0
+        out, err, dt = _collect_after_kill(child, "pending read")
         h.check(dt < PROMPT, "pending read took %.1fs to fail" % dt)
         h.check_eq(out.strip(), "EIO", "pending read result (stderr %s)" % err.strip())
         _check_new_requests_fail(m)

@@ -89,9 +89,11 @@ class BlockIo {
         co_return std::error_code(error, std::generic_category());
       }
     }
+    const auto purpose =
+        operation == Operation::block_status ? nbd_client::Purpose::block_status : nbd_client::Purpose::data;
     for (;;) {
-      nbd_client::Connection* connection = pool_.least_loaded_usable();
-      if (!connection) connection = co_await pool_.usable_connection();  // waits through a reconnect
+      nbd_client::Connection* connection = pool_.least_loaded_usable(purpose);
+      if (!connection) connection = co_await pool_.usable_connection(purpose);  // waits through a reconnect
       if (!connection) co_return std::error_code(EIO, std::generic_category());
       auto [error] = co_await start(*connection);
       if (statistics_compiled_in && statistics_)

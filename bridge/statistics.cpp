@@ -110,7 +110,11 @@ std::string_view operation_name(Operation operation) {
 
 Statistics::Statistics(std::size_t connections) : connections_(connections) {}
 
-void Statistics::set_connections(std::size_t connections) { connections_.resize(connections); }
+void Statistics::set_connections(std::size_t connections, bool last_is_block_status) {
+  connections_.resize(connections);
+  for (std::size_t index = 0; index < connections; ++index)
+    connections_[index].block_status_only = last_is_block_status && index + 1 == connections;
+}
 
 void Statistics::request_started(Operation operation) {
   auto& kind = counters(operation);
@@ -167,7 +171,7 @@ void Statistics::reset() {
     kind.in_flight = still_in_flight;
     kind.in_flight_peak = still_in_flight;
   }
-  for (auto& link : connections_) link = ConnectionCounters{};
+  for (auto& link : connections_) link = ConnectionCounters{.block_status_only = link.block_status_only};
   in_flight_peak_ = in_flight_;
   disconnects_ = reconnects_ = 0;
   injected_delays_ = injected_delay_nanoseconds_ = injected_errors_ = 0;
@@ -214,6 +218,7 @@ std::string Statistics::to_json() const {
     if (index) out += ',';
     out += "{\"index\":";
     append_unsigned(out, index);
+    out += link.block_status_only ? ",\"role\":\"block_status\"" : ",\"role\":\"data\"";
     out += ",\"commands\":";
     append_unsigned(out, link.commands);
     out += ",\"errors\":";

@@ -14,7 +14,7 @@
 //              "nbd_latency_us":{...same keys...}},
 //      "write":{...},"flush":{...},"trim_zero":{...},"block_status":{...}},
 //    "in_flight":{"now":N,"peak":N},
-//    "connections":[{"index":0,"commands":N,"errors":N,"disconnects":N,"reconnects":N,
+//    "connections":[{"index":0,"role":"data"|"block_status","commands":N,"errors":N,"disconnects":N,"reconnects":N,
 //                    "outage_us":x}, ...],
 //    "disconnects":N,"reconnects":N,
 //    "injected":{"delays":N,"delay_total_us":x,"errors":N},
@@ -57,7 +57,8 @@ class Statistics {
   explicit Statistics(std::size_t connections = 1);
 
   // Not on the hot path: resizes the per-connection table, keeping existing counters.
-  void set_connections(std::size_t connections);
+  // last_is_block_status: the pool keeps its last connection for block status only.
+  void set_connections(std::size_t connections, bool last_is_block_status = false);
 
   // FUSE span: from FUSE arrival to FUSE reply.
   void request_started(Operation operation);
@@ -96,6 +97,7 @@ class Statistics {
     std::uint64_t disconnects = 0;
     std::uint64_t reconnects = 0;
     std::uint64_t outage_nanoseconds = 0;
+    bool block_status_only = false;
   };
   const OperationCounters& operation(Operation operation) const { return operations_[std::size_t(operation)]; }
   const std::vector<ConnectionCounters>& connections() const { return connections_; }

@@ -208,7 +208,10 @@ asio::awaitable<std::error_code> Connection::async_connect(const Target& target,
   nbd_set_uri_allow_local_file(handle_, true);
   nbd_set_full_info(handle_, true);
   if (target.kind != Target::Kind::uri) nbd_set_export_name(handle_, target.export_name.c_str());
-  if (options.want_block_status) nbd_add_meta_context(handle_, LIBNBD_CONTEXT_BASE_ALLOCATION);
+  if (!options.structured_replies)
+    nbd_set_request_structured_replies(handle_, false);
+  else if (options.want_block_status)
+    nbd_add_meta_context(handle_, LIBNBD_CONTEXT_BASE_ALLOCATION);
 
   connecting_ = true;
   if (start_connect(target) == -1) {

@@ -52,6 +52,9 @@ struct ExportInfo {
 struct ConnectOptions {
   bool readonly = false;
   bool want_block_status = true;
+  // false: the server answers reads with simple replies, which libnbd reads in two
+  // recv() calls instead of four; no block status is possible then.
+  bool structured_replies = true;
   std::chrono::milliseconds timeout = std::chrono::seconds(30);
 };
 

@@ -47,7 +47,8 @@ asio::awaitable<std::error_code> ConnectionPool::async_connect(const Target& req
   }
   connections_.push_back(std::make_unique<Connection>(executor_));
   reconnecting_.push_back(false);
-  std::error_code error = co_await connections_.front()->async_connect(target_, options.connect);
+  roles_.push_back(Role::data_and_status);
+  std::error_code error = co_await connections_.front()->async_connect(target_, options_for(Role::data_and_status));
   if (error) {
     std::string how;
     if (target_was_command_ && server_.exited(how))
@@ -66,21 +67,74 @@ asio::awaitable<std::error_code> ConnectionPool::async_connect(const Target& req
     note_ = "--fd gives one socket: using one connection";
     wanted = 1;
   }
-  for (unsigned index = 1; index < wanted; ++index) {
+  // Block status on its own connection sees the data connections' writes only
+  // when the server shares one cache among connections: multi-conn says so.
+  bool split = options.replies == ReplyMode::automatic && info_.can_multi_conn && info_.can_block_status &&
+               target_.kind != Target::Kind::socket_fd;
+  if (split) {
+    roles_.front() = Role::status;
+    co_await open_connections(wanted, Role::data);
+    if (connections_.size() == 1) {
+      roles_.front() = Role::data_and_status;  // no second connection: the first does everything
+    } else {
+      // The status connection goes last, so that data connections are numbered 0..N-1.
+      std::rotate(connections_.begin(), connections_.begin() + 1, connections_.end());
+      std::rotate(roles_.begin(), roles_.begin() + 1, roles_.end());
+      split_ = true;
+    }
+  } else {
+    co_await open_connections(wanted - 1, Role::data_and_status);
+  }
+  for (std::size_t index = 0; index < connections_.size(); ++index) {
+    connections_[index]->set_index(index);
+    connections_[index]->on_lost = [this, index](const std::string& reason) { lost(index, reason); };
+  }
+  co_return std::error_code{};
+}
+
+ConnectOptions ConnectionPool::options_for(Role role) const {
+  ConnectOptions connect = options_.connect;
+  if (role == Role::data || options_.replies == ReplyMode::simple) connect.structured_replies = false;
+  return connect;
+}
+
+// Appends up to `count` connections of one role; stops at the first failure, with a note.
+asio::awaitable<void> ConnectionPool::open_connections(unsigned count, Role role) {
+  for (unsigned opened = 0; opened < count; ++opened) {
+    std::size_t index = connections_.size();
     connections_.push_back(std::make_unique<Connection>(executor_));
     reconnecting_.push_back(false);
-    if (auto failed = co_await connect_slot(index)) {
+    roles_.push_back(role);
+    if (co_await connect_slot(index)) {
       note_ = "connection " + std::to_string(index + 1) + " failed (" + connections_.back()->error_message() +
               "): using " + std::to_string(index);
       retired_.push_back(std::move(connections_.back()));
       connections_.pop_back();
       reconnecting_.pop_back();
-      break;
+      roles_.pop_back();
+      co_return;
     }
   }
-  for (std::size_t index = 0; index < connections_.size(); ++index)
-    connections_[index]->on_lost = [this, index](const std::string& reason) { lost(index, reason); };
-  co_return std::error_code{};
+}
+
+// For messages: "the connection", "connection 2 of 4", "the block-status connection".
+std::string ConnectionPool::describe(std::size_t index) const {
+  if (roles_[index] == Role::status) return "the block-status connection";
+  std::size_t data_connections = connections_.size() - (split_ ? 1 : 0);
+  if (data_connections == 1) return "the connection";
+  return "connection " + std::to_string(index + 1) + " of " + std::to_string(data_connections);
+}
+
+bool ConnectionPool::serves(std::size_t index, Purpose purpose) const {
+  switch (roles_[index]) {
+    case Role::data_and_status:
+      return true;
+    case Role::data:
+      return purpose == Purpose::data;
+    case Role::status:
+      return purpose == Purpose::block_status;
+  }
+  return false;
 }
 
 // Connects connections_[index] (a fresh Connection) and checks that it sees the
@@ -88,7 +142,7 @@ asio::awaitable<std::error_code> ConnectionPool::async_connect(const Target& req
 asio::awaitable<std::error_code> ConnectionPool::connect_slot(std::size_t index) {
   Connection& connection = *connections_[index];
   connection.set_index(index);
-  if (auto error = co_await connection.async_connect(target_, options_.connect)) co_return error;
+  if (auto error = co_await connection.async_connect(target_, options_for(roles_[index]))) co_return error;
   const ExportInfo& seen = connection.info();
   if (seen.size != info_.size || seen.read_only != info_.read_only) {
     export_changed_ = true;
@@ -100,8 +154,10 @@ asio::awaitable<std::error_code> ConnectionPool::connect_slot(std::size_t index)
   co_return std::error_code{};
 }
 
-bool ConnectionPool::any_usable() const {
-  return std::any_of(connections_.begin(), connections_.end(), [](const auto& c) { return c->usable(); });
+bool ConnectionPool::any_usable(Purpose purpose) const {
+  for (std::size_t index = 0; index < connections_.size(); ++index)
+    if (serves(index, purpose) && connections_[index]->usable()) return true;
+  return false;
 }
 
 bool ConnectionPool::reconnectable() const {
@@ -118,9 +174,7 @@ void ConnectionPool::lost(std::size_t index, const std::string& reason) {
     gave_up_ = false;
     outage_started_ = clock::now();
   }
-  std::string which = connections_.size() > 1
-                          ? "connection " + std::to_string(index + 1) + " of " + std::to_string(connections_.size())
-                          : "the connection";
+  std::string which = describe(index);
   if (!reconnectable()) {
     say("lost " + which + " to the server (" + reason + "); requests on it fail with EIO");
     wake_waiters();
@@ -128,7 +182,7 @@ void ConnectionPool::lost(std::size_t index, const std::string& reason) {
   }
   say("lost " + which + " to the server (" + reason + "); reconnecting for up to " +
       std::to_string(options_.retry_timeout.count() / 1000) + " s");
-  if (!reconnecting_[index]) asio::co_spawn(executor_, reconnect(index), asio::detached);
+  start_reconnect(index);
 }
 
 // Retries with backoff until connected, the export turns out different, or the
@@ -148,7 +202,7 @@ asio::awaitable<void> ConnectionPool::reconnect(std::size_t index) {
       ++reconnects_;
       if (on_connection_restored) on_connection_restored(index, clock::now() - started);
       say("reconnected " +
-          (connections_.size() > 1 ? "connection " + std::to_string(index + 1) : std::string("to the server")) +
+          (describe(index) == "the connection" ? std::string("to the server") : describe(index)) +
           " after " + std::to_string(milliseconds_since(started)) + " ms");
       if (in_outage_) {
         in_outage_ = false;
@@ -179,23 +233,40 @@ asio::awaitable<void> ConnectionPool::reconnect(std::size_t index) {
   wake_waiters();
 }
 
-asio::awaitable<Connection*> ConnectionPool::usable_connection() {
+// co_spawn dispatches: on the loop thread the reconnect runs inline up to its
+// first wait, so a connect that fails at once has finished, and woken nobody,
+// before the caller starts waiting. Returns whether it is still running.
+bool ConnectionPool::start_reconnect(std::size_t index) {
+  if (!reconnecting_[index]) asio::co_spawn(executor_, reconnect(index), asio::detached);
+  return reconnecting_[index];
+}
+
+asio::awaitable<Connection*> ConnectionPool::usable_connection(Purpose purpose) {
   bool tried_once = false;
+  auto waiting_since = clock::now();
+  std::size_t first = 0;  // the first connection serving purpose: the one to revive
+  while (first + 1 < connections_.size() && !serves(first, purpose)) ++first;
   for (;;) {
-    if (any_usable()) co_return &pick();
+    if (any_usable(purpose)) co_return &pick(purpose);
     if (closed_ || export_changed_ || !reconnectable()) co_return nullptr;
+    // Only this purpose's connection is down (the outage logic watches data
+    // connections): bound the wait by the retry timeout on its own.
+    if (purpose != Purpose::data && any_usable(Purpose::data) &&
+        clock::now() - waiting_since >= options_.retry_timeout)
+      co_return nullptr;
     if (gave_up_) {
       // Past the retry timeout: one attempt per request, then fail.
       if (tried_once) co_return nullptr;
       tried_once = true;
-      if (!reconnecting_[0]) asio::co_spawn(executor_, reconnect(0), asio::detached);
+      if (!start_reconnect(first)) continue;  // already over: look again rather than wait
     }
     bool someone_reconnecting = std::find(reconnecting_.begin(), reconnecting_.end(), true) != reconnecting_.end();
     if (!someone_reconnecting && !gave_up_) {
       // Lost before anyone noticed (e.g. a failed command raced the loss report).
-      asio::co_spawn(executor_, reconnect(0), asio::detached);
+      if (!start_reconnect(first)) continue;
     }
-    co_await wait_for_change(outage_started_ + options_.retry_timeout + std::chrono::seconds(1));
+    co_await wait_for_change(std::max(outage_started_, waiting_since) + options_.retry_timeout +
+                             std::chrono::seconds(1));
   }
 }
 
@@ -211,18 +282,21 @@ void ConnectionPool::wake_waiters() {
   for (asio::steady_timer* waiter : waiters_) waiter->cancel();
 }
 
-Connection* ConnectionPool::least_loaded_usable() {
+Connection* ConnectionPool::least_loaded_usable(Purpose purpose) {
   Connection* best = nullptr;
-  for (auto& connection : connections_) {
-    if (!connection->usable()) continue;
-    if (!best || connection->in_flight() < best->in_flight()) best = connection.get();
+  for (std::size_t index = 0; index < connections_.size(); ++index) {
+    Connection* connection = connections_[index].get();
+    if (!serves(index, purpose) || !connection->usable()) continue;
+    if (!best || connection->in_flight() < best->in_flight()) best = connection;
   }
   return best;
 }
 
-Connection& ConnectionPool::pick() {
-  Connection* best = least_loaded_usable();
-  return best ? *best : *connections_.front();
+Connection& ConnectionPool::pick(Purpose purpose) {
+  if (Connection* best = least_loaded_usable(purpose)) return *best;
+  for (std::size_t index = 0; index < connections_.size(); ++index)
+    if (serves(index, purpose)) return *connections_[index];
+  return *connections_.front();
 }
 
 void ConnectionPool::cancel_connect() {

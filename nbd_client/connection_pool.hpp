@@ -3,6 +3,10 @@
 // connection reaches the same server. Loop thread only. Requests go to the
 // least-loaded usable connection; while none is usable they wait for a
 // reconnect, bounded by the retry timeout.
+// Reads answered with structured replies cost libnbd four recv() calls against
+// two for simple replies, so when the server shares one cache among connections
+// (multi-conn) the data connections use simple replies and one more connection,
+// used for nothing else, carries block status.
 #pragma once
 
 #include "nbd_client/connection.hpp"
@@ -19,8 +23,19 @@
 
 namespace nbd_client {
 
+// How the connections ask the server to answer (--replies).
+enum class ReplyMode {
+  automatic,   // simple replies for data plus a structured block-status connection, when sound
+  structured,  // structured replies everywhere (libnbd's default)
+  simple,      // simple replies everywhere: no block status at all
+};
+
+// What a command needs from the connection it runs on.
+enum class Purpose { data, block_status };
+
 struct PoolOptions {
   ConnectOptions connect;
+  ReplyMode replies = ReplyMode::automatic;
   unsigned connections = 4;  // wanted when the server advertises multi-conn
   bool pass_server_stderr = false;
   // How long requests wait for a lost server to come back; zero: fail at once.
@@ -42,22 +57,24 @@ class ConnectionPool {
   const ExportInfo& info() const { return info_; }
   const std::string& error_message() const { return error_message_; }
   std::size_t size() const { return connections_.size(); }
+  // True when one connection (the last) is kept for block status only.
+  bool has_status_connection() const { return split_; }
   // A note on why fewer connections were opened than asked for (empty if none).
   const std::string& note() const { return note_; }
   std::uint64_t disconnects() const { return disconnects_; }
   std::uint64_t reconnects() const { return reconnects_; }
 
-  // The usable connection with the fewest commands in flight (the first if none
-  // is usable: its commands then fail at once with ENOTCONN).
-  Connection& pick();
+  // The usable connection for purpose with the fewest commands in flight (the
+  // first if none is usable: its commands then fail at once with ENOTCONN).
+  Connection& pick(Purpose purpose = Purpose::data);
   // The same, or nullptr when none is usable: the per-command fast path, which
   // needs no coroutine (usable_connection() costs a frame).
-  Connection* least_loaded_usable();
+  Connection* least_loaded_usable(Purpose purpose = Purpose::data);
 
   // A usable connection, waiting through a reconnect if need be; nullptr once
   // the server has not come back within the retry timeout (after that, each
   // call makes one reconnect attempt of its own).
-  asio::awaitable<Connection*> usable_connection();
+  asio::awaitable<Connection*> usable_connection(Purpose purpose = Purpose::data);
 
   // One line per event, for stderr: losses, reconnects, giving up.
   std::function<void(const std::string& line)> on_event;
@@ -69,10 +86,16 @@ class ConnectionPool {
   void close();
 
  private:
-  bool any_usable() const;
+  enum class Role { data_and_status, data, status };
+  bool serves(std::size_t index, Purpose purpose) const;
+  std::string describe(std::size_t index) const;
+  bool any_usable(Purpose purpose = Purpose::data) const;
+  ConnectOptions options_for(Role role) const;
+  asio::awaitable<void> open_connections(unsigned count, Role role);
   bool reconnectable() const;
   void lost(std::size_t index, const std::string& reason);
   asio::awaitable<void> reconnect(std::size_t index);
+  bool start_reconnect(std::size_t index);
   asio::awaitable<std::error_code> connect_slot(std::size_t index);
   void wake_waiters();
   asio::awaitable<void> wait_for_change(std::chrono::steady_clock::time_point deadline);
@@ -89,6 +112,8 @@ class ConnectionPool {
   // Replaced connections stay alive until close(): callbacks may still name them.
   std::vector<std::unique_ptr<Connection>> retired_;
   std::vector<bool> reconnecting_;
+  std::vector<Role> roles_;  // parallel to connections_
+  bool split_ = false;       // the last connection carries block status, the others data
   ServerProcess server_;
   std::string error_message_;
   std::string note_;

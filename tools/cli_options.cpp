@@ -54,6 +54,12 @@ void setup(CLI::App& app, Options& options) {
   app.add_flag("--list", options.list, "print the server's exports with their sizes, then exit (no MOUNTPOINT)");
   app.add_option("--connect-timeout", options.connect_timeout_seconds, "seconds to wait for the server")
       ->check(CLI::PositiveNumber);
+  app.add_option("--replies", options.replies,
+                 "how the server answers: auto (default: simple replies on the data connections plus one "
+                 "connection for block status, when the server advertises multi-conn; else structured), "
+                 "structured (one kind of connection), simple (fastest reads; no SEEK_DATA/SEEK_HOLE or "
+                 "allocation from the server)")
+      ->check(CLI::IsMember({"auto", "structured", "simple"}));
   app.add_option("--retry-timeout", options.retry_timeout_seconds,
                  "seconds to keep reconnecting to a lost server while requests wait (default 60; 0: fail at once)")
       ->check(CLI::NonNegativeNumber);

@@ -152,6 +152,9 @@ class Bridge {
     pool_options.connections = tools::resolve_connections(options_.connections, std::thread::hardware_concurrency());
     pool_options.pass_server_stderr = options_.verbose;
     pool_options.retry_timeout = to_duration(options_.retry_timeout_seconds);
+    pool_options.replies = options_.replies == "simple"       ? nbd_client::ReplyMode::simple
+                           : options_.replies == "structured" ? nbd_client::ReplyMode::structured
+                                                              : nbd_client::ReplyMode::automatic;
     std::error_code error = co_await pool_.async_connect(target_, pool_options);
     if (stop_requested_) {
       say("interrupted before the mount was made");
@@ -166,7 +169,8 @@ class Bridge {
     file_system_.set_export(info);
     if (options_.verbose) {
       say("connected: " + std::to_string(info.size) + " bytes, " + (info.read_only ? "read-only" : "read-write") +
-          ", " + std::to_string(pool_.size()) + " connection(s), flush " + (info.can_flush ? "yes" : "no") +
+          ", " + std::to_string(pool_.size()) + " connection(s)" +
+          (pool_.has_status_connection() ? " (the last for block status only)" : "") + ", flush " + (info.can_flush ? "yes" : "no") +
           ", fua " + (info.can_fua ? "yes" : "no") + ", zero " + (info.can_zero ? "yes" : "no") +
           ", block status " + (info.can_block_status ? "yes" : "no") + ", block sizes " +
           std::to_string(info.minimum_block) + "/" + std::to_string(info.preferred_block) + "/" +
@@ -178,7 +182,7 @@ class Bridge {
           "once acknowledged and fsync succeeds without sending anything");
     pool_.on_event = [](const std::string& line) { say(line); };
     bridge::Statistics& statistics = file_system_.statistics();
-    statistics.set_connections(pool_.size());
+    statistics.set_connections(pool_.size(), pool_.has_status_connection());
     pool_.on_connection_lost = [&statistics](std::size_t index) { statistics.connection_lost(index); };
     pool_.on_connection_restored = [&statistics](std::size_t index, std::chrono::nanoseconds outage) {
       statistics.connection_restored(index, std::uint64_t(outage.count()));

@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
 """Multi-conn: with a server that advertises NBD_FLAG_CAN_MULTI_CONN the
-bridge opens -C N connections (default 4) and spreads requests over all of
-them; with a server that does not, or with -C 1, it uses one.  The nbdkit log
-filter shows the connections and which requests each carried.
+bridge opens -C N data connections (auto: 4 with 4 or more CPUs, else 1) and
+spreads reads and writes over all of them, plus one connection that carries
+block status only (--replies auto): the data connections ask for simple
+replies, the block-status one for structured replies.  With a server that does
+not advertise multi-conn it uses one connection for everything.  The nbdkit log
+filter shows the connections and which requests each carried; nbdkit -v shows
+which connections asked for structured replies.
 """
 import collections
 import os
 import random
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -15,6 +20,26 @@ import semantics_util as su  # noqa: E402
 
 SIZE = 128 * 1024 * 1024
 FIO_SIZE = 32 * 1024 * 1024
+
+
+def _structured_connections(errpath):
+    """From nbdkit -v: the positions (0 = first) of the connections that asked
+    for structured replies, among those that went on to NBD_OPT_GO.  (nbdkit's
+    own numbers count the harness's readiness probe too.)"""
+    with open(errpath, errors="replace") as f:
+        text = f.read()
+    negotiated = sorted({int(n) for n in re.findall(r"\[(\d+)\]: debug: newstyle negotiation: NBD_OPT_GO", text)})
+    structured = {int(n) for n in re.findall(
+        r"\[(\d+)\]: debug: newstyle negotiation: NBD_OPT_STRUCTURED_REPLY", text)}
+    return {negotiated.index(n) for n in structured}
+
+
+def _seek_data(export):
+    fd = os.open(export, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_DATA)
+    finally:
+        os.close(fd)
 
 
 def _per_connection(logfile):
@@ -52,20 +77,27 @@ def _shadow_check(export, rnd, n=64):
 
 def test_four_connections_all_used():
     logfile = os.path.join(h.tmpdir("log"), "nbdkit.log")
-    with h.Nbdkit(["memory", str(SIZE), "logfile=" + logfile], opts=["--filter=log"]) as srv, \
+    with h.Nbdkit(["memory", str(SIZE), "logfile=" + logfile], opts=["-v", "--filter=log"]) as srv, \
             h.Mount(h.tmpdir("mp"), [srv.uri], opts=["-C", "4"]) as m:
         conns = su.log_connects(logfile)
-        h.check_eq(sorted(conns), [1, 2, 3, 4], "connections opened for -C 4")
+        # the first connection made stays for block status; data connections follow
+        h.check_eq(sorted(conns), [1, 2, 3, 4, 5], "connections opened for -C 4")
+        h.check_eq(_structured_connections(srv.errpath), {0}, "connections that asked for structured replies")
         _fio_load(m.export)
         _shadow_check(m.export, random.Random(3))
+        h.check_eq(_seek_data(m.export), 0, "SEEK_DATA after writing at 0")
         acts = _per_connection(logfile)
-        for c in sorted(conns):
+        data = [2, 3, 4, 5]
+        for c in data:
             h.check(acts[c]["Write"] > 0 and acts[c]["Read"] > 0,
                     "connection %d carried no Read/Write traffic: %r (all: %r)"
                     % (c, dict(acts[c]), {k: dict(v) for k, v in acts.items()}))
+            h.check_eq(acts[c]["Extents"], 0, "block status on data connection %d" % c)
+        h.check(acts[1]["Extents"] > 0, "the block-status connection carried no Extents: %r" % dict(acts[1]))
+        h.check_eq(acts[1]["Read"] + acts[1]["Write"], 0, "reads and writes on the block-status connection")
         # a fair spread: no connection carries almost everything
-        total = sum(acts[c]["Write"] + acts[c]["Read"] for c in conns)
-        for c in conns:
+        total = sum(acts[c]["Write"] + acts[c]["Read"] for c in data)
+        for c in data:
             share = (acts[c]["Write"] + acts[c]["Read"]) / total
             h.check(share < 0.7, "connection %d carried %.0f%% of the requests" % (c, share * 100))
         h.check_eq(set(acts) - set(conns), set(), "requests on connections never opened")
@@ -74,9 +106,10 @@ def test_four_connections_all_used():
 
 
 def test_default_connections_follow_cpus():
-    # -C auto (the default): 4 connections with 4 or more CPUs, else 1 (on 2 CPUs
-    # one loop thread over one connection measured fastest; see README).
-    expected = [1, 2, 3, 4] if (os.cpu_count() or 1) >= 4 else [1]
+    # -C auto (the default): 4 data connections with 4 or more CPUs, else 1 (on 2
+    # CPUs one loop thread over one connection measured fastest; see README), and
+    # the block-status connection.
+    expected = [1, 2, 3, 4, 5] if (os.cpu_count() or 1) >= 4 else [1, 2]
     logfile = os.path.join(h.tmpdir("log"), "nbdkit.log")
     with h.Nbdkit(["memory", str(SIZE), "logfile=" + logfile], opts=["--filter=log"]) as srv, \
             h.Mount(h.tmpdir("mp"), [srv.uri]):
@@ -87,11 +120,48 @@ def test_two_connections():
     logfile = os.path.join(h.tmpdir("log"), "nbdkit.log")
     with h.Nbdkit(["memory", str(SIZE), "logfile=" + logfile], opts=["--filter=log"]) as srv, \
             h.Mount(h.tmpdir("mp"), [srv.uri], opts=["-C", "2"]) as m:
-        h.check_eq(sorted(su.log_connects(logfile)), [1, 2], "connections for -C 2")
+        h.check_eq(sorted(su.log_connects(logfile)), [1, 2, 3], "connections for -C 2 (+ block status)")
         _shadow_check(m.export, random.Random(4), n=32)
 
 
-def _single_connection_case(opts, server_opts, args_extra, what):
+def test_replies_structured_one_kind_of_connection():
+    # --replies structured: every connection asks for structured replies and
+    # serves everything, block status included; no extra connection.
+    logfile = os.path.join(h.tmpdir("log"), "nbdkit.log")
+    with h.Nbdkit(["memory", str(SIZE), "logfile=" + logfile], opts=["-v", "--filter=log"]) as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri], opts=["-C", "2", "--replies", "structured"]) as m:
+        h.check_eq(sorted(su.log_connects(logfile)), [1, 2], "connections for -C 2 --replies structured")
+        h.check_eq(_structured_connections(srv.errpath), {0, 1}, "connections that asked for structured replies")
+        _shadow_check(m.export, random.Random(6), n=32)
+        fd = os.open(m.export, os.O_WRONLY)
+        try:
+            h.pwrite_full(fd, b"x" * 4096, 0)
+        finally:
+            os.close(fd)
+        h.check_eq(_seek_data(m.export), 0, "SEEK_DATA after writing at 0")
+        h.check(su.count_acts(logfile, "Extents") > 0, "block status was asked for")
+
+
+def test_replies_simple_no_block_status():
+    # --replies simple: no connection asks for structured replies, so there is no
+    # block status: the whole export is data (SEEK_HOLE finds only EOF).
+    logfile = os.path.join(h.tmpdir("log"), "nbdkit.log")
+    with h.Nbdkit(["memory", str(SIZE), "logfile=" + logfile], opts=["-v", "--filter=log"]) as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--replies", "simple"]) as m:
+        data_connections = 4 if (os.cpu_count() or 1) >= 4 else 1
+        h.check_eq(len(su.log_connects(logfile)), data_connections, "connections (no block-status one)")
+        h.check_eq(_structured_connections(srv.errpath), set(), "connections that asked for structured replies")
+        _shadow_check(m.export, random.Random(7), n=16)
+        fd = os.open(m.export, os.O_RDONLY)
+        try:
+            h.check_eq(os.lseek(fd, 4096, os.SEEK_DATA), 4096, "SEEK_DATA in never-written space")
+            h.check_eq(os.lseek(fd, 0, os.SEEK_HOLE), SIZE, "SEEK_HOLE finds only EOF")
+        finally:
+            os.close(fd)
+        h.check_eq(su.count_acts(logfile, "Extents"), 0, "block status requests")
+
+
+def _single_connection_case(opts, server_opts, args_extra, what, expected_connections=1):
     logfile = os.path.join(h.tmpdir("log"), "nbdkit.log")
     with h.Nbdkit(["memory", str(SIZE), "logfile=" + logfile] + args_extra,
                   opts=["--filter=log"] + server_opts) as srv, \
@@ -99,9 +169,10 @@ def _single_connection_case(opts, server_opts, args_extra, what):
         _fio_load(m.export)
         _shadow_check(m.export, random.Random(5), n=32)
         conns = su.log_connects(logfile)
-        h.check_eq(len(conns), 1, "%s: connections opened (%r)" % (what, sorted(conns)))
+        h.check_eq(len(conns), expected_connections, "%s: connections opened (%r)" % (what, sorted(conns)))
         acts = _per_connection(logfile)
-        h.check_eq(sorted(acts), sorted(conns), "%s: connections that carried requests" % what)
+        data = [c for c in conns if acts[c]["Read"] + acts[c]["Write"] > 0]
+        h.check_eq(len(data), 1, "%s: connections that carried reads and writes (%r)" % (what, dict(acts)))
         fails = su.log_failed_replies(logfile)
         h.check(not fails, "server saw failed requests: %r" % fails[:5])
 
@@ -111,8 +182,8 @@ def test_no_multiconn_server_one_connection():
                             "server without multi-conn")
 
 
-def test_C1_one_connection():
-    _single_connection_case(["-C", "1"], [], [], "-C 1")
+def test_C1_one_data_connection():
+    _single_connection_case(["-C", "1"], [], [], "-C 1", expected_connections=2)
 
 
 if __name__ == "__main__":

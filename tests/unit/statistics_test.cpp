@@ -275,6 +275,15 @@ TEST_CASE("statistics count operations, bytes, errors and in-flight peaks") {
   statistics.set_connections(4);
   CHECK(statistics.connections().size() == 4);
   CHECK(statistics.connections()[1].commands == 1);
+
+  // The pool's block-status connection is the last; its role survives a reset.
+  statistics.set_connections(3, true);
+  statistics.reset();
+  CHECK(!statistics.connections()[0].block_status_only);
+  CHECK(statistics.connections()[2].block_status_only);
+  std::string json = statistics.to_json();
+  CHECK(json.find("{\"index\":0,\"role\":\"data\"") != std::string::npos);
+  CHECK(json.find("{\"index\":2,\"role\":\"block_status\"") != std::string::npos);
 }
 
 TEST_CASE("reset zeroes everything but what is in flight now") {
@@ -327,7 +336,8 @@ TEST_CASE("the JSON is well formed and carries counts, percentiles and histogram
                                "\"bytes\":4096000", "\"max\":1000.0,\"mean\":500.5,\"count\":1000}",
                                "\"trim_zero\":{\"count\":0",
                                "\"block_status\":", "\"in_flight\":{\"now\":1,\"peak\":1}",
-                               "\"connections\":[{\"index\":0,\"commands\":500,", "{\"index\":1,\"commands\":500,",
+                               "\"connections\":[{\"index\":0,\"role\":\"data\",\"commands\":500,",
+                               "{\"index\":1,\"role\":\"data\",\"commands\":500,",
                                "\"disconnects\":0,\"reconnects\":0",
                                "\"injected\":{\"delays\":1,\"delay_total_us\":1500.0,\"errors\":0}",
                                "\"histograms\":{\"read\":{\"fuse\":[[", "\"write\":{\"fuse\":[],\"nbd\":[]}"}) {

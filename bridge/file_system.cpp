@@ -183,8 +183,19 @@ asio::awaitable<void> FileSystem::serve_read(fuse_req_t request, std::size_t len
   Tracked tracked(*this, request, Operation::read, "READ", offset, length);
   BufferPool::Lease buffer = buffers_.acquire(length);
   // The buffer outlives the command: it is released only after the reply.
-  if (auto error = co_await io_.read(buffer.data(), length, offset)) tracked.reply_error(to_application_errno(error));
-  else tracked.reply_data(buffer.data(), length);
+  if (auto error = co_await io_.read(buffer.data(), length, offset)) {
+    tracked.reply_error(to_application_errno(error));
+  } else if (options_.reply_thread_minimum && length >= options_.reply_thread_minimum && in_flight_count_ > 1) {
+    // The copy into the application's pages then overlaps this thread's work on
+    // the other requests in flight. Alone, the hand-over would only add latency
+    // (1 MiB buffered reads at depth 1: 1.3-1.7 against 1.8 GiB/s inline).
+    if (tracked.begin_reply()) {
+      tracked.trace_reply(0, length);
+      co_await session_.reply_worker().async_reply_buf(request, buffer.data(), length, asio::use_awaitable);
+    }
+  } else {
+    tracked.reply_data(buffer.data(), length);
+  }
 }
 
 asio::awaitable<void> FileSystem::serve_write(fuse_req_t request, [[maybe_unused]] fuse_front::RequestBuffer payload_owner,

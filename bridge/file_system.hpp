@@ -29,6 +29,8 @@ struct FileSystemOptions {
   CacheMode cache = CacheMode::none;
   bool verbose = false;
   std::chrono::milliseconds request_timeout{0};  // 0: requests may take as long as they take
+  // READ replies at least this long go out from the session's reply thread (0: never).
+  std::size_t reply_thread_minimum = 128 * 1024;
 };
 
 class FileSystem final : public fuse_front::Handlers {

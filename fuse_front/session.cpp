@@ -205,11 +205,12 @@ void Session::reply_open(fuse_req_t request, const fuse_file_info* file, std::ui
 // Runs inside fuse_reply_* on this thread: only the OPEN reply sent by
 // reply_open() has extra_open_flags_ set.
 void Session::patch_reply(struct iovec* parts, int count) {
-  if (extra_open_flags_ == 0 || count < 2 || parts[0].iov_len != sizeof(fuse_out_header) ||
+  std::uint32_t extra_open_flags = extra_open_flags_.load(std::memory_order_relaxed);
+  if (extra_open_flags == 0 || count < 2 || parts[0].iov_len != sizeof(fuse_out_header) ||
       parts[1].iov_len != sizeof(fuse_open_out))
     return;
   auto* header = static_cast<fuse_out_header*>(parts[0].iov_base);
-  if (header->error == 0) static_cast<fuse_open_out*>(parts[1].iov_base)->open_flags |= extra_open_flags_;
+  if (header->error == 0) static_cast<fuse_open_out*>(parts[1].iov_base)->open_flags |= extra_open_flags;
 }
 
 RequestBuffer Session::claim_request_buffer() { return RequestBuffer(this, std::exchange(current_buffer_, nullptr)); }
@@ -240,6 +241,7 @@ void Session::stop_receiving() {
 
 // Also after the kernel let go (fusermount3 -u): libfuse then only closes the fd.
 void Session::unmount() {
+  reply_worker_.stop();  // no reply may be in writev once the fd is closed
   if (!session_ || unmounted_) return;
   // fuse_session_unmount closes the fd: take it out of the reactor first.
   if (descriptor_.is_open()) descriptor_.release();

@@ -14,6 +14,10 @@
 #include <asio/any_io_executor.hpp>
 #include <asio/posix/stream_descriptor.hpp>
 
+#include "fuse_front/reply_worker.hpp"
+
+#include <atomic>
+
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -67,6 +71,9 @@ class Session {
   // Only valid inside a handler: keeps the current request's buffer alive.
   RequestBuffer claim_request_buffer();
 
+  // The thread for large READ replies; stopped by unmount().
+  ReplyWorker& reply_worker() { return reply_worker_; }
+
  private:
   friend class RequestBuffer;
   void wait_readable();
@@ -86,7 +93,9 @@ class Session {
   std::size_t buffer_size_ = 0;
   std::vector<std::byte*> free_buffers_;
   std::byte* current_buffer_ = nullptr;
-  std::uint32_t extra_open_flags_ = 0;
+  // Read by the writev hook, which also runs on the reply worker's thread.
+  std::atomic<std::uint32_t> extra_open_flags_{0};
+  ReplyWorker reply_worker_;
 };
 
 }  // namespace fuse_front

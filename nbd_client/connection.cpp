@@ -207,6 +207,12 @@ asio::awaitable<std::error_code> Connection::async_connect(const Target& target,
   // Paths in URIs (tls-psk-file=, socket=) are the user's own choice on the command line.
   nbd_set_uri_allow_local_file(handle_, true);
   nbd_set_full_info(handle_, true);
+  // libnbd zeroes every read buffer first unless told not to: a memset of each
+  // 1 MiB read (4.5% of the bridge's CPU in 1 MiB sequential reads). Safe here:
+  // a failed read's buffer is never replied with, and a successful one was
+  // filled in full (a simple reply carries all the data; libnbd fails a
+  // structured read whose chunks do not cover the request).
+  nbd_set_pread_initialize(handle_, false);
   if (target.kind != Target::Kind::uri) nbd_set_export_name(handle_, target.export_name.c_str());
   if (!options.structured_replies)
     nbd_set_request_structured_replies(handle_, false);

@@ -54,6 +54,10 @@ void setup(CLI::App& app, Options& options) {
   app.add_flag("--list", options.list, "print the server's exports with their sizes, then exit (no MOUNTPOINT)");
   app.add_option("--connect-timeout", options.connect_timeout_seconds, "seconds to wait for the server")
       ->check(CLI::PositiveNumber);
+  app.add_option("--reply-thread", options.reply_thread,
+                 "on (default): READ replies of 128 KiB and more are sent from a second thread, so the "
+                 "kernel's copy into the reader's pages overlaps the next receives; off: one thread only")
+      ->check(CLI::IsMember({"on", "off"}));
   app.add_option("--replies", options.replies,
                  "how the server answers: auto (default: simple replies on the data connections plus one "
                  "connection for block status, when the server advertises multi-conn; else structured), "

@@ -97,7 +97,8 @@ class Bridge {
         session_(io_.get_executor(), fuse_front::operations_table(), &file_system_),
         file_system_(io_.get_executor(), pool_, session_,
                      {plan_.file_name, options.cache == "page" ? bridge::CacheMode::page : bridge::CacheMode::none,
-                      options.verbose, to_duration(options.request_timeout_seconds)}),
+                      options.verbose, to_duration(options.request_timeout_seconds),
+                      options.reply_thread == "on" ? std::size_t(128 * 1024) : 0}),
         signals_(io_, SIGINT, SIGTERM, SIGHUP),
         ended_(io_),
         stats_ticker_(io_) {}

@@ -89,6 +89,29 @@ def test_seqwrite_large_blocks_then_verify_on_fresh_mount():
             _check_fio(r, data, min_write=0, what="fio --verify_only on fresh mount")
 
 
+def _threads(pid):
+    return len(os.listdir("/proc/%d/task" % pid))
+
+
+def test_large_reads_in_parallel_use_the_reply_thread():
+    # READ replies of 128 KiB and more, with other requests in flight, go out
+    # from a second thread (--reply-thread on, the default); the bytes must be
+    # the same either way, and "off" must keep the bridge to one thread.
+    with h.Nbdkit(["memory", str(EXPORT_SIZE)]) as srv:
+        common = ["--ioengine=libaio", "--rw=write", "--bs=1M"]
+        with h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
+            h.check_eq(_threads(m.proc.pid), 1, "threads before any large read")
+            r, data = _fio(m.export, common)
+            _check_fio(r, data, what="fio seq write 1M")
+            r, data = _fio(m.export, common + ["--verify_only"])
+            _check_fio(r, data, min_write=0, what="fio --verify_only, 1M reads at depth 64")
+            h.check_eq(_threads(m.proc.pid), 2, "threads after 1 MiB reads at depth 64")
+        with h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--reply-thread", "off"]) as m:
+            r, data = _fio(m.export, common + ["--verify_only"])
+            _check_fio(r, data, min_write=0, what="fio --verify_only with --reply-thread off")
+            h.check_eq(_threads(m.proc.pid), 1, "threads with --reply-thread off")
+
+
 def test_randrw_page_cache_mode():
     # --cache=page, still O_DIRECT from fio's side
     with h.Nbdkit(["memory", str(EXPORT_SIZE)]) as srv, \

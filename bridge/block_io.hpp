@@ -96,17 +96,35 @@ class BlockIo {
       if (!connection) connection = co_await pool_.usable_connection(purpose);  // waits through a reconnect
       if (!connection) co_return std::error_code(EIO, std::generic_category());
       auto [error] = co_await start(*connection);
-      if (statistics_compiled_in && statistics_)
-        statistics_->command_finished(
-            operation, connection->index(),
-            std::uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - sent)
-                              .count()),
-            bool(error));
-      // Still usable after a "connection" error: the server itself said so; do not spin.
-      if (!nbd_client::is_connection_failure(error) || connection->usable()) co_return error;
+      if (finished(operation, *connection, sent, error)) co_return error;
     }
   }
 
+ public:
+  // The per-request fast path, for a caller that awaits the connection itself and
+  // so needs no coroutine frame of ours: a usable data connection when
+  // [offset, offset+length) needs no alignment work and no fault is to be
+  // injected; nullptr when the request must go through read()/write().
+  nbd_client::Connection* direct_connection(std::uint64_t offset, std::size_t length) const {
+    const std::uint64_t unit = block();
+    if (faults_ || (unit > 1 && (offset % unit != 0 || length % unit != 0))) return nullptr;
+    return pool_.least_loaded_usable(nbd_client::Purpose::data);
+  }
+  // Records a command that ran on `connection`; false when the connection broke
+  // under it (never acknowledged), so that it must be issued again.
+  bool finished(Operation operation, const nbd_client::Connection& connection,
+                std::chrono::steady_clock::time_point sent, std::error_code error) {
+    if (statistics_compiled_in && statistics_)
+      statistics_->command_finished(
+          operation, connection.index(),
+          std::uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - sent)
+                            .count()),
+          bool(error));
+    // Still usable after a "connection" error: the server itself said so; do not spin.
+    return !nbd_client::is_connection_failure(error) || connection.usable();
+  }
+
+ private:
   std::uint64_t block() const { return info_.minimum_block > 1 ? info_.minimum_block : 1; }
   asio::awaitable<std::error_code> write_aligned(const std::byte* data, std::size_t length, std::uint64_t offset,
                                                  bool durable);

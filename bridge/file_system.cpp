@@ -8,6 +8,7 @@
 #include <asio/experimental/as_tuple.hpp>
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
+#include <asio/dispatch.hpp>
 #include <asio/post.hpp>
 #include <asio/redirect_error.hpp>
 #include <asio/use_awaitable.hpp>
@@ -16,7 +17,9 @@
 #include <cinttypes>
 #include <cstdio>
 #include <cstring>
+#include <tuple>
 #include <fcntl.h>
+#include <libnbd.h>
 #include <linux/falloc.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
@@ -175,38 +178,95 @@ asio::awaitable<void> FileSystem::drain(std::chrono::milliseconds bound) {
     if (!woken) break;  // deadline passed
   }
   for (Tracked* request = in_flight_head_; request; request = request->next_) request->reply_error(EIO);
+  stop_request_servers();
 }
 
 // ---- request coroutines -----------------------------------------------------
 
-asio::awaitable<void> FileSystem::serve_read(fuse_req_t request, std::size_t length, std::uint64_t offset) {
-  Tracked tracked(*this, request, Operation::read, "READ", offset, length);
-  BufferPool::Lease buffer = buffers_.acquire(length);
-  // The buffer outlives the command: it is released only after the reply.
-  if (auto error = co_await io_.read(buffer.data(), length, offset)) {
-    tracked.reply_error(to_application_errno(error));
-  } else if (options_.reply_thread_minimum && length >= options_.reply_thread_minimum && in_flight_count_ > 1) {
-    // The copy into the application's pages then overlaps this thread's work on
-    // the other requests in flight. Alone, the hand-over would only add latency
-    // (1 MiB buffered reads at depth 1: 1.3-1.7 against 1.8 GiB/s inline).
-    if (tracked.begin_reply()) {
-      tracked.trace_reply(0, length);
-      co_await session_.reply_worker().async_reply_buf(request, buffer.data(), length, asio::use_awaitable);
-    }
-  } else {
-    tracked.reply_data(buffer.data(), length);
+void FileSystem::hand_over(Job job) {
+  if (idle_request_servers_.empty()) {
+    request_servers_.push_back(std::make_unique<RequestServer>());
+    RequestServer& server = *request_servers_.back();
+    server.job = std::move(job);
+    asio::co_spawn(executor_, request_server(server), asio::detached);
+    return;
+  }
+  RequestServer& server = *idle_request_servers_.back();
+  idle_request_servers_.pop_back();
+  server.job = std::move(job);
+  Resumption resume = std::move(*server.parked);
+  server.parked.reset();
+  // On the loop thread this resumes the server at once, up to its first wait.
+  asio::dispatch(std::move(resume));
+}
+
+void FileSystem::stop_request_servers() {
+  for (RequestServer* server : std::exchange(idle_request_servers_, {})) {
+    server->stop = true;
+    Resumption resume = std::move(*server->parked);
+    server->parked.reset();
+    asio::dispatch(std::move(resume));
   }
 }
 
-asio::awaitable<void> FileSystem::serve_write(fuse_req_t request, [[maybe_unused]] fuse_front::RequestBuffer payload_owner,
-                                              const std::byte* data, std::size_t length, std::uint64_t offset,
-                                              bool durable) {
-  Tracked tracked(*this, request, Operation::write, durable ? "WRITE+SYNC" : "WRITE", offset, length);
-  // payload_owner keeps `data` (inside the FUSE receive buffer) alive until the server has it.
-  std::error_code error = co_await io_.write(data, length, offset, durable);
-  note_allocation_changed();
-  if (error) tracked.reply_error(to_application_errno(error));
-  else tracked.reply_written(length);
+asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
+  using clock = std::chrono::steady_clock;
+  while (!self.stop) {
+    Job job = std::move(self.job);
+    if (job.kind == Operation::read) {
+      Tracked tracked(*this, job.request, Operation::read, "READ", job.offset, job.length);
+      // The buffer outlives the command: it is released only after the reply.
+      BufferPool::Lease buffer = buffers_.acquire(job.length);
+      std::error_code error;
+      nbd_client::Connection* connection = io_.direct_connection(job.offset, job.length);
+      if (connection) {
+        auto sent = clock::now();
+        std::tie(error) = co_await connection->async_pread(buffer.data(), job.length, job.offset, nbd_client::use_result);
+        if (!io_.finished(Operation::read, *connection, sent, error)) connection = nullptr;  // broke: go the long way
+      }
+      if (!connection) error = co_await io_.read(buffer.data(), job.length, job.offset);
+      if (error) {
+        tracked.reply_error(to_application_errno(error));
+      } else if (options_.reply_thread_minimum && job.length >= options_.reply_thread_minimum &&
+                 in_flight_count_ > 1) {
+        // The copy into the application's pages then overlaps this thread's work on
+        // the other requests in flight. Alone, the hand-over would only add latency
+        // (1 MiB buffered reads at depth 1: 1.3-1.7 against 1.8 GiB/s inline).
+        if (tracked.begin_reply()) {
+          tracked.trace_reply(0, job.length);
+          co_await session_.reply_worker().async_reply_buf(job.request, buffer.data(), job.length,
+                                                           asio::use_awaitable);
+        }
+      } else {
+        tracked.reply_data(buffer.data(), job.length);
+      }
+    } else {
+      Tracked tracked(*this, job.request, Operation::write, job.durable ? "WRITE+SYNC" : "WRITE", job.offset,
+                      job.length);
+      // job.payload keeps job.data (inside the FUSE receive buffer) alive until the server has it.
+      std::error_code error;
+      nbd_client::Connection* connection = io_.direct_connection(job.offset, job.length);
+      if (job.durable && !export_.can_fua) connection = nullptr;  // write + flush: the long way
+      if (connection) {
+        auto sent = clock::now();
+        std::tie(error) = co_await connection->async_pwrite(job.data, job.length, job.offset,
+                                                             job.durable ? LIBNBD_CMD_FLAG_FUA : 0, nbd_client::use_result);
+        if (!io_.finished(Operation::write, *connection, sent, error)) connection = nullptr;
+      }
+      if (!connection) error = co_await io_.write(job.data, job.length, job.offset, job.durable);
+      note_allocation_changed();
+      if (error) tracked.reply_error(to_application_errno(error));
+      else tracked.reply_written(job.length);
+    }
+    job = Job{};  // give the receive buffer back before parking
+    if (draining_) break;
+    co_await asio::async_initiate<const asio::use_awaitable_t<>&, void()>(
+        [this, &self](Resumption resume) {
+          self.parked.emplace(std::move(resume));
+          idle_request_servers_.push_back(&self);
+        },
+        asio::use_awaitable);
+  }
 }
 
 asio::awaitable<void> FileSystem::serve_flush(fuse_req_t request, const char* operation) {
@@ -387,7 +447,7 @@ void FileSystem::read(fuse_req_t request, std::size_t size, off_t offset, const 
     fuse_reply_buf(request, nullptr, 0);
     return;
   }
-  asio::co_spawn(executor_, serve_read(request, length, std::uint64_t(offset)), asio::detached);
+  hand_over(Job{Operation::read, request, length, std::uint64_t(offset)});
 }
 
 void FileSystem::write(fuse_req_t request, const char* data, std::size_t size, off_t offset,
@@ -402,10 +462,8 @@ void FileSystem::write(fuse_req_t request, const char* data, std::size_t size, o
     else fuse_reply_write(request, 0);
     return;
   }
-  asio::co_spawn(executor_,
-                 serve_write(request, session_.claim_request_buffer(), reinterpret_cast<const std::byte*>(data),
-                             plan.length, std::uint64_t(offset), (file->flags & O_DSYNC) != 0),
-                 asio::detached);
+  hand_over(Job{Operation::write, request, plan.length, std::uint64_t(offset), session_.claim_request_buffer(),
+                reinterpret_cast<const std::byte*>(data), (file->flags & O_DSYNC) != 0});
 }
 
 void FileSystem::flush(fuse_req_t request, const fuse_file_info* file) {

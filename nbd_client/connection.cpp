@@ -25,6 +25,23 @@ constexpr std::uint64_t libnbd_request_limit = 64u << 20;
 
 }  // namespace
 
+void ReadyList::push(PendingCommand* command) {
+  command->next_ready = nullptr;
+  if (tail) tail->next_ready = command;
+  else head = command;
+  tail = command;
+}
+
+PendingCommand* ReadyList::pop() {
+  PendingCommand* command = head;
+  if (command) {
+    head = command->next_ready;
+    if (!head) tail = nullptr;
+    command->next_ready = nullptr;
+  }
+  return command;
+}
+
 int on_chunk_done(void* user_data, int* error) {
   auto* command = static_cast<PendingCommand*>(user_data);
   if (*error != 0 && command->first_error == 0) command->first_error = *error;
@@ -153,18 +170,27 @@ void Connection::service() {
         nbd_aio_in_flight(handle_) > 0) {
       readable = speculated = true;
     }
-    int result;
-    if (readable && (direction & LIBNBD_AIO_DIRECTION_READ)) result = nbd_aio_notify_read(handle_);
-    else if (writable && (direction & LIBNBD_AIO_DIRECTION_WRITE)) result = nbd_aio_notify_write(handle_);
-    else break;
+    bool notify_read = readable && (direction & LIBNBD_AIO_DIRECTION_READ);
+    bool notify_write = !notify_read && writable && (direction & LIBNBD_AIO_DIRECTION_WRITE);
+    if (!notify_read && !notify_write) break;
+    ready_.collecting = true;
+    int result = notify_read ? nbd_aio_notify_read(handle_) : nbd_aio_notify_write(handle_);
+    ready_.collecting = false;
     if (result == -1 && error_message_.empty()) error_message_ = last_libnbd_error();
     notice_state_change();
+    // Resumed handlers may issue commands here: the handle is not locked now, and
+    // the next round re-reads its state.
+    deliver_ready();
     if (round + 1 == rounds_per_wakeup) {
       asio::post(executor_, [this] { service(); });
       return;
     }
   }
   arm();
+}
+
+void Connection::deliver_ready() {
+  while (PendingCommand* command = ready_.pop()) command->deliver();
 }
 
 void Connection::notice_state_change() {
@@ -329,6 +355,7 @@ int64_t Connection::submit_chunk(PendingCommand* command, const CommandRequest& 
 
 void Connection::issue(PendingCommand* command, const CommandRequest& request) {
   command->submitting = true;
+  command->ready_list = &ready_;
   if (!usable()) {
     command->first_error = ENOTCONN;
   } else {

@@ -58,19 +58,37 @@ struct ConnectOptions {
   std::chrono::milliseconds timeout = std::chrono::seconds(30);
 };
 
+class PendingCommand;
+
+// Commands whose last reply arrived during one nbd_aio_notify_* call. libnbd runs
+// completion callbacks with the handle locked, so they only queue here; the
+// connection resumes the waiting handlers right after the call returns, which
+// needs neither a post nor an allocation per command.
+struct ReadyList {
+  bool collecting = false;  // true only inside nbd_aio_notify_* on the loop thread
+  PendingCommand* head = nullptr;
+  PendingCommand* tail = nullptr;
+  void push(PendingCommand* command);
+  PendingCommand* pop();
+};
+
 // A command in flight, possibly split into several NBD commands (chunks). It is
 // finished once, when the last chunk's callback has run, and freed once libnbd has
-// released every chunk (the .free callback), so neither order of the two can
-// touch freed memory.
+// released every chunk (the .free callback) and its handler has been handed on,
+// so no order of the three can touch freed memory.
 class PendingCommand {
  public:
   virtual ~PendingCommand() = default;
-  virtual void finish(std::error_code result) = 0;  // posts the waiting handler
-  virtual void destroy() = 0;
+  // Queues the handler on ready_list while it collects, else posts it.
+  virtual void finish(std::error_code result) = 0;
+  virtual void deliver() = 0;  // calls a queued handler (loop thread, handle unlocked)
+  virtual void destroy() = 0;  // libnbd has released the command
 
   int callbacks_outstanding = 0;
   int frees_outstanding = 0;
   std::size_t* in_flight_counter = nullptr;  // the connection's load, for spreading
+  ReadyList* ready_list = nullptr;
+  PendingCommand* next_ready = nullptr;
   int first_error = 0;
   bool submitting = false;
   bool finished = false;
@@ -177,18 +195,40 @@ class Connection {
    public:
     explicit HandlerCommand(Handler handler) : handler_(std::move(handler)) {}
     void finish(std::error_code result) override {
-      // Take the executor before the handler is moved from.
-      auto executor = asio::get_associated_executor(handler_);
+      result_ = result;
+      if (ready_list && ready_list->collecting) {
+        ready_list->push(this);
+        return;
+      }
+      // Outside a notify call (a submission that failed at once, or nbd_close):
+      // the handler may not run inside its own initiation or a destructor, so post.
+      delivered_ = true;
+      auto executor = asio::get_associated_executor(handler_);  // before the handler moves
       asio::post(executor, [handler = std::move(handler_), result]() mutable { handler(result); });
     }
+    void deliver() override {
+      Handler handler = std::move(handler_);
+      std::error_code result = result_;
+      delivered_ = true;
+      if (released_) free_self();
+      handler(result);
+    }
     void destroy() override {
+      released_ = true;
+      if (delivered_) free_self();
+    }
+
+   private:
+    void free_self() {
       asio::recycling_allocator<HandlerCommand> allocator;
       this->~HandlerCommand();
       allocator.deallocate(this, 1);
     }
 
-   private:
     Handler handler_;
+    std::error_code result_;
+    bool delivered_ = false;
+    bool released_ = false;
   };
 
   template <typename Token>
@@ -211,6 +251,7 @@ class Connection {
 
   void arm();
   void service();
+  void deliver_ready();
   void notice_state_change();
   void bind_descriptor(int fd);
   void release_descriptor();
@@ -231,6 +272,7 @@ class Connection {
   asio::steady_timer connect_wakeup_;
   ExportInfo info_;
   std::size_t in_flight_ = 0;
+  ReadyList ready_;
   std::size_t index_ = 0;
   std::string error_message_;
 };

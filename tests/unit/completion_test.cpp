@@ -18,6 +18,7 @@ struct CountingCommand final : nbd_client::PendingCommand {
   bool* destroyed;
   CountingCommand(std::vector<int>* results, bool* destroyed) : results(results), destroyed(destroyed) {}
   void finish(std::error_code result) override { results->push_back(result.value()); }
+  void deliver() override {}
   void destroy() override {
     *destroyed = true;
     delete this;
@@ -130,4 +131,25 @@ TEST_CASE("against a real nbdkit: success, server error, and libnbd refusing the
   CHECK(results[2] == 0);
   CHECK(results[3] == EINVAL);
   CHECK(results[4] == 0);
+}
+
+TEST_CASE("the ready list hands commands back in the order their replies came") {
+  std::vector<int> results;
+  bool destroyed_a = false, destroyed_b = false, destroyed_c = false;
+  auto* a = new CountingCommand(&results, &destroyed_a);
+  auto* b = new CountingCommand(&results, &destroyed_b);
+  auto* c = new CountingCommand(&results, &destroyed_c);
+  nbd_client::ReadyList ready;
+  CHECK(ready.pop() == nullptr);
+  ready.push(b);
+  ready.push(a);
+  CHECK(ready.pop() == b);
+  ready.push(c);
+  CHECK(ready.pop() == a);
+  CHECK(ready.pop() == c);
+  CHECK(ready.pop() == nullptr);
+  CHECK(ready.head == nullptr);
+  CHECK(ready.tail == nullptr);
+  for (auto* command : {a, b, c}) command->destroy();
+  CHECK((destroyed_a && destroyed_b && destroyed_c));
 }

@@ -146,3 +146,59 @@ def check_one_line_error(stderr, what):
 def st_alloc(path):
     """Allocated bytes according to stat (st_blocks is in 512-byte units)."""
     return os.stat(path).st_blocks * 512
+
+
+# ---------------------------------------------------------------------------
+# child processes
+
+_THREADED_IO_WORKER = r"""
+import errno, os, random, sys, threading
+path = sys.argv[1]
+threads = 4
+out = []
+lock = threading.Lock()
+started = threading.Barrier(threads + 1)
+def work(i):
+    rnd = random.Random(i)
+    first = True
+    fd = None
+    try:
+        fd = os.open(path, os.O_RDWR)
+        while True:
+            offset = rnd.randrange(START, END - 65536, ALIGNMENT)
+            os.pwrite(fd, os.urandom(65536), offset)
+            os.pread(fd, 65536, offset)
+            if first:
+                first = False
+                started.wait()
+    except OSError as e:
+        with lock:
+            out.append("T%d %s" % (i, errno.errorcode.get(e.errno, e.errno)))
+        if first:
+            started.abort()
+    finally:
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+for t in workers: t.start()
+try:
+    started.wait()
+    print("progress", flush=True)
+except threading.BrokenBarrierError:
+    print("noprogress", flush=True)
+for t in workers: t.join()
+print("\n".join(out), flush=True)
+"""
+
+
+def threaded_io_worker(start, end, alignment=1):
+    """Source of a child process that keeps I/O in flight on argv[1] while
+    a test breaks the connection: 4 threads do 64 KiB pwrite+pread at random
+    offsets in [start, end) (steps of alignment) until their first error.
+    Prints "progress" once every thread has done a round ("noprogress" if one
+    failed first), then "T<thread> <ERRNO>" per thread."""
+    return ("START, END, ALIGNMENT = %d, %d, %d\n" % (start, end, alignment)
+            + _THREADED_IO_WORKER)

@@ -36,6 +36,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
+import semantics_util as su  # noqa: E402
 
 MiB = 1 << 20
 
@@ -724,40 +725,7 @@ def test_error_filter_not_a_disconnect():
 # ---------------------------------------------------------------------------
 # 6. kill -9 of the bridge: auto_unmount, remount, stale mount + --force
 
-WORKER = r"""
-import errno, os, random, sys, threading
-path = sys.argv[1]
-n = 4
-out = []
-lock = threading.Lock()
-started = threading.Barrier(n + 1)
-def w(i):
-    rnd = random.Random(i)
-    first = True
-    try:
-        fd = os.open(path, os.O_RDWR)
-        while True:
-            off = rnd.randrange(1 << 20, (32 << 20) - 65536, 4096)
-            os.pwrite(fd, os.urandom(65536), off)
-            os.pread(fd, 65536, off)
-            if first:
-                first = False
-                started.wait()
-    except OSError as e:
-        with lock:
-            out.append("T%d %s" % (i, errno.errorcode.get(e.errno, e.errno)))
-        if first:
-            started.abort()
-ts = [threading.Thread(target=w, args=(i,)) for i in range(n)]
-for t in ts: t.start()
-try:
-    started.wait()
-    print("progress", flush=True)
-except threading.BrokenBarrierError:
-    print("noprogress", flush=True)
-for t in ts: t.join()
-print("\n".join(out), flush=True)
-"""
+WORKER = su.threaded_io_worker(1 * MiB, 32 * MiB, alignment=4096)
 
 
 def _readline(p, timeout):

@@ -17,6 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
+import semantics_util as su  # noqa: E402
 
 # These tests check the behaviour without reconnection (every request fails
 # with EIO at once); test_reconnect.py covers the default, which waits.
@@ -27,47 +28,7 @@ PROMPT = 10          # seconds within which failing requests must return
 STDERR_RE = re.compile(r"clos|disconnect|eof|lost|reset|dead|died|server|connection|hang",
                        re.IGNORECASE)
 
-# Child: N threads doing pwrite+pread until the first error; prints
-# "progress" after the first successful round and "T<i> <ERRNO>" per thread.
-WORKER = r"""
-import os, sys, threading, random
-path = sys.argv[1]
-n = 4
-out = []
-lock = threading.Lock()
-started = threading.Barrier(n + 1)
-def w(i):
-    fd = os.open(path, os.O_RDWR)
-    rnd = random.Random(i)
-    first = True
-    try:
-        while True:
-            off = rnd.randrange(0, %(size)d - 65536)
-            os.pwrite(fd, os.urandom(65536), off)
-            os.pread(fd, 65536, off)
-            if first:
-                first = False
-                started.wait()
-    except OSError as e:
-        with lock:
-            out.append("T%%d %%s" %% (i, __import__("errno").errorcode.get(e.errno, e.errno)))
-        if first:
-            started.abort()
-    finally:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-ts = [threading.Thread(target=w, args=(i,)) for i in range(n)]
-for t in ts: t.start()
-try:
-    started.wait()
-    print("progress", flush=True)
-except threading.BrokenBarrierError:
-    print("noprogress", flush=True)
-for t in ts: t.join()
-print("\n".join(out), flush=True)
-""" % {"size": SIZE}
+WORKER = su.threaded_io_worker(0, SIZE)
 
 NEW_REQUEST = r"""
 import os, sys, errno

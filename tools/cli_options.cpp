@@ -46,8 +46,8 @@ void setup(CLI::App& app, Options& options) {
                  "page: kernel page cache and readahead")
       ->check(CLI::IsMember({"none", "page"}));
   app.add_option("-C,--connections", options.connections,
-                 "connections to open when the server allows multi-conn: 1..64, or auto (default: 4 with at "
-                 "least 4 CPUs, else 1)")
+                 "data connections to open when the server allows multi-conn: 1..64, or auto (default: 4 with "
+                 "at least 4 CPUs, else 1); --replies auto adds one for block status")
       ->check([](const std::string& text) {
         return resolve_connections(text, 4) ? std::string() : std::string("expected 1..64 or auto");
       });

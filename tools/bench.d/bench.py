@@ -410,6 +410,9 @@ def run_instance(subject, tag, pending, record, config, dirs):
         with contextlib.ExitStack() as cleanup:
             server = Server(run_dir, dirs["logs"], tag)
             cleanup.callback(server.stop)
+            if config["prefill"]:
+                step = "prefill"
+                prefill(server, f"{dirs['fio']}/{tag}-prefill")
             step = "mount"
             if subject != "nbd":
                 mount = Mount(subject, config.get("bridge_argv", {}), server, run_dir, dirs["logs"], tag)
@@ -456,14 +459,29 @@ def run_workload(workload, subject, server, mount, tag, config, dirs):
         raise
 
 
+def prefill(server, path):
+    """Writes the whole export once, straight to the server, before any subject mounts it:
+    on a fresh nbdkit memory export the first write to each page costs the server an
+    allocation, which a disk in use has long paid."""
+    argv = ["fio", "--thread", "--name=prefill", "--rw=write", "--bs=1M", "--iodepth=8",
+            "--ioengine=nbd", f"--uri={server.uri}", "--output-format=json", f"--output={path}.json"]
+    run_fio(argv, 60, f"{path}.json", f"{path}.log")
+
+
 def measure_workload(workload, subject, server, mount, tag, config, dirs):
     """fio once, with the CPU time the subject and the server spent meanwhile."""
     for child in [server.child] + ([mount.child] if mount else []):
         if not child.alive():
             raise BenchError(child.died_message())
     output = f"{dirs['fio']}/{tag}-{workload.name}.json"
-    argv = fio_argv(workload, config["runtime"], subject, mount.file if mount else server.uri,
-                    output)
+    target = mount.file if mount else server.uri
+    if config["warmup"]:
+        # Unmeasured: on a fresh nbdkit memory export the first writes to each page
+        # cost the server an allocation, and FUSE subjects ramp up for seconds.
+        warm_output = f"{dirs['fio']}/{tag}-{workload.name}-warmup.json"
+        run_fio(fio_argv(workload, config["warmup"], subject, target, warm_output), config["warmup"],
+                warm_output, f"{dirs['fio']}/{tag}-{workload.name}-warmup.log")
+    argv = fio_argv(workload, config["runtime"], subject, target, output)
     pid = mount.pid if mount else None
     cpu_before = cpu_ticks(pid) if pid else None
     server_before = cpu_ticks(server.child.pid)
@@ -528,7 +546,10 @@ def table(config, summary, ratio):
     subjects, workloads = config["subjects"], config["workloads"]
     rows = []
     rounds = config["rounds"]
-    rows.append(f"median of {rounds} round{'s' * (rounds > 1)} x {config['runtime']} s per workload; "
+    warmup = f" (after {config['warmup']} s unmeasured)" if config["warmup"] else ""
+    if config["prefill"]:
+        warmup += ", export written once before each mount"
+    rows.append(f"median of {rounds} round{'s' * (rounds > 1)} x {config['runtime']} s per workload{warmup}; "
                 "4k workloads in IOPS (read+write), 1M workloads in MiB/s")
     header = f"{'workload':<8} {'unit':<6}" + "".join(f"{s:>10}" for s in subjects)
     show_peer = "bridge" in subjects and any(p in subjects for p in PEERS)
@@ -642,6 +663,11 @@ def parse_args():
                + ". Exits non-zero if any subject failed to run or did no I/O.")
     p.add_argument("--rounds", type=int, help="rounds (default 3)")
     p.add_argument("--runtime", type=int, help="seconds per workload (default 5)")
+    p.add_argument("--prefill", action="store_true",
+                   help="write the whole export once (fio nbd engine, 1 MiB) before each subject mounts it")
+    p.add_argument("--warmup", type=int, default=0,
+                   help="seconds of the same workload run unmeasured before each measured run "
+                        "(default 0: measure from a fresh export)")
     p.add_argument("--subjects", default=",".join(SUBJECTS), help="comma-separated (default: all)")
     p.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS),
                    help="comma-separated (default: all)")
@@ -655,6 +681,8 @@ def parse_args():
     args.runtime = args.runtime or (2 if args.quick else 5)
     if args.rounds < 1 or args.runtime < 1:
         p.error("--rounds and --runtime must be at least 1")
+    if args.warmup < 0:
+        p.error("--warmup must not be negative")
     args.subjects = pick(p, "subject", args.subjects, SUBJECTS + OPTIONAL_SUBJECTS)
     args.workloads = [WORKLOAD_BY_NAME[n] for n in pick(p, "workload", args.workloads,
                                                          WORKLOAD_BY_NAME)]
@@ -741,10 +769,12 @@ def main():
     work = tempfile.mkdtemp(prefix="nbdbridge-bench.")  # short paths for the unix sockets
     dirs["work"] = work
 
-    config = {"rounds": args.rounds, "runtime": args.runtime, "subjects": args.subjects,
-              "workloads": args.workloads}
+    config = {"rounds": args.rounds, "runtime": args.runtime, "warmup": args.warmup, "prefill": args.prefill,
+              "subjects": args.subjects, "workloads": args.workloads}
     meta = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
-            "rounds": args.rounds, "runtime_s": args.runtime, "subjects": args.subjects,
+            "rounds": args.rounds, "runtime_s": args.runtime, "warmup_s": args.warmup,
+            "prefilled": args.prefill,
+            "subjects": args.subjects,
             "workloads": {w.name: {"description": w.description, "unit": w.unit}
                           for w in args.workloads},
             "export": f"nbdkit memory {EXPORT_SIZE}", "clk_tck": CLK_TCK,

@@ -90,15 +90,20 @@ def log(message):
 # ---------------------------------------------------------------- processes and mounts
 
 class Child:
-    """A background process in its own session, its output in a log file."""
+    """A background process leading its own process group, its output in a log file."""
 
     started = []  # every Child, so that the end of the run can stop any left behind
+    # Each child leads its own process group, so that stop() reaches all of it. By default
+    # it stays in our session: with the kernel's scheduler autogroups (one per session),
+    # a session of its own would give every server and subject an equal CPU share of its
+    # own, unlike the reference harness, which starts everything from one shell.
+    grouping = {"process_group": 0}
 
     def __init__(self, name, argv, log_path):
         self.name, self.argv, self.log_path = name, argv, log_path
         with open(log_path, "wb") as out:
             self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
+                                          stderr=subprocess.STDOUT, **Child.grouping)
         self.pid = self.popen.pid
         self.exit_note = None  # how it ended, once it has
         Child.started.append(self)
@@ -549,6 +554,8 @@ def table(config, summary, ratio):
     warmup = f" (after {config['warmup']} s unmeasured)" if config["warmup"] else ""
     if config["prefill"]:
         warmup += ", export written once before each mount"
+    if config.get("separate_sessions"):
+        warmup += ", server and subjects in sessions of their own"
     rows.append(f"median of {rounds} round{'s' * (rounds > 1)} x {config['runtime']} s per workload{warmup}; "
                 "4k workloads in IOPS (read+write), 1M workloads in MiB/s")
     header = f"{'workload':<8} {'unit':<6}" + "".join(f"{s:>10}" for s in subjects)
@@ -663,6 +670,9 @@ def parse_args():
                + ". Exits non-zero if any subject failed to run or did no I/O.")
     p.add_argument("--rounds", type=int, help="rounds (default 3)")
     p.add_argument("--runtime", type=int, help="seconds per workload (default 5)")
+    p.add_argument("--separate-sessions", action="store_true",
+                   help="start the server and each subject in a session of its own (with scheduler "
+                        "autogroups: a CPU share each) instead of in the bench's session")
     p.add_argument("--prefill", action="store_true",
                    help="write the whole export once (fio nbd engine, 1 MiB) before each subject mounts it")
     p.add_argument("--warmup", type=int, default=0,
@@ -683,6 +693,8 @@ def parse_args():
         p.error("--rounds and --runtime must be at least 1")
     if args.warmup < 0:
         p.error("--warmup must not be negative")
+    if args.separate_sessions:
+        Child.grouping = {"start_new_session": True}
     args.subjects = pick(p, "subject", args.subjects, SUBJECTS + OPTIONAL_SUBJECTS)
     args.workloads = [WORKLOAD_BY_NAME[n] for n in pick(p, "workload", args.workloads,
                                                          WORKLOAD_BY_NAME)]
@@ -770,10 +782,11 @@ def main():
     dirs["work"] = work
 
     config = {"rounds": args.rounds, "runtime": args.runtime, "warmup": args.warmup, "prefill": args.prefill,
+              "separate_sessions": args.separate_sessions,
               "subjects": args.subjects, "workloads": args.workloads}
     meta = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
             "rounds": args.rounds, "runtime_s": args.runtime, "warmup_s": args.warmup,
-            "prefilled": args.prefill,
+            "prefilled": args.prefill, "separate_sessions": args.separate_sessions,
             "subjects": args.subjects,
             "workloads": {w.name: {"description": w.description, "unit": w.unit}
                           for w in args.workloads},

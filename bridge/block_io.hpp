@@ -103,11 +103,13 @@ class BlockIo {
  public:
   // The per-request fast path, for a caller that awaits the connection itself and
   // so needs no coroutine frame of ours: a usable data connection when
-  // [offset, offset+length) needs no alignment work and no fault is to be
-  // injected; nullptr when the request must go through read()/write().
-  nbd_client::Connection* direct_connection(std::uint64_t offset, std::size_t length) const {
+  // [offset, offset+length) needs no alignment work, no fault is to be injected
+  // and durability (if asked) is one FUA write; nullptr when the request must go
+  // through read()/write().
+  nbd_client::Connection* direct_connection(std::uint64_t offset, std::size_t length, bool durable = false) const {
     const std::uint64_t unit = block();
-    if (faults_ || (unit > 1 && (offset % unit != 0 || length % unit != 0))) return nullptr;
+    if (faults_ || (durable && !info_.can_fua) || (unit > 1 && (offset % unit != 0 || length % unit != 0)))
+      return nullptr;
     return pool_.least_loaded_usable(nbd_client::Purpose::data);
   }
   // Records a command that ran on `connection`; false when the connection broke

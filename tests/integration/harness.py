@@ -521,6 +521,17 @@ class Proxy:
             except OSError:
                 pass
 
+    def close_one(self, index):
+        """Close the index-th client connection accepted (orderly FIN from 'the
+        server'); the others stay up."""
+        with self._lock:
+            c, u = self.conns[index]
+        for x in (c, u):
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def close_all(self):
         """Close every client connection (orderly FIN from 'the server')."""
         with self._lock:

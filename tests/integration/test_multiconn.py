@@ -161,6 +161,30 @@ def test_replies_simple_no_block_status():
         h.check_eq(su.count_acts(logfile, "Extents"), 0, "block status requests")
 
 
+def test_block_status_connection_lost_alone():
+    # The server closes only the block-status connection (the first one made):
+    # reads and writes go on over the data connection meanwhile, and the bridge
+    # reconnects the block-status connection, so SEEK_DATA works again.
+    with h.Nbdkit(["memory", str(SIZE)]) as srv, h.Proxy(srv.sock) as proxy, \
+            h.Mount(h.tmpdir("mp"), [proxy.uri], opts=["-C", "1", "--retry-timeout", "10"]) as m:
+        h.check_eq(proxy.nconn, 2, "connections through the proxy (data + block status)")
+        fd = os.open(m.export, os.O_RDWR)
+        try:
+            h.pwrite_full(fd, b"before" * 1000, 1 << 20)
+            proxy.close_one(0)
+            h.wait_until(lambda: "lost the block-status connection" in m.stderr(),
+                         what="the bridge to notice the block-status connection closing")
+            data = random.Random(8).randbytes(65536)
+            h.pwrite_full(fd, data, 8 << 20)
+            h.check_bytes(h.pread_full(fd, len(data), 8 << 20), data, "read-after-write on the data connection")
+            h.wait_until(lambda: "reconnected the block-status connection" in m.stderr(),
+                         what="the block-status connection to come back")
+            h.check_eq(os.lseek(fd, 0, os.SEEK_DATA), 1 << 20, "SEEK_DATA after the reconnect")
+            h.check_eq(proxy.nconn, 3, "connections through the proxy after the reconnect")
+        finally:
+            os.close(fd)
+
+
 def _single_connection_case(opts, server_opts, args_extra, what, expected_connections=1):
     logfile = os.path.join(h.tmpdir("log"), "nbdkit.log")
     with h.Nbdkit(["memory", str(SIZE), "logfile=" + logfile] + args_extra,

@@ -201,9 +201,7 @@ asio::awaitable<void> ConnectionPool::reconnect(std::size_t index) {
       connections_[index]->on_lost = [this, index](const std::string& reason) { lost(index, reason); };
       ++reconnects_;
       if (on_connection_restored) on_connection_restored(index, clock::now() - started);
-      say("reconnected " +
-          (describe(index) == "the connection" ? std::string("to the server") : describe(index)) +
-          " after " + std::to_string(milliseconds_since(started)) + " ms");
+      say("reconnected " + describe(index) + " after " + std::to_string(milliseconds_since(started)) + " ms");
       if (in_outage_) {
         in_outage_ = false;
         gave_up_ = false;

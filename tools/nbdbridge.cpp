@@ -98,7 +98,7 @@ class Bridge {
         file_system_(io_.get_executor(), pool_, session_,
                      {plan_.file_name, options.cache == "page" ? bridge::CacheMode::page : bridge::CacheMode::none,
                       options.verbose, to_duration(options.request_timeout_seconds),
-                      options.reply_thread == "on" ? std::size_t(128 * 1024) : 0}),
+                      options.reply_thread == "on" ? bridge::FileSystemOptions{}.reply_thread_minimum : 0}),
         signals_(io_, SIGINT, SIGTERM, SIGHUP),
         ended_(io_),
         stats_ticker_(io_) {}

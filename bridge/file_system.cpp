@@ -196,8 +196,10 @@ void FileSystem::hand_over(Job job) {
   server.job = std::move(job);
   Resumption resume = std::move(*server.parked);
   server.parked.reset();
-  // On the loop thread this resumes the server at once, up to its first wait.
-  asio::dispatch(std::move(resume));
+  // Called directly, not through asio::dispatch: on the loop thread both resume
+  // the server at once, up to its first wait, but dispatch through the
+  // type-erased executor wraps the handler in a heap-allocated function.
+  resume();
 }
 
 void FileSystem::stop_request_servers() {
@@ -205,7 +207,7 @@ void FileSystem::stop_request_servers() {
     server->stop = true;
     Resumption resume = std::move(*server->parked);
     server->parked.reset();
-    asio::dispatch(std::move(resume));
+    resume();
   }
 }
 

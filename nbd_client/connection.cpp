@@ -42,6 +42,22 @@ PendingCommand* ReadyList::pop() {
   return command;
 }
 
+CommandMemory::~CommandMemory() {
+  for (void* block : free_blocks_) ::operator delete(block);
+}
+
+void* CommandMemory::take(std::size_t size) {
+  if (size > block_size || free_blocks_.empty()) return ::operator new(std::max(size, block_size));
+  void* block = free_blocks_.back();
+  free_blocks_.pop_back();
+  return block;
+}
+
+void CommandMemory::give(void* block, std::size_t size) {
+  if (size > block_size) ::operator delete(block);
+  else free_blocks_.push_back(block);
+}
+
 int on_chunk_done(void* user_data, int* error) {
   auto* command = static_cast<PendingCommand*>(user_data);
   if (*error != 0 && command->first_error == 0) command->first_error = *error;

@@ -12,7 +12,6 @@
 #include <asio/associated_executor.hpp>
 #include <asio/post.hpp>
 #include <asio/posix/stream_descriptor.hpp>
-#include <asio/recycling_allocator.hpp>
 #include <asio/steady_timer.hpp>
 
 #include <chrono>
@@ -59,6 +58,27 @@ struct ConnectOptions {
 };
 
 class PendingCommand;
+
+// Memory for commands in flight, reused: in the steady state no command
+// allocates. A connection-owned free list rather than Asio's recycling
+// allocator, whose few shared slots the commands kept taking from Asio's own
+// operations (a miss, i.e. a malloc, for ~0.3 of all requests at depth 64).
+// Loop thread only; a block goes back before the connection is destroyed,
+// since nbd_close releases every command.
+class CommandMemory {
+ public:
+  static constexpr std::size_t block_size = 128;
+  CommandMemory() = default;
+  CommandMemory(const CommandMemory&) = delete;
+  CommandMemory& operator=(const CommandMemory&) = delete;
+  ~CommandMemory();
+  void* take(std::size_t size);
+  void give(void* block, std::size_t size);
+  std::size_t kept() const { return free_blocks_.size(); }
+
+ private:
+  std::vector<void*> free_blocks_;  // grows to the peak number in flight, then stays
+};
 
 // Commands whose last reply arrived during one nbd_aio_notify_* call. libnbd runs
 // completion callbacks with the handle locked, so they only queue here; the
@@ -193,7 +213,7 @@ class Connection {
   template <typename Handler>
   class HandlerCommand final : public PendingCommand {
    public:
-    explicit HandlerCommand(Handler handler) : handler_(std::move(handler)) {}
+    HandlerCommand(Handler handler, CommandMemory& memory) : handler_(std::move(handler)), memory_(memory) {}
     void finish(std::error_code result) override {
       result_ = result;
       if (ready_list && ready_list->collecting) {
@@ -220,12 +240,13 @@ class Connection {
 
    private:
     void free_self() {
-      asio::recycling_allocator<HandlerCommand> allocator;
+      CommandMemory& memory = memory_;
       this->~HandlerCommand();
-      allocator.deallocate(this, 1);
+      memory.give(this, sizeof(HandlerCommand));
     }
 
     Handler handler_;
+    CommandMemory& memory_;
     std::error_code result_;
     bool delivered_ = false;
     bool released_ = false;
@@ -236,9 +257,7 @@ class Connection {
     return asio::async_initiate<Token, void(std::error_code)>(
         [this](auto handler, const CommandRequest& request) {
           using Command = HandlerCommand<std::decay_t<decltype(handler)>>;
-          asio::recycling_allocator<Command> allocator;
-          Command* command = allocator.allocate(1);
-          new (command) Command(std::move(handler));
+          Command* command = new (command_memory_.take(sizeof(Command))) Command(std::move(handler), command_memory_);
           issue(command, request);
         },
         token, request);
@@ -260,6 +279,7 @@ class Connection {
   int start_connect(const Target& target);
 
   asio::any_io_executor executor_;
+  CommandMemory command_memory_;  // before handle_: outlives every command
   nbd_handle* handle_ = nullptr;
   asio::posix::stream_descriptor descriptor_;
   int bound_fd_ = -1;

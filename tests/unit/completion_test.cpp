@@ -153,3 +153,24 @@ TEST_CASE("the ready list hands commands back in the order their replies came") 
   for (auto* command : {a, b, c}) command->destroy();
   CHECK((destroyed_a && destroyed_b && destroyed_c));
 }
+
+TEST_CASE("command memory reuses its blocks, so commands in the steady state allocate nothing") {
+  nbd_client::CommandMemory memory;
+  void* first = memory.take(96);
+  void* second = memory.take(nbd_client::CommandMemory::block_size);
+  CHECK(first != second);
+  memory.give(first, 96);
+  memory.give(second, nbd_client::CommandMemory::block_size);
+  CHECK(memory.kept() == 2);
+  // Last given, first taken: the block most likely still in cache.
+  CHECK(memory.take(64) == second);
+  CHECK(memory.take(128) == first);
+  CHECK(memory.kept() == 0);
+  // Larger than a block: its own allocation, never kept.
+  void* large = memory.take(nbd_client::CommandMemory::block_size + 1);
+  memory.give(large, nbd_client::CommandMemory::block_size + 1);
+  CHECK(memory.kept() == 0);
+  memory.give(first, 96);
+  memory.give(second, 96);
+  CHECK(memory.kept() == 2);
+}

@@ -15,6 +15,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <pthread.h>
 
 namespace nbd_client {
 
@@ -47,6 +48,8 @@ CommandMemory::~CommandMemory() {
 }
 
 void* CommandMemory::take(std::size_t size) {
+  std::unique_lock<std::mutex> lock(mutex_, std::defer_lock);
+  if (shared_) lock.lock();
   if (size > block_size || free_blocks_.empty()) return ::operator new(std::max(size, block_size));
   void* block = free_blocks_.back();
   free_blocks_.pop_back();
@@ -54,6 +57,8 @@ void* CommandMemory::take(std::size_t size) {
 }
 
 void CommandMemory::give(void* block, std::size_t size) {
+  std::unique_lock<std::mutex> lock(mutex_, std::defer_lock);
+  if (shared_) lock.lock();
   if (size > block_size) ::operator delete(block);
   else free_blocks_.push_back(block);
 }
@@ -198,7 +203,7 @@ void Connection::service() {
     // the next round re-reads its state.
     deliver_ready();
     if (round + 1 == rounds_per_wakeup) {
-      asio::post(executor_, [this] { service(); });
+      asio::post(descriptor_.get_executor(), [this] { service(); });
       return;
     }
   }
@@ -206,6 +211,20 @@ void Connection::service() {
 }
 
 void Connection::deliver_ready() {
+  if (threaded_) {
+    // One post per notify call carries every handler back to the loop thread.
+    PendingCommand* chain = std::exchange(ready_.head, nullptr);
+    ready_.tail = nullptr;
+    if (chain)
+      asio::post(executor_, [chain] {
+        for (PendingCommand* command = chain; command;) {
+          PendingCommand* next = command->next_ready;
+          command->deliver();  // may free command
+          command = next;
+        }
+      });
+    return;
+  }
   while (PendingCommand* command = ready_.pop()) command->deliver();
 }
 
@@ -219,7 +238,13 @@ void Connection::notice_state_change() {
   if (dead && !lost_) {
     lost_ = true;
     release_descriptor();
-    if (on_lost) on_lost(error_message_.empty() ? "the server closed the connection" : error_message_);
+    std::string reason = error_message_.empty() ? "the server closed the connection" : error_message_;
+    if (threaded_)
+      asio::post(executor_, [this, reason] {
+        if (on_lost) on_lost(reason);
+      });
+    else if (on_lost)
+      on_lost(reason);
   }
 }
 
@@ -293,8 +318,24 @@ asio::awaitable<std::error_code> Connection::async_connect(const Target& target,
   established_ = true;
   tls_ = nbd_get_tls_negotiated(handle_) == 1;
   if (options.readonly) info_.read_only = true;
-  arm();
+  if (options.own_thread) start_thread();
+  else arm();
   co_return std::error_code{};
+}
+
+// From here on the socket belongs to the thread: libnbd's handle is used only there.
+void Connection::start_thread() {
+  release_descriptor();
+  thread_context_ = std::make_unique<asio::io_context>(1);
+  descriptor_ = asio::posix::stream_descriptor(thread_context_->get_executor());
+  command_memory_.share_between_threads();
+  threaded_ = true;
+  asio::post(thread_context_->get_executor(), [this] { arm(); });
+  thread_ = std::thread([this] {
+    pthread_setname_np(pthread_self(), "nbdbridge-conn");
+    auto work = asio::make_work_guard(*thread_context_);
+    thread_context_->run();
+  });
 }
 
 // 1 MiB requests through default-sized socket buffers (about 200 KiB here) cost
@@ -372,6 +413,12 @@ int64_t Connection::submit_chunk(PendingCommand* command, const CommandRequest& 
 void Connection::issue(PendingCommand* command, const CommandRequest& request) {
   command->submitting = true;
   command->ready_list = &ready_;
+  // A submission may find the socket broken and fail every command in flight
+  // at once. On a connection thread those handlers are held back until the
+  // connection counts as lost, or the loop could see them fail on a connection
+  // that still looks usable and take the failure for the server's answer.
+  const bool hold_back = threaded_;
+  if (hold_back) ready_.collecting = true;
   if (!usable()) {
     command->first_error = ENOTCONN;
   } else {
@@ -386,11 +433,20 @@ void Connection::issue(PendingCommand* command, const CommandRequest& request) {
       ++command->frees_outstanding;
       if (submit_chunk(command, request, done, chunk) != -1) return true;
       --command->callbacks_outstanding;
-      command->first_error = nbd_get_errno() ? nbd_get_errno() : EIO;
+      // A handle that died under us (noticed by libnbd first, e.g. by a connection
+      // thread) refuses with a state error: that is a lost connection, which the
+      // caller retries elsewhere, not an I/O error.
+      if (nbd_aio_is_dead(handle_) || nbd_aio_is_closed(handle_)) command->first_error = ENOTCONN;
+      else command->first_error = nbd_get_errno() ? nbd_get_errno() : EIO;
       return false;
     });
   }
   command->submitting = false;
+  if (hold_back) ready_.collecting = false;
+  // A failed submission may have found the connection dead: mark it lost before
+  // any handler can ask usable().
+  if ((hold_back || command->first_error) && handle_ && !connecting_) notice_state_change();
+  if (hold_back) deliver_ready();
   if (command->callbacks_outstanding == 0 && !command->finished) {
     command->finished = true;
     command->finish(std::error_code(command->first_error, std::generic_category()));
@@ -410,6 +466,18 @@ std::byte* Connection::zero_buffer() {
 }
 
 void Connection::close() {
+  if (thread_.joinable()) {
+    asio::post(descriptor_.get_executor(), [this] {
+      close_here();
+      thread_context_->stop();
+    });
+    thread_.join();
+    return;
+  }
+  close_here();
+}
+
+void Connection::close_here() {
   connect_wakeup_.cancel();
   if (handle_) {
     release_descriptor();

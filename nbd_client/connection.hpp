@@ -13,11 +13,15 @@
 #include <asio/post.hpp>
 #include <asio/posix/stream_descriptor.hpp>
 #include <asio/steady_timer.hpp>
+#include <asio/io_context.hpp>
 
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <atomic>
 #include <functional>
+#include <mutex>
+#include <thread>
 #include <memory>
 #include <string>
 #include <system_error>
@@ -55,6 +59,8 @@ struct ConnectOptions {
   // recv() calls instead of four; no block status is possible then.
   bool structured_replies = true;
   std::chrono::milliseconds timeout = std::chrono::seconds(30);
+  // Drive the socket from a thread of its own once connected (--connection-threads).
+  bool own_thread = false;
 };
 
 class PendingCommand;
@@ -75,9 +81,14 @@ class CommandMemory {
   void* take(std::size_t size);
   void give(void* block, std::size_t size);
   std::size_t kept() const { return free_blocks_.size(); }
+  // With a connection thread, commands are taken on the loop thread and may be
+  // given back on either.
+  void share_between_threads() { shared_ = true; }
 
  private:
-  std::vector<void*> free_blocks_;  // grows to the peak number in flight, then stays
+  std::vector<void*> free_blocks_;
+  std::mutex mutex_;
+  bool shared_ = false;  // grows to the peak number in flight, then stays
 };
 
 // Commands whose last reply arrived during one nbd_aio_notify_* call. libnbd runs
@@ -106,7 +117,7 @@ class PendingCommand {
 
   int callbacks_outstanding = 0;
   int frees_outstanding = 0;
-  std::size_t* in_flight_counter = nullptr;  // the connection's load, for spreading
+  std::atomic<std::size_t>* in_flight_counter = nullptr;  // the connection's load, for spreading
   ReadyList* ready_list = nullptr;
   PendingCommand* next_ready = nullptr;
   int first_error = 0;
@@ -194,7 +205,7 @@ class Connection {
   }
 
   // Commands issued and not yet completed: the load used to spread requests.
-  std::size_t in_flight() const { return in_flight_; }
+  std::size_t in_flight() const { return in_flight_.load(std::memory_order_relaxed); }
   // Position in its pool, for per-connection statistics.
   std::size_t index() const { return index_; }
   void set_index(std::size_t index) { index_ = index; }
@@ -207,6 +218,8 @@ class Connection {
   void close();
 
  private:
+  void start_thread();
+  void close_here();
   // Submits the request's NBD command(s); the command finishes exactly once.
   void issue(PendingCommand* command, const CommandRequest& request);
 
@@ -222,20 +235,18 @@ class Connection {
       }
       // Outside a notify call (a submission that failed at once, or nbd_close):
       // the handler may not run inside its own initiation or a destructor, so post.
-      delivered_ = true;
       auto executor = asio::get_associated_executor(handler_);  // before the handler moves
       asio::post(executor, [handler = std::move(handler_), result]() mutable { handler(result); });
+      if (last_part_done()) free_self();
     }
     void deliver() override {
       Handler handler = std::move(handler_);
       std::error_code result = result_;
-      delivered_ = true;
-      if (released_) free_self();
+      if (last_part_done()) free_self();
       handler(result);
     }
     void destroy() override {
-      released_ = true;
-      if (delivered_) free_self();
+      if (last_part_done()) free_self();
     }
 
    private:
@@ -245,11 +256,14 @@ class Connection {
       memory.give(this, sizeof(HandlerCommand));
     }
 
+    // Two parts end a command: its handler handed on, and libnbd's release. With
+    // a connection thread they may happen on different threads.
+    bool last_part_done() { return parts_done_.fetch_add(1, std::memory_order_acq_rel) == 1; }
+
     Handler handler_;
     CommandMemory& memory_;
     std::error_code result_;
-    bool delivered_ = false;
-    bool released_ = false;
+    std::atomic<int> parts_done_{0};
   };
 
   template <typename Token>
@@ -258,7 +272,10 @@ class Connection {
         [this](auto handler, const CommandRequest& request) {
           using Command = HandlerCommand<std::decay_t<decltype(handler)>>;
           Command* command = new (command_memory_.take(sizeof(Command))) Command(std::move(handler), command_memory_);
-          issue(command, request);
+          if (threaded_)
+            asio::post(descriptor_.get_executor(), [this, command, request] { issue(command, request); });
+          else
+            issue(command, request);
         },
         token, request);
   }
@@ -286,12 +303,17 @@ class Connection {
   bool read_armed_ = false;
   bool write_armed_ = false;
   bool connecting_ = false;
-  bool lost_ = false;
+  std::atomic<bool> lost_{false};
   bool established_ = false;  // negotiated and ready once; stays true after a loss
   bool tls_ = false;
   asio::steady_timer connect_wakeup_;
   ExportInfo info_;
-  std::size_t in_flight_ = 0;
+  std::atomic<std::size_t> in_flight_{0};
+  // Connection thread (ConnectOptions::own_thread): once connected, the socket,
+  // libnbd calls and completions run there; handlers are posted back to executor_.
+  bool threaded_ = false;
+  std::unique_ptr<asio::io_context> thread_context_;
+  std::thread thread_;
   ReadyList ready_;
   std::size_t index_ = 0;
   std::string error_message_;

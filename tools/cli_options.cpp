@@ -58,6 +58,10 @@ void setup(CLI::App& app, Options& options) {
                  "on (default): READ replies of 128 KiB and more are sent from a second thread, so the "
                  "kernel's copy into the reader's pages overlaps the next receives; off: one thread only")
       ->check(CLI::IsMember({"on", "off"}));
+  app.add_option("--connection-threads", options.connection_threads,
+                 "off (default): one loop thread drives every connection; on: each NBD connection's "
+                 "socket is driven by a thread of its own")
+      ->check(CLI::IsMember({"on", "off"}));
   app.add_option("--replies", options.replies,
                  "how the server answers: auto (default: simple replies on the data connections plus one "
                  "connection for block status, when the server advertises multi-conn; else structured), "

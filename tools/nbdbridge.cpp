@@ -150,6 +150,7 @@ class Bridge {
     nbd_client::PoolOptions pool_options;
     pool_options.connect.readonly = options_.readonly;
     pool_options.connect.timeout = to_duration(options_.connect_timeout_seconds);
+    pool_options.connect.own_thread = options_.connection_threads == "on";
     pool_options.connections = tools::resolve_connections(options_.connections, std::thread::hardware_concurrency());
     pool_options.pass_server_stderr = options_.verbose;
     pool_options.retry_timeout = to_duration(options_.retry_timeout_seconds);

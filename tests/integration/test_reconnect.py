@@ -667,10 +667,20 @@ def test_delay_no_false_request_timeouts():
 
 
 def test_connection_dropped_every_n_requests():
+    _connection_drops()
+
+
+def test_connection_threads_dropped_every_n_requests():
+    # The same with each connection driven by a thread of its own: losses are
+    # noticed there and reported to the loop, commands in flight fail over.
+    _connection_drops(["--connection-threads", "on"])
+
+
+def _connection_drops(opts=()):
     img = sparse_image(64 * MiB)
     with h.Nbdkit(["file", img]) as srv, \
             DropProxy(srv.sock, every=(300, 1500), seed=7) as px, \
-            h.Mount(h.tmpdir("mp"), [px.uri]) as m:
+            h.Mount(h.tmpdir("mp"), [px.uri], opts=list(opts)) as m:
         fio = Fio(m.export, FIO_VERIFY + ["--bs=4k", "--size=32M"])
         rc, job, err = fio.wait(90, m)
         h.check(srv.proc.poll() is None, "test set-up: nbdkit died behind the proxy (status %s): %s"

@@ -28,10 +28,11 @@ EXPORT_SIZE = "1G"
 EXPORT_BYTES = 1 << 30
 SUBJECTS = ("bridge", "nbdfuse", "qsd", "nbd")
 PEERS = ("nbdfuse", "qsd")
-FUSE_SUBJECTS = ("bridge", "nbdfuse", "qsd", "bridge-nostats")
+FUSE_SUBJECTS = ("bridge", "nbdfuse", "qsd", "bridge-nostats", "bridge-threads")
 # Not run by default: nbdbridge built with -DNBDBRIDGE_STATISTICS=OFF, to measure
-# what recording statistics costs (tools/bench builds it into build-nostats/).
-OPTIONAL_SUBJECTS = ("bridge-nostats",)
+# what recording statistics costs (tools/bench builds it into build-nostats/);
+# and the same binary as `bridge` with a thread per NBD connection.
+OPTIONAL_SUBJECTS = ("bridge-nostats", "bridge-threads")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 SERVER_START_DEADLINE = 15   # seconds for nbdkit to accept connections
@@ -549,6 +550,7 @@ def ratios(summary, workloads):
 
 def table(config, summary, ratio):
     subjects, workloads = config["subjects"], config["workloads"]
+    width = max(10, max(len(s) for s in subjects) + 2)  # one column per subject
     rows = []
     rounds = config["rounds"]
     warmup = f" (after {config['warmup']} s unmeasured)" if config["warmup"] else ""
@@ -558,7 +560,7 @@ def table(config, summary, ratio):
         warmup += ", server and subjects in sessions of their own"
     rows.append(f"median of {rounds} round{'s' * (rounds > 1)} x {config['runtime']} s per workload{warmup}; "
                 "4k workloads in IOPS (read+write), 1M workloads in MiB/s")
-    header = f"{'workload':<8} {'unit':<6}" + "".join(f"{s:>10}" for s in subjects)
+    header = f"{'workload':<8} {'unit':<6}" + "".join(f"{s:>{width}}" for s in subjects)
     show_peer = "bridge" in subjects and any(p in subjects for p in PEERS)
     show_nbd = "bridge" in subjects and "nbd" in subjects
     header += (f"{'bridge/peer':>19}" if show_peer else "") + (f"{'bridge/nbd':>12}" if show_nbd else "")
@@ -567,7 +569,7 @@ def table(config, summary, ratio):
         line = f"{w.name:<8} {w.unit:<6}"
         for s in subjects:
             cell = summary[s]["workloads"].get(w.name)
-            line += f"{cell['median']:>10.0f}" if cell else f"{'-':>10}"
+            line += f"{cell['median']:>{width}.0f}" if cell else f"{'-':>{width}}"
         r = ratio[w.name]
         if show_peer:
             peer = f"{r['bridge_over_best_peer']:.2f} ({r['best_peer']})" if r["best_peer"] and \
@@ -580,28 +582,28 @@ def table(config, summary, ratio):
     if fuse_subjects:
         rows.append("")
         rows.append("CPU time of the FUSE process per I/O, microseconds (median); nbd: n/a")
-        rows.append(f"{'workload':<15}" + "".join(f"{s:>10}" for s in subjects))
+        rows.append(f"{'workload':<15}" + "".join(f"{s:>{width}}" for s in subjects))
         for w in workloads:
             line = f"{w.name:<15}"
             for s in subjects:
                 cell = summary[s]["workloads"].get(w.name)
                 if s not in FUSE_SUBJECTS:
-                    line += f"{'n/a':>10}"
+                    line += f"{'n/a':>{width}}"
                 else:
                     cpu = cell and cell["cpu_us_per_io_median"]
-                    line += f"{cpu:>10.1f}" if cpu is not None else f"{'-':>10}"
+                    line += f"{cpu:>{width}.1f}" if cpu is not None else f"{'-':>{width}}"
             rows.append(line)
         rss_line = f"{'peak RSS MiB':<15}"
         for s in subjects:
             rss = summary[s]["peak_rss_kib_median"]
-            rss_line += f"{rss / 1024:>10.1f}" if rss else f"{'n/a' if s == 'nbd' else '-':>10}"
+            rss_line += f"{rss / 1024:>{width}.1f}" if rss else f"{'n/a' if s == 'nbd' else '-':>{width}}"
         after = summary[fuse_subjects[0]]["peak_rss_read_after"]
         rows.append(rss_line + f"   (VmHWM after {after})")
     return "\n".join(rows)
 
 
 COLOURS = {"bridge": "#d62728", "nbdfuse": "#1f77b4", "qsd": "#2ca02c", "nbd": "#7f7f7f",
-           "bridge-nostats": "#ff9896"}
+           "bridge-nostats": "#ff9896", "bridge-threads": "#9467bd"}
 
 
 def plot(config, summary, path):
@@ -665,7 +667,9 @@ def parse_args():
                     "are interleaved with the subject order rotated each round.",
         epilog="subjects: bridge (build/nbdbridge, extra arguments from $BRIDGE_ARGS), nbdfuse "
                "(libnbd-bin), qsd (qemu-storage-daemon FUSE export over its nbd driver), nbd "
-               "(fio's nbd engine straight to the server: the no-FUSE ceiling). workloads: "
+               "(fio's nbd engine straight to the server: the no-FUSE ceiling); optional: "
+               "bridge-threads (the same binary with --connection-threads on), bridge-nostats. "
+               "workloads: "
                + "; ".join(f"{w.name} = {w.description}" for w in WORKLOADS)
                + ". Exits non-zero if any subject failed to run or did no I/O.")
     p.add_argument("--rounds", type=int, help="rounds (default 3)")
@@ -792,12 +796,13 @@ def main():
                           for w in args.workloads},
             "export": f"nbdkit memory {EXPORT_SIZE}", "clk_tck": CLK_TCK,
             "versions": versions(args)}
-    if "bridge" in args.subjects:
+    if {"bridge", "bridge-threads"} & set(args.subjects):
         # A private copy, so a rebuild of build/ during the run cannot mix two binaries.
         bridge_copy = f"{work}/nbdbridge"
         shutil.copy2(args.bridge, bridge_copy)
         bridge_args = shlex.split(os.environ.get("BRIDGE_ARGS", ""))
-        config["bridge_argv"] = {"bridge": [bridge_copy, *bridge_args]}
+        config["bridge_argv"] = {"bridge": [bridge_copy, *bridge_args],
+                                 "bridge-threads": [bridge_copy, "--connection-threads", "on", *bridge_args]}
         meta["bridge"] = {"binary": str(Path(args.bridge).resolve()), "args": bridge_args,
                           "sha256": hashlib.sha256(Path(bridge_copy).read_bytes()).hexdigest()}
 

@@ -472,6 +472,11 @@ void Connection::close() {
       thread_context_->stop();
     });
     thread_.join();
+    // The descriptor belongs to the thread's io_context: give it up while that
+    // still exists (members are destroyed in the other order).
+    descriptor_ = asio::posix::stream_descriptor(executor_);
+    thread_context_.reset();
+    threaded_ = false;
     return;
   }
   close_here();

@@ -55,9 +55,10 @@ void setup(CLI::App& app, Options& options) {
   app.add_option("--connect-timeout", options.connect_timeout_seconds, "seconds to wait for the server")
       ->check(CLI::PositiveNumber);
   app.add_option("--reply-thread", options.reply_thread,
-                 "on (default): READ replies of 128 KiB and more are sent from a second thread, so the "
-                 "kernel's copy into the reader's pages overlaps the next receives; off: one thread only")
-      ->check(CLI::IsMember({"on", "off"}));
+                 "on: READ replies of 128 KiB and more are sent from a second thread, so the kernel's "
+                 "copy into the reader's pages overlaps the next receives; off: not; auto (default): on "
+                 "unless --connection-threads on (the loop then has the time to send them itself)")
+      ->check(CLI::IsMember({"auto", "on", "off"}));
   app.add_option("--connection-threads", options.connection_threads,
                  "off (default): one loop thread drives every connection; on: each NBD connection's "
                  "socket is driven by a thread of its own")

@@ -36,6 +36,14 @@
 
 namespace {
 
+// With connection threads the loop no longer receives the replies, so it has the
+// time to send large READ replies itself; a reply thread then only adds a third
+// hop (1 MiB reads at depth 8: ~2100 against ~2440 MiB/s without it).
+bool reply_thread_wanted(const tools::Options& options) {
+  if (options.reply_thread != "auto") return options.reply_thread == "on";
+  return options.connection_threads != "on";
+}
+
 void say(const std::string& line) { std::fprintf(stderr, "nbdbridge: %s\n", line.c_str()); }
 
 std::chrono::milliseconds to_duration(double seconds) {
@@ -98,7 +106,7 @@ class Bridge {
         file_system_(io_.get_executor(), pool_, session_,
                      {plan_.file_name, options.cache == "page" ? bridge::CacheMode::page : bridge::CacheMode::none,
                       options.verbose, to_duration(options.request_timeout_seconds),
-                      options.reply_thread == "on" ? bridge::FileSystemOptions{}.reply_thread_minimum : 0}),
+                      reply_thread_wanted(options) ? bridge::FileSystemOptions{}.reply_thread_minimum : 0}),
         signals_(io_, SIGINT, SIGTERM, SIGHUP),
         ended_(io_),
         stats_ticker_(io_) {}

@@ -95,7 +95,7 @@ def _threads(pid):
 
 def test_large_reads_in_parallel_use_the_reply_thread():
     # READ replies of 128 KiB and more, with other requests in flight, go out
-    # from a second thread (--reply-thread on, the default); the bytes must be
+    # from a second thread (--reply-thread auto, the default); the bytes must be
     # the same either way, and "off" must keep the bridge to one thread.
     with h.Nbdkit(["memory", str(EXPORT_SIZE)]) as srv:
         common = ["--ioengine=libaio", "--rw=write", "--bs=1M"]
@@ -136,6 +136,11 @@ def test_connection_threads_verify():
             _check_fio(r, data, min_write=1, min_read=1, what="fio randrw 4k-1M with connection threads")
             r, data = _fio(m.export, ["--ioengine=libaio", "--rw=write", "--bs=1M"])
             _check_fio(r, data, what="fio seq write 1M with connection threads")
+            r, data = _fio(m.export, ["--ioengine=libaio", "--rw=write", "--bs=1M", "--verify_only"])
+            _check_fio(r, data, min_write=0, what="fio --verify_only, 1M reads with connection threads")
+            # --reply-thread auto: the loop sends large replies itself here
+            h.check_eq(_threads(m.proc.pid), 4, "threads: the loop and three connection threads, "
+                       "no reply thread")
         h.check("stats at exit" in m.stderr(), "no 'stats at exit' line after a clean unmount: %s"
                 % m.stderr()[-1000:])
         with h.Mount(h.tmpdir("mp"), [srv.uri], opts=["-C", "2"]) as m:

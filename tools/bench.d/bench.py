@@ -244,8 +244,9 @@ class Server:
 class Mount:
     """One FUSE subject serving the export as a file; stop() unmounts it and ends the process."""
 
-    def __init__(self, subject, bridge_argv, server, run_dir, log_dir, tag):
-        self.subject = subject
+    def __init__(self, subject, bridge_argv, server, run_dir, log_dir, tag, wrapped=False):
+        # wrapped: started under a wrapper (heaptrack) whose pid is not the FUSE server's
+        self.subject, self.wrapped = subject, wrapped
         directory = f"{run_dir}/mnt"
         if subject == "qsd":  # qemu's FUSE export mounts over a regular file
             self.mountpoint = self.file = directory
@@ -273,7 +274,7 @@ class Mount:
         size = os.stat(self.file).st_size
         if size != EXPORT_BYTES:
             raise BenchError(f"{self.subject}: {self.file} is {size} bytes, not {EXPORT_BYTES}")
-        if not holds_dev_fuse(self.pid):
+        if not self.wrapped and not holds_dev_fuse(self.pid):
             raise BenchError(f"{self.subject}: pid {self.pid} does not hold /dev/fuse, so its CPU "
                              "time would not be the FUSE server's")
 
@@ -505,6 +506,92 @@ def measure_workload(workload, subject, server, mount, tag, config, dirs):
     return result
 
 
+# ---------------------------------------------------------------- heap allocations per request
+
+ALLOCATION_WORKLOAD = "qd64"
+
+
+def allocation_sites(report):
+    """(calls, module) per allocating site from heaptrack_print's "MOST CALLS TO ALLOCATION
+    FUNCTIONS" section: the module is the one whose code called the allocator."""
+    sites, calls, in_section = [], None, False
+    for line in report.splitlines():
+        if line.startswith("MOST CALLS TO ALLOCATION FUNCTIONS"):
+            in_section = True
+            continue
+        if in_section and line and line == line.lstrip() and line.isupper():
+            break  # the next section
+        if not in_section:
+            continue
+        m = re.match(r"^(\d+) calls to allocation functions", line)
+        if m:
+            calls = int(m.group(1))
+            continue
+        m = re.match(r"^\s+in (\S+)", line)
+        if m and calls is not None:
+            sites.append((calls, m.group(1)))
+            calls = None
+    return sites
+
+
+def module_owner(module):
+    name = os.path.basename(module)
+    if name.startswith("nbdbridge"):
+        return "nbdbridge"
+    for library in ("libfuse3", "libnbd", "libc.so", "libstdc++"):
+        if name.startswith(library):
+            return library.split(".")[0]
+    return "other"
+
+
+def count_allocations(config, dirs, runtime):
+    """The bridge under heaptrack for one depth-64 mixed run: allocator calls per request, by
+    the module that called the allocator. Start-up and shutdown are included, so a steady
+    state without allocations shows as a small fraction."""
+    workload = WORKLOAD_BY_NAME[ALLOCATION_WORKLOAD]
+    run_dir = tempfile.mkdtemp(prefix="alloc.", dir=dirs["work"])
+    data = f"{run_dir}/heaptrack"
+    argv = {"bridge": ["heaptrack", "-o", data, *config["bridge_argv"]["bridge"]]}
+    result = {"workload": workload.name, "runtime_s": runtime}
+    with contextlib.ExitStack() as cleanup:
+        server = Server(run_dir, dirs["logs"], "alloc")
+        cleanup.callback(server.stop)
+        mount = Mount("bridge", argv, server, run_dir, dirs["logs"], "alloc", wrapped=True)
+        cleanup.callback(mount.stop)
+        output = f"{dirs['fio']}/alloc-{workload.name}.json"
+        job = run_fio(fio_argv(workload, runtime, "bridge", mount.file, output), runtime, output,
+                      f"{dirs['fio']}/alloc-{workload.name}.log")
+        result["requests"] = measure(workload, job)["ios"]
+    files = sorted(Path(run_dir).glob("heaptrack*"))
+    if not files:
+        raise BenchError(f"heaptrack wrote no data file in {run_dir}")
+    report = subprocess.run(["heaptrack_print", "-f", str(files[0]), "-a", "1", "-p", "0", "-T", "0",
+                             "-l", "0", "-n", "1000", "-s", "0"],
+                            capture_output=True, text=True, timeout=300, check=False).stdout
+    by_owner = {}
+    for calls, module in allocation_sites(report):
+        owner = module_owner(module)
+        by_owner[owner] = by_owner.get(owner, 0) + calls
+    if not by_owner:
+        raise BenchError("heaptrack_print reported no allocation sites")
+    result["calls"] = by_owner
+    result["per_request"] = {k: v / result["requests"] for k, v in by_owner.items()} if result["requests"] else {}
+    shutil.copy2(files[0], dirs["out"] / files[0].name)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return result
+
+
+def allocation_lines(allocations):
+    if not allocations:
+        return []
+    per = allocations["per_request"]
+    owners = sorted(per, key=lambda k: (k != "nbdbridge", -per[k]))
+    return ["", f"heap allocations per request, nbdbridge under heaptrack, {allocations['workload']} "
+                f"{allocations['runtime_s']} s, {allocations['requests']} requests (start-up and exit included), "
+                "by the module that called the allocator:",
+            "  " + ", ".join(f"{owner} {per[owner]:.3f}" for owner in owners)]
+
+
 # ---------------------------------------------------------------- summary, table, plot
 
 def summarise(runs, subjects, workloads):
@@ -687,6 +774,9 @@ def parse_args():
                    help="comma-separated (default: all)")
     p.add_argument("--out", help="output directory (default bench-results/<timestamp>)")
     p.add_argument("--quick", action="store_true", help="1 round of 2 s per workload (smoke test)")
+    p.add_argument("--allocations", action="store_true",
+                   help="also run the bridge once under heaptrack (depth-64 mixed) and report heap "
+                        "allocations per request by the module that made them")
     p.add_argument("--bridge", default="build/nbdbridge", help="the nbdbridge binary")
     p.add_argument("--bridge-nostats", default="build-nostats/nbdbridge",
                    help="nbdbridge built without statistics (subject bridge-nostats)")
@@ -717,6 +807,8 @@ def pick(parser, kind, text, known):
 def check_tools(args):
     problems = []
     needed = {"nbdkit", "fio", "timeout", "umount"}
+    if args.allocations:
+        needed |= {"heaptrack", "heaptrack_print", "fusermount3"}
     if "nbdfuse" in args.subjects:
         needed |= {"nbdfuse", "fusermount3"}
     if "bridge" in args.subjects:
@@ -796,7 +888,7 @@ def main():
                           for w in args.workloads},
             "export": f"nbdkit memory {EXPORT_SIZE}", "clk_tck": CLK_TCK,
             "versions": versions(args)}
-    if {"bridge", "bridge-threads"} & set(args.subjects):
+    if {"bridge", "bridge-threads"} & set(args.subjects) or args.allocations:
         # A private copy, so a rebuild of build/ during the run cannot mix two binaries.
         bridge_copy = f"{work}/nbdbridge"
         shutil.copy2(args.bridge, bridge_copy)
@@ -816,8 +908,18 @@ def main():
 
     log(f"tools/bench: {args.rounds} round(s) x {len(args.workloads)} workload(s) x "
         f"{args.runtime} s, subjects {', '.join(args.subjects)}; results in {out}")
-    runs, interrupted = [], None
+    runs, interrupted, allocations = [], None, None
+    allocation_failure = None
     try:
+        if args.allocations:
+            log(f"allocations: nbdbridge under heaptrack, {ALLOCATION_WORKLOAD} for {args.runtime} s")
+            try:
+                allocations = count_allocations(config, dirs, args.runtime)
+                for line in allocation_lines(allocations)[1:]:
+                    log(line)
+            except BenchError as e:
+                allocation_failure = f"allocations: {e}"
+                log(f"  {allocation_failure}")
         for round_no in range(1, args.rounds + 1):
             shift = (round_no - 1) % len(args.subjects)
             order = args.subjects[shift:] + args.subjects[:shift]
@@ -842,6 +944,8 @@ def main():
     summary = summarise(runs, args.subjects, args.workloads)
     ratio = ratios(summary, args.workloads)
     failures = [f"round {r['round']} {r['subject']}: {error}" for r in runs for error in r["errors"]]
+    if allocation_failure:
+        failures.append(allocation_failure)
     if interrupted:
         failures.insert(0, f"interrupted by {interrupted}")
     else:
@@ -849,9 +953,9 @@ def main():
                      if not summary[s]["workloads"]]
 
     results = {"meta": meta, "runs": runs, "summary": summary, "ratios": ratio,
-               "failures": failures}
+               "allocations": allocations, "failures": failures}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = table(config, summary, ratio)
+    text = table(config, summary, ratio) + "".join("\n" + line for line in allocation_lines(allocations))
     (out / "summary.txt").write_text(text + "\n" + "".join(f"FAILED: {f}\n" for f in failures))
     print(text, flush=True)
     if any(summary[s]["workloads"] for s in args.subjects):

@@ -112,6 +112,15 @@ class BlockIo {
       return nullptr;
     return pool_.least_loaded_usable(nbd_client::Purpose::data);
   }
+  // The same for a WRITE: large ones go to the large-write connection when there is one.
+  nbd_client::Connection* direct_write_connection(std::uint64_t offset, std::size_t length, bool durable) const {
+    nbd_client::Connection* connection = direct_connection(offset, length, durable);
+    if (connection && length >= large_write_minimum) return pool_.least_loaded_usable(nbd_client::Purpose::large_write);
+    return connection;
+  }
+  // Writes this long go to the large-write connection (--connection-threads writes):
+  // the copy into the socket then overlaps the loop's copy out of /dev/fuse.
+  static constexpr std::size_t large_write_minimum = 128 * 1024;
   // Records a command that ran on `connection`; false when the connection broke
   // under it (never acknowledged), so that it must be issued again.
   bool finished(Operation operation, const nbd_client::Connection& connection,

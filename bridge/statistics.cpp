@@ -113,7 +113,11 @@ Statistics::Statistics(std::size_t connections) : connections_(connections) {}
 void Statistics::set_connections(std::size_t connections, bool last_is_block_status) {
   connections_.resize(connections);
   for (std::size_t index = 0; index < connections; ++index)
-    connections_[index].block_status_only = last_is_block_status && index + 1 == connections;
+    connections_[index].role = last_is_block_status && index + 1 == connections ? "block_status" : "data";
+}
+
+void Statistics::set_connection_role(std::size_t index, const char* role) {
+  if (index < connections_.size()) connections_[index].role = role;
 }
 
 void Statistics::request_started(Operation operation) {
@@ -171,7 +175,7 @@ void Statistics::reset() {
     kind.in_flight = still_in_flight;
     kind.in_flight_peak = still_in_flight;
   }
-  for (auto& link : connections_) link = ConnectionCounters{.block_status_only = link.block_status_only};
+  for (auto& link : connections_) link = ConnectionCounters{.role = link.role};
   in_flight_peak_ = in_flight_;
   disconnects_ = reconnects_ = 0;
   injected_delays_ = injected_delay_nanoseconds_ = injected_errors_ = 0;
@@ -218,7 +222,9 @@ std::string Statistics::to_json() const {
     if (index) out += ',';
     out += "{\"index\":";
     append_unsigned(out, index);
-    out += link.block_status_only ? ",\"role\":\"block_status\"" : ",\"role\":\"data\"";
+    out += ",\"role\":\"";
+    out += link.role;
+    out += '"';
     out += ",\"commands\":";
     append_unsigned(out, link.commands);
     out += ",\"errors\":";

@@ -59,6 +59,7 @@ class Statistics {
   // Not on the hot path: resizes the per-connection table, keeping existing counters.
   // last_is_block_status: the pool keeps its last connection for block status only.
   void set_connections(std::size_t connections, bool last_is_block_status = false);
+  void set_connection_role(std::size_t index, const char* role);
 
   // FUSE span: from FUSE arrival to FUSE reply.
   void request_started(Operation operation);
@@ -97,7 +98,7 @@ class Statistics {
     std::uint64_t disconnects = 0;
     std::uint64_t reconnects = 0;
     std::uint64_t outage_nanoseconds = 0;
-    bool block_status_only = false;
+    const char* role = "data";  // "data", "block_status" or "large_writes"
   };
   const OperationCounters& operation(Operation operation) const { return operations_[std::size_t(operation)]; }
   const std::vector<ConnectionCounters>& connections() const { return connections_; }

@@ -71,9 +71,13 @@ asio::awaitable<std::error_code> ConnectionPool::async_connect(const Target& req
   // when the server shares one cache among connections: multi-conn says so.
   bool split = options.replies == ReplyMode::automatic && info_.can_multi_conn && info_.can_block_status &&
                target_.kind != Target::Kind::socket_fd;
+  // Large writes on a connection of their own see the same cache only under multi-conn.
+  bool large_write_connection = options.threads == ThreadMode::large_writes && info_.can_multi_conn &&
+                                !info_.read_only && target_.kind != Target::Kind::socket_fd;
   if (split) {
     roles_.front() = Role::status;
     co_await open_connections(wanted, Role::data);
+    if (connections_.size() > 1 && large_write_connection) co_await open_connections(1, Role::large_writes);
     if (connections_.size() == 1) {
       roles_.front() = Role::data_and_status;  // no second connection: the first does everything
     } else {
@@ -84,6 +88,7 @@ asio::awaitable<std::error_code> ConnectionPool::async_connect(const Target& req
     }
   } else {
     co_await open_connections(wanted - 1, Role::data_and_status);
+    if (large_write_connection && connections_.size() == wanted) co_await open_connections(1, Role::large_writes);
   }
   for (std::size_t index = 0; index < connections_.size(); ++index) {
     connections_[index]->set_index(index);
@@ -94,7 +99,11 @@ asio::awaitable<std::error_code> ConnectionPool::async_connect(const Target& req
 
 ConnectOptions ConnectionPool::options_for(Role role) const {
   ConnectOptions connect = options_.connect;
-  if (role == Role::data || options_.replies == ReplyMode::simple) connect.structured_replies = false;
+  // The large-write connection reads nothing, so it never needs structured replies.
+  if (role == Role::data || (role == Role::large_writes && options_.replies != ReplyMode::structured) ||
+      options_.replies == ReplyMode::simple)
+    connect.structured_replies = false;
+  connect.own_thread = options_.threads == ThreadMode::all || role == Role::large_writes;
   return connect;
 }
 
@@ -120,7 +129,9 @@ asio::awaitable<void> ConnectionPool::open_connections(unsigned count, Role role
 // For messages: "the connection", "connection 2 of 4", "the block-status connection".
 std::string ConnectionPool::describe(std::size_t index) const {
   if (roles_[index] == Role::status) return "the block-status connection";
-  std::size_t data_connections = connections_.size() - (split_ ? 1 : 0);
+  if (roles_[index] == Role::large_writes) return "the large-write connection";
+  std::size_t data_connections = 0;
+  for (Role role : roles_) data_connections += role == Role::data || role == Role::data_and_status;
   if (data_connections == 1) return "the connection";
   return "connection " + std::to_string(index + 1) + " of " + std::to_string(data_connections);
 }
@@ -133,8 +144,21 @@ bool ConnectionPool::serves(std::size_t index, Purpose purpose) const {
       return purpose == Purpose::data;
     case Role::status:
       return purpose == Purpose::block_status;
+    case Role::large_writes:
+      return purpose == Purpose::large_write;
   }
   return false;
+}
+
+const char* ConnectionPool::role_name(std::size_t index) const {
+  switch (roles_[index]) {
+    case Role::status:
+      return "block_status";
+    case Role::large_writes:
+      return "large_writes";
+    default:
+      return "data";
+  }
 }
 
 // Connects connections_[index] (a fresh Connection) and checks that it sees the
@@ -240,6 +264,7 @@ bool ConnectionPool::start_reconnect(std::size_t index) {
 }
 
 asio::awaitable<Connection*> ConnectionPool::usable_connection(Purpose purpose) {
+  if (purpose == Purpose::large_write) purpose = Purpose::data;  // waiting: any data connection will do
   bool tried_once = false;
   auto waiting_since = clock::now();
   std::size_t first = 0;  // the first connection serving purpose: the one to revive
@@ -287,11 +312,13 @@ Connection* ConnectionPool::least_loaded_usable(Purpose purpose) {
     if (!serves(index, purpose) || !connection->usable()) continue;
     if (!best || connection->in_flight() < best->in_flight()) best = connection;
   }
+  if (!best && purpose == Purpose::large_write) return least_loaded_usable(Purpose::data);
   return best;
 }
 
 Connection& ConnectionPool::pick(Purpose purpose) {
   if (Connection* best = least_loaded_usable(purpose)) return *best;
+  if (purpose == Purpose::large_write) purpose = Purpose::data;
   for (std::size_t index = 0; index < connections_.size(); ++index)
     if (serves(index, purpose)) return *connections_[index];
   return *connections_.front();

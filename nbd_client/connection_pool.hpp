@@ -6,7 +6,9 @@
 // Reads answered with structured replies cost libnbd four recv() calls against
 // two for simple replies, so when the server shares one cache among connections
 // (multi-conn) the data connections use simple replies and one more connection,
-// used for nothing else, carries block status.
+// used for nothing else, carries block status. With --connection-threads writes
+// (the default) one more connection, driven by a thread of its own, carries
+// WRITEs of 128 KiB and more, again only where multi-conn makes that sound.
 #pragma once
 
 #include "nbd_client/connection.hpp"
@@ -30,14 +32,23 @@ enum class ReplyMode {
   simple,      // simple replies everywhere: no block status at all
 };
 
-// What a command needs from the connection it runs on.
-enum class Purpose { data, block_status };
+// What a command needs from the connection it runs on. large_write falls back
+// to data when there is no large-write connection.
+enum class Purpose { data, block_status, large_write };
+
+// Which connections a thread of their own drives (--connection-threads).
+enum class ThreadMode {
+  none,          // the loop drives every connection
+  large_writes,  // one more connection, on its own thread, for large WRITEs (needs multi-conn)
+  all,           // every connection on a thread of its own
+};
 
 struct PoolOptions {
   ConnectOptions connect;
   ReplyMode replies = ReplyMode::automatic;
   unsigned connections = 4;  // wanted when the server advertises multi-conn
   bool pass_server_stderr = false;
+  ThreadMode threads = ThreadMode::large_writes;
   // How long requests wait for a lost server to come back; zero: fail at once.
   std::chrono::milliseconds retry_timeout = std::chrono::seconds(60);
 };
@@ -59,6 +70,8 @@ class ConnectionPool {
   std::size_t size() const { return connections_.size(); }
   // True when one connection (the last) is kept for block status only.
   bool has_status_connection() const { return split_; }
+  // For statistics: "data", "block_status" or "large_writes".
+  const char* role_name(std::size_t index) const;
   // A note on why fewer connections were opened than asked for (empty if none).
   const std::string& note() const { return note_; }
   std::uint64_t disconnects() const { return disconnects_; }
@@ -86,7 +99,7 @@ class ConnectionPool {
   void close();
 
  private:
-  enum class Role { data_and_status, data, status };
+  enum class Role { data_and_status, data, status, large_writes };
   bool serves(std::size_t index, Purpose purpose) const;
   std::string describe(std::size_t index) const;
   bool any_usable(Purpose purpose = Purpose::data) const;

@@ -57,12 +57,14 @@ void setup(CLI::App& app, Options& options) {
   app.add_option("--reply-thread", options.reply_thread,
                  "on: READ replies of 128 KiB and more are sent from a second thread, so the kernel's "
                  "copy into the reader's pages overlaps the next receives; off: not; auto (default): on "
-                 "unless --connection-threads on (the loop then has the time to send them itself)")
+                 "unless --connection-threads all (the loop then has the time to send them itself)")
       ->check(CLI::IsMember({"auto", "on", "off"}));
   app.add_option("--connection-threads", options.connection_threads,
-                 "off (default): one loop thread drives every connection; on: each NBD connection's "
-                 "socket is driven by a thread of its own")
-      ->check(CLI::IsMember({"on", "off"}));
+                 "writes (default): with a multi-conn server, one more connection, driven by a thread "
+                 "of its own, carries WRITEs of 128 KiB and more, so their copy into the socket "
+                 "overlaps the loop; off: the loop thread drives every connection; all: each NBD "
+                 "connection is driven by a thread of its own (faster only for deep write queues)")
+      ->check(CLI::IsMember({"writes", "off", "all"}));
   app.add_option("--replies", options.replies,
                  "how the server answers: auto (default: simple replies on the data connections plus one "
                  "connection for block status, when the server advertises multi-conn; else structured), "

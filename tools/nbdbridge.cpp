@@ -41,7 +41,7 @@ namespace {
 // hop (1 MiB reads at depth 8: ~2100 against ~2440 MiB/s without it).
 bool reply_thread_wanted(const tools::Options& options) {
   if (options.reply_thread != "auto") return options.reply_thread == "on";
-  return options.connection_threads != "on";
+  return options.connection_threads != "all";
 }
 
 void say(const std::string& line) { std::fprintf(stderr, "nbdbridge: %s\n", line.c_str()); }
@@ -120,6 +120,13 @@ class Bridge {
   }
 
  private:
+  // "data, large_writes, block_status": each connection's role, in order.
+  std::string connection_roles() const {
+    std::string roles;
+    for (std::size_t index = 0; index < pool_.size(); ++index)
+      roles += std::string(index ? ", " : "") + pool_.role_name(index);
+    return roles;
+  }
   // Runs the loop; with a busy-poll budget, it keeps polling that long after the
   // last work before sleeping in epoll_wait: a sleeping thread woken from the
   // other CPU costs tens of microseconds per hop at depth 1.
@@ -158,7 +165,9 @@ class Bridge {
     nbd_client::PoolOptions pool_options;
     pool_options.connect.readonly = options_.readonly;
     pool_options.connect.timeout = to_duration(options_.connect_timeout_seconds);
-    pool_options.connect.own_thread = options_.connection_threads == "on";
+    pool_options.threads = options_.connection_threads == "all"      ? nbd_client::ThreadMode::all
+                           : options_.connection_threads == "writes" ? nbd_client::ThreadMode::large_writes
+                                                                     : nbd_client::ThreadMode::none;
     pool_options.connections = tools::resolve_connections(options_.connections, std::thread::hardware_concurrency());
     pool_options.pass_server_stderr = options_.verbose;
     pool_options.retry_timeout = to_duration(options_.retry_timeout_seconds);
@@ -179,8 +188,7 @@ class Bridge {
     file_system_.set_export(info);
     if (options_.verbose) {
       say("connected: " + std::to_string(info.size) + " bytes, " + (info.read_only ? "read-only" : "read-write") +
-          ", " + std::to_string(pool_.size()) + " connection(s)" +
-          (pool_.has_status_connection() ? " (the last for block status only)" : "") + ", flush " + (info.can_flush ? "yes" : "no") +
+          ", " + std::to_string(pool_.size()) + " connection(s) (" + connection_roles() + "), flush " + (info.can_flush ? "yes" : "no") +
           ", fua " + (info.can_fua ? "yes" : "no") + ", zero " + (info.can_zero ? "yes" : "no") +
           ", block status " + (info.can_block_status ? "yes" : "no") + ", block sizes " +
           std::to_string(info.minimum_block) + "/" + std::to_string(info.preferred_block) + "/" +
@@ -192,7 +200,8 @@ class Bridge {
           "once acknowledged and fsync succeeds without sending anything");
     pool_.on_event = [](const std::string& line) { say(line); };
     bridge::Statistics& statistics = file_system_.statistics();
-    statistics.set_connections(pool_.size(), pool_.has_status_connection());
+    statistics.set_connections(pool_.size());
+    for (std::size_t index = 0; index < pool_.size(); ++index) statistics.set_connection_role(index, pool_.role_name(index));
     pool_.on_connection_lost = [&statistics](std::size_t index) { statistics.connection_lost(index); };
     pool_.on_connection_restored = [&statistics](std::size_t index, std::chrono::nanoseconds outage) {
       statistics.connection_restored(index, std::uint64_t(outage.count()));

@@ -3,7 +3,9 @@
 bridge opens -C N data connections (auto: 4 with 4 or more CPUs, else 1) and
 spreads reads and writes over all of them, plus one connection that carries
 block status only (--replies auto): the data connections ask for simple
-replies, the block-status one for structured replies.  With a server that does
+replies, the block-status one for structured replies; and one connection, on a
+thread of its own, for WRITEs of 128 KiB and more (--connection-threads writes,
+the default).  With a server that does
 not advertise multi-conn it uses one connection for everything.  The nbdkit log
 filter shows the connections and which requests each carried; nbdkit -v shows
 which connections asked for structured replies.
@@ -80,8 +82,9 @@ def test_four_connections_all_used():
     with h.Nbdkit(["memory", str(SIZE), "logfile=" + logfile], opts=["-v", "--filter=log"]) as srv, \
             h.Mount(h.tmpdir("mp"), [srv.uri], opts=["-C", "4"]) as m:
         conns = su.log_connects(logfile)
-        # the first connection made stays for block status; data connections follow
-        h.check_eq(sorted(conns), [1, 2, 3, 4, 5], "connections opened for -C 4")
+        # the first connection made stays for block status; data connections follow,
+        # then the large-write connection (no large writes here: it stays idle)
+        h.check_eq(sorted(conns), [1, 2, 3, 4, 5, 6], "connections opened for -C 4")
         h.check_eq(_structured_connections(srv.errpath), {0}, "connections that asked for structured replies")
         _fio_load(m.export)
         _shadow_check(m.export, random.Random(3))
@@ -95,6 +98,7 @@ def test_four_connections_all_used():
             h.check_eq(acts[c]["Extents"], 0, "block status on data connection %d" % c)
         h.check(acts[1]["Extents"] > 0, "the block-status connection carried no Extents: %r" % dict(acts[1]))
         h.check_eq(acts[1]["Read"] + acts[1]["Write"], 0, "reads and writes on the block-status connection")
+        h.check_eq(sum(acts[6].values()), 0, "requests on the large-write connection (all writes < 128 KiB)")
         # a fair spread: no connection carries almost everything
         total = sum(acts[c]["Write"] + acts[c]["Read"] for c in data)
         for c in data:
@@ -108,8 +112,8 @@ def test_four_connections_all_used():
 def test_default_connections_follow_cpus():
     # -C auto (the default): 4 data connections with 4 or more CPUs, else 1 (on 2
     # CPUs one loop thread over one connection measured fastest; see README), and
-    # the block-status connection.
-    expected = [1, 2, 3, 4, 5] if (os.cpu_count() or 1) >= 4 else [1, 2]
+    # the block-status and large-write connections.
+    expected = [1, 2, 3, 4, 5, 6] if (os.cpu_count() or 1) >= 4 else [1, 2, 3]
     logfile = os.path.join(h.tmpdir("log"), "nbdkit.log")
     with h.Nbdkit(["memory", str(SIZE), "logfile=" + logfile], opts=["--filter=log"]) as srv, \
             h.Mount(h.tmpdir("mp"), [srv.uri]):
@@ -120,18 +124,20 @@ def test_two_connections():
     logfile = os.path.join(h.tmpdir("log"), "nbdkit.log")
     with h.Nbdkit(["memory", str(SIZE), "logfile=" + logfile], opts=["--filter=log"]) as srv, \
             h.Mount(h.tmpdir("mp"), [srv.uri], opts=["-C", "2"]) as m:
-        h.check_eq(sorted(su.log_connects(logfile)), [1, 2, 3], "connections for -C 2 (+ block status)")
+        h.check_eq(sorted(su.log_connects(logfile)), [1, 2, 3, 4],
+                   "connections for -C 2 (+ block status, + large writes)")
         _shadow_check(m.export, random.Random(4), n=32)
 
 
 def test_replies_structured_one_kind_of_connection():
     # --replies structured: every connection asks for structured replies and
-    # serves everything, block status included; no extra connection.
+    # serves everything, block status included; no block-status connection (the
+    # large-write connection asks for them too: "structured" means every one).
     logfile = os.path.join(h.tmpdir("log"), "nbdkit.log")
     with h.Nbdkit(["memory", str(SIZE), "logfile=" + logfile], opts=["-v", "--filter=log"]) as srv, \
             h.Mount(h.tmpdir("mp"), [srv.uri], opts=["-C", "2", "--replies", "structured"]) as m:
-        h.check_eq(sorted(su.log_connects(logfile)), [1, 2], "connections for -C 2 --replies structured")
-        h.check_eq(_structured_connections(srv.errpath), {0, 1}, "connections that asked for structured replies")
+        h.check_eq(sorted(su.log_connects(logfile)), [1, 2, 3], "connections for -C 2 --replies structured")
+        h.check_eq(_structured_connections(srv.errpath), {0, 1, 2}, "connections that asked for structured replies")
         _shadow_check(m.export, random.Random(6), n=32)
         fd = os.open(m.export, os.O_WRONLY)
         try:
@@ -149,7 +155,8 @@ def test_replies_simple_no_block_status():
     with h.Nbdkit(["memory", str(SIZE), "logfile=" + logfile], opts=["-v", "--filter=log"]) as srv, \
             h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--replies", "simple"]) as m:
         data_connections = 4 if (os.cpu_count() or 1) >= 4 else 1
-        h.check_eq(len(su.log_connects(logfile)), data_connections, "connections (no block-status one)")
+        h.check_eq(len(su.log_connects(logfile)), data_connections + 1,
+                   "connections (data and large-write, no block-status one)")
         h.check_eq(_structured_connections(srv.errpath), set(), "connections that asked for structured replies")
         _shadow_check(m.export, random.Random(7), n=16)
         fd = os.open(m.export, os.O_RDONLY)
@@ -167,7 +174,7 @@ def test_block_status_connection_lost_alone():
     # reconnects the block-status connection, so SEEK_DATA works again.
     with h.Nbdkit(["memory", str(SIZE)]) as srv, h.Proxy(srv.sock) as proxy, \
             h.Mount(h.tmpdir("mp"), [proxy.uri], opts=["-C", "1", "--retry-timeout", "10"]) as m:
-        h.check_eq(proxy.nconn, 2, "connections through the proxy (data + block status)")
+        h.check_eq(proxy.nconn, 3, "connections through the proxy (data, large writes, block status)")
         fd = os.open(m.export, os.O_RDWR)
         try:
             h.pwrite_full(fd, b"before" * 1000, 1 << 20)
@@ -180,7 +187,7 @@ def test_block_status_connection_lost_alone():
             h.wait_until(lambda: "reconnected the block-status connection" in m.stderr(),
                          what="the block-status connection to come back")
             h.check_eq(os.lseek(fd, 0, os.SEEK_DATA), 1 << 20, "SEEK_DATA after the reconnect")
-            h.check_eq(proxy.nconn, 3, "connections through the proxy after the reconnect")
+            h.check_eq(proxy.nconn, 4, "connections through the proxy after the reconnect")
         finally:
             os.close(fd)
 
@@ -207,7 +214,53 @@ def test_no_multiconn_server_one_connection():
 
 
 def test_C1_one_data_connection():
-    _single_connection_case(["-C", "1"], [], [], "-C 1", expected_connections=2)
+    _single_connection_case(["-C", "1"], [], [], "-C 1", expected_connections=3)
+
+
+def test_large_writes_on_their_own_connection():
+    # --connection-threads writes (the default): WRITEs of 128 KiB and more go to
+    # one more connection, driven by a thread of its own; smaller writes, reads and
+    # block status do not. Bytes written there read back through the data connection.
+    logfile = os.path.join(h.tmpdir("log"), "nbdkit.log")
+    with h.Nbdkit(["memory", str(SIZE), "logfile=" + logfile], opts=["--filter=log"]) as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri], opts=["-C", "1"]) as m:
+        conns = sorted(su.log_connects(logfile))
+        h.check_eq(conns, [1, 2, 3], "connections: block status, data, large writes")
+        rnd = random.Random(9)
+        fd = os.open(m.export, os.O_RDWR | os.O_DIRECT)
+        try:
+            import mmap
+            for length in (128 << 10, 1 << 20, 4096, 64 << 10):
+                buf = mmap.mmap(-1, length)
+                data = rnd.randbytes(length)
+                buf.write(data)
+                off = rnd.randrange(0, SIZE // length) * length
+                h.check_eq(os.pwritev(fd, [buf], off), length, "O_DIRECT write of %d bytes" % length)
+                back = mmap.mmap(-1, length)
+                h.check_eq(os.preadv(fd, [back], off), length, "O_DIRECT read of %d bytes" % length)
+                h.check_bytes(bytes(back), data, "read back %d bytes at %d" % (length, off))
+        finally:
+            os.close(fd)
+        h.check(_named_threads(m.proc.pid, "nbdbridge-conn") == 1, "one connection thread")
+        acts = _per_connection(logfile)
+        h.check_eq(dict(acts[3]), {"Write": 2}, "the large-write connection carried the two large writes")
+        h.check(acts[2]["Write"] == 2 and acts[2]["Read"] >= 4,
+                "the data connection carried the small writes and every read: %r" % dict(acts[2]))
+    with h.Nbdkit(["memory", str(SIZE), "logfile=" + logfile + ".off"], opts=["--filter=log"]) as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri], opts=["-C", "1", "--connection-threads", "off"]) as m:
+        h.check_eq(sorted(su.log_connects(logfile + ".off")), [1, 2], "connections with --connection-threads off")
+        h.check_eq(_named_threads(m.proc.pid, "nbdbridge-conn"), 0, "connection threads with off")
+
+
+def _named_threads(pid, name):
+    count = 0
+    for task in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/comm" % (pid, task)) as f:
+                count += f.read().strip() == name
+        except OSError:
+            pass
+    return count
 
 
 if __name__ == "__main__":

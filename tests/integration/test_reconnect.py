@@ -558,8 +558,8 @@ def test_retry_timeout_gives_up():
                 "3 s retry timeout" % dt)
         text = m.stderr()
         lost = LOST_RE.findall(text)
-        # one line per connection: the data connection and the block-status one
-        h.check_eq(lost, ["3", "3"], "'lost ... reconnecting for up to 3 s' lines")
+        # one line per connection: the data, large-write and block-status connections
+        h.check_eq(lost, ["3", "3", "3"], "'lost ... reconnecting for up to 3 s' lines")
         h.check(GAVE_UP_RE.search(text), "no 'has not come back within 3 s' line: %s" % text[-2000:])
         # new requests: each tries once, fails with EIO promptly
         res = io_ops(m.export, ["r:0:4096", "w:8192:4096", "r:%d:4096" % (4 * MiB)],
@@ -673,7 +673,7 @@ def test_connection_dropped_every_n_requests():
 def test_connection_threads_dropped_every_n_requests():
     # The same with each connection driven by a thread of its own: losses are
     # noticed there and reported to the loop, commands in flight fail over.
-    _connection_drops(["--connection-threads", "on"])
+    _connection_drops(["--connection-threads", "all"])
 
 
 def _connection_drops(opts=()):

@@ -279,8 +279,8 @@ TEST_CASE("statistics count operations, bytes, errors and in-flight peaks") {
   // The pool's block-status connection is the last; its role survives a reset.
   statistics.set_connections(3, true);
   statistics.reset();
-  CHECK(!statistics.connections()[0].block_status_only);
-  CHECK(statistics.connections()[2].block_status_only);
+  CHECK(std::string(statistics.connections()[0].role) == "data");
+  CHECK(std::string(statistics.connections()[2].role) == "block_status");
   std::string json = statistics.to_json();
   CHECK(json.find("{\"index\":0,\"role\":\"data\"") != std::string::npos);
   CHECK(json.find("{\"index\":2,\"role\":\"block_status\"") != std::string::npos);

@@ -755,7 +755,7 @@ def parse_args():
         epilog="subjects: bridge (build/nbdbridge, extra arguments from $BRIDGE_ARGS), nbdfuse "
                "(libnbd-bin), qsd (qemu-storage-daemon FUSE export over its nbd driver), nbd "
                "(fio's nbd engine straight to the server: the no-FUSE ceiling); optional: "
-               "bridge-threads (the same binary with --connection-threads on), bridge-nostats. "
+               "bridge-threads (the same binary with --connection-threads all), bridge-nostats. "
                "workloads: "
                + "; ".join(f"{w.name} = {w.description}" for w in WORKLOADS)
                + ". Exits non-zero if any subject failed to run or did no I/O.")
@@ -894,7 +894,7 @@ def main():
         shutil.copy2(args.bridge, bridge_copy)
         bridge_args = shlex.split(os.environ.get("BRIDGE_ARGS", ""))
         config["bridge_argv"] = {"bridge": [bridge_copy, *bridge_args],
-                                 "bridge-threads": [bridge_copy, "--connection-threads", "on", *bridge_args]}
+                                 "bridge-threads": [bridge_copy, "--connection-threads", "all", *bridge_args]}
         meta["bridge"] = {"binary": str(Path(args.bridge).resolve()), "args": bridge_args,
                           "sha256": hashlib.sha256(Path(bridge_copy).read_bytes()).hexdigest()}
 

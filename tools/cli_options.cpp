@@ -47,7 +47,8 @@ void setup(CLI::App& app, Options& options) {
       ->check(CLI::IsMember({"none", "page"}));
   app.add_option("-C,--connections", options.connections,
                  "data connections to open when the server allows multi-conn: 1..64, or auto (default: 4 with "
-                 "at least 4 CPUs, else 1); --replies auto adds one for block status")
+                 "at least 4 CPUs, else 1); --replies auto adds one for block status, --connection-threads "
+                 "writes one for large writes")
       ->check([](const std::string& text) {
         return resolve_connections(text, 4) ? std::string() : std::string("expected 1..64 or auto");
       });

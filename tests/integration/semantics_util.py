@@ -143,6 +143,18 @@ def check_one_line_error(stderr, what):
             % (what, lines[0]))
 
 
+def threads_named(pid, name):
+    """How many threads of process pid are called name (/proc/PID/task/*/comm)."""
+    count = 0
+    for task in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/comm" % (pid, task)) as f:
+                count += f.read().strip() == name
+        except OSError:
+            pass
+    return count
+
+
 def st_alloc(path):
     """Allocated bytes according to stat (st_blocks is in 512-byte units)."""
     return os.stat(path).st_blocks * 512

@@ -6,6 +6,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
+import semantics_util as su  # noqa: E402
 
 EXPORT_SIZE = 64 * 1024 * 1024
 FIO_SIZE = 32 * 1024 * 1024
@@ -100,7 +101,7 @@ def test_large_reads_in_parallel_use_the_reply_thread():
     with h.Nbdkit(["memory", str(EXPORT_SIZE)]) as srv:
         common = ["--ioengine=libaio", "--rw=write", "--bs=1M"]
         with h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
-            base = 1 + _named_threads(m.proc.pid, "nbdbridge-conn")  # the loop and its large-write connection
+            base = 1 + su.threads_named(m.proc.pid, "nbdbridge-conn")  # the loop and its large-write connection
             h.check_eq(_threads(m.proc.pid), base, "threads before any large read")
             r, data = _fio(m.export, common)
             _check_fio(r, data, what="fio seq write 1M")
@@ -113,16 +114,6 @@ def test_large_reads_in_parallel_use_the_reply_thread():
             h.check_eq(_threads(m.proc.pid), base, "threads with --reply-thread off")
 
 
-def _named_threads(pid, name):
-    count = 0
-    for task in os.listdir("/proc/%d/task" % pid):
-        try:
-            with open("/proc/%d/task/%s/comm" % (pid, task)) as f:
-                count += f.read().strip() == name
-        except OSError:
-            pass
-    return count
-
 
 def test_connection_threads_verify():
     # --connection-threads all: each NBD connection's socket is driven by its own
@@ -131,7 +122,7 @@ def test_connection_threads_verify():
     with h.Nbdkit(["memory", str(EXPORT_SIZE)]) as srv:
         with h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--connection-threads", "all", "-C", "2"]) as m:
             # two data connections plus the block-status one, each with its thread
-            h.wait_until(lambda: _named_threads(m.proc.pid, "nbdbridge-conn") == 3, timeout=10,
+            h.wait_until(lambda: su.threads_named(m.proc.pid, "nbdbridge-conn") == 3, timeout=10,
                          what="three nbdbridge-conn threads (2 data + 1 block status)")
             r, data = _fio(m.export, ["--ioengine=libaio", "--rw=randrw", "--bsrange=4k-1M"])
             _check_fio(r, data, min_write=1, min_read=1, what="fio randrw 4k-1M with connection threads")
@@ -147,7 +138,7 @@ def test_connection_threads_verify():
         with h.Mount(h.tmpdir("mp"), [srv.uri], opts=["-C", "2", "--connection-threads", "off"]) as m:
             r, data = _fio(m.export, ["--ioengine=libaio", "--rw=randrw", "--bs=4k"])
             _check_fio(r, data, min_write=1, min_read=1, what="fio randrw without connection threads")
-            h.check_eq(_named_threads(m.proc.pid, "nbdbridge-conn"), 0, "connection threads with off")
+            h.check_eq(su.threads_named(m.proc.pid, "nbdbridge-conn"), 0, "connection threads with off")
 
 
 def test_randrw_page_cache_mode():

@@ -11,6 +11,7 @@ filter shows the connections and which requests each carried; nbdkit -v shows
 which connections asked for structured replies.
 """
 import collections
+import mmap
 import os
 import random
 import re
@@ -229,7 +230,6 @@ def test_large_writes_on_their_own_connection():
         rnd = random.Random(9)
         fd = os.open(m.export, os.O_RDWR | os.O_DIRECT)
         try:
-            import mmap
             for length in (128 << 10, 1 << 20, 4096, 64 << 10):
                 buf = mmap.mmap(-1, length)
                 data = rnd.randbytes(length)
@@ -241,7 +241,7 @@ def test_large_writes_on_their_own_connection():
                 h.check_bytes(bytes(back), data, "read back %d bytes at %d" % (length, off))
         finally:
             os.close(fd)
-        h.check(_named_threads(m.proc.pid, "nbdbridge-conn") == 1, "one connection thread")
+        h.check(su.threads_named(m.proc.pid, "nbdbridge-conn") == 1, "one connection thread")
         acts = _per_connection(logfile)
         h.check_eq(dict(acts[3]), {"Write": 2}, "the large-write connection carried the two large writes")
         h.check(acts[2]["Write"] == 2 and acts[2]["Read"] >= 4,
@@ -249,18 +249,8 @@ def test_large_writes_on_their_own_connection():
     with h.Nbdkit(["memory", str(SIZE), "logfile=" + logfile + ".off"], opts=["--filter=log"]) as srv, \
             h.Mount(h.tmpdir("mp"), [srv.uri], opts=["-C", "1", "--connection-threads", "off"]) as m:
         h.check_eq(sorted(su.log_connects(logfile + ".off")), [1, 2], "connections with --connection-threads off")
-        h.check_eq(_named_threads(m.proc.pid, "nbdbridge-conn"), 0, "connection threads with off")
+        h.check_eq(su.threads_named(m.proc.pid, "nbdbridge-conn"), 0, "connection threads with off")
 
-
-def _named_threads(pid, name):
-    count = 0
-    for task in os.listdir("/proc/%d/task" % pid):
-        try:
-            with open("/proc/%d/task/%s/comm" % (pid, task)) as f:
-                count += f.read().strip() == name
-        except OSError:
-            pass
-    return count
 
 
 if __name__ == "__main__":

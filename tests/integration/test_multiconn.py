@@ -11,6 +11,7 @@ filter shows the connections and which requests each carried; nbdkit -v shows
 which connections asked for structured replies.
 """
 import collections
+import json
 import mmap
 import os
 import random
@@ -191,6 +192,44 @@ def test_block_status_connection_lost_alone():
             h.check_eq(proxy.nconn, 4, "connections through the proxy after the reconnect")
         finally:
             os.close(fd)
+
+
+def _odirect_write_read(fd, data, off, what):
+    buf = mmap.mmap(-1, len(data))
+    buf.write(data)
+    h.check_eq(os.pwritev(fd, [buf], off), len(data), "%s: O_DIRECT write" % what)
+    back = mmap.mmap(-1, len(data))
+    h.check_eq(os.preadv(fd, [back], off), len(data), "%s: O_DIRECT read" % what)
+    h.check_bytes(bytes(back), data, "%s: read back" % what)
+
+
+def test_large_write_connection_lost_alone():
+    # The server closes only the large-write connection (the third one made:
+    # block status, data, large writes). Large writes go on meanwhile over the
+    # data connection, the bridge reconnects it on its thread, and large writes
+    # use it again.
+    rnd = random.Random(10)
+    with h.Nbdkit(["memory", str(SIZE)]) as srv, h.Proxy(srv.sock) as proxy, \
+            h.Mount(h.tmpdir("mp"), [proxy.uri], opts=["-C", "1", "--retry-timeout", "10"]) as m:
+        h.check_eq(proxy.nconn, 3, "connections through the proxy (block status, data, large writes)")
+        fd = os.open(m.export, os.O_RDWR | os.O_DIRECT)
+        try:
+            _odirect_write_read(fd, rnd.randbytes(1 << 20), 1 << 20, "before the loss")
+            proxy.close_one(2)
+            h.wait_until(lambda: "lost the large-write connection" in m.stderr(),
+                         what="the bridge to notice the large-write connection closing")
+            _odirect_write_read(fd, rnd.randbytes(1 << 20), 4 << 20, "while it is away")
+            h.wait_until(lambda: "reconnected the large-write connection" in m.stderr(),
+                         what="the large-write connection to come back")
+            h.check_eq(proxy.nconn, 4, "connections through the proxy after the reconnect")
+            _odirect_write_read(fd, rnd.randbytes(1 << 20), 8 << 20, "after the reconnect")
+        finally:
+            os.close(fd)
+        links = json.loads(h.run([h.NBDBRIDGE, "stats", m.mountdir], timeout=15).stdout)["connections"]
+        large = [c for c in links if c["role"] == "large_writes"]
+        h.check_eq(len(large), 1, "one large_writes connection in the statistics: %r" % links)
+        h.check(large[0]["disconnects"] == 1 and large[0]["reconnects"] == 1,
+                "large_writes connection counted its loss and reconnect: %r" % large[0])
 
 
 def _single_connection_case(opts, server_opts, args_extra, what, expected_connections=1):

@@ -1,5 +1,5 @@
-// Drives one libnbd handle from the Asio loop and turns its completion callbacks
-// into posted resumptions. Single-threaded: see connection.hpp.
+// Drives one libnbd handle from the Asio loop (or the connection's own thread) and
+// turns its completion callbacks into resumptions. Thread rules: see connection.hpp.
 #include "nbd_client/connection.hpp"
 #include "nbd_client/libnbd_error.hpp"
 #include "nbd_client/request_split.hpp"

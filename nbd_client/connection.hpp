@@ -1,7 +1,9 @@
 // One libnbd handle, its socket driven by an Asio executor, and awaitable NBD commands.
-// Thread rule: every member runs on the executor's single thread. libnbd completion
-// callbacks run inside nbd_aio_notify_* with the handle locked, so they only record
-// the result and asio::post the resumption; nothing calls nbd_* from inside one.
+// Thread rule: the public members run on the loop's executor; the socket and every
+// nbd_* call run on the loop too, or, with ConnectOptions::own_thread, on the
+// connection's own thread once connected (commands are posted there, handlers posted
+// back). libnbd completion callbacks run inside nbd_aio_notify_* with the handle
+// locked, so they only queue the result; nothing calls nbd_* from inside one.
 #pragma once
 
 #include <asio/any_io_executor.hpp>
@@ -69,8 +71,9 @@ class PendingCommand;
 // allocates. A connection-owned free list rather than Asio's recycling
 // allocator, whose few shared slots the commands kept taking from Asio's own
 // operations (a miss, i.e. a malloc, for ~0.3 of all requests at depth 64).
-// Loop thread only; a block goes back before the connection is destroyed,
-// since nbd_close releases every command.
+// Unlocked on the loop thread alone; locked once shared with a connection
+// thread. Every block comes back before the connection is destroyed, since
+// nbd_close releases every command.
 class CommandMemory {
  public:
   static constexpr std::size_t block_size = 128;
@@ -86,9 +89,9 @@ class CommandMemory {
   void share_between_threads() { shared_ = true; }
 
  private:
-  std::vector<void*> free_blocks_;
+  std::vector<void*> free_blocks_;  // grows to the peak number in flight, then stays
   std::mutex mutex_;
-  bool shared_ = false;  // grows to the peak number in flight, then stays
+  bool shared_ = false;
 };
 
 // Commands whose last reply arrived during one nbd_aio_notify_* call. libnbd runs

@@ -106,21 +106,20 @@ class BlockIo {
   // [offset, offset+length) needs no alignment work, no fault is to be injected
   // and durability (if asked) is one FUA write; nullptr when the request must go
   // through read()/write().
-  nbd_client::Connection* direct_connection(std::uint64_t offset, std::size_t length, bool durable = false) const {
+  nbd_client::Connection* direct_connection(std::uint64_t offset, std::size_t length, bool durable = false,
+                                            nbd_client::Purpose purpose = nbd_client::Purpose::data) const {
     const std::uint64_t unit = block();
     if (faults_ || (durable && !info_.can_fua) || (unit > 1 && (offset % unit != 0 || length % unit != 0)))
       return nullptr;
-    return pool_.least_loaded_usable(nbd_client::Purpose::data);
+    return pool_.least_loaded_usable(purpose);
   }
-  // The same for a WRITE: large ones go to the large-write connection when there is one.
-  nbd_client::Connection* direct_write_connection(std::uint64_t offset, std::size_t length, bool durable) const {
-    nbd_client::Connection* connection = direct_connection(offset, length, durable);
-    if (connection && length >= large_write_minimum) return pool_.least_loaded_usable(nbd_client::Purpose::large_write);
-    return connection;
+  // Writes this long go to the large-write connection when there is one
+  // (--connection-threads writes): their copy into the socket then overlaps the
+  // loop's copy out of /dev/fuse.
+  static nbd_client::Purpose write_purpose(std::size_t length) {
+    constexpr std::size_t large_write_minimum = 128 * 1024;
+    return length >= large_write_minimum ? nbd_client::Purpose::large_write : nbd_client::Purpose::data;
   }
-  // Writes this long go to the large-write connection (--connection-threads writes):
-  // the copy into the socket then overlaps the loop's copy out of /dev/fuse.
-  static constexpr std::size_t large_write_minimum = 128 * 1024;
   // Records a command that ran on `connection`; false when the connection broke
   // under it (never acknowledged), so that it must be issued again.
   bool finished(Operation operation, const nbd_client::Connection& connection,

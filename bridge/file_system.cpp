@@ -247,7 +247,8 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
                       job.length);
       // job.payload keeps job.data (inside the FUSE receive buffer) alive until the server has it.
       std::error_code error;
-      nbd_client::Connection* connection = io_.direct_write_connection(job.offset, job.length, job.durable);
+      nbd_client::Connection* connection =
+          io_.direct_connection(job.offset, job.length, job.durable, BlockIo::write_purpose(job.length));
       if (connection) {
         auto sent = clock::now();
         std::tie(error) = co_await connection->async_pwrite(job.data, job.length, job.offset,

@@ -110,11 +110,7 @@ std::string_view operation_name(Operation operation) {
 
 Statistics::Statistics(std::size_t connections) : connections_(connections) {}
 
-void Statistics::set_connections(std::size_t connections, bool last_is_block_status) {
-  connections_.resize(connections);
-  for (std::size_t index = 0; index < connections; ++index)
-    connections_[index].role = last_is_block_status && index + 1 == connections ? "block_status" : "data";
-}
+void Statistics::set_connections(std::size_t connections) { connections_.resize(connections); }
 
 void Statistics::set_connection_role(std::size_t index, const char* role) {
   if (index < connections_.size()) connections_[index].role = role;

@@ -58,7 +58,7 @@ class Statistics {
 
   // Not on the hot path: resizes the per-connection table, keeping existing counters.
   // last_is_block_status: the pool keeps its last connection for block status only.
-  void set_connections(std::size_t connections, bool last_is_block_status = false);
+  void set_connections(std::size_t connections);  // new ones are "data" until told otherwise
   void set_connection_role(std::size_t index, const char* role);
 
   // FUSE span: from FUSE arrival to FUSE reply.

@@ -33,6 +33,11 @@ void ReadyList::push(PendingCommand* command) {
   tail = command;
 }
 
+PendingCommand* ReadyList::take_all() {
+  tail = nullptr;
+  return std::exchange(head, nullptr);
+}
+
 PendingCommand* ReadyList::pop() {
   PendingCommand* command = head;
   if (command) {
@@ -213,9 +218,7 @@ void Connection::service() {
 void Connection::deliver_ready() {
   if (threaded_) {
     // One post per notify call carries every handler back to the loop thread.
-    PendingCommand* chain = std::exchange(ready_.head, nullptr);
-    ready_.tail = nullptr;
-    if (chain)
+    if (PendingCommand* chain = ready_.take_all())
       asio::post(executor_, [chain] {
         for (PendingCommand* command = chain; command;) {
           PendingCommand* next = command->next_ready;
@@ -414,9 +417,10 @@ void Connection::issue(PendingCommand* command, const CommandRequest& request) {
   command->submitting = true;
   command->ready_list = &ready_;
   // A submission may find the socket broken and fail every command in flight
-  // at once. On a connection thread those handlers are held back until the
-  // connection counts as lost, or the loop could see them fail on a connection
-  // that still looks usable and take the failure for the server's answer.
+  // at once. On a connection thread those handlers (this command's too) are held
+  // back until arm() below has marked the connection lost, or the loop could see
+  // them fail on a connection that still looks usable and take the failure for
+  // the server's answer. On the loop thread the posted handlers run after arm().
   const bool hold_back = threaded_;
   if (hold_back) ready_.collecting = true;
   if (!usable()) {
@@ -442,11 +446,6 @@ void Connection::issue(PendingCommand* command, const CommandRequest& request) {
     });
   }
   command->submitting = false;
-  if (hold_back) ready_.collecting = false;
-  // A failed submission may have found the connection dead: mark it lost before
-  // any handler can ask usable().
-  if ((hold_back || command->first_error) && handle_ && !connecting_) notice_state_change();
-  if (hold_back) deliver_ready();
   if (command->callbacks_outstanding == 0 && !command->finished) {
     command->finished = true;
     command->finish(std::error_code(command->first_error, std::generic_category()));
@@ -455,8 +454,11 @@ void Connection::issue(PendingCommand* command, const CommandRequest& request) {
     command->in_flight_counter = &in_flight_;
   }
   if (command->frees_outstanding == 0) command->destroy();
-  // Sending may have stopped at a full socket; wait for writability if so.
+  if (hold_back) ready_.collecting = false;
+  // Notices a loss first; sending may also have stopped at a full socket, so
+  // this waits for writability if so.
   if (handle_ && !connecting_) arm();
+  if (hold_back) deliver_ready();
 }
 
 std::byte* Connection::zero_buffer() {

@@ -99,11 +99,14 @@ class CommandMemory {
 // connection resumes the waiting handlers right after the call returns, which
 // needs neither a post nor an allocation per command.
 struct ReadyList {
-  bool collecting = false;  // true only inside nbd_aio_notify_* on the loop thread
+  // True inside nbd_aio_notify_*, and inside a submission on a connection thread;
+  // only on the thread that drives the socket.
+  bool collecting = false;
   PendingCommand* head = nullptr;
   PendingCommand* tail = nullptr;
   void push(PendingCommand* command);
   PendingCommand* pop();
+  PendingCommand* take_all();  // the whole queue as a chain through next_ready
 };
 
 // A command in flight, possibly split into several NBD commands (chunks). It is

@@ -84,7 +84,6 @@ asio::awaitable<std::error_code> ConnectionPool::async_connect(const Target& req
       // The status connection goes last, so that data connections are numbered 0..N-1.
       std::rotate(connections_.begin(), connections_.begin() + 1, connections_.end());
       std::rotate(roles_.begin(), roles_.begin() + 1, roles_.end());
-      split_ = true;
     }
   } else {
     co_await open_connections(wanted - 1, Role::data_and_status);

@@ -68,8 +68,6 @@ class ConnectionPool {
   const ExportInfo& info() const { return info_; }
   const std::string& error_message() const { return error_message_; }
   std::size_t size() const { return connections_.size(); }
-  // True when one connection (the last) is kept for block status only.
-  bool has_status_connection() const { return split_; }
   // For statistics: "data", "block_status" or "large_writes".
   const char* role_name(std::size_t index) const;
   // A note on why fewer connections were opened than asked for (empty if none).
@@ -125,8 +123,7 @@ class ConnectionPool {
   // Replaced connections stay alive until close(): callbacks may still name them.
   std::vector<std::unique_ptr<Connection>> retired_;
   std::vector<bool> reconnecting_;
-  std::vector<Role> roles_;  // parallel to connections_
-  bool split_ = false;       // the last connection carries block status, the others data
+  std::vector<Role> roles_;  // parallel to connections_; a block-status connection goes last
   ServerProcess server_;
   std::string error_message_;
   std::string note_;

@@ -277,7 +277,8 @@ TEST_CASE("statistics count operations, bytes, errors and in-flight peaks") {
   CHECK(statistics.connections()[1].commands == 1);
 
   // The pool's block-status connection is the last; its role survives a reset.
-  statistics.set_connections(3, true);
+  statistics.set_connections(3);
+  statistics.set_connection_role(2, "block_status");
   statistics.reset();
   CHECK(std::string(statistics.connections()[0].role) == "data");
   CHECK(std::string(statistics.connections()[2].role) == "block_status");

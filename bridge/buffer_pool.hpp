@@ -1,13 +1,18 @@
 // Reusable I/O buffers in power-of-two size classes, so the steady state does
 // no heap allocation per request. Single-threaded: used only on the loop thread.
+// Buffers of 256 KiB and more live until the pool dies (they are carved from
+// shared chunks); smaller ones beyond keep_per_class go back to the heap.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cstddef>
 #include <cstdlib>
 #include <new>
 #include <utility>
 #include <vector>
+
+#include <sys/mman.h>
 
 namespace bridge {
 
@@ -16,6 +21,13 @@ class BufferPool {
   static constexpr std::size_t smallest = 4096;
   static constexpr std::size_t class_count = 13;  // 4 KiB .. 16 MiB
   static constexpr std::size_t keep_per_class = 128;
+  // Large buffers come from 2 MiB chunks the kernel may back with transparent
+  // huge pages (THP is "madvise" on Debian): a 1 MiB read is copied twice, socket
+  // -> buffer and buffer -> the application's pages, and /dev/fuse pins the
+  // buffer page by page; on one huge page both walk one page-table entry instead
+  // of 256. Smaller buffers stay on 4 KiB pages, so small requests keep RSS low.
+  static constexpr std::size_t huge_page = std::size_t(2) << 20;
+  static constexpr std::size_t chunked_minimum = std::size_t(256) << 10;
 
   // A buffer on loan; returns itself to the pool when destroyed.
   class Lease {
@@ -52,8 +64,10 @@ class BufferPool {
   BufferPool(const BufferPool&) = delete;
   BufferPool& operator=(const BufferPool&) = delete;
   ~BufferPool() {
-    for (auto& list : free_)
-      for (std::byte* buffer : list) std::free(buffer);
+    for (std::size_t index = 0; index < class_count; ++index)
+      if (!chunked(smallest << index))
+        for (std::byte* buffer : free_[index]) std::free(buffer);
+    for (std::byte* chunk : chunks_) std::free(chunk);
   }
 
   Lease acquire(std::size_t size) {
@@ -66,6 +80,7 @@ class BufferPool {
       list.pop_back();
       return Lease(this, buffer, capacity);
     }
+    if (chunked(capacity)) return Lease(this, carve(index), capacity);
     return Lease(this, allocate(capacity), capacity);
   }
 
@@ -83,8 +98,29 @@ class BufferPool {
     return static_cast<std::byte*>(memory);
   }
 
+  static constexpr bool chunked(std::size_t capacity) { return capacity >= chunked_minimum; }
+
+  // A fresh chunk for class index: one buffer of it for the caller, the rest
+  // onto the free list.
+  std::byte* carve(std::size_t index) {
+    const std::size_t capacity = smallest << index;
+    const std::size_t chunk_size = std::max(capacity, huge_page);
+    void* memory = std::aligned_alloc(huge_page, chunk_size);
+    if (!memory) throw std::bad_alloc();
+    // Advice only: without THP the chunk is ordinary memory.
+    madvise(memory, chunk_size, MADV_HUGEPAGE);
+    auto* chunk = static_cast<std::byte*>(memory);
+    chunks_.push_back(chunk);
+    for (std::size_t offset = capacity; offset < chunk_size; offset += capacity) free_[index].push_back(chunk + offset);
+    return chunk;
+  }
+
   void give_back(std::byte* buffer, std::size_t capacity) {
     std::size_t index = class_of(capacity);
+    if (index < class_count && chunked(capacity) && (smallest << index) == capacity) {
+      free_[index].push_back(buffer);
+      return;
+    }
     if (index < class_count && (smallest << index) == capacity && free_[index].size() < keep_per_class) {
       free_[index].push_back(buffer);
       return;
@@ -93,6 +129,7 @@ class BufferPool {
   }
 
   std::array<std::vector<std::byte*>, class_count> free_;
+  std::vector<std::byte*> chunks_;
 };
 
 }  // namespace bridge

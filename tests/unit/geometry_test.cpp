@@ -5,6 +5,8 @@
 
 #include <doctest/doctest.h>
 
+#include <cstdint>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -66,4 +68,22 @@ TEST_CASE("buffer pool reuses buffers of a size class") {
   auto bigger = pool.acquire(4097);
   CHECK(bigger.capacity() == 8192);
   CHECK(bridge::BufferPool::class_of(1 << 20) == 8);
+}
+
+TEST_CASE("buffer pool carves large buffers from huge-page-sized chunks") {
+  bridge::BufferPool pool;
+  auto first = pool.acquire(1 << 20);
+  auto second = pool.acquire(1 << 20);
+  // Two 1 MiB buffers share one 2 MiB chunk, aligned so THP can back it whole.
+  CHECK(reinterpret_cast<std::uintptr_t>(first.data()) % bridge::BufferPool::huge_page == 0);
+  CHECK(second.data() == first.data() + (1 << 20));
+  auto third = pool.acquire(1 << 20);
+  CHECK(reinterpret_cast<std::uintptr_t>(third.data()) % bridge::BufferPool::huge_page == 0);
+  std::byte* second_data = second.data();
+  second.reset();
+  CHECK(pool.acquire(1 << 20).data() == second_data);  // kept, not freed
+  auto larger = pool.acquire(3 << 20);  // 4 MiB class: a chunk of its own
+  CHECK(larger.capacity() == (4u << 20));
+  CHECK(reinterpret_cast<std::uintptr_t>(larger.data()) % bridge::BufferPool::huge_page == 0);
+  std::memset(larger.data(), 1, larger.capacity());
 }

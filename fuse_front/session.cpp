@@ -7,6 +7,7 @@
 #include <sys/uio.h>
 
 #include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <cstdio>
@@ -22,6 +23,34 @@ namespace {
 // libfuse reads up to its bufsize: 256 pages of payload plus one page of header.
 constexpr std::size_t receive_buffer_size = (256 + 1) * 4096;
 constexpr std::size_t kept_buffers = 256;
+// A receive buffer's first bytes (header and small payloads) lie on ordinary
+// pages, the rest on a 2 MiB region advised for transparent huge pages. A large
+// WRITE's payload is then copied in by /dev/fuse and out by send() through one
+// page-table entry, and /dev/fuse pins one folio instead of 256 (gup_fast and
+// unpin were 12% of the loop's samples in 1 MiB writes); a 4 KiB WRITE touches
+// only the ordinary pages, so depth-64 small requests cost no huge pages.
+constexpr std::size_t huge_page = std::size_t(2) << 20;
+constexpr std::size_t small_head = 16 * 1024;
+constexpr std::size_t receive_slot_size = small_head + huge_page;
+static_assert(receive_buffer_size <= receive_slot_size);
+
+std::byte* map_receive_slot() {
+  // Over-map by a huge page so that an aligned one fits, then trim both ends.
+  const std::size_t mapped = receive_slot_size + huge_page;
+  void* memory = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (memory == MAP_FAILED) throw std::bad_alloc();
+  auto base = reinterpret_cast<std::uintptr_t>(memory);
+  std::uintptr_t aligned = (base + small_head + huge_page - 1) & ~(huge_page - 1);
+  std::uintptr_t start = aligned - small_head;
+  if (start > base) munmap(memory, start - base);
+  std::uintptr_t end = start + receive_slot_size;
+  if (end < base + mapped) munmap(reinterpret_cast<void*>(end), base + mapped - end);
+  // Advice only: without THP the slot is ordinary memory.
+  madvise(reinterpret_cast<void*>(aligned), huge_page, MADV_HUGEPAGE);
+  return reinterpret_cast<std::byte*>(start);
+}
+
+void unmap_receive_slot(std::byte* buffer) { munmap(buffer, receive_slot_size); }
 // Bounded so one busy /dev/fuse cannot starve the NBD side of the loop.
 constexpr int requests_per_wakeup = 64;
 
@@ -54,7 +83,7 @@ Session::~Session() {
   unmount();
   if (descriptor_.is_open()) descriptor_.release();  // libfuse owns and closes the fd
   if (session_) fuse_session_destroy(session_);
-  for (std::byte* buffer : free_buffers_) std::free(buffer);
+  for (std::byte* buffer : free_buffers_) unmap_receive_slot(buffer);
 }
 
 namespace {
@@ -221,16 +250,14 @@ std::byte* Session::take_buffer() {
     free_buffers_.pop_back();
     return buffer;
   }
-  void* memory = std::aligned_alloc(4096, buffer_size_);
-  if (!memory) throw std::bad_alloc();
-  return static_cast<std::byte*>(memory);
+  return map_receive_slot();
 }
 
 void Session::give_back(std::byte* buffer) {
   if (free_buffers_.size() < kept_buffers) {
     free_buffers_.push_back(buffer);
   } else {
-    std::free(buffer);
+    unmap_receive_slot(buffer);
   }
 }
 

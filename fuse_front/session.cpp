@@ -32,6 +32,9 @@ constexpr std::size_t kept_buffers = 256;
 constexpr std::size_t huge_page = std::size_t(2) << 20;
 constexpr std::size_t small_head = 16 * 1024;
 constexpr std::size_t receive_slot_size = small_head + huge_page;
+// Free buffers kept with their huge page resident: enough for 1 MiB writes at
+// depth 8-16 to reuse warm ones; beyond that the page goes back to the kernel.
+constexpr std::size_t kept_resident_buffers = 16;
 static_assert(receive_buffer_size <= receive_slot_size);
 
 std::byte* map_receive_slot() {
@@ -51,6 +54,8 @@ std::byte* map_receive_slot() {
 }
 
 void unmap_receive_slot(std::byte* buffer) { munmap(buffer, receive_slot_size); }
+
+void release_payload_region(std::byte* buffer) { madvise(buffer + small_head, huge_page, MADV_DONTNEED); }
 // Bounded so one busy /dev/fuse cannot starve the NBD side of the loop.
 constexpr int requests_per_wakeup = 64;
 
@@ -59,19 +64,22 @@ Session* patching_session = nullptr;
 }  // namespace
 
 RequestBuffer::RequestBuffer(RequestBuffer&& other) noexcept
-    : session_(std::exchange(other.session_, nullptr)), data_(std::exchange(other.data_, nullptr)) {}
+    : session_(std::exchange(other.session_, nullptr)),
+      data_(std::exchange(other.data_, nullptr)),
+      payload_resident_(std::exchange(other.payload_resident_, false)) {}
 
 RequestBuffer& RequestBuffer::operator=(RequestBuffer&& other) noexcept {
   if (this != &other) {
-    if (data_) session_->give_back(data_);
+    if (data_) session_->give_back(data_, payload_resident_);
     session_ = std::exchange(other.session_, nullptr);
     data_ = std::exchange(other.data_, nullptr);
+    payload_resident_ = std::exchange(other.payload_resident_, false);
   }
   return *this;
 }
 
 RequestBuffer::~RequestBuffer() {
-  if (data_) session_->give_back(data_);
+  if (data_) session_->give_back(data_, payload_resident_);
 }
 
 Session::Session(asio::any_io_executor executor, const fuse_lowlevel_ops& operations, void* user_data)
@@ -84,6 +92,7 @@ Session::~Session() {
   if (descriptor_.is_open()) descriptor_.release();  // libfuse owns and closes the fd
   if (session_) fuse_session_destroy(session_);
   for (std::byte* buffer : free_buffers_) unmap_receive_slot(buffer);
+  for (std::byte* buffer : free_resident_buffers_) unmap_receive_slot(buffer);
 }
 
 namespace {
@@ -197,30 +206,32 @@ void Session::receive() {
       asio::post(descriptor_.get_executor(), [this] { receive(); });
       return;
     }
-    std::byte* buffer = take_buffer();
+    bool resident = false;
+    std::byte* buffer = take_buffer(resident);
     fuse_buf request{};
     request.mem = buffer;
     request.size = buffer_size_;
     int result = fuse_session_receive_buf(session_, &request);
     if (result == -EINTR) {
-      give_back(buffer);
+      give_back(buffer, resident);
       continue;
     }
     if (result == -EAGAIN) {
-      give_back(buffer);
+      give_back(buffer, resident);
       break;
     }
     if (result <= 0) {
       // 0: unmounted (ENODEV); other errors leave nothing to serve either.
-      give_back(buffer);
+      give_back(buffer, resident);
       receiving_ = false;
       mounted_ = false;  // the kernel has already let go of the mount
       if (on_ended_) std::exchange(on_ended_, nullptr)();
       return;
     }
     current_buffer_ = buffer;
+    current_resident_ = resident || std::size_t(result) > small_head;
     fuse_session_process_buf(session_, &request);
-    if (current_buffer_) give_back(std::exchange(current_buffer_, nullptr));
+    if (current_buffer_) give_back(std::exchange(current_buffer_, nullptr), current_resident_);
   }
   wait_readable();
 }
@@ -242,18 +253,31 @@ void Session::patch_reply(struct iovec* parts, int count) {
   if (header->error == 0) static_cast<fuse_open_out*>(parts[1].iov_base)->open_flags |= extra_open_flags;
 }
 
-RequestBuffer Session::claim_request_buffer() { return RequestBuffer(this, std::exchange(current_buffer_, nullptr)); }
+RequestBuffer Session::claim_request_buffer() {
+  return RequestBuffer(this, std::exchange(current_buffer_, nullptr), current_resident_);
+}
 
-std::byte* Session::take_buffer() {
-  if (!free_buffers_.empty()) {
-    std::byte* buffer = free_buffers_.back();
-    free_buffers_.pop_back();
+// Warm buffers first: a large WRITE then lands on a huge page already mapped.
+std::byte* Session::take_buffer(bool& payload_resident) {
+  for (auto* list : {&free_resident_buffers_, &free_buffers_}) {
+    if (list->empty()) continue;
+    payload_resident = list == &free_resident_buffers_;
+    std::byte* buffer = list->back();
+    list->pop_back();
     return buffer;
   }
+  payload_resident = false;
   return map_receive_slot();
 }
 
-void Session::give_back(std::byte* buffer) {
+void Session::give_back(std::byte* buffer, bool payload_resident) {
+  if (payload_resident) {
+    if (free_resident_buffers_.size() < kept_resident_buffers) {
+      free_resident_buffers_.push_back(buffer);
+      return;
+    }
+    release_payload_region(buffer);
+  }
   if (free_buffers_.size() < kept_buffers) {
     free_buffers_.push_back(buffer);
   } else {

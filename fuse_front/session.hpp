@@ -31,10 +31,13 @@ namespace fuse_front {
 class Session;
 
 // Owns one receive buffer; gives it back to its session's free list when destroyed.
+// payload_resident: the buffer's huge-page region has been written to (a large
+// request used it), so it holds memory until released.
 class RequestBuffer {
  public:
   RequestBuffer() = default;
-  RequestBuffer(Session* session, std::byte* data) : session_(session), data_(data) {}
+  RequestBuffer(Session* session, std::byte* data, bool payload_resident)
+      : session_(session), data_(data), payload_resident_(payload_resident) {}
   RequestBuffer(RequestBuffer&& other) noexcept;
   RequestBuffer& operator=(RequestBuffer&& other) noexcept;
   ~RequestBuffer();
@@ -44,6 +47,7 @@ class RequestBuffer {
  private:
   Session* session_ = nullptr;
   std::byte* data_ = nullptr;
+  bool payload_resident_ = false;
 };
 
 class Session {
@@ -78,8 +82,8 @@ class Session {
   friend class RequestBuffer;
   void wait_readable();
   void receive();
-  std::byte* take_buffer();
-  void give_back(std::byte* buffer);
+  std::byte* take_buffer(bool& payload_resident);
+  void give_back(std::byte* buffer, bool payload_resident);
   void patch_reply(struct iovec* parts, int count);
 
   asio::posix::stream_descriptor descriptor_;
@@ -91,8 +95,13 @@ class Session {
   bool receiving_ = false;
   std::function<void()> on_ended_;
   std::size_t buffer_size_ = 0;
+  // Free receive buffers whose huge-page region is untouched, and those where a
+  // large request left it resident (bounded, so a burst of large writes does
+  // not keep its memory).
   std::vector<std::byte*> free_buffers_;
+  std::vector<std::byte*> free_resident_buffers_;
   std::byte* current_buffer_ = nullptr;
+  bool current_resident_ = false;
   // Read by the writev hook, which also runs on the reply worker's thread.
   std::atomic<std::uint32_t> extra_open_flags_{0};
   ReplyWorker reply_worker_;

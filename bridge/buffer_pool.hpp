@@ -1,7 +1,9 @@
 // Reusable I/O buffers in power-of-two size classes, so the steady state does
 // no heap allocation per request. Single-threaded: used only on the loop thread.
 // Buffers of 256 KiB and more live until the pool dies (they are carved from
-// shared chunks); smaller ones beyond keep_per_class go back to the heap.
+// shared chunks), but past kept_resident_bytes per size class a returned one
+// gives its memory back to the kernel; smaller ones beyond keep_per_class go
+// back to the heap.
 #pragma once
 
 #include <algorithm>
@@ -28,6 +30,9 @@ class BufferPool {
   // of 256. Smaller buffers stay on 4 KiB pages, so small requests keep RSS low.
   static constexpr std::size_t huge_page = std::size_t(2) << 20;
   static constexpr std::size_t chunked_minimum = std::size_t(256) << 10;
+  // Free large buffers kept with their memory, per size class: enough for 1 MiB
+  // reads at depth 8-16; a burst deeper than that does not keep its memory.
+  static constexpr std::size_t kept_resident_bytes = std::size_t(16) << 20;
 
   // A buffer on loan; returns itself to the pool when destroyed.
   class Lease {
@@ -75,13 +80,22 @@ class BufferPool {
     if (index >= class_count) return Lease(this, allocate(size), size);
     std::size_t capacity = smallest << index;
     auto& list = free_[index];
-    if (!list.empty()) {
-      std::byte* buffer = list.back();
-      list.pop_back();
+    for (auto* candidates : {&list, &released_[index]}) {
+      if (candidates->empty()) continue;
+      std::byte* buffer = candidates->back();
+      candidates->pop_back();
       return Lease(this, buffer, capacity);
     }
     if (chunked(capacity)) return Lease(this, carve(index), capacity);
     return Lease(this, allocate(capacity), capacity);
+  }
+
+  // Bytes of free large buffers that still hold memory (for tests).
+  std::size_t resident_free_bytes() const {
+    std::size_t bytes = 0;
+    for (std::size_t index = class_of(chunked_minimum); index < class_count; ++index)
+      bytes += free_[index].size() * (smallest << index);
+    return bytes;
   }
 
   static constexpr std::size_t class_of(std::size_t size) {
@@ -118,7 +132,12 @@ class BufferPool {
   void give_back(std::byte* buffer, std::size_t capacity) {
     std::size_t index = class_of(capacity);
     if (index < class_count && chunked(capacity) && (smallest << index) == capacity) {
-      free_[index].push_back(buffer);
+      if ((free_[index].size() + 1) * capacity <= std::max(kept_resident_bytes, capacity)) {
+        free_[index].push_back(buffer);
+      } else {
+        madvise(buffer, capacity, MADV_DONTNEED);
+        released_[index].push_back(buffer);
+      }
       return;
     }
     if (index < class_count && (smallest << index) == capacity && free_[index].size() < keep_per_class) {
@@ -129,6 +148,8 @@ class BufferPool {
   }
 
   std::array<std::vector<std::byte*>, class_count> free_;
+  // Large buffers whose memory went back to the kernel: used after free_.
+  std::array<std::vector<std::byte*>, class_count> released_;
   std::vector<std::byte*> chunks_;
 };
 

@@ -87,3 +87,29 @@ TEST_CASE("buffer pool carves large buffers from huge-page-sized chunks") {
   CHECK(reinterpret_cast<std::uintptr_t>(larger.data()) % bridge::BufferPool::huge_page == 0);
   std::memset(larger.data(), 1, larger.capacity());
 }
+
+TEST_CASE("buffer pool keeps the memory of a bounded number of free large buffers") {
+  bridge::BufferPool pool;
+  constexpr std::size_t count = 40;
+  std::vector<bridge::BufferPool::Lease> leases;
+  for (std::size_t i = 0; i < count; ++i) {
+    leases.push_back(pool.acquire(1 << 20));
+    std::memset(leases.back().data(), int(i), 1 << 20);
+  }
+  std::byte* last = leases.back().data();
+  leases.clear();  // returns them in order: the first 16 MiB stay resident
+  CHECK(pool.resident_free_bytes() == bridge::BufferPool::kept_resident_bytes);
+  auto again = pool.acquire(1 << 20);
+  CHECK(again.data() != last);  // a resident one comes first, not a released one
+  // A released buffer is still usable memory (zero-filled by the kernel).
+  std::vector<bridge::BufferPool::Lease> all;
+  for (std::size_t i = 0; i < count; ++i) all.push_back(pool.acquire(1 << 20));
+  bool found_last = false;
+  for (auto& lease : all) {
+    if (lease.data() != last) continue;
+    found_last = true;
+    CHECK(lease.data()[0] == std::byte{0});
+    std::memset(lease.data(), 7, 1 << 20);
+  }
+  CHECK(found_last);
+}

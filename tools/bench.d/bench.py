@@ -318,10 +318,17 @@ class FioHung(BenchError):
     """fio outlived its deadline: the subject stopped answering."""
 
 
+# With --fio-processes, fio runs its job as a process (as shared/bench/compare.sh does).
+FIO_AS_PROCESSES = False
+
+
 def fio_argv(workload, runtime, subject, target, output):
     # --thread: one fio process, so that `timeout` can end all of it (fio's job processes
-    # would be session leaders of their own, out of reach of a process-group kill).
-    argv = ["fio", "--thread", f"--name={workload.name}", f"--rw={workload.rw}",
+    # are session leaders of their own, out of reach of a process-group kill) and the job
+    # shares the bench's scheduler autogroup. --fio-processes drops it: the job then runs in
+    # an autogroup of its own, which moves the results (README, "Performance").
+    threading = [] if FIO_AS_PROCESSES else ["--thread"]
+    argv = ["fio", *threading, f"--name={workload.name}", f"--rw={workload.rw}",
             f"--bs={workload.bs}", f"--iodepth={workload.iodepth}", f"--runtime={runtime}",
             "--time_based=1", "--output-format=json", f"--output={output}"]
     if subject == "nbd":
@@ -349,6 +356,11 @@ def run_fio(argv, runtime, output, messages_path):
                 proc.kill()
                 proc.wait()
             raise
+        finally:
+            if FIO_AS_PROCESSES:
+                # A job process outside fio's process group that outlived fio.
+                subprocess.run(["pkill", "-KILL", "-f", f"--output={output}"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, check=False)
     messages = summarise_messages(Path(messages_path).read_text(errors="replace"))
     if returncode in (124, 137, -signal.SIGKILL):  # timed out (and maybe killed)
         raise FioHung(f"fio hung: still running {deadline}s into a {runtime}s run"
@@ -645,6 +657,8 @@ def table(config, summary, ratio):
         warmup += ", export written once before each mount"
     if config.get("separate_sessions"):
         warmup += ", server and subjects in sessions of their own"
+    if config.get("fio_processes"):
+        warmup += ", fio jobs as processes"
     rows.append(f"median of {rounds} round{'s' * (rounds > 1)} x {config['runtime']} s per workload{warmup}; "
                 "4k workloads in IOPS (read+write), 1M workloads in MiB/s")
     header = f"{'workload':<8} {'unit':<6}" + "".join(f"{s:>{width}}" for s in subjects)
@@ -764,6 +778,9 @@ def parse_args():
     p.add_argument("--separate-sessions", action="store_true",
                    help="start the server and each subject in a session of its own (with scheduler "
                         "autogroups: a CPU share each) instead of in the bench's session")
+    p.add_argument("--fio-processes", action="store_true",
+                   help="run fio's job as a process, as shared/bench/compare.sh does, instead of a "
+                        "thread (fio then puts it in a session, hence a scheduler autogroup, of its own)")
     p.add_argument("--prefill", action="store_true",
                    help="write the whole export once (fio nbd engine, 1 MiB) before each subject mounts it")
     p.add_argument("--warmup", type=int, default=0,
@@ -789,6 +806,9 @@ def parse_args():
         p.error("--warmup must not be negative")
     if args.separate_sessions:
         Child.grouping = {"start_new_session": True}
+    if args.fio_processes:
+        global FIO_AS_PROCESSES
+        FIO_AS_PROCESSES = True
     args.subjects = pick(p, "subject", args.subjects, SUBJECTS + OPTIONAL_SUBJECTS)
     args.workloads = [WORKLOAD_BY_NAME[n] for n in pick(p, "workload", args.workloads,
                                                          WORKLOAD_BY_NAME)]
@@ -878,11 +898,12 @@ def main():
     dirs["work"] = work
 
     config = {"rounds": args.rounds, "runtime": args.runtime, "warmup": args.warmup, "prefill": args.prefill,
-              "separate_sessions": args.separate_sessions,
+              "separate_sessions": args.separate_sessions, "fio_processes": args.fio_processes,
               "subjects": args.subjects, "workloads": args.workloads}
     meta = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
             "rounds": args.rounds, "runtime_s": args.runtime, "warmup_s": args.warmup,
             "prefilled": args.prefill, "separate_sessions": args.separate_sessions,
+            "fio_processes": args.fio_processes,
             "subjects": args.subjects,
             "workloads": {w.name: {"description": w.description, "unit": w.unit}
                           for w in args.workloads},

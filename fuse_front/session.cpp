@@ -23,6 +23,9 @@ namespace {
 // libfuse reads up to its bufsize: 256 pages of payload plus one page of header.
 constexpr std::size_t receive_buffer_size = (256 + 1) * 4096;
 constexpr std::size_t kept_buffers = 256;
+// Bounded so one busy /dev/fuse cannot starve the NBD side of the loop.
+constexpr int requests_per_wakeup = 64;
+
 // A receive buffer's first bytes (header and small payloads) lie on ordinary
 // pages, the rest on a 2 MiB region advised for transparent huge pages. A large
 // WRITE's payload is then copied in by /dev/fuse and out by send() through one
@@ -56,8 +59,6 @@ std::byte* map_receive_slot() {
 void unmap_receive_slot(std::byte* buffer) { munmap(buffer, receive_slot_size); }
 
 void release_payload_region(std::byte* buffer) { madvise(buffer + small_head, huge_page, MADV_DONTNEED); }
-// Bounded so one busy /dev/fuse cannot starve the NBD side of the loop.
-constexpr int requests_per_wakeup = 64;
 
 Session* patching_session = nullptr;
 

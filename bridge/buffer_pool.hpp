@@ -131,20 +131,20 @@ class BufferPool {
 
   void give_back(std::byte* buffer, std::size_t capacity) {
     std::size_t index = class_of(capacity);
-    if (index < class_count && chunked(capacity) && (smallest << index) == capacity) {
-      if ((free_[index].size() + 1) * capacity <= std::max(kept_resident_bytes, capacity)) {
-        free_[index].push_back(buffer);
-      } else {
-        madvise(buffer, capacity, MADV_DONTNEED);
-        released_[index].push_back(buffer);
-      }
+    if (index >= class_count || (smallest << index) != capacity) {
+      std::free(buffer);  // an odd size, larger than every class
       return;
     }
-    if (index < class_count && (smallest << index) == capacity && free_[index].size() < keep_per_class) {
-      free_[index].push_back(buffer);
-      return;
+    auto& list = free_[index];
+    if (!chunked(capacity)) {
+      if (list.size() < keep_per_class) list.push_back(buffer);
+      else std::free(buffer);
+    } else if ((list.size() + 1) * capacity <= std::max(kept_resident_bytes, capacity)) {
+      list.push_back(buffer);
+    } else {
+      madvise(buffer, capacity, MADV_DONTNEED);  // a piece of a chunk: never freed alone
+      released_[index].push_back(buffer);
     }
-    std::free(buffer);
   }
 
   std::array<std::vector<std::byte*>, class_count> free_;

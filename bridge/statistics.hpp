@@ -57,7 +57,6 @@ class Statistics {
   explicit Statistics(std::size_t connections = 1);
 
   // Not on the hot path: resizes the per-connection table, keeping existing counters.
-  // last_is_block_status: the pool keeps its last connection for block status only.
   void set_connections(std::size_t connections);  // new ones are "data" until told otherwise
   void set_connection_role(std::size_t index, const char* role);
 

@@ -263,7 +263,7 @@ bool ConnectionPool::start_reconnect(std::size_t index) {
 }
 
 asio::awaitable<Connection*> ConnectionPool::usable_connection(Purpose purpose) {
-  if (purpose == Purpose::large_write) purpose = Purpose::data;  // waiting: any data connection will do
+  purpose = fallback(purpose);  // waiting: any data connection will do
   bool tried_once = false;
   auto waiting_since = clock::now();
   std::size_t first = 0;  // the first connection serving purpose: the one to revive
@@ -311,13 +311,13 @@ Connection* ConnectionPool::least_loaded_usable(Purpose purpose) {
     if (!serves(index, purpose) || !connection->usable()) continue;
     if (!best || connection->in_flight() < best->in_flight()) best = connection;
   }
-  if (!best && purpose == Purpose::large_write) return least_loaded_usable(Purpose::data);
+  if (!best && fallback(purpose) != purpose) return least_loaded_usable(fallback(purpose));
   return best;
 }
 
 Connection& ConnectionPool::pick(Purpose purpose) {
   if (Connection* best = least_loaded_usable(purpose)) return *best;
-  if (purpose == Purpose::large_write) purpose = Purpose::data;
+  purpose = fallback(purpose);
   for (std::size_t index = 0; index < connections_.size(); ++index)
     if (serves(index, purpose)) return *connections_[index];
   return *connections_.front();

@@ -99,6 +99,8 @@ class ConnectionPool {
  private:
   enum class Role { data_and_status, data, status, large_writes };
   bool serves(std::size_t index, Purpose purpose) const;
+  // Where a command goes when no connection serves its purpose: large writes to data.
+  static Purpose fallback(Purpose purpose) { return purpose == Purpose::large_write ? Purpose::data : purpose; }
   std::string describe(std::size_t index) const;
   bool any_usable(Purpose purpose = Purpose::data) const;
   ConnectOptions options_for(Role role) const;

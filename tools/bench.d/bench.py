@@ -318,16 +318,12 @@ class FioHung(BenchError):
     """fio outlived its deadline: the subject stopped answering."""
 
 
-# With --fio-processes, fio runs its job as a process (as shared/bench/compare.sh does).
-FIO_AS_PROCESSES = False
-
-
-def fio_argv(workload, runtime, subject, target, output):
+def fio_argv(workload, runtime, subject, target, output, as_processes=False):
     # --thread: one fio process, so that `timeout` can end all of it (fio's job processes
     # are session leaders of their own, out of reach of a process-group kill) and the job
     # shares the bench's scheduler autogroup. --fio-processes drops it: the job then runs in
     # an autogroup of its own, which moves the results (README, "Performance").
-    threading = [] if FIO_AS_PROCESSES else ["--thread"]
+    threading = [] if as_processes else ["--thread"]
     argv = ["fio", *threading, f"--name={workload.name}", f"--rw={workload.rw}",
             f"--bs={workload.bs}", f"--iodepth={workload.iodepth}", f"--runtime={runtime}",
             "--time_based=1", "--output-format=json", f"--output={output}"]
@@ -357,7 +353,7 @@ def run_fio(argv, runtime, output, messages_path):
                 proc.wait()
             raise
         finally:
-            if FIO_AS_PROCESSES:
+            if "--thread" not in argv:
                 # A job process outside fio's process group that outlived fio.
                 subprocess.run(["pkill", "-KILL", "-f", f"--output={output}"], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, check=False)
@@ -498,9 +494,10 @@ def measure_workload(workload, subject, server, mount, tag, config, dirs):
         # Unmeasured: on a fresh nbdkit memory export the first writes to each page
         # cost the server an allocation, and FUSE subjects ramp up for seconds.
         warm_output = f"{dirs['fio']}/{tag}-{workload.name}-warmup.json"
-        run_fio(fio_argv(workload, config["warmup"], subject, target, warm_output), config["warmup"],
+        run_fio(fio_argv(workload, config["warmup"], subject, target, warm_output, config["fio_processes"]),
+                config["warmup"],
                 warm_output, f"{dirs['fio']}/{tag}-{workload.name}-warmup.log")
-    argv = fio_argv(workload, config["runtime"], subject, target, output)
+    argv = fio_argv(workload, config["runtime"], subject, target, output, config["fio_processes"])
     pid = mount.pid if mount else None
     cpu_before = cpu_ticks(pid) if pid else None
     server_before = cpu_ticks(server.child.pid)
@@ -571,7 +568,8 @@ def count_allocations(config, dirs, runtime):
         mount = Mount("bridge", argv, server, run_dir, dirs["logs"], "alloc", wrapped=True)
         cleanup.callback(mount.stop)
         output = f"{dirs['fio']}/alloc-{workload.name}.json"
-        job = run_fio(fio_argv(workload, runtime, "bridge", mount.file, output), runtime, output,
+        job = run_fio(fio_argv(workload, runtime, "bridge", mount.file, output, config["fio_processes"]),
+                      runtime, output,
                       f"{dirs['fio']}/alloc-{workload.name}.log")
         result["requests"] = measure(workload, job)["ios"]
     files = sorted(Path(run_dir).glob("heaptrack*"))
@@ -806,9 +804,6 @@ def parse_args():
         p.error("--warmup must not be negative")
     if args.separate_sessions:
         Child.grouping = {"start_new_session": True}
-    if args.fio_processes:
-        global FIO_AS_PROCESSES
-        FIO_AS_PROCESSES = True
     args.subjects = pick(p, "subject", args.subjects, SUBJECTS + OPTIONAL_SUBJECTS)
     args.workloads = [WORKLOAD_BY_NAME[n] for n in pick(p, "workload", args.workloads,
                                                          WORKLOAD_BY_NAME)]

@@ -3,6 +3,7 @@
 #include "nbd_client/connection.hpp"
 #include "nbd_client/libnbd_error.hpp"
 #include "nbd_client/request_split.hpp"
+#include "nbd_client/socket_batching.hpp"
 
 #include <asio/redirect_error.hpp>
 #include <asio/use_awaitable.hpp>
@@ -154,6 +155,9 @@ void Connection::arm() {
   bind_descriptor(nbd_aio_get_fd(handle_));
   if (bound_fd_ < 0) return;
   unsigned direction = nbd_aio_get_direction(handle_);
+  // Bytes held back from a MSG_MORE send belong on the wire even when libnbd,
+  // which counts them sent, no longer asks to write.
+  if (batched_ && !socket_batching::flush(bound_fd_)) direction |= LIBNBD_AIO_DIRECTION_WRITE;
   if ((direction & LIBNBD_AIO_DIRECTION_READ) && !read_armed_) {
     read_armed_ = true;
     descriptor_.async_wait(asio::posix::descriptor_base::wait_read, [this](std::error_code error) {
@@ -184,12 +188,22 @@ void Connection::service() {
   for (int round = 0; round < rounds_per_wakeup; ++round) {
     if (!handle_ || lost_ || bound_fd_ < 0) return;
     unsigned direction = nbd_aio_get_direction(handle_);
-    pollfd ready{bound_fd_, short(((direction & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
-                                  ((direction & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0)),
-                 0};
-    int polled = ::poll(&ready, 1, 0);
-    bool readable = polled > 0 && (ready.revents & (POLLIN | POLLHUP | POLLERR));
-    bool writable = polled > 0 && (ready.revents & POLLOUT);
+    if (batched_) socket_batching::flush(bound_fd_);  // held bytes first; arm() waits if they stay
+    bool readable = false;
+    bool writable = false;
+    if (batched_ && direction == LIBNBD_AIO_DIRECTION_READ) {
+      // Reading ahead answers "is there a reply?" and fetches it in one call.
+      readable = socket_batching::buffered_input(bound_fd_) > 0 ||
+                 socket_batching::fill(bound_fd_) != socket_batching::Fill::empty;
+    } else {
+      pollfd ready{bound_fd_, short(((direction & LIBNBD_AIO_DIRECTION_READ) ? POLLIN : 0) |
+                                    ((direction & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0)),
+                   0};
+      int polled = ::poll(&ready, 1, 0);
+      readable = (polled > 0 && (ready.revents & (POLLIN | POLLHUP | POLLERR))) ||
+                 (batched_ && (direction & LIBNBD_AIO_DIRECTION_READ) && socket_batching::buffered_input(bound_fd_) > 0);
+      writable = polled > 0 && (ready.revents & POLLOUT);
+    }
     // TLS may hold decrypted replies that poll() cannot see. Reading once more is
     // safe only with no paused write (direction READ alone) and replies owed.
     if (!readable && !writable && tls_ && !speculated && direction == LIBNBD_AIO_DIRECTION_READ &&
@@ -320,6 +334,7 @@ asio::awaitable<std::error_code> Connection::async_connect(const Target& target,
   enlarge_socket_buffers();
   established_ = true;
   tls_ = nbd_get_tls_negotiated(handle_) == 1;
+  batched_ = options.batch_socket && !tls_ && socket_batching::attach(nbd_aio_get_fd(handle_));
   if (options.readonly) info_.read_only = true;
   if (options.own_thread) start_thread();
   else arm();

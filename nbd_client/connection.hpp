@@ -63,6 +63,8 @@ struct ConnectOptions {
   std::chrono::milliseconds timeout = std::chrono::seconds(30);
   // Drive the socket from a thread of its own once connected (--connection-threads).
   bool own_thread = false;
+  // Fewer recv()/send() calls per command (--socket-batching); not with TLS.
+  bool batch_socket = true;
 };
 
 class PendingCommand;
@@ -312,6 +314,9 @@ class Connection {
   std::atomic<bool> lost_{false};
   bool established_ = false;  // negotiated and ready once; stays true after a loss
   bool tls_ = false;
+  // Reads ahead and joins sends on the socket (socket_batching.hpp): plain sockets
+  // only, since TLS records are read by GnuTLS and poll() cannot see its buffer.
+  bool batched_ = false;
   asio::steady_timer connect_wakeup_;
   ExportInfo info_;
   std::atomic<std::size_t> in_flight_{0};

@@ -72,6 +72,11 @@ void setup(CLI::App& app, Options& options) {
                  "structured (one kind of connection), simple (fastest reads; no SEEK_DATA/SEEK_HOLE or "
                  "allocation from the server)")
       ->check(CLI::IsMember({"auto", "structured", "simple"}));
+  app.add_option("--socket-batching", options.socket_batching,
+                 "on (default): read ahead from the NBD socket and send a write's header with its payload, "
+                 "so libnbd makes fewer recv()/send() calls per command; off: libnbd's own calls (TLS "
+                 "connections always)")
+      ->check(CLI::IsMember({"on", "off"}));
   app.add_option("--retry-timeout", options.retry_timeout_seconds,
                  "seconds to keep reconnecting to a lost server while requests wait (default 60; 0: fail at once)")
       ->check(CLI::NonNegativeNumber);

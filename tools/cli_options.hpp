@@ -30,6 +30,7 @@ struct Options {
   double shutdown_timeout_seconds = 10;
   std::string connections = "auto";          // -C N or auto; used when the server allows multi-conn
   std::string replies = "auto";              // --replies auto|structured|simple
+  std::string socket_batching = "on";        // --socket-batching on|off
   bool list = false;                         // --list TARGET: print exports and exit
   double retry_timeout_seconds = 60;         // 0: no reconnect, fail at once
   double request_timeout_seconds = 0;        // 0: unbounded

@@ -165,6 +165,7 @@ class Bridge {
     nbd_client::PoolOptions pool_options;
     pool_options.connect.readonly = options_.readonly;
     pool_options.connect.timeout = to_duration(options_.connect_timeout_seconds);
+    pool_options.connect.batch_socket = options_.socket_batching == "on";
     pool_options.threads = options_.connection_threads == "all"      ? nbd_client::ThreadMode::all
                            : options_.connection_threads == "writes" ? nbd_client::ThreadMode::large_writes
                                                                      : nbd_client::ThreadMode::none;

@@ -137,6 +137,7 @@ def test_usage_errors():
                      [mp],                                 # no target
                      ["--no-such-option", mp, srv.uri],
                      ["--cache=bogus", mp, srv.uri],
+                     ["--socket-batching=maybe", mp, srv.uri],
                      [mp, "[", "nbdkit", "memory", "1M"],  # unterminated [
                      [mp, "[", "]"],                       # empty command
                      [mp, "--tcp", "127.0.0.1"],           # missing port

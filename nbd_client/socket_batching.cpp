@@ -1,0 +1,210 @@
+// recv()/send()/close() for the whole process, batching on attached sockets (see
+// socket_batching.hpp). The executable's definitions take precedence over the C
+// library's for libnbd's calls, since libnbd imports them from the global scope.
+// Per socket state is reached through a fixed table indexed by descriptor; only the
+// thread driving that socket touches its state.
+#undef _FORTIFY_SOURCE  // the fortified headers define recv() inline
+#include "nbd_client/socket_batching.hpp"
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+namespace nbd_client::socket_batching {
+
+namespace {
+
+struct SocketState {
+  std::unique_ptr<std::byte[]> input{new std::byte[input_capacity]};
+  std::size_t input_begin = 0;
+  std::size_t input_end = 0;
+  // What the socket reported while fill() read ahead: handed to libnbd once the
+  // buffered bytes before it are consumed, as its own recv() would have seen it.
+  bool input_ended = false;
+  int input_error = 0;
+  // Bytes libnbd was told were sent (a MSG_MORE send) that are still ours to write.
+  std::vector<std::byte> output;
+  std::size_t output_sent = 0;
+  // libnbd is part way through a large payload: its next recv() reads straight
+  // into its buffer, so fill() only looks (MSG_PEEK) instead of reading ahead,
+  // which would copy the payload twice.
+  bool inside_large_payload = false;
+
+  std::size_t buffered() const { return input_end - input_begin; }
+  std::size_t held() const { return output.size() - output_sent; }
+};
+
+// NBD sockets are among a process's first descriptors; a socket numbered past the
+// table simply goes unbatched.
+constexpr int table_size = 4096;
+std::atomic<SocketState*> table[table_size];
+
+SocketState* state_of(int fd) {
+  if (fd < 0 || fd >= table_size) return nullptr;
+  return table[fd].load(std::memory_order_acquire);
+}
+
+void forget(int fd) {
+  if (fd < 0 || fd >= table_size) return;
+  delete table[fd].exchange(nullptr, std::memory_order_acq_rel);
+}
+
+std::size_t take_buffered(SocketState& state, void* buffer, std::size_t length) {
+  std::size_t count = std::min(length, state.buffered());
+  std::memcpy(buffer, state.input.get() + state.input_begin, count);
+  state.input_begin += count;
+  if (state.input_begin == state.input_end) state.input_begin = state.input_end = 0;
+  return count;
+}
+
+// Sends held bytes, then `length` bytes of `data`, in one call. Returns how many
+// of `data`'s bytes went out; -1 with errno when none did (EAGAIN if only the held
+// bytes moved, so libnbd retries the same data once the socket drains).
+ssize_t send_joined(int fd, SocketState& state, const void* data, std::size_t length, int flags) {
+  iovec parts[2];
+  int count = 0;
+  if (state.held()) parts[count++] = {state.output.data() + state.output_sent, state.held()};
+  if (length) parts[count++] = {const_cast<void*>(data), length};
+  msghdr message{};
+  message.msg_iov = parts;
+  message.msg_iovlen = std::size_t(count);
+  ssize_t sent = ::sendmsg(fd, &message, flags);
+  if (sent < 0) return -1;
+  std::size_t from_held = std::min(std::size_t(sent), state.held());
+  state.output_sent += from_held;
+  if (state.held() == 0) {
+    state.output.clear();
+    state.output_sent = 0;
+  }
+  std::size_t from_data = std::size_t(sent) - from_held;
+  if (from_data == 0 && length != 0) {
+    errno = EAGAIN;
+    return -1;
+  }
+  return ssize_t(from_data);
+}
+
+}  // namespace
+
+bool attach(int fd) {
+  if (fd < 0 || fd >= table_size) return false;
+  delete table[fd].exchange(new SocketState, std::memory_order_acq_rel);
+  return true;
+}
+
+bool attached(int fd) { return state_of(fd) != nullptr; }
+
+std::size_t buffered_input(int fd) {
+  SocketState* state = state_of(fd);
+  return state ? state->buffered() : 0;
+}
+
+Fill fill(int fd) {
+  SocketState* state = state_of(fd);
+  if (!state) return Fill::empty;
+  if (state->input_ended || state->input_error) return state->buffered() ? Fill::data : Fill::ended;
+  if (state->input_end == input_capacity) return Fill::data;  // full: let libnbd drain it first
+  std::byte peeked;
+  ssize_t got = state->inside_large_payload
+                    ? ::recvfrom(fd, &peeked, 1, MSG_DONTWAIT | MSG_PEEK, nullptr, nullptr)
+                    : ::recvfrom(fd, state->input.get() + state->input_end, input_capacity - state->input_end,
+                                 MSG_DONTWAIT, nullptr, nullptr);
+  if (got > 0) {
+    if (!state->inside_large_payload) state->input_end += std::size_t(got);
+    return Fill::data;
+  }
+  if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+    return state->buffered() ? Fill::data : Fill::empty;
+  if (got == 0) state->input_ended = true;
+  else state->input_error = errno;
+  return state->buffered() ? Fill::data : Fill::ended;
+}
+
+std::size_t held_output(int fd) {
+  SocketState* state = state_of(fd);
+  return state ? state->held() : 0;
+}
+
+bool flush(int fd) {
+  SocketState* state = state_of(fd);
+  if (!state || state->held() == 0) return true;
+  send_joined(fd, *state, nullptr, 0, MSG_NOSIGNAL | MSG_DONTWAIT);
+  return state->held() == 0;
+}
+
+}  // namespace nbd_client::socket_batching
+
+using namespace nbd_client::socket_batching;
+
+extern "C" {
+
+int __close(int fd);
+
+ssize_t recv(int fd, void* buffer, size_t length, int flags) {
+  SocketState* state = state_of(fd);
+  if (!state || flags != 0 || length == 0) return ::recvfrom(fd, buffer, length, flags, nullptr, nullptr);
+  std::size_t copied = 0;
+  if (state->buffered()) {
+    copied = take_buffered(*state, buffer, length);
+    // A large payload's rest is read straight into place below; a small
+    // request is served from the buffer alone.
+    if (copied == length || length - copied < large_payload) return ssize_t(copied);
+  } else if (state->input_error) {
+    errno = std::exchange(state->input_error, 0);
+    return -1;
+  } else if (state->input_ended) {
+    return 0;
+  }
+  // One call fills the caller's buffer and reads ahead behind it: a large
+  // payload lands where libnbd wants it, the replies after it come along.
+  auto* rest = static_cast<std::byte*>(buffer) + copied;
+  std::size_t wanted = length - copied;
+  iovec parts[2] = {{rest, wanted}, {state->input.get(), input_capacity}};
+  msghdr message{};
+  message.msg_iov = parts;
+  message.msg_iovlen = 2;
+  ssize_t got = ::recvmsg(fd, &message, 0);
+  state->inside_large_payload = wanted >= large_payload && got < ssize_t(wanted);
+  if (got < 0) return copied ? ssize_t(copied) : -1;  // errno from recvmsg
+  if (got == 0) {
+    if (!copied) return 0;
+    state->input_ended = true;  // reported on the next call, after these bytes
+    return ssize_t(copied);
+  }
+  if (std::size_t(got) > wanted) {
+    state->input_begin = 0;
+    state->input_end = std::size_t(got) - wanted;
+    got = ssize_t(wanted);
+  }
+  return ssize_t(copied + std::size_t(got));
+}
+
+ssize_t send(int fd, const void* data, size_t length, int flags) {
+  SocketState* state = state_of(fd);
+  if (!state) return ::sendto(fd, data, length, flags, nullptr, 0);
+  if ((flags & MSG_MORE) && state->held() + length <= output_hold_limit) {
+    // libnbd flags a request header followed by its payload (or by another
+    // request) this way: hold it and send both together.
+    const auto* bytes = static_cast<const std::byte*>(data);
+    state->output.insert(state->output.end(), bytes, bytes + length);
+    return ssize_t(length);
+  }
+  if (state->held() == 0) return ::sendto(fd, data, length, flags, nullptr, 0);
+  return send_joined(fd, *state, data, length, flags);
+}
+
+// A descriptor number is reused as soon as it is closed: drop its state first,
+// so a new socket never sees an old one's bytes.
+int close(int fd) {
+  forget(fd);
+  return __close(fd);  // the C library's close() under its exported alias
+}
+
+}  // extern "C"

@@ -1,0 +1,50 @@
+// Fewer system calls on libnbd's sockets. libnbd 1.14 reads each reply field by
+// field (a READ reply is two recv() calls, more when structured) and sends a
+// WRITE's header and payload in two send() calls; it has no transport hook. So the
+// process defines recv(), send() and close() itself (symbol interposition, see
+// socket_batching.cpp): on a socket attached here, recv() reads ahead whatever the
+// socket holds into a buffer and later calls are served from it, and a send()
+// flagged MSG_MORE is held and joined to the next send() in one sendmsg(). Every
+// other descriptor, and every other caller, passes straight to the C library.
+// Thread rule: an attached socket is used by one thread at a time, its
+// connection's (libnbd's own rule for a handle); close() detaches it.
+#pragma once
+
+#include <cstddef>
+
+namespace nbd_client::socket_batching {
+
+// Starts batching on fd (an established, non-TLS connection's socket). Returns
+// false if fd cannot be batched (out of the table's range); nothing changes then.
+bool attach(int fd);
+bool attached(int fd);
+
+// Bytes read ahead and not yet handed to libnbd: the socket itself may be empty
+// while these wait, so readiness must count them.
+std::size_t buffered_input(int fd);
+
+enum class Fill {
+  data,   // bytes are buffered now
+  empty,  // nothing to read (EAGAIN)
+  ended,  // end of stream or an error, kept for libnbd's next recv()
+};
+// Reads what the socket holds now into the read-ahead buffer without blocking:
+// the readiness test for an attached socket, which fetches the data at the same
+// cost as a poll().
+Fill fill(int fd);
+
+// Bytes held from a MSG_MORE send() and not yet written.
+std::size_t held_output(int fd);
+// Writes held bytes now; true when none remain (false: the socket is full).
+bool flush(int fd);
+
+// The read-ahead buffer's size: replies of a depth-64 queue of 4 KiB reads fit
+// a few at a time; larger payloads go straight to libnbd's buffer.
+inline constexpr std::size_t input_capacity = 64 * 1024;
+// libnbd asking for at least this much is reading a payload: the part not yet
+// buffered is read straight into its buffer.
+inline constexpr std::size_t large_payload = 16 * 1024;
+// A MSG_MORE send() of at most this much is held (headers, small payloads).
+inline constexpr std::size_t output_hold_limit = 64 * 1024;
+
+}  // namespace nbd_client::socket_batching

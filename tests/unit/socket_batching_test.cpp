@@ -1,0 +1,210 @@
+// recv()/send() batching on a real socket pair: bytes arrive intact and in order
+// whichever way libnbd asks for them, the end of stream is reported after the
+// bytes before it, held bytes go out before anything else, and close() forgets.
+#include "nbd_client/socket_batching.hpp"
+
+#include <doctest/doctest.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <vector>
+
+namespace batching = nbd_client::socket_batching;
+
+namespace {
+
+// `ours` is attached and non-blocking, as libnbd leaves its socket; `peer` is the server.
+struct SocketPair {
+  int ours = -1;
+  int peer = -1;
+  SocketPair() {
+    int fds[2];
+    REQUIRE(socketpair(AF_UNIX, SOCK_STREAM, 0, fds) == 0);
+    ours = fds[0];
+    peer = fds[1];
+    fcntl(ours, F_SETFL, fcntl(ours, F_GETFL) | O_NONBLOCK);
+    REQUIRE(batching::attach(ours));
+  }
+  ~SocketPair() {
+    if (ours >= 0) close(ours);
+    if (peer >= 0) close(peer);
+  }
+};
+
+std::vector<std::uint8_t> pattern(std::size_t length, std::uint8_t seed) {
+  std::vector<std::uint8_t> bytes(length);
+  for (std::size_t i = 0; i < length; ++i) bytes[i] = std::uint8_t(seed + i * 7 + i / 251);
+  return bytes;
+}
+
+void write_all(int fd, const std::vector<std::uint8_t>& bytes) {
+  std::size_t done = 0;
+  while (done < bytes.size()) {
+    ssize_t wrote = ::write(fd, bytes.data() + done, bytes.size() - done);
+    REQUIRE(wrote > 0);
+    done += std::size_t(wrote);
+  }
+}
+
+// Reads exactly `length` bytes through the batched recv(), as libnbd does: a
+// partial read means "call again".
+std::vector<std::uint8_t> receive_exactly(int fd, std::size_t length) {
+  std::vector<std::uint8_t> bytes(length);
+  std::size_t done = 0;
+  for (int calls = 0; done < length; ++calls) {
+    REQUIRE(calls < 100000);
+    ssize_t got = recv(fd, bytes.data() + done, length - done, 0);
+    if (got < 0 && errno == EAGAIN) continue;
+    REQUIRE(got > 0);
+    done += std::size_t(got);
+  }
+  return bytes;
+}
+
+}  // namespace
+
+TEST_CASE("a small recv reads the replies behind it ahead, and later ones are served from the buffer") {
+  SocketPair sockets;
+  auto header = pattern(16, 1), payload = pattern(4096, 2), next_header = pattern(16, 3);
+  std::vector<std::uint8_t> stream = header;
+  stream.insert(stream.end(), payload.begin(), payload.end());
+  stream.insert(stream.end(), next_header.begin(), next_header.end());
+  write_all(sockets.peer, stream);
+
+  CHECK(receive_exactly(sockets.ours, 16) == header);
+  CHECK(batching::buffered_input(sockets.ours) == 4096 + 16);
+  CHECK(receive_exactly(sockets.ours, 4096) == payload);
+  CHECK(receive_exactly(sockets.ours, 16) == next_header);
+  CHECK(batching::buffered_input(sockets.ours) == 0);
+  char byte;
+  CHECK(recv(sockets.ours, &byte, 1, 0) == -1);
+  CHECK(errno == EAGAIN);
+}
+
+TEST_CASE("a payload larger than the read-ahead buffer arrives whole and in order") {
+  SocketPair sockets;
+  const std::size_t payload_length = 3 * batching::input_capacity + 123;
+  auto header = pattern(16, 4), payload = pattern(payload_length, 5), trailer = pattern(16, 6);
+  std::vector<std::uint8_t> stream = header;
+  stream.insert(stream.end(), payload.begin(), payload.end());
+  stream.insert(stream.end(), trailer.begin(), trailer.end());
+  // The socket buffer may be smaller than the stream: write from the side.
+  int writer_fd = sockets.peer;
+  pid_t child = fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    std::size_t done = 0;
+    while (done < stream.size()) {
+      ssize_t wrote = ::write(writer_fd, stream.data() + done, stream.size() - done);
+      if (wrote <= 0) _exit(1);
+      done += std::size_t(wrote);
+    }
+    _exit(0);
+  }
+  CHECK(receive_exactly(sockets.ours, 16) == header);
+  CHECK(receive_exactly(sockets.ours, payload_length) == payload);
+  CHECK(receive_exactly(sockets.ours, 16) == trailer);
+  int status = 0;
+  waitpid(child, &status, 0);
+  CHECK(status == 0);
+}
+
+TEST_CASE("fill reports data, nothing, and the end of the stream after the bytes before it") {
+  SocketPair sockets;
+  CHECK(batching::fill(sockets.ours) == batching::Fill::empty);
+  write_all(sockets.peer, pattern(10, 7));
+  CHECK(batching::fill(sockets.ours) == batching::Fill::data);
+  CHECK(batching::buffered_input(sockets.ours) == 10);
+  close(sockets.peer);
+  sockets.peer = -1;
+  CHECK(batching::fill(sockets.ours) == batching::Fill::data);  // bytes still buffered
+  char bytes[100];
+  CHECK(recv(sockets.ours, bytes, 5, 0) == 5);
+  CHECK(recv(sockets.ours, bytes, sizeof bytes, 0) == 5);
+  CHECK(batching::fill(sockets.ours) == batching::Fill::ended);
+  CHECK(recv(sockets.ours, bytes, sizeof bytes, 0) == 0);
+}
+
+TEST_CASE("a MSG_MORE send is held and goes out with the next one, in order") {
+  SocketPair sockets;
+  auto header = pattern(28, 8), payload = pattern(4096, 9);
+  CHECK(send(sockets.ours, header.data(), header.size(), MSG_NOSIGNAL | MSG_MORE) == 28);
+  CHECK(batching::held_output(sockets.ours) == 28);
+  char byte;
+  CHECK(::recv(sockets.peer, &byte, 1, MSG_DONTWAIT) == -1);  // nothing on the wire yet
+  CHECK(send(sockets.ours, payload.data(), payload.size(), MSG_NOSIGNAL) == 4096);
+  CHECK(batching::held_output(sockets.ours) == 0);
+  std::vector<std::uint8_t> expected = header;
+  expected.insert(expected.end(), payload.begin(), payload.end());
+  std::vector<std::uint8_t> received(expected.size());
+  std::size_t done = 0;
+  while (done < received.size()) {
+    ssize_t got = ::read(sockets.peer, received.data() + done, received.size() - done);
+    REQUIRE(got > 0);
+    done += std::size_t(got);
+  }
+  CHECK(received == expected);
+}
+
+TEST_CASE("held bytes wait for a full socket and still go out before later ones") {
+  SocketPair sockets;
+  auto filler = pattern(65536, 10);
+  std::size_t queued = 0;
+  for (;;) {
+    ssize_t sent = send(sockets.ours, filler.data(), filler.size(), MSG_NOSIGNAL);
+    if (sent < 0) {
+      REQUIRE(errno == EAGAIN);
+      break;
+    }
+    queued += std::size_t(sent);
+  }
+  auto header = pattern(28, 11), payload = pattern(100, 12);
+  CHECK(send(sockets.ours, header.data(), header.size(), MSG_NOSIGNAL | MSG_MORE) == 28);
+  CHECK_FALSE(batching::flush(sockets.ours));
+  // With the socket full, the next send reports "try again" and keeps its bytes unsent.
+  CHECK(send(sockets.ours, payload.data(), payload.size(), MSG_NOSIGNAL) == -1);
+  CHECK(errno == EAGAIN);
+  std::vector<std::uint8_t> drained(queued);
+  std::size_t done = 0;
+  while (done < queued) {
+    ssize_t got = ::read(sockets.peer, drained.data() + done, queued - done);
+    REQUIRE(got > 0);
+    done += std::size_t(got);
+  }
+  CHECK(batching::flush(sockets.ours));
+  CHECK(send(sockets.ours, payload.data(), payload.size(), MSG_NOSIGNAL) == 100);
+  std::vector<std::uint8_t> tail(128);
+  done = 0;
+  while (done < tail.size()) {
+    ssize_t got = ::read(sockets.peer, tail.data() + done, tail.size() - done);
+    REQUIRE(got > 0);
+    done += std::size_t(got);
+  }
+  CHECK(std::vector<std::uint8_t>(tail.begin(), tail.begin() + 28) == header);
+  CHECK(std::vector<std::uint8_t>(tail.begin() + 28, tail.end()) == payload);
+}
+
+TEST_CASE("close forgets a socket, so a new one with its number starts clean") {
+  int number;
+  {
+    SocketPair sockets;
+    write_all(sockets.peer, pattern(32, 13));
+    CHECK(batching::fill(sockets.ours) == batching::Fill::data);
+    number = sockets.ours;
+  }
+  CHECK_FALSE(batching::attached(number));
+  CHECK(batching::buffered_input(number) == 0);
+  int fds[2];
+  REQUIRE(socketpair(AF_UNIX, SOCK_STREAM, 0, fds) == 0);
+  // Not attached: recv() is the C library's, whatever number the socket got.
+  write_all(fds[1], pattern(4, 14));
+  char bytes[8];
+  CHECK(recv(fds[0], bytes, sizeof bytes, 0) == 4);
+  CHECK(batching::buffered_input(fds[0]) == 0);
+  close(fds[0]);
+  close(fds[1]);
+}

@@ -155,9 +155,15 @@ void Connection::arm() {
   bind_descriptor(nbd_aio_get_fd(handle_));
   if (bound_fd_ < 0) return;
   unsigned direction = nbd_aio_get_direction(handle_);
-  // Bytes held back from a MSG_MORE send belong on the wire even when libnbd,
-  // which counts them sent, no longer asks to write.
-  if (batched_ && !socket_batching::flush(bound_fd_)) direction |= LIBNBD_AIO_DIRECTION_WRITE;
+  // Held requests go out once the handlers queued now have issued theirs, or at
+  // once when nothing else is in flight (depth 1: nothing to wait for); libnbd
+  // counts them sent, so a full socket is ours to wait for.
+  if (batched_ && socket_batching::held_output(bound_fd_) > 0) {
+    if (!output_blocked_ && in_flight_.load(std::memory_order_relaxed) <= 1)
+      output_blocked_ = !socket_batching::flush(bound_fd_);
+    if (output_blocked_) direction |= LIBNBD_AIO_DIRECTION_WRITE;
+    else if (socket_batching::held_output(bound_fd_) > 0) schedule_flush();
+  }
   if ((direction & LIBNBD_AIO_DIRECTION_READ) && !read_armed_) {
     read_armed_ = true;
     descriptor_.async_wait(asio::posix::descriptor_base::wait_read, [this](std::error_code error) {
@@ -188,7 +194,7 @@ void Connection::service() {
   for (int round = 0; round < rounds_per_wakeup; ++round) {
     if (!handle_ || lost_ || bound_fd_ < 0) return;
     unsigned direction = nbd_aio_get_direction(handle_);
-    if (batched_) socket_batching::flush(bound_fd_);  // held bytes first; arm() waits if they stay
+    if (batched_) output_blocked_ = !socket_batching::flush(bound_fd_);
     bool readable = false;
     bool writable = false;
     if (batched_ && direction == LIBNBD_AIO_DIRECTION_READ) {
@@ -227,6 +233,19 @@ void Connection::service() {
     }
   }
   arm();
+}
+
+// One sendmsg() for every request issued before this runs: the FUSE requests
+// read in one batch, and the commands their handlers issued, go out together.
+void Connection::schedule_flush() {
+  if (flush_scheduled_) return;
+  flush_scheduled_ = true;
+  asio::post(descriptor_.get_executor(), [this] {
+    flush_scheduled_ = false;
+    if (!handle_ || lost_ || bound_fd_ < 0) return;
+    output_blocked_ = !socket_batching::flush(bound_fd_);
+    if (output_blocked_) arm();
+  });
 }
 
 void Connection::deliver_ready() {
@@ -502,6 +521,7 @@ void Connection::close() {
 void Connection::close_here() {
   connect_wakeup_.cancel();
   if (handle_) {
+    if (batched_ && bound_fd_ >= 0) socket_batching::flush(bound_fd_);  // held requests, then the goodbye
     release_descriptor();
     // Queue NBD_CMD_DISC without waiting: nbd_shutdown would block on a dead server.
     if (nbd_aio_is_ready(handle_) || nbd_aio_is_processing(handle_)) nbd_aio_disconnect(handle_, 0);

@@ -295,6 +295,7 @@ class Connection {
 
   void arm();
   void service();
+  void schedule_flush();
   void deliver_ready();
   void notice_state_change();
   void bind_descriptor(int fd);
@@ -317,6 +318,8 @@ class Connection {
   // Reads ahead and joins sends on the socket (socket_batching.hpp): plain sockets
   // only, since TLS records are read by GnuTLS and poll() cannot see its buffer.
   bool batched_ = false;
+  bool flush_scheduled_ = false;
+  bool output_blocked_ = false;  // a flush found the socket full: wait for room
   asio::steady_timer connect_wakeup_;
   ExportInfo info_;
   std::atomic<std::size_t> in_flight_{0};

@@ -29,7 +29,7 @@ struct SocketState {
   // buffered bytes before it are consumed, as its own recv() would have seen it.
   bool input_ended = false;
   int input_error = 0;
-  // Bytes libnbd was told were sent (a MSG_MORE send) that are still ours to write.
+  // Bytes libnbd was told were sent that are still ours to write.
   std::vector<std::byte> output;
   std::size_t output_sent = 0;
   // libnbd is part way through a large payload: its next recv() reads straight
@@ -189,15 +189,16 @@ ssize_t recv(int fd, void* buffer, size_t length, int flags) {
 ssize_t send(int fd, const void* data, size_t length, int flags) {
   SocketState* state = state_of(fd);
   if (!state) return ::sendto(fd, data, length, flags, nullptr, 0);
-  if ((flags & MSG_MORE) && state->held() + length <= output_hold_limit) {
-    // libnbd flags a request header followed by its payload (or by another
-    // request) this way: hold it and send both together.
+  if (state->held() + length <= output_hold_limit) {
+    // Copied, not referenced: libnbd reuses its header buffer for the next
+    // request, and a payload's owner may let go of it once the request fails.
     const auto* bytes = static_cast<const std::byte*>(data);
     state->output.insert(state->output.end(), bytes, bytes + length);
     return ssize_t(length);
   }
+  // Too much to hold (a large payload): what is held goes out first, with it.
   if (state->held() == 0) return ::sendto(fd, data, length, flags, nullptr, 0);
-  return send_joined(fd, *state, data, length, flags);
+  return send_joined(fd, *state, data, length, flags & ~MSG_MORE);
 }
 
 // A descriptor number is reused as soon as it is closed: drop its state first,

@@ -1,11 +1,12 @@
 // Fewer system calls on libnbd's sockets. libnbd 1.14 reads each reply field by
-// field (a READ reply is two recv() calls, more when structured) and sends a
-// WRITE's header and payload in two send() calls; it has no transport hook. So the
-// process defines recv(), send() and close() itself (symbol interposition, see
-// socket_batching.cpp): on a socket attached here, recv() reads ahead whatever the
-// socket holds into a buffer and later calls are served from it, and a send()
-// flagged MSG_MORE is held and joined to the next send() in one sendmsg(). Every
-// other descriptor, and every other caller, passes straight to the C library.
+// field (a READ reply is two recv() calls, more when structured) and sends each
+// request in its own send() calls (a WRITE's header and payload in two); it has
+// no transport hook. So the process defines recv(), send() and close() itself
+// (symbol interposition, see socket_batching.cpp). On a socket attached here,
+// recv() reads ahead whatever the socket holds and later calls are served from
+// that buffer, and send() only holds the bytes: the connection flushes them in
+// one sendmsg() once the requests of the current batch are issued. Every other
+// descriptor, and every other caller, passes straight to the C library.
 // Thread rule: an attached socket is used by one thread at a time, its
 // connection's (libnbd's own rule for a handle); close() detaches it.
 #pragma once
@@ -33,9 +34,11 @@ enum class Fill {
 // cost as a poll().
 Fill fill(int fd);
 
-// Bytes held from a MSG_MORE send() and not yet written.
+// Bytes libnbd has sent, as far as it knows, that are held here. The owner of
+// the socket must flush them soon: the server cannot answer what it has not seen.
 std::size_t held_output(int fd);
-// Writes held bytes now; true when none remain (false: the socket is full).
+// Writes held bytes now; true when none remain (false: the socket is full, and
+// the owner waits for it to drain).
 bool flush(int fd);
 
 // The read-ahead buffer's size: replies of a depth-64 queue of 4 KiB reads fit
@@ -44,7 +47,8 @@ inline constexpr std::size_t input_capacity = 64 * 1024;
 // libnbd asking for at least this much is reading a payload: the part not yet
 // buffered is read straight into its buffer.
 inline constexpr std::size_t large_payload = 16 * 1024;
-// A MSG_MORE send() of at most this much is held (headers, small payloads).
+// Sends are held up to this much (headers, small payloads); a send that would
+// pass it goes out at once, after the held bytes.
 inline constexpr std::size_t output_hold_limit = 64 * 1024;
 
 }  // namespace nbd_client::socket_batching

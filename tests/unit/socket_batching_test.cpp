@@ -129,33 +129,53 @@ TEST_CASE("fill reports data, nothing, and the end of the stream after the bytes
   CHECK(recv(sockets.ours, bytes, sizeof bytes, 0) == 0);
 }
 
-TEST_CASE("a MSG_MORE send is held and goes out with the next one, in order") {
-  SocketPair sockets;
-  auto header = pattern(28, 8), payload = pattern(4096, 9);
-  CHECK(send(sockets.ours, header.data(), header.size(), MSG_NOSIGNAL | MSG_MORE) == 28);
-  CHECK(batching::held_output(sockets.ours) == 28);
-  char byte;
-  CHECK(::recv(sockets.peer, &byte, 1, MSG_DONTWAIT) == -1);  // nothing on the wire yet
-  CHECK(send(sockets.ours, payload.data(), payload.size(), MSG_NOSIGNAL) == 4096);
-  CHECK(batching::held_output(sockets.ours) == 0);
-  std::vector<std::uint8_t> expected = header;
-  expected.insert(expected.end(), payload.begin(), payload.end());
-  std::vector<std::uint8_t> received(expected.size());
+// Reads `length` bytes from the peer's side (not attached: the C library's read()).
+std::vector<std::uint8_t> peer_reads(int fd, std::size_t length) {
+  std::vector<std::uint8_t> bytes(length);
   std::size_t done = 0;
-  while (done < received.size()) {
-    ssize_t got = ::read(sockets.peer, received.data() + done, received.size() - done);
+  while (done < length) {
+    ssize_t got = ::read(fd, bytes.data() + done, length - done);
     REQUIRE(got > 0);
     done += std::size_t(got);
   }
-  CHECK(received == expected);
+  return bytes;
+}
+
+std::vector<std::uint8_t> joined(std::vector<std::uint8_t> first, const std::vector<std::uint8_t>& second) {
+  first.insert(first.end(), second.begin(), second.end());
+  return first;
+}
+
+TEST_CASE("sends are held until flush, then go out together and in order") {
+  SocketPair sockets;
+  auto header = pattern(28, 8), payload = pattern(4096, 9);
+  CHECK(send(sockets.ours, header.data(), header.size(), MSG_NOSIGNAL | MSG_MORE) == 28);
+  CHECK(send(sockets.ours, payload.data(), payload.size(), MSG_NOSIGNAL) == 4096);
+  CHECK(batching::held_output(sockets.ours) == 28 + 4096);
+  char byte;
+  CHECK(::recv(sockets.peer, &byte, 1, MSG_DONTWAIT) == -1);  // nothing on the wire yet
+  CHECK(batching::flush(sockets.ours));
+  CHECK(batching::held_output(sockets.ours) == 0);
+  CHECK(peer_reads(sockets.peer, 28 + 4096) == joined(header, payload));
+}
+
+TEST_CASE("a send too large to hold takes the held bytes with it") {
+  SocketPair sockets;
+  auto header = pattern(28, 15), payload = pattern(4 * batching::output_hold_limit, 16);
+  CHECK(send(sockets.ours, header.data(), header.size(), MSG_NOSIGNAL) == 28);
+  ssize_t sent = send(sockets.ours, payload.data(), payload.size(), MSG_NOSIGNAL);
+  REQUIRE(sent > 0);
+  CHECK(batching::held_output(sockets.ours) == 0);
+  auto expected = joined(header, std::vector<std::uint8_t>(payload.begin(), payload.begin() + sent));
+  CHECK(peer_reads(sockets.peer, expected.size()) == expected);
 }
 
 TEST_CASE("held bytes wait for a full socket and still go out before later ones") {
   SocketPair sockets;
   auto filler = pattern(65536, 10);
   std::size_t queued = 0;
-  for (;;) {
-    ssize_t sent = send(sockets.ours, filler.data(), filler.size(), MSG_NOSIGNAL);
+  for (;;) {  // fill the socket around the batching layer
+    ssize_t sent = ::sendto(sockets.ours, filler.data(), filler.size(), MSG_NOSIGNAL, nullptr, 0);
     if (sent < 0) {
       REQUIRE(errno == EAGAIN);
       break;
@@ -164,28 +184,17 @@ TEST_CASE("held bytes wait for a full socket and still go out before later ones"
   }
   auto header = pattern(28, 11), payload = pattern(100, 12);
   CHECK(send(sockets.ours, header.data(), header.size(), MSG_NOSIGNAL | MSG_MORE) == 28);
-  CHECK_FALSE(batching::flush(sockets.ours));
-  // With the socket full, the next send reports "try again" and keeps its bytes unsent.
-  CHECK(send(sockets.ours, payload.data(), payload.size(), MSG_NOSIGNAL) == -1);
-  CHECK(errno == EAGAIN);
-  std::vector<std::uint8_t> drained(queued);
-  std::size_t done = 0;
-  while (done < queued) {
-    ssize_t got = ::read(sockets.peer, drained.data() + done, queued - done);
-    REQUIRE(got > 0);
-    done += std::size_t(got);
-  }
-  CHECK(batching::flush(sockets.ours));
   CHECK(send(sockets.ours, payload.data(), payload.size(), MSG_NOSIGNAL) == 100);
-  std::vector<std::uint8_t> tail(128);
-  done = 0;
-  while (done < tail.size()) {
-    ssize_t got = ::read(sockets.peer, tail.data() + done, tail.size() - done);
-    REQUIRE(got > 0);
-    done += std::size_t(got);
-  }
-  CHECK(std::vector<std::uint8_t>(tail.begin(), tail.begin() + 28) == header);
-  CHECK(std::vector<std::uint8_t>(tail.begin() + 28, tail.end()) == payload);
+  CHECK_FALSE(batching::flush(sockets.ours));
+  CHECK(batching::held_output(sockets.ours) == 128);
+  // Past the hold limit with the socket full: "try again", and nothing taken.
+  auto large = pattern(batching::output_hold_limit, 17);
+  CHECK(send(sockets.ours, large.data(), large.size(), MSG_NOSIGNAL) == -1);
+  CHECK(errno == EAGAIN);
+  CHECK(batching::held_output(sockets.ours) == 128);
+  peer_reads(sockets.peer, queued);
+  CHECK(batching::flush(sockets.ours));
+  CHECK(peer_reads(sockets.peer, 128) == joined(header, payload));
 }
 
 TEST_CASE("close forgets a socket, so a new one with its number starts clean") {

@@ -44,9 +44,13 @@ bool flush(int fd);
 // The read-ahead buffer's size: replies of a depth-64 queue of 4 KiB reads fit
 // a few at a time; larger payloads go straight to libnbd's buffer.
 inline constexpr std::size_t input_capacity = 64 * 1024;
-// libnbd asking for at least this much is reading a payload: the part not yet
-// buffered is read straight into its buffer.
+// libnbd asking for at least this much is reading a large payload: the part not
+// yet buffered is read straight into its buffer, and while payloads are large
+// only short_read_ahead is read ahead. Asking for at most reply_header_limit is
+// reading a reply header (or a structured chunk's), which says nothing of payloads.
 inline constexpr std::size_t large_payload = 16 * 1024;
+inline constexpr std::size_t short_read_ahead = 4 * 1024;
+inline constexpr std::size_t reply_header_limit = 64;
 // Sends are held up to this much (headers, small payloads); a send that would
 // pass it goes out at once, after the held bytes.
 inline constexpr std::size_t output_hold_limit = 64 * 1024;

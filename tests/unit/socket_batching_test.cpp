@@ -89,9 +89,11 @@ TEST_CASE("a payload larger than the read-ahead buffer arrives whole and in orde
   SocketPair sockets;
   const std::size_t payload_length = 3 * batching::input_capacity + 123;
   auto header = pattern(16, 4), payload = pattern(payload_length, 5), trailer = pattern(16, 6);
+  auto next_payload = pattern(2 * batching::input_capacity, 18);
   std::vector<std::uint8_t> stream = header;
   stream.insert(stream.end(), payload.begin(), payload.end());
   stream.insert(stream.end(), trailer.begin(), trailer.end());
+  stream.insert(stream.end(), next_payload.begin(), next_payload.end());
   // The socket buffer may be smaller than the stream: write from the side.
   int writer_fd = sockets.peer;
   pid_t child = fork();
@@ -108,6 +110,9 @@ TEST_CASE("a payload larger than the read-ahead buffer arrives whole and in orde
   CHECK(receive_exactly(sockets.ours, 16) == header);
   CHECK(receive_exactly(sockets.ours, payload_length) == payload);
   CHECK(receive_exactly(sockets.ours, 16) == trailer);
+  // After a large payload, a header read brings only a little of the next one along.
+  CHECK(batching::buffered_input(sockets.ours) <= batching::short_read_ahead);
+  CHECK(receive_exactly(sockets.ours, next_payload.size()) == next_payload);
   int status = 0;
   waitpid(child, &status, 0);
   CHECK(status == 0);

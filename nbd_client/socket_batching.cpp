@@ -40,6 +40,9 @@ struct SocketState {
   // little, since what follows a reply header is mostly payload that would be
   // copied twice (1 MiB reads at depth 8 spent 20% more CPU with 64 KiB).
   bool large_payloads = false;
+  // libnbd has read through our recv() on this socket. Until then fill() only
+  // peeks: a libnbd that reads some other way would never see read-ahead bytes.
+  bool recv_seen = false;
 
   std::size_t read_ahead() const { return large_payloads ? short_read_ahead : input_capacity; }
 
@@ -118,12 +121,12 @@ Fill fill(int fd) {
   if (state->input_ended || state->input_error) return state->buffered() ? Fill::data : Fill::ended;
   if (state->input_end >= state->read_ahead()) return Fill::data;  // let libnbd drain it first
   std::byte peeked;
-  ssize_t got = state->inside_large_payload
+  ssize_t got = state->inside_large_payload || !state->recv_seen
                     ? ::recvfrom(fd, &peeked, 1, MSG_DONTWAIT | MSG_PEEK, nullptr, nullptr)
                     : ::recvfrom(fd, state->input.get() + state->input_end, state->read_ahead() - state->input_end,
                                  MSG_DONTWAIT, nullptr, nullptr);
   if (got > 0) {
-    if (!state->inside_large_payload) state->input_end += std::size_t(got);
+    if (!state->inside_large_payload && state->recv_seen) state->input_end += std::size_t(got);
     return Fill::data;
   }
   if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
@@ -156,6 +159,7 @@ int __close(int fd);
 ssize_t recv(int fd, void* buffer, size_t length, int flags) {
   SocketState* state = state_of(fd);
   if (!state || flags != 0 || length == 0) return ::recvfrom(fd, buffer, length, flags, nullptr, nullptr);
+  state->recv_seen = true;
   if (length > reply_header_limit) state->large_payloads = length >= large_payload;
   std::size_t copied = 0;
   if (state->buffered()) {

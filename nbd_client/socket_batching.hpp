@@ -31,7 +31,8 @@ enum class Fill {
 };
 // Reads what the socket holds now into the read-ahead buffer without blocking:
 // the readiness test for an attached socket, which fetches the data at the same
-// cost as a poll().
+// cost as a poll(). It only looks (MSG_PEEK) until libnbd has read through our
+// recv() once, and while libnbd is inside a large payload (read in place).
 Fill fill(int fd);
 
 // Bytes libnbd has sent, as far as it knows, that are held here. The owner of

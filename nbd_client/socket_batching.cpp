@@ -183,7 +183,12 @@ ssize_t recv(int fd, void* buffer, size_t length, int flags) {
   message.msg_iovlen = 2;
   ssize_t got = ::recvmsg(fd, &message, 0);
   state->inside_large_payload = wanted >= large_payload && got < ssize_t(wanted);
-  if (got < 0) return copied ? ssize_t(copied) : -1;  // errno from recvmsg
+  if (got < 0) {
+    if (!copied) return -1;  // errno from recvmsg
+    // The bytes first; a real error comes with the next call, as recv() would report it.
+    if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) state->input_error = errno;
+    return ssize_t(copied);
+  }
   if (got == 0) {
     if (!copied) return 0;
     state->input_ended = true;  // reported on the next call, after these bytes

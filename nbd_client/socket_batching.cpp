@@ -1,4 +1,4 @@
-// recv()/send()/close() for the whole process, batching on attached sockets (see
+// recv()/send()/shutdown()/close() for the whole process, batching on attached sockets (see
 // socket_batching.hpp). The executable's definitions take precedence over the C
 // library's for libnbd's calls, since libnbd imports them from the global scope.
 // Per socket state is reached through a fixed table indexed by descriptor; only the
@@ -14,6 +14,7 @@
 #include <vector>
 
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -215,6 +216,14 @@ ssize_t send(int fd, const void* data, size_t length, int flags) {
   // Too much to hold (a large payload): what is held goes out first, with it.
   if (state->held() == 0) return ::sendto(fd, data, length, flags, nullptr, 0);
   return send_joined(fd, *state, data, length, flags & ~MSG_MORE);
+}
+
+// libnbd shuts the write side after queueing NBD_CMD_DISC, which it counts as
+// sent: held bytes go out first, or the server never sees the goodbye.
+int shutdown(int fd, int how) {
+  if (SocketState* state = state_of(fd); state && state->held() && how != SHUT_RD)
+    send_joined(fd, *state, nullptr, 0, MSG_NOSIGNAL | MSG_DONTWAIT);
+  return int(::syscall(SYS_shutdown, fd, how));  // glibc exports no other name for it
 }
 
 // A descriptor number is reused as soon as it is closed: drop its state first,

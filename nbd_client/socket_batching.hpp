@@ -1,12 +1,13 @@
 // Fewer system calls on libnbd's sockets. libnbd 1.14 reads each reply field by
 // field (a READ reply is two recv() calls, more when structured) and sends each
 // request in its own send() calls (a WRITE's header and payload in two); it has
-// no transport hook. So the process defines recv(), send() and close() itself
-// (symbol interposition, see socket_batching.cpp). On a socket attached here,
-// recv() reads ahead whatever the socket holds and later calls are served from
-// that buffer, and send() only holds the bytes: the connection flushes them in
-// one sendmsg() once the requests of the current batch are issued. Every other
-// descriptor, and every other caller, passes straight to the C library.
+// no transport hook. So the process defines recv(), send(), shutdown() and
+// close() itself (symbol interposition, see socket_batching.cpp). On a socket
+// attached here, recv() reads ahead whatever the socket holds and later calls are
+// served from that buffer, and send() only holds the bytes: the connection
+// flushes them in one sendmsg() once the requests of the current batch are
+// issued (shutdown() and close() flush or drop them). Every other descriptor,
+// and every other caller, passes straight to the C library.
 // Thread rule: an attached socket is used by one thread at a time, its
 // connection's (libnbd's own rule for a handle); close() detaches it.
 #pragma once

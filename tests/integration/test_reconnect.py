@@ -311,6 +311,7 @@ class DropProxy(h.Proxy):
         self.requests = 0            # NBD requests forwarded, all connections
         self.drops = {"requests": 0, "time": 0, "manual": 0}
         self.desync = 0              # streams we could not parse
+        self.client_discs = 0        # NBD_CMD_DISC requests the client sent
         self.drop_next_after = None  # one-shot: drop after K more requests
 
     def total_drops(self):
@@ -414,6 +415,8 @@ class DropProxy(h.Proxy):
                 with self.lock:
                     self.requests += 1
                     conn.requests += 1
+                    if typ == NBD_CMD_DISC:
+                        self.client_discs += 1
                     due = conn.limit is not None and conn.requests >= conn.limit
                     if self.drop_next_after is not None:
                         self.drop_next_after -= 1
@@ -674,6 +677,24 @@ def test_connection_threads_dropped_every_n_requests():
     # The same with each connection driven by a thread of its own: losses are
     # noticed there and reported to the loop, commands in flight fail over.
     _connection_drops(["--connection-threads", "all"])
+
+
+def test_unmount_says_goodbye_on_every_connection():
+    # Requests held back for one sendmsg (socket batching) and the NBD_CMD_DISC
+    # that closing a connection queues must reach the server before the socket
+    # closes: the proxy sees a DISC from the client on every connection it carried.
+    img = sparse_image(64 * MiB)
+    for opts in ([], ["--connection-threads", "all"], ["--socket-batching", "off"]):
+        with h.Nbdkit(["file", img]) as srv, DropProxy(srv.sock, seed=1) as px:
+            with h.Mount(h.tmpdir("mp"), [px.uri], opts=opts) as m:
+                fio = Fio(m.export, FIO_VERIFY + ["--bs=4k", "--size=8M"])
+                rc, job, err = fio.wait(60, m)
+                check_fio_clean(rc, job, err, 8 * MiB, "fio before unmount %r" % opts)
+            h.check(px.nconn >= 2, "test set-up: only %d connection(s) through the proxy" % px.nconn)
+            h.wait_until(lambda: px.client_discs == px.nconn or None, timeout=10,
+                         what="NBD_CMD_DISC on all %d connections %r (seen %d)"
+                         % (px.nconn, opts, px.client_discs))
+            h.check_eq(px.desync, 0, "proxy could not follow the NBD stream")
 
 
 def _connection_drops(opts=()):

@@ -215,6 +215,17 @@ TEST_CASE("held bytes wait for a full socket and still go out before later ones"
   CHECK(peer_reads(sockets.peer, 128) == joined(header, payload));
 }
 
+TEST_CASE("shutdown sends held bytes before closing the write side") {
+  SocketPair sockets;
+  auto goodbye = pattern(28, 20);
+  CHECK(send(sockets.ours, goodbye.data(), goodbye.size(), MSG_NOSIGNAL) == 28);
+  CHECK(batching::held_output(sockets.ours) == 28);
+  CHECK(shutdown(sockets.ours, SHUT_WR) == 0);
+  CHECK(peer_reads(sockets.peer, 28) == goodbye);
+  char byte;
+  CHECK(::read(sockets.peer, &byte, 1) == 0);  // then the end of the stream
+}
+
 TEST_CASE("close forgets a socket, so a new one with its number starts clean") {
   int number;
   {

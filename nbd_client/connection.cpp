@@ -206,8 +206,9 @@ void Connection::service() {
                                     ((direction & LIBNBD_AIO_DIRECTION_WRITE) ? POLLOUT : 0)),
                    0};
       int polled = ::poll(&ready, 1, 0);
-      readable = (polled > 0 && (ready.revents & (POLLIN | POLLHUP | POLLERR))) ||
-                 (batched_ && (direction & LIBNBD_AIO_DIRECTION_READ) && socket_batching::buffered_input(bound_fd_) > 0);
+      bool read_ahead = batched_ && socket_batching::buffered_input(bound_fd_) > 0;
+      readable = (direction & LIBNBD_AIO_DIRECTION_READ) &&
+                 (read_ahead || (polled > 0 && (ready.revents & (POLLIN | POLLHUP | POLLERR))));
       writable = polled > 0 && (ready.revents & POLLOUT);
     }
     // TLS may hold decrypted replies that poll() cannot see. Reading once more is

@@ -531,9 +531,8 @@ void Connection::close_here() {
     release_descriptor();
     // Queue NBD_CMD_DISC without waiting: nbd_shutdown would block on a dead server.
     if (nbd_aio_is_ready(handle_) || nbd_aio_is_processing(handle_)) nbd_aio_disconnect(handle_, 0);
-    // Held requests and the goodbye go out now; a full socket keeps them (best effort).
-    int fd = nbd_aio_get_fd(handle_);
-    if (batched_ && fd >= 0) socket_batching::flush(fd);
+    // With batching, NBD_CMD_DISC and the requests held before it go out in
+    // libnbd's shutdown() right after it (socket_batching.cpp).
     nbd_close(handle_);  // frees in-flight commands: they finish with ESHUTDOWN
     handle_ = nullptr;
   }

@@ -241,13 +241,13 @@ void Connection::service() {
 void Connection::schedule_flush() {
   if (flush_scheduled_) return;
   flush_scheduled_ = true;
-  auto flush = asio::bind_allocator(flush_slot_.allocator(), [this] {
+  auto flush = asio::bind_allocator(command_memory_.allocator(), [this] {
     flush_scheduled_ = false;
     if (!handle_ || lost_ || bound_fd_ < 0) return;
     output_blocked_ = !socket_batching::flush(bound_fd_);
     if (output_blocked_) arm();
   });
-  // The type-erased executor ignores a handler's allocator; io_context's own honours it.
+  // io_context's own executor, so that the allocator above is used.
   auto executor = descriptor_.get_executor();
   if (auto* context_executor = executor.target<asio::io_context::executor_type>())
     asio::post(*context_executor, std::move(flush));

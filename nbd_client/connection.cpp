@@ -161,8 +161,9 @@ void Connection::arm() {
   if (batched_ && socket_batching::held_output(bound_fd_) > 0) {
     if (!output_blocked_ && in_flight_.load(std::memory_order_relaxed) <= 1)
       output_blocked_ = !socket_batching::flush(bound_fd_);
+    else if (!output_blocked_)
+      schedule_flush();
     if (output_blocked_) direction |= LIBNBD_AIO_DIRECTION_WRITE;
-    else if (socket_batching::held_output(bound_fd_) > 0) schedule_flush();
   }
   if ((direction & LIBNBD_AIO_DIRECTION_READ) && !read_armed_) {
     read_armed_ = true;

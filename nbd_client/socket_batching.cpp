@@ -208,7 +208,8 @@ ssize_t send(int fd, const void* data, size_t length, int flags) {
   if (!state) return ::sendto(fd, data, length, flags, nullptr, 0);
   if (state->held() + length <= output_hold_limit) {
     // Copied, not referenced: libnbd reuses its header buffer for the next
-    // request, and a payload's owner may let go of it once the request fails.
+    // request, and a copied payload (at most 64 KiB held) cannot depend on when
+    // its owner lets go of it, for a few hundred nanoseconds per 4 KiB.
     const auto* bytes = static_cast<const std::byte*>(data);
     state->output.insert(state->output.end(), bytes, bytes + length);
     return ssize_t(length);

@@ -4,6 +4,7 @@
 
 #include "bridge/errno_map.hpp"
 #include "bridge/geometry.hpp"
+#include "nbd_client/socket_batching.hpp"
 
 #include <asio/experimental/as_tuple.hpp>
 #include <asio/co_spawn.hpp>
@@ -143,6 +144,18 @@ void FileSystem::Tracked::reply_data(const std::byte* data, std::size_t length) 
   fuse_reply_buf(request_, reinterpret_cast<const char*>(data), length);
 }
 
+asio::awaitable<void> FileSystem::Tracked::reply_piped(fuse_front::ReplyPipe& pipe, std::size_t length) {
+  if (!begin_reply()) co_return;
+  trace_reply(0, length);
+  fuse_front::Session& session = owner_.session_;
+  // As for reply_data below: the copy into the reader's pages then overlaps the
+  // loop's work on the other requests in flight.
+  if (owner_.options_.reply_thread_minimum && owner_.in_flight_count_ > 1)
+    co_await session.reply_worker().async_reply_piped(request_, pipe, session.device(), length, asio::use_awaitable);
+  else
+    pipe.send(request_, session.device(), length);
+}
+
 void FileSystem::Tracked::reply_written(std::size_t length) {
   if (!begin_reply()) return;
   trace_reply(0, length);
@@ -220,13 +233,39 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
       BufferPool::Lease buffer = buffers_.acquire(job.length);
       std::error_code error;
       nbd_client::Connection* connection = io_.direct_connection(job.offset, job.length);
+      // A large payload goes from the socket to a pipe that already holds the
+      // reply's header, and from there to the reader: no copy through our memory.
+      fuse_front::ReplyPipe* pipe = nullptr;
+      if (connection && options_.spliced_read_minimum && job.length >= options_.spliced_read_minimum &&
+          connection->pipes_payloads())
+        pipe = session_.reply_pipes().start_reply(job.unique, job.length);
+      nbd_client::socket_batching::PipedPayload piped{buffer.data(), job.length, pipe ? pipe->write_end() : -1};
       if (connection) {
         auto sent = clock::now();
-        std::tie(error) = co_await connection->async_pread(buffer.data(), job.length, job.offset, nbd_client::use_result);
+        if (pipe)
+          std::tie(error) = co_await connection->async_pread_piped(buffer.data(), job.length, job.offset, &piped,
+                                                                   nbd_client::use_result);
+        else
+          std::tie(error) = co_await connection->async_pread(buffer.data(), job.length, job.offset,
+                                                             nbd_client::use_result);
         if (!io_.finished(Operation::read, *connection, sent, error)) connection = nullptr;  // broke: go the long way
       }
+      if (pipe && (!connection || error || piped.diverted || piped.piped != job.length)) {
+        // Not all of it went by pipe (out of order, a full pipe, a failure): what
+        // did comes back to the buffer, before any retry writes there.
+        if (!pipe->take_back(buffer.data(), piped.piped)) connection = nullptr;  // read it again
+        session_.reply_pipes().give_back(std::exchange(pipe, nullptr));
+        // A failure is not a fallback: it would have been one without the pipe too.
+        if constexpr (statistics_compiled_in)
+          if (!error) statistics_->spliced_read(false);
+      } else if (pipe) {
+        if constexpr (statistics_compiled_in) statistics_->spliced_read(true);
+      }
       if (!connection) error = co_await io_.read(buffer.data(), job.length, job.offset);
-      if (error) {
+      if (pipe) {
+        co_await tracked.reply_piped(*pipe, job.length);
+        session_.reply_pipes().give_back(pipe);  // drains a reply that was not sent (timed out)
+      } else if (error) {
         tracked.reply_error(to_application_errno(error));
       } else if (options_.reply_thread_minimum && job.length >= options_.reply_thread_minimum &&
                  in_flight_count_ > 1) {
@@ -448,7 +487,9 @@ void FileSystem::read(fuse_req_t request, std::size_t size, off_t offset, const 
     fuse_reply_buf(request, nullptr, 0);
     return;
   }
-  hand_over(Job{Operation::read, request, length, std::uint64_t(offset)});
+  Job job{Operation::read, request, length, std::uint64_t(offset)};
+  job.unique = session_.current_unique();
+  hand_over(std::move(job));
 }
 
 void FileSystem::write(fuse_req_t request, const char* data, std::size_t size, off_t offset,

@@ -35,6 +35,9 @@ struct FileSystemOptions {
   std::chrono::milliseconds request_timeout{0};  // 0: requests may take as long as they take
   // READ replies at least this long go out from the session's reply thread (0: never).
   std::size_t reply_thread_minimum = 128 * 1024;
+  // READs at least this long are answered by splice() from the NBD socket
+  // through a pipe (fuse_front/reply_pipe.hpp) when the connection allows (0: never).
+  std::size_t spliced_read_minimum = 128 * 1024;
 };
 
 class FileSystem final : public fuse_front::Handlers {
@@ -87,6 +90,9 @@ class FileSystem final : public fuse_front::Handlers {
     void reply_error(int error);  // 0 means success for FLUSH/FSYNC
     void reply_data(const std::byte* data, std::size_t length);
     void reply_written(std::size_t length);
+    // Sends the READ reply waiting in pipe (header and length bytes), from the
+    // reply thread when other requests are in flight.
+    asio::awaitable<void> reply_piped(fuse_front::ReplyPipe& pipe, std::size_t length);
 
    private:
     friend class FileSystem;
@@ -117,6 +123,7 @@ class FileSystem final : public fuse_front::Handlers {
     fuse_front::RequestBuffer payload;
     const std::byte* data = nullptr;
     bool durable = false;
+    std::uint64_t unique = 0;  // READ: the FUSE request's id, for a spliced reply
   };
   using Resumption = asio::async_result<asio::use_awaitable_t<>, void()>::handler_type;
   // A coroutine that serves READs and WRITEs one after another and parks in

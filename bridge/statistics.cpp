@@ -164,6 +164,8 @@ void Statistics::injected_delay(std::uint64_t nanoseconds) {
 
 void Statistics::injected_error() { ++injected_errors_; }
 
+void Statistics::spliced_read(bool whole) { ++(whole ? spliced_reads_ : splice_fallbacks_); }
+
 void Statistics::reset() {
   for (auto& kind : operations_) {
     std::uint64_t still_in_flight = kind.in_flight;
@@ -175,6 +177,7 @@ void Statistics::reset() {
   in_flight_peak_ = in_flight_;
   disconnects_ = reconnects_ = 0;
   injected_delays_ = injected_delay_nanoseconds_ = injected_errors_ = 0;
+  spliced_reads_ = splice_fallbacks_ = 0;
   last_reset_ = Clock::now();
 }
 
@@ -244,6 +247,10 @@ std::string Statistics::to_json() const {
   append_microseconds(out, double(injected_delay_nanoseconds_));
   out += ",\"errors\":";
   append_unsigned(out, injected_errors_);
+  out += "},\"spliced_reads\":{\"piped\":";
+  append_unsigned(out, spliced_reads_);
+  out += ",\"fallbacks\":";
+  append_unsigned(out, splice_fallbacks_);
 
   out += "},\"histograms\":{";
   for (std::size_t index = 0; index < operation_kinds; ++index) {

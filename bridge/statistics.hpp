@@ -18,6 +18,8 @@
 //                    "outage_us":x}, ...],
 //    "disconnects":N,"reconnects":N,
 //    "injected":{"delays":N,"delay_total_us":x,"errors":N},
+//    "spliced_reads":{"piped":N,"fallbacks":N},  READs answered by splice(), and those
+//                                        started so but copied after all (see fuse_front/reply_pipe.hpp)
 //    "histograms":{"read":{"fuse":[[upper_bound_us,count],...],"nbd":[...]},...}}
 // Latencies are microseconds with one decimal (bucket bounds with three). Histogram lists hold
 // only non-empty buckets, in increasing order; a bucket holds samples below its upper bound and
@@ -74,6 +76,9 @@ class Statistics {
   void injected_delay(std::uint64_t nanoseconds);
   void injected_error();
 
+  // A READ started as a spliced reply: whole (sent from the pipe) or fell back to a copy.
+  void spliced_read(bool whole);
+
   // Zeroes everything but the in-flight-now gauges; peaks restart from the current level.
   void reset();
 
@@ -108,6 +113,8 @@ class Statistics {
   std::uint64_t injected_delays() const { return injected_delays_; }
   std::uint64_t injected_delay_nanoseconds() const { return injected_delay_nanoseconds_; }
   std::uint64_t injected_errors() const { return injected_errors_; }
+  std::uint64_t spliced_reads() const { return spliced_reads_; }
+  std::uint64_t splice_fallbacks() const { return splice_fallbacks_; }
 
  private:
   using Clock = std::chrono::steady_clock;
@@ -126,6 +133,8 @@ class Statistics {
   std::uint64_t injected_delays_ = 0;
   std::uint64_t injected_delay_nanoseconds_ = 0;
   std::uint64_t injected_errors_ = 0;
+  std::uint64_t spliced_reads_ = 0;
+  std::uint64_t splice_fallbacks_ = 0;
 };
 
 }  // namespace bridge

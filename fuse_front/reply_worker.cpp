@@ -21,7 +21,8 @@ void ReplyWorker::run() {
     queue_.pop_front();
     lock.unlock();
     // libfuse replies are thread-safe (its own multi-threaded loop replies from many threads).
-    fuse_reply_buf(job->request, reinterpret_cast<const char*>(job->data), job->length);
+    if (job->pipe) job->pipe->send(job->request, job->device, job->length);
+    else fuse_reply_buf(job->request, reinterpret_cast<const char*>(job->data), job->length);
     job->complete();
     lock.lock();
   }

@@ -21,6 +21,8 @@
 #include <mutex>
 #include <thread>
 
+#include "fuse_front/reply_pipe.hpp"
+
 namespace fuse_front {
 
 class ReplyWorker {
@@ -41,6 +43,19 @@ class ReplyWorker {
         },
         token);
   }
+  // ReplyPipe::send(request, device, length) on the worker thread; the pipe is
+  // the caller's again when the completion runs.
+  template <typename Token>
+  auto async_reply_piped(fuse_req_t request, ReplyPipe& pipe, int device, std::size_t length, Token&& token) {
+    return asio::async_initiate<Token, void()>(
+        [this, request, &pipe, device, length](auto handler) {
+          auto* job = new HandlerJob<decltype(handler)>(request, nullptr, length, std::move(handler));
+          job->pipe = &pipe;
+          job->device = device;
+          submit(job);
+        },
+        token);
+  }
 
   // Sends what is queued, then ends the thread. Afterwards nothing touches the
   // session: call it before unmounting.
@@ -55,6 +70,8 @@ class ReplyWorker {
     fuse_req_t request;
     const std::byte* data;
     std::size_t length;
+    ReplyPipe* pipe = nullptr;  // set: the reply is in this pipe, for device
+    int device = -1;
   };
 
   template <typename Handler>

@@ -180,6 +180,7 @@ std::error_code Session::mount(const std::string& mountpoint, const std::vector<
   }
   fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
   descriptor_.assign(fd);
+  device_fd_ = fd;
   buffer_size_ = receive_buffer_size;
   return {};
 }
@@ -231,6 +232,7 @@ void Session::receive() {
     }
     current_buffer_ = buffer;
     current_resident_ = resident || std::size_t(result) > small_head;
+    current_unique_ = reinterpret_cast<const fuse_in_header*>(buffer)->unique;
     fuse_session_process_buf(session_, &request);
     if (current_buffer_) give_back(std::exchange(current_buffer_, nullptr), current_resident_);
   }

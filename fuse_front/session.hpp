@@ -78,6 +78,12 @@ class Session {
   // The thread for large READ replies; stopped by unmount().
   ReplyWorker& reply_worker() { return reply_worker_; }
 
+  // Spliced READ replies (reply_pipe.hpp): the pipes, the request's id for the
+  // reply header (only valid inside a handler), and the device to send them to.
+  ReplyPipes& reply_pipes() { return reply_pipes_; }
+  std::uint64_t current_unique() const { return current_unique_; }
+  int device() const { return device_fd_; }
+
  private:
   friend class RequestBuffer;
   void wait_readable();
@@ -102,8 +108,11 @@ class Session {
   std::vector<std::byte*> free_resident_buffers_;
   std::byte* current_buffer_ = nullptr;
   bool current_resident_ = false;
+  std::uint64_t current_unique_ = 0;
+  int device_fd_ = -1;
   // Read by the writev hook, which also runs on the reply worker's thread.
   std::atomic<std::uint32_t> extra_open_flags_{0};
+  ReplyPipes reply_pipes_;  // before the worker: it stops before the pipes close
   ReplyWorker reply_worker_;
 };
 

@@ -69,11 +69,23 @@ void CommandMemory::give(void* block, std::size_t size) {
   else free_blocks_.push_back(block);
 }
 
+namespace {
+
+// Before a command's handler can run: its issuer may reuse the payload at once.
+void stop_piping(PendingCommand* command) {
+  if (!command->piped) return;
+  socket_batching::forget_payload(command->piped_socket, command->piped);
+  command->piped = nullptr;
+}
+
+}  // namespace
+
 int on_chunk_done(void* user_data, int* error) {
   auto* command = static_cast<PendingCommand*>(user_data);
   if (*error != 0 && command->first_error == 0) command->first_error = *error;
   if (--command->callbacks_outstanding == 0 && !command->submitting) {
     command->finished = true;
+    stop_piping(command);
     if (command->in_flight_counter) --*command->in_flight_counter;
     command->finish(std::error_code(command->first_error, std::generic_category()));
   }
@@ -86,6 +98,7 @@ void on_chunk_freed(void* user_data) {
     // Freed without its callback: the handle was closed under it.
     if (!command->finished) {
       command->finished = true;
+      stop_piping(command);
       if (command->in_flight_counter) --*command->in_flight_counter;
       command->finish(std::error_code(ESHUTDOWN, std::generic_category()));
     }
@@ -474,6 +487,14 @@ void Connection::issue(PendingCommand* command, const CommandRequest& request) {
     std::size_t length = request.kind == CommandKind::flush ? 1 : request.length;
     std::size_t limit = single ? length : chunk_limit(request.kind);
     if (request.kind == CommandKind::block_status) length = std::min<std::size_t>(length, chunk_limit(request.kind));
+    // Piped only as one NBD command: the replies of several may come in any order.
+    if (request.piped && batched_ && length <= limit) {
+      int fd = nbd_aio_get_fd(handle_);
+      if (socket_batching::expect_payload(fd, request.piped)) {
+        command->piped = request.piped;
+        command->piped_socket = fd;
+      }
+    }
     for_each_chunk(length, limit, [&](std::size_t done, std::size_t chunk) {
       ++command->callbacks_outstanding;
       ++command->frees_outstanding;
@@ -490,6 +511,7 @@ void Connection::issue(PendingCommand* command, const CommandRequest& request) {
   command->submitting = false;
   if (command->callbacks_outstanding == 0 && !command->finished) {
     command->finished = true;
+    stop_piping(command);
     command->finish(std::error_code(command->first_error, std::generic_category()));
   } else if (!command->finished) {
     ++in_flight_;

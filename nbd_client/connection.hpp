@@ -36,6 +36,10 @@ struct nbd_handle;
 
 namespace nbd_client {
 
+namespace socket_batching {
+struct PipedPayload;
+}
+
 // Completion token for coroutines: `auto [error] = co_await connection.async_pread(..., use_result);`
 // gives the std::error_code instead of throwing it.
 inline constexpr auto use_result = asio::experimental::as_tuple(asio::use_awaitable);
@@ -148,6 +152,10 @@ class PendingCommand {
   ReadyList* ready_list = nullptr;
   PendingCommand* next_ready = nullptr;
   int first_error = 0;
+  // A READ whose payload goes to a pipe (socket_batching::PipedPayload): expected
+  // on piped_socket until the command finishes.
+  socket_batching::PipedPayload* piped = nullptr;
+  int piped_socket = -1;
   bool submitting = false;
   bool finished = false;
 };
@@ -174,6 +182,7 @@ struct CommandRequest {
   std::uint64_t offset = 0;
   std::uint32_t flags = 0;
   std::vector<Extent>* extents = nullptr;  // block_status: filled in order, clipped to the request
+  socket_batching::PipedPayload* piped = nullptr;  // read: payload to a pipe where possible
 };
 
 class Connection {
@@ -199,6 +208,16 @@ class Connection {
   template <typename Token>
   auto async_pread(std::byte* buffer, std::size_t length, std::uint64_t offset, Token&& token) {
     return async_command({CommandKind::read, buffer, length, offset}, std::forward<Token>(token));
+  }
+  // The same, with the payload moved to piped->pipe instead of the buffer when the
+  // socket allows (batched, one NBD command); piped->piped and ->diverted tell
+  // afterwards how much of it is there. *piped must outlive the completion.
+  template <typename Token>
+  auto async_pread_piped(std::byte* buffer, std::size_t length, std::uint64_t offset,
+                         socket_batching::PipedPayload* piped, Token&& token) {
+    CommandRequest request{CommandKind::read, buffer, length, offset};
+    request.piped = piped;
+    return async_command(request, std::forward<Token>(token));
   }
   template <typename Token>
   auto async_pwrite(const std::byte* buffer, std::size_t length, std::uint64_t offset, std::uint32_t flags,
@@ -230,6 +249,9 @@ class Connection {
     return async_command({CommandKind::block_status, nullptr, length, offset, 0, &extents},
                          std::forward<Token>(token));
   }
+
+  // Whether async_pread_piped can move payloads to a pipe (a batched socket).
+  bool pipes_payloads() const { return batched_; }
 
   // Commands issued and not yet completed: the load used to spread requests.
   std::size_t in_flight() const { return in_flight_.load(std::memory_order_relaxed); }

@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -44,6 +45,10 @@ struct SocketState {
   // libnbd has read through our recv() on this socket. Until then fill() only
   // peeks: a libnbd that reads some other way would never see read-ahead bytes.
   bool recv_seen = false;
+  // READ payloads in flight that go to pipes; few, searched only by recv() calls
+  // asking for a large payload.
+  PipedPayload* piped[max_piped_payloads] = {};
+  std::size_t piped_count = 0;
 
   std::size_t read_ahead() const { return large_payloads ? short_read_ahead : input_capacity; }
 
@@ -101,7 +106,103 @@ ssize_t send_joined(int fd, SocketState& state, const void* data, std::size_t le
   return ssize_t(from_data);
 }
 
+PipedPayload* piped_payload_at(SocketState& state, const void* buffer, std::size_t length) {
+  const auto* start = static_cast<const std::byte*>(buffer);
+  for (std::size_t i = 0; i < state.piped_count; ++i) {
+    PipedPayload* payload = state.piped[i];
+    if (start >= payload->buffer && start + length <= payload->buffer + payload->length) return payload;
+  }
+  return nullptr;
+}
+
+constexpr ssize_t not_piped = -2;
+
+// libnbd's recv() of `length` bytes into a piped payload's buffer. Returns what
+// recv() would, or not_piped when these bytes must go to the buffer instead:
+// they are not the next ones in order, or the pipe is full. Once diverted, a
+// payload stays in its buffer; its issuer moves the piped part back.
+ssize_t receive_into_pipe(int fd, SocketState& state, PipedPayload& payload, void* buffer, std::size_t length) {
+  if (payload.diverted) return not_piped;
+  if (static_cast<std::byte*>(buffer) != payload.buffer + payload.piped) {
+    payload.diverted = true;
+    return not_piped;
+  }
+  std::size_t moved = 0;
+  if (state.buffered()) {
+    // Read ahead before libnbd asked for the payload: a few KiB, copied once.
+    std::size_t count = std::min(length, state.buffered());
+    ssize_t wrote = ::write(payload.pipe, state.input.get() + state.input_begin, count);
+    if (wrote <= 0) {
+      payload.diverted = true;
+      return not_piped;
+    }
+    state.input_begin += std::size_t(wrote);
+    if (state.input_begin == state.input_end) state.input_begin = state.input_end = 0;
+    moved = std::size_t(wrote);
+    payload.piped += moved;
+    if (moved == length || state.buffered()) return ssize_t(moved);
+  } else if (state.input_error) {
+    errno = std::exchange(state.input_error, 0);
+    return -1;
+  } else if (state.input_ended) {
+    return 0;
+  }
+  // The socket's pages move into the pipe: no copy, and the server's send
+  // buffer is free again at once. "Would block" means an empty socket or a
+  // full pipe; only the socket can say which, and what it holds stays there
+  // (we are its only reader), so a second try that would block has a full pipe.
+  for (bool socket_holds_data = false;;) {
+    ssize_t got = ::splice(fd, nullptr, payload.pipe, nullptr, length - moved, SPLICE_F_NONBLOCK);
+    if (got > 0) {
+      payload.piped += std::size_t(got);
+      moved += std::size_t(got);
+      state.inside_large_payload = moved < length;
+      return ssize_t(moved);
+    }
+    if (got == 0) {
+      if (!moved) return 0;
+      state.input_ended = true;  // reported on the next call, after these bytes
+      return ssize_t(moved);
+    }
+    bool would_block = errno == EAGAIN || errno == EWOULDBLOCK;
+    if (moved) {
+      if (!would_block && errno != EINTR) state.input_error = errno;
+      return ssize_t(moved);
+    }
+    if (!would_block || socket_holds_data) break;
+    std::byte peeked;
+    if (::recvfrom(fd, &peeked, 1, MSG_DONTWAIT | MSG_PEEK, nullptr, nullptr) < 0 &&
+        (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      state.inside_large_payload = true;
+      errno = EAGAIN;
+      return -1;
+    }
+    socket_holds_data = true;
+  }
+  // A full pipe, or a socket splice() cannot read: the rest goes to the buffer.
+  payload.diverted = true;
+  return not_piped;
+}
+
 }  // namespace
+
+bool expect_payload(int fd, PipedPayload* payload) {
+  SocketState* state = state_of(fd);
+  if (!state || state->piped_count == max_piped_payloads) return false;
+  state->piped[state->piped_count++] = payload;
+  return true;
+}
+
+void forget_payload(int fd, PipedPayload* payload) {
+  SocketState* state = state_of(fd);
+  if (!state) return;
+  for (std::size_t i = 0; i < state->piped_count; ++i) {
+    if (state->piped[i] != payload) continue;
+    state->piped[i] = state->piped[--state->piped_count];
+    state->piped[state->piped_count] = nullptr;
+    return;
+  }
+}
 
 bool attach(int fd) {
   if (fd < 0 || fd >= table_size) return false;
@@ -162,6 +263,12 @@ ssize_t recv(int fd, void* buffer, size_t length, int flags) {
   if (!state || flags != 0 || length == 0) return ::recvfrom(fd, buffer, length, flags, nullptr, nullptr);
   state->recv_seen = true;
   if (length > reply_header_limit) state->large_payloads = length >= large_payload;
+  if (state->piped_count) {  // a payload's tail may be short: every call is looked at
+    if (PipedPayload* payload = piped_payload_at(*state, buffer, length)) {
+      ssize_t result = receive_into_pipe(fd, *state, *payload, buffer, length);
+      if (result != not_piped) return result;
+    }
+  }
   std::size_t copied = 0;
   if (state->buffered()) {
     copied = take_buffered(*state, buffer, length);

@@ -53,6 +53,25 @@ inline constexpr std::size_t input_capacity = 64 * 1024;
 inline constexpr std::size_t large_payload = 16 * 1024;
 inline constexpr std::size_t short_read_ahead = 4 * 1024;
 inline constexpr std::size_t reply_header_limit = 64;
+// A READ payload that goes to a pipe instead of its buffer (spliced reads: the
+// pipe then feeds the FUSE reply, so the payload is never copied through user
+// space). libnbd's recv() into the buffer is recognised by its address; bytes
+// are moved with splice() while they arrive in order from the buffer's start.
+// Owned by the command's issuer; registered from issue to completion, on the
+// socket's thread.
+struct PipedPayload {
+  std::byte* buffer = nullptr;
+  std::size_t length = 0;
+  int pipe = -1;           // write end
+  std::size_t piped = 0;   // buffer[0, piped) is in the pipe, not in the buffer
+  bool diverted = false;   // later bytes went to the buffer (out of order, or the pipe was full)
+};
+// false: fd is not attached or too many payloads are expected; the read then
+// lands in its buffer as usual.
+bool expect_payload(int fd, PipedPayload* payload);
+void forget_payload(int fd, PipedPayload* payload);
+inline constexpr std::size_t max_piped_payloads = 64;
+
 // Sends are held up to this much (headers, small payloads); a send that would
 // pass it goes out at once, after the held bytes.
 inline constexpr std::size_t output_hold_limit = 64 * 1024;

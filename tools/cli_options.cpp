@@ -77,6 +77,11 @@ void setup(CLI::App& app, Options& options) {
                  "so libnbd makes fewer recv()/send() calls per command; off: libnbd's own calls (TLS "
                  "connections always)")
       ->check(CLI::IsMember({"on", "off"}));
+  app.add_option("--spliced-reads", options.spliced_reads,
+                 "on (default): READs of 128 KiB and more go from the NBD socket to the reader with "
+                 "splice() through a pipe, never copied through the bridge's memory (needs "
+                 "--socket-batching on; 1 MiB reads need root for a large enough pipe); off: copied")
+      ->check(CLI::IsMember({"on", "off"}));
   app.add_option("--retry-timeout", options.retry_timeout_seconds,
                  "seconds to keep reconnecting to a lost server while requests wait (default 60; 0: fail at once)")
       ->check(CLI::NonNegativeNumber);

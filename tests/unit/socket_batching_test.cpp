@@ -248,3 +248,141 @@ TEST_CASE("close forgets a socket, so a new one with its number starts clean") {
   close(fds[0]);
   close(fds[1]);
 }
+
+namespace {
+
+struct Pipe {
+  int read_end = -1;
+  int write_end = -1;
+  explicit Pipe(int size) {
+    int ends[2];
+    REQUIRE(pipe2(ends, O_NONBLOCK | O_CLOEXEC) == 0);
+    read_end = ends[0];
+    write_end = ends[1];
+    REQUIRE(fcntl(write_end, F_SETPIPE_SZ, size) >= size);
+  }
+  ~Pipe() {
+    close(read_end);
+    close(write_end);
+  }
+  std::vector<std::uint8_t> contents() const {
+    std::vector<std::uint8_t> bytes(4 << 20);
+    ssize_t got = ::read(read_end, bytes.data(), bytes.size());
+    bytes.resize(got > 0 ? std::size_t(got) : 0);
+    return bytes;
+  }
+};
+
+// Writes the stream from a child process: it may not fit the socket's buffer.
+pid_t write_from_child(int fd, const std::vector<std::uint8_t>& stream) {
+  pid_t child = fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    std::size_t done = 0;
+    while (done < stream.size()) {
+      ssize_t wrote = ::write(fd, stream.data() + done, stream.size() - done);
+      if (wrote <= 0) _exit(1);
+      done += std::size_t(wrote);
+    }
+    _exit(0);
+  }
+  return child;
+}
+
+void check_child_done(pid_t child) {
+  int status = -1;
+  waitpid(child, &status, 0);
+  CHECK(status == 0);
+}
+
+// libnbd's way of reading a payload into its buffer: recv() until all is there.
+void receive_into(int fd, std::uint8_t* buffer, std::size_t length) {
+  std::size_t done = 0;
+  for (int calls = 0; done < length; ++calls) {
+    REQUIRE(calls < 1000000);
+    ssize_t got = recv(fd, buffer + done, length - done, 0);
+    if (got < 0 && errno == EAGAIN) continue;
+    REQUIRE(got > 0);
+    done += std::size_t(got);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("an expected payload goes to its pipe in order, and its buffer is not written") {
+  SocketPair sockets;
+  Pipe pipe(1 << 20);
+  const std::size_t length = 256 * 1024;
+  auto header = pattern(16, 21), payload = pattern(length, 22), trailer = pattern(16, 23);
+  pid_t child = write_from_child(sockets.peer, joined(joined(header, payload), trailer));
+  std::vector<std::uint8_t> buffer(length, 0);
+  batching::PipedPayload piped{reinterpret_cast<std::byte*>(buffer.data()), length, pipe.write_end};
+  REQUIRE(batching::expect_payload(sockets.ours, &piped));
+  CHECK(receive_exactly(sockets.ours, 16) == header);  // reads part of the payload ahead
+  receive_into(sockets.ours, buffer.data(), length);
+  batching::forget_payload(sockets.ours, &piped);
+  CHECK(piped.piped == length);
+  CHECK_FALSE(piped.diverted);
+  CHECK(pipe.contents() == payload);
+  CHECK(buffer == std::vector<std::uint8_t>(length, 0));
+  CHECK(receive_exactly(sockets.ours, 16) == trailer);
+  check_child_done(child);
+}
+
+TEST_CASE("a payload read out of order stays in its buffer") {
+  SocketPair sockets;
+  Pipe pipe(1 << 20);
+  const std::size_t length = 64 * 1024;
+  auto payload = pattern(length, 24);
+  write_all(sockets.peer, payload);
+  std::vector<std::uint8_t> buffer(length, 0);
+  batching::PipedPayload piped{reinterpret_cast<std::byte*>(buffer.data()), length, pipe.write_end};
+  REQUIRE(batching::expect_payload(sockets.ours, &piped));
+  // A structured reply's second chunk first: not where the pipe has got to.
+  receive_into(sockets.ours, buffer.data() + length / 2, length / 2);
+  receive_into(sockets.ours, buffer.data(), length / 2);
+  batching::forget_payload(sockets.ours, &piped);
+  CHECK(piped.diverted);
+  CHECK(piped.piped == 0);
+  std::vector<std::uint8_t> expected(payload.begin() + length / 2, payload.end());
+  expected.insert(expected.end(), payload.begin(), payload.begin() + length / 2);
+  CHECK(buffer == expected);
+  CHECK(pipe.contents().empty());
+}
+
+TEST_CASE("when the pipe is full the rest of the payload goes to its buffer") {
+  SocketPair sockets;
+  Pipe pipe(4096);  // one page
+  const std::size_t length = 128 * 1024;
+  auto header = pattern(16, 25), payload = pattern(length, 26);
+  pid_t child = write_from_child(sockets.peer, joined(header, payload));
+  std::vector<std::uint8_t> buffer(length, 0);
+  batching::PipedPayload piped{reinterpret_cast<std::byte*>(buffer.data()), length, pipe.write_end};
+  REQUIRE(batching::expect_payload(sockets.ours, &piped));
+  CHECK(receive_exactly(sockets.ours, 16) == header);
+  receive_into(sockets.ours, buffer.data(), length);
+  batching::forget_payload(sockets.ours, &piped);
+  CHECK(piped.diverted);
+  REQUIRE(piped.piped > 0);
+  REQUIRE(piped.piped < length);
+  CHECK(pipe.contents() == std::vector<std::uint8_t>(payload.begin(), payload.begin() + long(piped.piped)));
+  CHECK(std::vector<std::uint8_t>(buffer.begin() + long(piped.piped), buffer.end()) ==
+        std::vector<std::uint8_t>(payload.begin() + long(piped.piped), payload.end()));
+  check_child_done(child);
+}
+
+TEST_CASE("a forgotten payload is read into its buffer as usual") {
+  SocketPair sockets;
+  Pipe pipe(1 << 20);
+  const std::size_t length = 32 * 1024;
+  auto payload = pattern(length, 27);
+  write_all(sockets.peer, payload);
+  std::vector<std::uint8_t> buffer(length, 0);
+  batching::PipedPayload piped{reinterpret_cast<std::byte*>(buffer.data()), length, pipe.write_end};
+  REQUIRE(batching::expect_payload(sockets.ours, &piped));
+  batching::forget_payload(sockets.ours, &piped);
+  receive_into(sockets.ours, buffer.data(), length);
+  CHECK(buffer == payload);
+  CHECK(piped.piped == 0);
+  CHECK(pipe.contents().empty());
+}

@@ -266,6 +266,12 @@ TEST_CASE("statistics count operations, bytes, errors and in-flight peaks") {
   CHECK(statistics.injected_delays() == 2);
   CHECK(statistics.injected_delay_nanoseconds() == 8'000'000);
   CHECK(statistics.injected_errors() == 1);
+  statistics.spliced_read(true);
+  statistics.spliced_read(true);
+  statistics.spliced_read(false);
+  CHECK(statistics.spliced_reads() == 2);
+  CHECK(statistics.splice_fallbacks() == 1);
+  CHECK(statistics.to_json().find("\"spliced_reads\":{\"piped\":2,\"fallbacks\":1}") != std::string::npos);
 
   // A stray finish must not wrap the gauges around.
   statistics.request_finished(Operation::flush, 0, false, 1000);
@@ -293,6 +299,7 @@ TEST_CASE("reset zeroes everything but what is in flight now") {
   for (int request = 0; request < 3; ++request) statistics.request_finished(Operation::write, 512, false, 10'000);
   statistics.connection_lost(0);
   statistics.injected_error();
+  statistics.spliced_read(false);
   statistics.reset();
 
   const auto& write = statistics.operation(Operation::write);
@@ -306,6 +313,7 @@ TEST_CASE("reset zeroes everything but what is in flight now") {
   CHECK(statistics.disconnects() == 0);
   CHECK(statistics.connections()[0].disconnects == 0);
   CHECK(statistics.injected_errors() == 0);
+  CHECK(statistics.splice_fallbacks() == 0);
 
   statistics.request_finished(Operation::write, 512, false, 10'000);
   statistics.request_finished(Operation::write, 512, false, 10'000);

@@ -1,0 +1,69 @@
+// Pipes that carry a READ reply to /dev/fuse with splice(): the reply's header is
+// written first, then the NBD socket's pages are moved in behind it, and one
+// splice() hands both to the kernel, which copies the payload straight into the
+// reader's pages. The pool is the loop thread's; a pipe taken from it belongs to
+// one request (and, while it sends, the reply thread) until it is given back.
+#pragma once
+
+#ifndef FUSE_USE_VERSION
+#define FUSE_USE_VERSION 34
+#endif
+
+#include <fuse_lowlevel.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+namespace fuse_front {
+
+class ReplyPipe {
+ public:
+  ReplyPipe(int read_end, int write_end) : read_end_(read_end), write_end_(write_end) {}
+  ~ReplyPipe();
+  ReplyPipe(const ReplyPipe&) = delete;
+  ReplyPipe& operator=(const ReplyPipe&) = delete;
+
+  // Where the payload goes: the NBD side splices into this.
+  int write_end() const { return write_end_; }
+
+  // Sends the reply held (header and `length` payload bytes) to the request it
+  // was started for. On failure the request is answered with EIO instead, so
+  // the reader never waits for a reply that will not come.
+  void send(fuse_req_t request, int device, std::size_t length);
+  // Moves the first `count` payload bytes back into buffer, emptying the pipe:
+  // the reply goes the ordinary way. false: the pipe failed and was discarded.
+  bool take_back(std::byte* buffer, std::size_t count);
+
+ private:
+  friend class ReplyPipes;
+  bool drain();
+
+  int read_end_;
+  int write_end_;
+  // Holds bytes that are not yet sent or taken back: drained before reuse.
+  bool holding_ = false;
+  bool broken_ = false;
+};
+
+class ReplyPipes {
+ public:
+  // Payloads longer than this do not fit a pipe this process can make.
+  std::size_t largest_payload();
+  // A pipe holding the header of a successful READ reply to `unique` with
+  // `length` payload bytes, or nullptr (none can be made, or too many in use).
+  ReplyPipe* start_reply(std::uint64_t unique, std::size_t length);
+  // Empties the pipe if it still holds a reply (a request answered otherwise).
+  void give_back(ReplyPipe* pipe);
+  std::size_t in_use() const { return in_use_; }
+
+ private:
+  std::unique_ptr<ReplyPipe> make_pipe();
+
+  std::vector<std::unique_ptr<ReplyPipe>> free_;
+  std::size_t in_use_ = 0;
+  std::size_t capacity_ = 0;  // bytes each pipe holds; 0 until the first is made
+};
+
+}  // namespace fuse_front

@@ -117,9 +117,12 @@ class BlockIo {
   // (--connection-threads writes): their copy into the socket then overlaps the
   // loop's copy out of /dev/fuse.
   static nbd_client::Purpose write_purpose(std::size_t length) {
-    constexpr std::size_t large_write_minimum = 128 * 1024;
-    return length >= large_write_minimum ? nbd_client::Purpose::large_write : nbd_client::Purpose::data;
+    return length >= large_request ? nbd_client::Purpose::large_write : nbd_client::Purpose::data;
   }
+  static nbd_client::Purpose read_purpose(std::size_t length) {
+    return length >= large_request ? nbd_client::Purpose::large_read : nbd_client::Purpose::data;
+  }
+  static constexpr std::size_t large_request = 128 * 1024;
   // Records a command that ran on `connection`; false when the connection broke
   // under it (never acknowledged), so that it must be issued again.
   bool finished(Operation operation, const nbd_client::Connection& connection,

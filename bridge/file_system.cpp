@@ -232,7 +232,8 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
       // The buffer outlives the command: it is released only after the reply.
       BufferPool::Lease buffer = buffers_.acquire(job.length);
       std::error_code error;
-      nbd_client::Connection* connection = io_.direct_connection(job.offset, job.length);
+      nbd_client::Connection* connection =
+          io_.direct_connection(job.offset, job.length, false, BlockIo::read_purpose(job.length));
       // A large payload goes from the socket to a pipe that already holds the
       // reply's header, and from there to the reader: no copy through our memory.
       fuse_front::ReplyPipe* pipe = nullptr;

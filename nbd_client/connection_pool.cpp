@@ -140,9 +140,9 @@ bool ConnectionPool::serves(std::size_t index, Purpose purpose) const {
     case Role::data_and_status:
       return true;
     case Role::data:
-      return purpose == Purpose::data;
+      return purpose == Purpose::data || purpose == Purpose::large_read;
     case Role::status:
-      return purpose == Purpose::block_status;
+      return purpose == Purpose::block_status || purpose == Purpose::large_read;
     case Role::large_writes:
       return purpose == Purpose::large_write;
   }

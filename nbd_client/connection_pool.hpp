@@ -33,8 +33,10 @@ enum class ReplyMode {
 };
 
 // What a command needs from the connection it runs on. large_write falls back
-// to data when there is no large-write connection.
-enum class Purpose { data, block_status, large_write };
+// to data when there is no large-write connection. large_read may also use the
+// block-status connection, which is otherwise idle: a second socket halves how
+// often a large reply waits for the server's send buffer to drain.
+enum class Purpose { data, block_status, large_write, large_read };
 
 // Which connections a thread of their own drives (--connection-threads).
 enum class ThreadMode {
@@ -100,7 +102,9 @@ class ConnectionPool {
   enum class Role { data_and_status, data, status, large_writes };
   bool serves(std::size_t index, Purpose purpose) const;
   // Where a command goes when no connection serves its purpose: large writes to data.
-  static Purpose fallback(Purpose purpose) { return purpose == Purpose::large_write ? Purpose::data : purpose; }
+  static Purpose fallback(Purpose purpose) {
+    return purpose == Purpose::large_write || purpose == Purpose::large_read ? Purpose::data : purpose;
+  }
   std::string describe(std::size_t index) const;
   bool any_usable(Purpose purpose = Purpose::data) const;
   ConnectOptions options_for(Role role) const;

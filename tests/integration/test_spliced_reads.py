@@ -86,6 +86,25 @@ def test_spliced_reads_off_copies():
                 h.check_eq(_stats(m)["piped"], 0, "%s: reads went by pipe" % " ".join(opts))
 
 
+def test_large_reads_share_the_block_status_connection():
+    # With multi-conn, small requests keep to the data connection while large
+    # READs are spread over it and the block-status connection (a second socket,
+    # so a reply waits less for the server's send buffer to drain).
+    img, content = _image()
+    with h.Nbdkit(["file", img]) as srv, h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
+        r = h.run(["fio", "--name=r", "--filename=" + m.export, "--rw=read", "--bs=1M", "--iodepth=8",
+                   "--ioengine=libaio", "--direct=1", "--size=%d" % SIZE, "--output-format=json"], timeout=60)
+        h.check_eq(r.returncode, 0, "fio 1 MiB reads (stderr %r)" % r.stderr[-1000:])
+        r = h.run([h.NBDBRIDGE, "stats", m.mountdir], timeout=15)
+        links = json.loads(r.stdout)["connections"]
+        by_role = {link["role"]: link["commands"] for link in links}
+        h.log("  commands per connection: %r" % links)
+        h.check("block_status" in by_role, "a block-status connection was opened: %r" % links)
+        h.check(by_role["block_status"] >= 4, "large reads on the block-status connection: %r" % links)
+        h.check(by_role["data"] >= 4, "large reads on the data connection: %r" % links)
+        _check_reads(m, content, "after the spread reads")
+
+
 SH_PLUGIN = r"""#!/bin/bash
 # A file-backed disk whose reads fail with EIO while $dir/fail exists and take
 # 3 s while $dir/slow exists.

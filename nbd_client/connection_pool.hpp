@@ -6,9 +6,10 @@
 // Reads answered with structured replies cost libnbd four recv() calls against
 // two for simple replies, so when the server shares one cache among connections
 // (multi-conn) the data connections use simple replies and one more connection,
-// used for nothing else, carries block status. With --connection-threads writes
-// (the default) one more connection, driven by a thread of its own, carries
-// WRITEs of 128 KiB and more, again only where multi-conn makes that sound.
+// used otherwise only for a share of the large READs and WRITEs, carries block
+// status. With --connection-threads writes (the default) one more connection,
+// driven by a thread of its own, carries WRITEs of 128 KiB and more, again only
+// where multi-conn makes that sound.
 #pragma once
 
 #include "nbd_client/connection.hpp"
@@ -32,10 +33,11 @@ enum class ReplyMode {
   simple,      // simple replies everywhere: no block status at all
 };
 
-// What a command needs from the connection it runs on. large_write falls back
-// to data when there is no large-write connection. large_read may also use the
-// block-status connection, which is otherwise idle: a second socket halves how
-// often a large reply waits for the server's send buffer to drain.
+// What a command needs from the connection it runs on. Large READs and WRITEs
+// (128 KiB and more) also use the block-status connection, which is otherwise
+// idle: a second socket halves how often a large payload waits for a socket
+// buffer to drain (the server's, for replies) or for the server's one reader of
+// the socket. Both fall back to data connections where those are all there is.
 enum class Purpose { data, block_status, large_write, large_read };
 
 // Which connections a thread of their own drives (--connection-threads).

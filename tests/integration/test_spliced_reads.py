@@ -86,23 +86,31 @@ def test_spliced_reads_off_copies():
                 h.check_eq(_stats(m)["piped"], 0, "%s: reads went by pipe" % " ".join(opts))
 
 
-def test_large_reads_share_the_block_status_connection():
+def _commands_by_role(mount):
+    r = h.run([h.NBDBRIDGE, "stats", mount.mountdir], timeout=15)
+    links = json.loads(r.stdout)["connections"]
+    h.log("  commands per connection: %r" % [(link["role"], link["commands"]) for link in links])
+    return {link["role"]: link["commands"] for link in links}
+
+
+def test_large_requests_share_the_block_status_connection():
     # With multi-conn, small requests keep to the data connection while large
-    # READs are spread over it and the block-status connection (a second socket,
-    # so a reply waits less for the server's send buffer to drain).
-    img, content = _image()
-    with h.Nbdkit(["file", img]) as srv, h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
-        r = h.run(["fio", "--name=r", "--filename=" + m.export, "--rw=read", "--bs=1M", "--iodepth=8",
-                   "--ioengine=libaio", "--direct=1", "--size=%d" % SIZE, "--output-format=json"], timeout=60)
-        h.check_eq(r.returncode, 0, "fio 1 MiB reads (stderr %r)" % r.stderr[-1000:])
-        r = h.run([h.NBDBRIDGE, "stats", m.mountdir], timeout=15)
-        links = json.loads(r.stdout)["connections"]
-        by_role = {link["role"]: link["commands"] for link in links}
-        h.log("  commands per connection: %r" % links)
-        h.check("block_status" in by_role, "a block-status connection was opened: %r" % links)
-        h.check(by_role["block_status"] >= 4, "large reads on the block-status connection: %r" % links)
-        h.check(by_role["data"] >= 4, "large reads on the data connection: %r" % links)
-        _check_reads(m, content, "after the spread reads")
+    # READs are spread over it and the block-status connection, and large WRITEs
+    # over that one and the large-write connection: a second socket, so a
+    # payload waits less for a socket buffer to drain.
+    with h.Nbdkit(["memory", str(SIZE)]) as srv, h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
+        fio = ["fio", "--name=j", "--filename=" + m.export, "--bs=1M", "--iodepth=8", "--ioengine=libaio",
+               "--direct=1", "--size=%d" % SIZE, "--verify=crc32c", "--output-format=json"]
+        r = h.run(fio + ["--rw=write", "--do_verify=0"], timeout=60)
+        h.check_eq(r.returncode, 0, "fio 1 MiB writes (stderr %r)" % r.stderr[-1000:])
+        written = _commands_by_role(m)
+        h.check(written.get("block_status", 0) >= 4, "large writes on the block-status connection")
+        h.check(written.get("large_writes", 0) >= 4, "large writes on the large-write connection")
+        r = h.run(fio + ["--rw=read", "--verify_only"], timeout=60)
+        h.check_eq(r.returncode, 0, "fio 1 MiB reads verified (stderr %r)" % r.stderr[-1000:])
+        read = _commands_by_role(m)
+        h.check(read["block_status"] - written["block_status"] >= 4, "large reads on the block-status connection")
+        h.check(read["data"] - written["data"] >= 4, "large reads on the data connection")
 
 
 SH_PLUGIN = r"""#!/bin/bash

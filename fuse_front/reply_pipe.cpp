@@ -14,10 +14,8 @@ namespace {
 
 // Enough for 1 MiB reads at the depths that move much data (8-16), with room.
 constexpr std::size_t kept_pipes = 32;
-// A pipe's capacity counts pages whatever they hold, and the socket's pages
-// arrive partly filled: twice the payload keeps a 1 MiB reply from running out
-// of room. Above the unprivileged limit (1 MiB) only for root.
-constexpr int wanted_pipe_size = 4 << 20;
+// Room to spare for a 1 MiB reply; granted only with CAP_SYS_RESOURCE.
+constexpr int wanted_pipe_size = 2 << 20;
 
 bool read_exactly(int fd, std::byte* buffer, std::size_t count) {
   while (count) {
@@ -74,26 +72,19 @@ bool ReplyPipe::drain() {
   return true;
 }
 
+// A pipe's capacity counts pages whatever they hold. The socket's pages arrive
+// 32 KiB at a time, so a 1 MiB pipe (the unprivileged limit, pipe-max-size)
+// holds a 1 MiB payload and its header; more is asked for where allowed. A user
+// past pipe-user-pages-soft gets small pipes, which then carry small replies only.
 std::unique_ptr<ReplyPipe> ReplyPipes::make_pipe() {
   int ends[2];
   if (pipe2(ends, O_NONBLOCK | O_CLOEXEC) != 0) return nullptr;
-  auto pipe = std::make_unique<ReplyPipe>(ends[0], ends[1]);
   if (fcntl(ends[1], F_SETPIPE_SZ, wanted_pipe_size) < 0) fcntl(ends[1], F_SETPIPE_SZ, 1 << 20);
   int size = fcntl(ends[1], F_GETPIPE_SZ);
-  if (size <= 0) return nullptr;
-  capacity_ = std::size_t(size);
-  return pipe;
-}
-
-std::size_t ReplyPipes::largest_payload() {
-  if (capacity_ == 0) {
-    if (auto pipe = make_pipe()) free_.push_back(std::move(pipe));
-  }
-  return capacity_;
+  return std::make_unique<ReplyPipe>(ends[0], ends[1], size > 0 ? std::size_t(size) : 0);
 }
 
 ReplyPipe* ReplyPipes::start_reply(std::uint64_t unique, std::size_t length) {
-  if (length > largest_payload()) return nullptr;
   std::unique_ptr<ReplyPipe> pipe;
   if (!free_.empty()) {
     pipe = std::move(free_.back());
@@ -106,9 +97,9 @@ ReplyPipe* ReplyPipes::start_reply(std::uint64_t unique, std::size_t length) {
   header.len = std::uint32_t(sizeof header + length);
   header.error = 0;
   header.unique = unique;
-  if (::write(pipe->write_end_, &header, sizeof header) != ssize_t(sizeof header)) {
-    pipe->broken_ = !pipe->drain();
-    if (!pipe->broken_) free_.push_back(std::move(pipe));
+  if (length > pipe->capacity_ ||
+      ::write(pipe->write_end_, &header, sizeof header) != ssize_t(sizeof header)) {
+    if (pipe->drain()) free_.push_back(std::move(pipe));
     return nullptr;
   }
   pipe->holding_ = true;

@@ -20,7 +20,8 @@ namespace fuse_front {
 
 class ReplyPipe {
  public:
-  ReplyPipe(int read_end, int write_end) : read_end_(read_end), write_end_(write_end) {}
+  ReplyPipe(int read_end, int write_end, std::size_t capacity)
+      : read_end_(read_end), write_end_(write_end), capacity_(capacity) {}
   ~ReplyPipe();
   ReplyPipe(const ReplyPipe&) = delete;
   ReplyPipe& operator=(const ReplyPipe&) = delete;
@@ -42,6 +43,7 @@ class ReplyPipe {
 
   int read_end_;
   int write_end_;
+  std::size_t capacity_;  // bytes, as F_GETPIPE_SZ counts them (pages, really)
   // Holds bytes that are not yet sent or taken back: drained before reuse.
   bool holding_ = false;
   bool broken_ = false;
@@ -49,8 +51,6 @@ class ReplyPipe {
 
 class ReplyPipes {
  public:
-  // Payloads longer than this do not fit a pipe this process can make.
-  std::size_t largest_payload();
   // A pipe holding the header of a successful READ reply to `unique` with
   // `length` payload bytes, or nullptr (none can be made, or too many in use).
   ReplyPipe* start_reply(std::uint64_t unique, std::size_t length);
@@ -63,7 +63,6 @@ class ReplyPipes {
 
   std::vector<std::unique_ptr<ReplyPipe>> free_;
   std::size_t in_use_ = 0;
-  std::size_t capacity_ = 0;  // bytes each pipe holds; 0 until the first is made
 };
 
 }  // namespace fuse_front

@@ -256,7 +256,7 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
         // did comes back to the buffer, before any retry writes there.
         if (!pipe->take_back(buffer.data(), piped.piped)) connection = nullptr;  // read it again
         session_.reply_pipes().give_back(std::exchange(pipe, nullptr));
-        // A failure is not a fallback: it would have been one without the pipe too.
+        // Counted only when the pipe cost a copy; a failed read fails either way.
         if constexpr (statistics_compiled_in)
           if (!error) statistics_->spliced_read(false);
       } else if (pipe) {

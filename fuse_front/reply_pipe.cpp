@@ -85,6 +85,10 @@ std::unique_ptr<ReplyPipe> ReplyPipes::make_pipe() {
 }
 
 ReplyPipe* ReplyPipes::start_reply(std::uint64_t unique, std::size_t length) {
+  if (paused_for_ > 0) {
+    --paused_for_;
+    return nullptr;
+  }
   std::unique_ptr<ReplyPipe> pipe;
   if (!free_.empty()) {
     pipe = std::move(free_.back());
@@ -107,9 +111,16 @@ ReplyPipe* ReplyPipes::start_reply(std::uint64_t unique, std::size_t length) {
   return pipe.release();
 }
 
-void ReplyPipes::give_back(ReplyPipe* pipe) {
+void ReplyPipes::note_outcome(bool whole) {
+  fallbacks_ += !whole;
+  if (fallbacks_ >= fallbacks_to_pause) paused_for_ = paused_replies;
+  if (++outcomes_ == outcome_window || paused_for_) outcomes_ = fallbacks_ = 0;
+}
+
+void ReplyPipes::give_back(ReplyPipe* pipe, bool whole) {
   std::unique_ptr<ReplyPipe> owned(pipe);
   --in_use_;
+  note_outcome(whole);
   if (owned->holding_ && !owned->drain()) owned->broken_ = true;
   if (!owned->broken_ && free_.size() < kept_pipes) free_.push_back(std::move(owned));
 }

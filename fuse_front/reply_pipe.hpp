@@ -28,6 +28,7 @@ class ReplyPipe {
 
   // Where the payload goes: the NBD side splices into this.
   int write_end() const { return write_end_; }
+  int read_end() const { return read_end_; }  // what send() splices from
 
   // Sends the reply held (header and `length` payload bytes) to the request it
   // was started for. On failure the request is answered with EIO instead, so
@@ -52,17 +53,32 @@ class ReplyPipe {
 class ReplyPipes {
  public:
   // A pipe holding the header of a successful READ reply to `unique` with
-  // `length` payload bytes, or nullptr (none can be made, or too many in use).
+  // `length` payload bytes, or nullptr (none can be made, too many in use, or
+  // piping is paused).
   ReplyPipe* start_reply(std::uint64_t unique, std::size_t length);
   // Empties the pipe if it still holds a reply (a request answered otherwise).
-  void give_back(ReplyPipe* pipe);
+  // `whole`: the reply went by pipe; false: it fell back to a copy (out of
+  // order, a full pipe), which costs more than not piping at all.
+  void give_back(ReplyPipe* pipe, bool whole = true);
   std::size_t in_use() const { return in_use_; }
+
+  // When fallbacks become common (a server that answers in chunks out of order
+  // or with holes, socket pages too fragmented for a pipe), piping pauses for a
+  // while and then tries again: at most outcome_window fallbacks in vain per pause.
+  static constexpr unsigned outcome_window = 64;
+  static constexpr unsigned fallbacks_to_pause = 8;
+  static constexpr unsigned paused_replies = 4096;
+  bool paused() const { return paused_for_ > 0; }
 
  private:
   std::unique_ptr<ReplyPipe> make_pipe();
+  void note_outcome(bool whole);
 
   std::vector<std::unique_ptr<ReplyPipe>> free_;
   std::size_t in_use_ = 0;
+  unsigned outcomes_ = 0;    // in the current window
+  unsigned fallbacks_ = 0;   // of those
+  unsigned paused_for_ = 0;  // start_reply calls still to refuse
 };
 
 }  // namespace fuse_front

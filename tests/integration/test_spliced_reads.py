@@ -75,6 +75,12 @@ def test_spliced_reads_return_the_servers_bytes():
                     h.check(spliced["piped"] >= len(READS), "%s: reads went by pipe: %r" % (what, spliced))
                     h.check_eq(spliced["fallbacks"], 0, "%s: reads copied after all" % what)
                     h.log("  %s: %r" % (what, spliced))
+            # Each connection on a thread of its own: the payload is registered
+            # and piped there, and the reply sent from the loop.
+            if not tcp:
+                with h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--connection-threads", "all"]) as m:
+                    _check_reads(m, content, "unix, --connection-threads all")
+                    h.check(_stats(m)["piped"] >= len(READS), "--connection-threads all: reads went by pipe")
 
 
 def test_spliced_reads_off_copies():

@@ -307,82 +307,84 @@ void receive_into(int fd, std::uint8_t* buffer, std::size_t length) {
   }
 }
 
+// A socket pair, a pipe, and a zeroed buffer of `length` whose payload is
+// expected to go to the pipe.
+struct PipedRead {
+  SocketPair sockets;
+  Pipe pipe;
+  std::vector<std::uint8_t> buffer;
+  batching::PipedPayload piped;
+  PipedRead(std::size_t length, int pipe_size)
+      : pipe(pipe_size),
+        buffer(length, 0),
+        piped{reinterpret_cast<std::byte*>(buffer.data()), length, pipe.write_end} {
+    REQUIRE(batching::expect_payload(sockets.ours, &piped));
+  }
+  void receive(std::size_t offset, std::size_t length) { receive_into(sockets.ours, buffer.data() + offset, length); }
+  void forget() { batching::forget_payload(sockets.ours, &piped); }
+};
+
 }  // namespace
 
 TEST_CASE("an expected payload goes to its pipe in order, and its buffer is not written") {
-  SocketPair sockets;
-  Pipe pipe(1 << 20);
   const std::size_t length = 256 * 1024;
+  PipedRead read(length, 1 << 20);
   auto header = pattern(16, 21), payload = pattern(length, 22), trailer = pattern(16, 23);
-  pid_t child = write_from_child(sockets.peer, joined(joined(header, payload), trailer));
-  std::vector<std::uint8_t> buffer(length, 0);
-  batching::PipedPayload piped{reinterpret_cast<std::byte*>(buffer.data()), length, pipe.write_end};
-  REQUIRE(batching::expect_payload(sockets.ours, &piped));
-  CHECK(receive_exactly(sockets.ours, 16) == header);  // reads part of the payload ahead
-  receive_into(sockets.ours, buffer.data(), length);
-  batching::forget_payload(sockets.ours, &piped);
-  CHECK(piped.piped == length);
-  CHECK_FALSE(piped.diverted);
-  CHECK(pipe.contents() == payload);
-  CHECK(buffer == std::vector<std::uint8_t>(length, 0));
-  CHECK(receive_exactly(sockets.ours, 16) == trailer);
+  pid_t child = write_from_child(read.sockets.peer, joined(joined(header, payload), trailer));
+  CHECK(receive_exactly(read.sockets.ours, 16) == header);  // reads part of the payload ahead
+  read.receive(0, length);
+  read.forget();
+  CHECK(read.piped.piped == length);
+  CHECK_FALSE(read.piped.diverted);
+  CHECK(read.pipe.contents() == payload);
+  CHECK(read.buffer == std::vector<std::uint8_t>(length, 0));
+  CHECK(receive_exactly(read.sockets.ours, 16) == trailer);
   check_child_done(child);
 }
 
 TEST_CASE("a payload read out of order stays in its buffer") {
-  SocketPair sockets;
-  Pipe pipe(1 << 20);
   const std::size_t length = 64 * 1024;
+  PipedRead read(length, 1 << 20);
   auto payload = pattern(length, 24);
-  write_all(sockets.peer, payload);
-  std::vector<std::uint8_t> buffer(length, 0);
-  batching::PipedPayload piped{reinterpret_cast<std::byte*>(buffer.data()), length, pipe.write_end};
-  REQUIRE(batching::expect_payload(sockets.ours, &piped));
+  write_all(read.sockets.peer, payload);
   // A structured reply's second chunk first: not where the pipe has got to.
-  receive_into(sockets.ours, buffer.data() + length / 2, length / 2);
-  receive_into(sockets.ours, buffer.data(), length / 2);
-  batching::forget_payload(sockets.ours, &piped);
-  CHECK(piped.diverted);
-  CHECK(piped.piped == 0);
+  read.receive(length / 2, length / 2);
+  read.receive(0, length / 2);
+  read.forget();
+  CHECK(read.piped.diverted);
+  CHECK(read.piped.piped == 0);
   std::vector<std::uint8_t> expected(payload.begin() + length / 2, payload.end());
   expected.insert(expected.end(), payload.begin(), payload.begin() + length / 2);
-  CHECK(buffer == expected);
-  CHECK(pipe.contents().empty());
+  CHECK(read.buffer == expected);
+  CHECK(read.pipe.contents().empty());
 }
 
 TEST_CASE("when the pipe is full the rest of the payload goes to its buffer") {
-  SocketPair sockets;
-  Pipe pipe(4096);  // one page
   const std::size_t length = 128 * 1024;
+  PipedRead read(length, 4096);  // one page
   auto header = pattern(16, 25), payload = pattern(length, 26);
-  pid_t child = write_from_child(sockets.peer, joined(header, payload));
-  std::vector<std::uint8_t> buffer(length, 0);
-  batching::PipedPayload piped{reinterpret_cast<std::byte*>(buffer.data()), length, pipe.write_end};
-  REQUIRE(batching::expect_payload(sockets.ours, &piped));
-  CHECK(receive_exactly(sockets.ours, 16) == header);
-  receive_into(sockets.ours, buffer.data(), length);
-  batching::forget_payload(sockets.ours, &piped);
-  CHECK(piped.diverted);
-  REQUIRE(piped.piped > 0);
-  REQUIRE(piped.piped < length);
-  CHECK(pipe.contents() == std::vector<std::uint8_t>(payload.begin(), payload.begin() + long(piped.piped)));
-  CHECK(std::vector<std::uint8_t>(buffer.begin() + long(piped.piped), buffer.end()) ==
-        std::vector<std::uint8_t>(payload.begin() + long(piped.piped), payload.end()));
+  pid_t child = write_from_child(read.sockets.peer, joined(header, payload));
+  CHECK(receive_exactly(read.sockets.ours, 16) == header);
+  read.receive(0, length);
+  read.forget();
+  const std::size_t piped = read.piped.piped;
+  CHECK(read.piped.diverted);
+  REQUIRE(piped > 0);
+  REQUIRE(piped < length);
+  CHECK(read.pipe.contents() == std::vector<std::uint8_t>(payload.begin(), payload.begin() + long(piped)));
+  CHECK(std::vector<std::uint8_t>(read.buffer.begin() + long(piped), read.buffer.end()) ==
+        std::vector<std::uint8_t>(payload.begin() + long(piped), payload.end()));
   check_child_done(child);
 }
 
 TEST_CASE("a forgotten payload is read into its buffer as usual") {
-  SocketPair sockets;
-  Pipe pipe(1 << 20);
   const std::size_t length = 32 * 1024;
+  PipedRead read(length, 1 << 20);
   auto payload = pattern(length, 27);
-  write_all(sockets.peer, payload);
-  std::vector<std::uint8_t> buffer(length, 0);
-  batching::PipedPayload piped{reinterpret_cast<std::byte*>(buffer.data()), length, pipe.write_end};
-  REQUIRE(batching::expect_payload(sockets.ours, &piped));
-  batching::forget_payload(sockets.ours, &piped);
-  receive_into(sockets.ours, buffer.data(), length);
-  CHECK(buffer == payload);
-  CHECK(piped.piped == 0);
-  CHECK(pipe.contents().empty());
+  write_all(read.sockets.peer, payload);
+  read.forget();
+  read.receive(0, length);
+  CHECK(read.buffer == payload);
+  CHECK(read.piped.piped == 0);
+  CHECK(read.pipe.contents().empty());
 }

@@ -50,6 +50,28 @@ void write_all(int fd, const std::vector<std::uint8_t>& bytes) {
   }
 }
 
+// Writes the stream from a child process: it may not fit the socket's buffer.
+pid_t write_from_child(int fd, const std::vector<std::uint8_t>& stream) {
+  pid_t child = fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    std::size_t done = 0;
+    while (done < stream.size()) {
+      ssize_t wrote = ::write(fd, stream.data() + done, stream.size() - done);
+      if (wrote <= 0) _exit(1);
+      done += std::size_t(wrote);
+    }
+    _exit(0);
+  }
+  return child;
+}
+
+void check_child_done(pid_t child) {
+  int status = -1;
+  waitpid(child, &status, 0);
+  CHECK(status == 0);
+}
+
 // Reads exactly `length` bytes through the batched recv(), as libnbd does: a
 // partial read means "call again".
 std::vector<std::uint8_t> receive_exactly(int fd, std::size_t length) {
@@ -94,28 +116,14 @@ TEST_CASE("a payload larger than the read-ahead buffer arrives whole and in orde
   stream.insert(stream.end(), payload.begin(), payload.end());
   stream.insert(stream.end(), trailer.begin(), trailer.end());
   stream.insert(stream.end(), next_payload.begin(), next_payload.end());
-  // The socket buffer may be smaller than the stream: write from the side.
-  int writer_fd = sockets.peer;
-  pid_t child = fork();
-  REQUIRE(child >= 0);
-  if (child == 0) {
-    std::size_t done = 0;
-    while (done < stream.size()) {
-      ssize_t wrote = ::write(writer_fd, stream.data() + done, stream.size() - done);
-      if (wrote <= 0) _exit(1);
-      done += std::size_t(wrote);
-    }
-    _exit(0);
-  }
+  pid_t child = write_from_child(sockets.peer, stream);
   CHECK(receive_exactly(sockets.ours, 16) == header);
   CHECK(receive_exactly(sockets.ours, payload_length) == payload);
   CHECK(receive_exactly(sockets.ours, 16) == trailer);
   // After a large payload, a header read brings only a little of the next one along.
   CHECK(batching::buffered_input(sockets.ours) <= batching::short_read_ahead);
   CHECK(receive_exactly(sockets.ours, next_payload.size()) == next_payload);
-  int status = 0;
-  waitpid(child, &status, 0);
-  CHECK(status == 0);
+  check_child_done(child);
 }
 
 TEST_CASE("fill only looks until recv() has been seen on the socket, then reads ahead") {
@@ -273,27 +281,6 @@ struct Pipe {
   }
 };
 
-// Writes the stream from a child process: it may not fit the socket's buffer.
-pid_t write_from_child(int fd, const std::vector<std::uint8_t>& stream) {
-  pid_t child = fork();
-  REQUIRE(child >= 0);
-  if (child == 0) {
-    std::size_t done = 0;
-    while (done < stream.size()) {
-      ssize_t wrote = ::write(fd, stream.data() + done, stream.size() - done);
-      if (wrote <= 0) _exit(1);
-      done += std::size_t(wrote);
-    }
-    _exit(0);
-  }
-  return child;
-}
-
-void check_child_done(pid_t child) {
-  int status = -1;
-  waitpid(child, &status, 0);
-  CHECK(status == 0);
-}
 
 // libnbd's way of reading a payload into its buffer: recv() until all is there.
 void receive_into(int fd, std::uint8_t* buffer, std::size_t length) {

@@ -6,8 +6,9 @@
 // attached here, recv() reads ahead whatever the socket holds and later calls are
 // served from that buffer, and send() only holds the bytes: the connection
 // flushes them in one sendmsg() once the requests of the current batch are
-// issued (shutdown() and close() flush or drop them). Every other descriptor,
-// and every other caller, passes straight to the C library.
+// issued (shutdown() and close() flush or drop them). A READ payload expected
+// for a pipe (PipedPayload) is moved there with splice() instead of being read.
+// Every other descriptor, and every other caller, passes straight to the C library.
 // Thread rule: an attached socket is used by one thread at a time, its
 // connection's (libnbd's own rule for a handle); close() detaches it.
 #pragma once

@@ -148,12 +148,17 @@ asio::awaitable<void> FileSystem::Tracked::reply_piped(fuse_front::ReplyPipe& pi
   if (!begin_reply()) co_return;
   trace_reply(0, length);
   fuse_front::Session& session = owner_.session_;
-  // As for reply_data below: the copy into the reader's pages then overlaps the
-  // loop's work on the other requests in flight.
-  if (owner_.options_.reply_thread_minimum && owner_.in_flight_count_ > 1)
+  if (owner_.reply_from_thread(length))
     co_await session.reply_worker().async_reply_piped(request_, pipe, session.device(), length, asio::use_awaitable);
   else
     pipe.send(request_, session.device(), length);
+}
+
+// The copy into the application's pages then overlaps the loop's work on the
+// other requests in flight. Alone, the hand-over would only add latency (1 MiB
+// buffered reads at depth 1: 1.3-1.7 against 1.8 GiB/s inline).
+bool FileSystem::reply_from_thread(std::size_t length) const {
+  return options_.reply_thread_minimum && length >= options_.reply_thread_minimum && in_flight_count_ > 1;
 }
 
 void FileSystem::Tracked::reply_written(std::size_t length) {
@@ -269,11 +274,7 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
         session_.reply_pipes().give_back(pipe);  // drains a reply that was not sent (timed out)
       } else if (error) {
         tracked.reply_error(to_application_errno(error));
-      } else if (options_.reply_thread_minimum && job.length >= options_.reply_thread_minimum &&
-                 in_flight_count_ > 1) {
-        // The copy into the application's pages then overlaps this thread's work on
-        // the other requests in flight. Alone, the hand-over would only add latency
-        // (1 MiB buffered reads at depth 1: 1.3-1.7 against 1.8 GiB/s inline).
+      } else if (reply_from_thread(job.length)) {
         if (tracked.begin_reply()) {
           tracked.trace_reply(0, job.length);
           co_await session_.reply_worker().async_reply_buf(job.request, buffer.data(), job.length,

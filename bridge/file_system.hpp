@@ -135,6 +135,8 @@ class FileSystem final : public fuse_front::Handlers {
     std::optional<Resumption> parked;  // set while idle; resuming hands over `job`
     bool stop = false;
   };
+  // Whether a READ reply of `length` goes out from the session's reply thread.
+  bool reply_from_thread(std::size_t length) const;
   void hand_over(Job job);
   asio::awaitable<void> request_server(RequestServer& self);
   void stop_request_servers();

@@ -35,7 +35,8 @@ class ReplyPipe {
   // the reader never waits for a reply that will not come.
   void send(fuse_req_t request, int device, std::size_t length);
   // Moves the first `count` payload bytes back into buffer, emptying the pipe:
-  // the reply goes the ordinary way. false: the pipe failed and was discarded.
+  // the reply goes the ordinary way. false: the pipe failed (it is discarded when
+  // given back) and the payload must be read again.
   bool take_back(std::byte* buffer, std::size_t count);
 
  private:

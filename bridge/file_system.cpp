@@ -260,11 +260,13 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
         // Not all of it went by pipe (out of order, a full pipe, a failure): what
         // did comes back to the buffer, before any retry writes there.
         if (!pipe->take_back(buffer.data(), piped.piped)) connection = nullptr;  // read it again
-        // A fallback only when the pipe cost a copy; a failed read fails either way.
-        bool fell_back = !error;
-        session_.reply_pipes().give_back(std::exchange(pipe, nullptr), !fell_back);
+        // A fallback only when the pipe cost a copy: none went there (a reply that
+        // is all hole, chunks out of order from the start) is an ordinary read, and
+        // a failed read fails either way.
+        bool copied_back = !error && piped.piped > 0;
+        session_.reply_pipes().give_back(std::exchange(pipe, nullptr), !copied_back);
         if constexpr (statistics_compiled_in)
-          if (fell_back) statistics_->spliced_read(false);
+          if (copied_back) statistics_->spliced_read(false);
       } else if (pipe) {
         if constexpr (statistics_compiled_in) statistics_->spliced_read(true);
       }

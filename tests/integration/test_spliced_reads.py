@@ -119,6 +119,32 @@ def test_large_requests_share_the_block_status_connection():
         h.check(read["data"] - written["data"] >= 4, "large reads on the data connection")
 
 
+def test_holes_in_structured_replies():
+    # qemu-nbd answers a READ over a sparse image with structured chunks: data
+    # where the image has some and holes (which libnbd fills with zeros, no bytes
+    # on the wire) elsewhere. A pipe then holds only the data before the first
+    # hole or none; the reply falls back to the buffer and must still be exact.
+    h.run(["qemu-nbd", "--version"], timeout=10, check=True)
+    img = os.path.join(h.tmpdir("sparse"), "disk.raw")
+    content = bytearray(8 * MiB)
+    with open(img, "wb") as f:
+        f.truncate(len(content))
+        for offset, length in ((MiB, 512 * 1024), (3 * MiB - 4096, 8192), (5 * MiB + 65536, 1536 * 1024)):
+            data = os.urandom(length)
+            f.seek(offset)
+            f.write(data)
+            content[offset:offset + length] = data
+    with h.Mount(h.tmpdir("mp"), ["[", "qemu-nbd", "-f", "raw", img, "]"]) as m:
+        for offset in range(0, 8 * MiB, 256 * 1024):
+            for length in (256 * 1024, MiB):
+                if offset + length <= len(content):
+                    h.check_bytes(_direct_read(m.export, offset, length), bytes(content[offset:offset + length]),
+                                  "qemu-nbd: read of %d at %d" % (length, offset))
+        spliced = _stats(m)
+        h.log("  %r" % spliced)
+        h.check(spliced["fallbacks"] > 0, "replies with holes fell back: %r" % spliced)
+
+
 SH_PLUGIN = r"""#!/bin/bash
 # A file-backed disk whose reads fail with EIO while $dir/fail exists and take
 # 3 s while $dir/slow exists.

@@ -119,6 +119,7 @@ class BlockIo {
   static nbd_client::Purpose write_purpose(std::size_t length) {
     return length >= large_request ? nbd_client::Purpose::large_write : nbd_client::Purpose::data;
   }
+  // Reads this long may also go to the block-status connection (a second socket).
   static nbd_client::Purpose read_purpose(std::size_t length) {
     return length >= large_request ? nbd_client::Purpose::large_read : nbd_client::Purpose::data;
   }

@@ -154,6 +154,28 @@ asio::awaitable<void> FileSystem::Tracked::reply_piped(fuse_front::ReplyPipe& pi
     pipe.send(request_, session.device(), length);
 }
 
+// After a READ issued with a pipe: true if the pipe is to carry the reply. If not
+// all of the payload went there (out of order, a full pipe, a failure), what did
+// comes back to the buffer, before a retry can write there, and the pipe is given
+// back (pipe becomes null); false then means even that failed, so the payload
+// must be read again.
+bool FileSystem::keep_pipe(fuse_front::ReplyPipe*& pipe, const nbd_client::socket_batching::PipedPayload& piped,
+                           std::error_code error) {
+  if (!error && !piped.diverted && piped.piped == piped.length) {
+    if constexpr (statistics_compiled_in) statistics_->spliced_read(true);
+    return true;
+  }
+  bool restored = pipe->take_back(piped.buffer, piped.piped);
+  // A fallback only when the pipe cost a copy: none went there (a reply that is
+  // all hole, chunks out of order from the start) is an ordinary read, and a
+  // failed read fails either way.
+  bool copied_back = !error && piped.piped > 0;
+  session_.reply_pipes().give_back(std::exchange(pipe, nullptr), !copied_back);
+  if constexpr (statistics_compiled_in)
+    if (copied_back) statistics_->spliced_read(false);
+  return restored;
+}
+
 // The copy into the application's pages then overlaps the loop's work on the
 // other requests in flight. Alone, the hand-over would only add latency (1 MiB
 // buffered reads at depth 1: 1.3-1.7 against 1.8 GiB/s inline).
@@ -248,28 +270,11 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
       nbd_client::socket_batching::PipedPayload piped{buffer.data(), job.length, pipe ? pipe->write_end() : -1};
       if (connection) {
         auto sent = clock::now();
-        if (pipe)
-          std::tie(error) = co_await connection->async_pread_piped(buffer.data(), job.length, job.offset, &piped,
-                                                                   nbd_client::use_result);
-        else
-          std::tie(error) = co_await connection->async_pread(buffer.data(), job.length, job.offset,
-                                                             nbd_client::use_result);
+        std::tie(error) = co_await connection->async_pread_piped(buffer.data(), job.length, job.offset,
+                                                                 pipe ? &piped : nullptr, nbd_client::use_result);
         if (!io_.finished(Operation::read, *connection, sent, error)) connection = nullptr;  // broke: go the long way
       }
-      if (pipe && (!connection || error || piped.diverted || piped.piped != job.length)) {
-        // Not all of it went by pipe (out of order, a full pipe, a failure): what
-        // did comes back to the buffer, before any retry writes there.
-        if (!pipe->take_back(buffer.data(), piped.piped)) connection = nullptr;  // read it again
-        // A fallback only when the pipe cost a copy: none went there (a reply that
-        // is all hole, chunks out of order from the start) is an ordinary read, and
-        // a failed read fails either way.
-        bool copied_back = !error && piped.piped > 0;
-        session_.reply_pipes().give_back(std::exchange(pipe, nullptr), !copied_back);
-        if constexpr (statistics_compiled_in)
-          if (copied_back) statistics_->spliced_read(false);
-      } else if (pipe) {
-        if constexpr (statistics_compiled_in) statistics_->spliced_read(true);
-      }
+      if (pipe && !keep_pipe(pipe, piped, error)) connection = nullptr;  // the pipe failed: read it again
       if (!connection) error = co_await io_.read(buffer.data(), job.length, job.offset);
       if (pipe) {
         co_await tracked.reply_piped(*pipe, job.length);

@@ -135,6 +135,8 @@ class FileSystem final : public fuse_front::Handlers {
     std::optional<Resumption> parked;  // set while idle; resuming hands over `job`
     bool stop = false;
   };
+  bool keep_pipe(fuse_front::ReplyPipe*& pipe, const nbd_client::socket_batching::PipedPayload& piped,
+                 std::error_code error);
   // Whether a READ reply of `length` goes out from the session's reply thread.
   bool reply_from_thread(std::size_t length) const;
   void hand_over(Job job);

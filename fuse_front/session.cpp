@@ -180,7 +180,6 @@ std::error_code Session::mount(const std::string& mountpoint, const std::vector<
   }
   fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
   descriptor_.assign(fd);
-  device_fd_ = fd;
   buffer_size_ = receive_buffer_size;
   return {};
 }

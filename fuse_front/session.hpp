@@ -82,7 +82,7 @@ class Session {
   // reply header (only valid inside a handler), and the device to send them to.
   ReplyPipes& reply_pipes() { return reply_pipes_; }
   std::uint64_t current_unique() const { return current_unique_; }
-  int device() const { return device_fd_; }
+  int device() const { return fuse_session_fd(session_); }
 
  private:
   friend class RequestBuffer;
@@ -109,7 +109,6 @@ class Session {
   std::byte* current_buffer_ = nullptr;
   bool current_resident_ = false;
   std::uint64_t current_unique_ = 0;
-  int device_fd_ = -1;
   // Read by the writev hook, which also runs on the reply worker's thread.
   std::atomic<std::uint32_t> extra_open_flags_{0};
   ReplyPipes reply_pipes_;  // before the worker: it stops before the pipes close

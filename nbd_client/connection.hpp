@@ -211,7 +211,8 @@ class Connection {
   }
   // The same, with the payload moved to piped->pipe instead of the buffer when the
   // socket allows (batched, one NBD command); piped->piped and ->diverted tell
-  // afterwards how much of it is there. *piped must outlive the completion.
+  // afterwards how much of it is there. *piped must outlive the completion; a
+  // null piped is async_pread.
   template <typename Token>
   auto async_pread_piped(std::byte* buffer, std::size_t length, std::uint64_t offset,
                          socket_batching::PipedPayload* piped, Token&& token) {

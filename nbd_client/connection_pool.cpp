@@ -142,7 +142,7 @@ bool ConnectionPool::serves(std::size_t index, Purpose purpose) const {
     case Role::data:
       return purpose == Purpose::data || purpose == Purpose::large_read;
     case Role::status:
-      return purpose != Purpose::data;
+      return purpose == Purpose::block_status || purpose == Purpose::large_read || purpose == Purpose::large_write;
     case Role::large_writes:
       return purpose == Purpose::large_write;
   }

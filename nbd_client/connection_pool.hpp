@@ -103,7 +103,7 @@ class ConnectionPool {
  private:
   enum class Role { data_and_status, data, status, large_writes };
   bool serves(std::size_t index, Purpose purpose) const;
-  // Where a command goes when no connection serves its purpose: large writes to data.
+  // Where a command goes when no connection serves its purpose: large reads and writes to data.
   static Purpose fallback(Purpose purpose) {
     return purpose == Purpose::large_write || purpose == Purpose::large_read ? Purpose::data : purpose;
   }

@@ -45,8 +45,8 @@ struct SocketState {
   // libnbd has read through our recv() on this socket. Until then fill() only
   // peeks: a libnbd that reads some other way would never see read-ahead bytes.
   bool recv_seen = false;
-  // READ payloads in flight that go to pipes; few, searched only by recv() calls
-  // asking for a large payload.
+  // READ payloads in flight that go to pipes; few, searched by every recv() while
+  // there are any (a payload's tail may be asked for in a short call).
   PipedPayload* piped[max_piped_payloads] = {};
   std::size_t piped_count = 0;
 
@@ -71,12 +71,40 @@ void forget(int fd) {
   delete table[fd].exchange(nullptr, std::memory_order_acq_rel);
 }
 
+void consume_buffered(SocketState& state, std::size_t count) {
+  state.input_begin += count;
+  if (state.input_begin == state.input_end) state.input_begin = state.input_end = 0;
+}
+
 std::size_t take_buffered(SocketState& state, void* buffer, std::size_t length) {
   std::size_t count = std::min(length, state.buffered());
   std::memcpy(buffer, state.input.get() + state.input_begin, count);
-  state.input_begin += count;
-  if (state.input_begin == state.input_end) state.input_begin = state.input_end = 0;
+  consume_buffered(state, count);
   return count;
+}
+
+// With nothing buffered, an end of stream or an error that fill() saw is due now.
+bool end_due(SocketState& state, ssize_t& result) {
+  if (state.input_error) {
+    errno = std::exchange(state.input_error, 0);
+    result = -1;
+    return true;
+  }
+  if (state.input_ended) {
+    result = 0;
+    return true;
+  }
+  return false;
+}
+
+// What recv() returns once `delivered` bytes are in libnbd's hands and the
+// system call after them returned `got` <= 0: the bytes first, and an end of
+// stream or a real error kept for the next call, as recv() itself would report them.
+ssize_t after_last_bytes(SocketState& state, std::size_t delivered, ssize_t got) {
+  if (delivered == 0) return got;  // errno from the call
+  if (got == 0) state.input_ended = true;
+  else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) state.input_error = errno;
+  return ssize_t(delivered);
 }
 
 // Sends held bytes, then `length` bytes of `data`, in one call. Returns how many
@@ -136,16 +164,12 @@ ssize_t receive_into_pipe(int fd, SocketState& state, PipedPayload& payload, voi
       payload.diverted = true;
       return not_piped;
     }
-    state.input_begin += std::size_t(wrote);
-    if (state.input_begin == state.input_end) state.input_begin = state.input_end = 0;
+    consume_buffered(state, std::size_t(wrote));
     moved = std::size_t(wrote);
     payload.piped += moved;
     if (moved == length || state.buffered()) return ssize_t(moved);
-  } else if (state.input_error) {
-    errno = std::exchange(state.input_error, 0);
-    return -1;
-  } else if (state.input_ended) {
-    return 0;
+  } else if (ssize_t result; end_due(state, result)) {
+    return result;
   }
   // The socket's pages move into the pipe: no copy, and the server's send
   // buffer is free again at once. "Would block" means an empty socket or a
@@ -159,17 +183,8 @@ ssize_t receive_into_pipe(int fd, SocketState& state, PipedPayload& payload, voi
       state.inside_large_payload = moved < length;
       return ssize_t(moved);
     }
-    if (got == 0) {
-      if (!moved) return 0;
-      state.input_ended = true;  // reported on the next call, after these bytes
-      return ssize_t(moved);
-    }
-    bool would_block = errno == EAGAIN || errno == EWOULDBLOCK;
-    if (moved) {
-      if (!would_block && errno != EINTR) state.input_error = errno;
-      return ssize_t(moved);
-    }
-    if (!would_block || socket_holds_data) break;
+    if (got == 0 || moved) return after_last_bytes(state, moved, got);
+    if ((errno != EAGAIN && errno != EWOULDBLOCK) || socket_holds_data) break;
     std::byte peeked;
     if (::recvfrom(fd, &peeked, 1, MSG_DONTWAIT | MSG_PEEK, nullptr, nullptr) < 0 &&
         (errno == EAGAIN || errno == EWOULDBLOCK)) {
@@ -275,11 +290,8 @@ ssize_t recv(int fd, void* buffer, size_t length, int flags) {
     // A large payload's rest is read straight into place below; a small
     // request is served from the buffer alone.
     if (copied == length || length - copied < large_payload) return ssize_t(copied);
-  } else if (state->input_error) {
-    errno = std::exchange(state->input_error, 0);
-    return -1;
-  } else if (state->input_ended) {
-    return 0;
+  } else if (ssize_t result; end_due(*state, result)) {
+    return result;
   }
   // One call fills the caller's buffer and reads ahead behind it: a large
   // payload lands where libnbd wants it, the replies after it come along.
@@ -291,17 +303,7 @@ ssize_t recv(int fd, void* buffer, size_t length, int flags) {
   message.msg_iovlen = 2;
   ssize_t got = ::recvmsg(fd, &message, 0);
   state->inside_large_payload = wanted >= large_payload && got < ssize_t(wanted);
-  if (got < 0) {
-    if (!copied) return -1;  // errno from recvmsg
-    // The bytes first; a real error comes with the next call, as recv() would report it.
-    if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) state->input_error = errno;
-    return ssize_t(copied);
-  }
-  if (got == 0) {
-    if (!copied) return 0;
-    state->input_ended = true;  // reported on the next call, after these bytes
-    return ssize_t(copied);
-  }
+  if (got <= 0) return after_last_bytes(*state, copied, got);
   if (std::size_t(got) > wanted) {
     state->input_begin = 0;
     state->input_end = std::size_t(got) - wanted;

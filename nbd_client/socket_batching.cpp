@@ -45,6 +45,11 @@ struct SocketState {
   // libnbd has read through our recv() on this socket. Until then fill() only
   // peeks: a libnbd that reads some other way would never see read-ahead bytes.
   bool recv_seen = false;
+  // Where libnbd's next recv() starts if it continues the read that returned
+  // short (or would have blocked) last: the rest of a payload asked for again
+  // says nothing new of payload sizes (a 1 MiB payload's 10 KiB tail is not a
+  // small payload, and must not turn full read-ahead back on).
+  const std::byte* resumes_at = nullptr;
   // READ payloads in flight that go to pipes; few, searched by every recv() while
   // there are any (a payload's tail may be asked for in a short call).
   PipedPayload* piped[max_piped_payloads] = {};
@@ -199,6 +204,43 @@ ssize_t receive_into_pipe(int fd, SocketState& state, PipedPayload& payload, voi
   return not_piped;
 }
 
+// recv() on a batched socket: read-ahead first, then the socket, a payload to
+// its pipe when one is registered for this address.
+ssize_t receive_batched(int fd, SocketState& state, void* buffer, std::size_t length) {
+  if (state.piped_count) {  // a payload's tail may be short: every call is looked at
+    if (PipedPayload* payload = piped_payload_at(state, buffer, length)) {
+      ssize_t result = receive_into_pipe(fd, state, *payload, buffer, length);
+      if (result != not_piped) return result;
+    }
+  }
+  std::size_t copied = 0;
+  if (state.buffered()) {
+    copied = take_buffered(state, buffer, length);
+    // A large payload's rest is read straight into place below; a small
+    // request is served from the buffer alone.
+    if (copied == length || length - copied < large_payload) return ssize_t(copied);
+  } else if (ssize_t result; end_due(state, result)) {
+    return result;
+  }
+  // One call fills the caller's buffer and reads ahead behind it: a large
+  // payload lands where libnbd wants it, the replies after it come along.
+  auto* rest = static_cast<std::byte*>(buffer) + copied;
+  std::size_t wanted = length - copied;
+  iovec parts[2] = {{rest, wanted}, {state.input.get(), state.read_ahead()}};
+  msghdr message{};
+  message.msg_iov = parts;
+  message.msg_iovlen = 2;
+  ssize_t got = ::recvmsg(fd, &message, 0);
+  state.inside_large_payload = wanted >= large_payload && got < ssize_t(wanted);
+  if (got <= 0) return after_last_bytes(state, copied, got);
+  if (std::size_t(got) > wanted) {
+    state.input_begin = 0;
+    state.input_end = std::size_t(got) - wanted;
+    got = ssize_t(wanted);
+  }
+  return ssize_t(copied + std::size_t(got));
+}
+
 }  // namespace
 
 bool expect_payload(int fd, PipedPayload* payload) {
@@ -277,41 +319,14 @@ ssize_t recv(int fd, void* buffer, size_t length, int flags) {
   SocketState* state = state_of(fd);
   if (!state || flags != 0 || length == 0) return ::recvfrom(fd, buffer, length, flags, nullptr, nullptr);
   state->recv_seen = true;
-  if (length > reply_header_limit) state->large_payloads = length >= large_payload;
-  if (state->piped_count) {  // a payload's tail may be short: every call is looked at
-    if (PipedPayload* payload = piped_payload_at(*state, buffer, length)) {
-      ssize_t result = receive_into_pipe(fd, *state, *payload, buffer, length);
-      if (result != not_piped) return result;
-    }
-  }
-  std::size_t copied = 0;
-  if (state->buffered()) {
-    copied = take_buffered(*state, buffer, length);
-    // A large payload's rest is read straight into place below; a small
-    // request is served from the buffer alone.
-    if (copied == length || length - copied < large_payload) return ssize_t(copied);
-  } else if (ssize_t result; end_due(*state, result)) {
-    return result;
-  }
-  // One call fills the caller's buffer and reads ahead behind it: a large
-  // payload lands where libnbd wants it, the replies after it come along.
-  auto* rest = static_cast<std::byte*>(buffer) + copied;
-  std::size_t wanted = length - copied;
-  iovec parts[2] = {{rest, wanted}, {state->input.get(), state->read_ahead()}};
-  msghdr message{};
-  message.msg_iov = parts;
-  message.msg_iovlen = 2;
-  ssize_t got = ::recvmsg(fd, &message, 0);
-  state->inside_large_payload = wanted >= large_payload && got < ssize_t(wanted);
-  if (got <= 0) return after_last_bytes(*state, copied, got);
-  if (std::size_t(got) > wanted) {
-    state->input_begin = 0;
-    state->input_end = std::size_t(got) - wanted;
-    got = ssize_t(wanted);
-  }
-  return ssize_t(copied + std::size_t(got));
+  if (length > reply_header_limit && buffer != state->resumes_at) state->large_payloads = length >= large_payload;
+  ssize_t result = receive_batched(fd, *state, buffer, length);
+  if (result > 0 && std::size_t(result) < length)
+    state->resumes_at = static_cast<const std::byte*>(buffer) + result;
+  else
+    state->resumes_at = result < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) ? static_cast<const std::byte*>(buffer) : nullptr;
+  return result;
 }
-
 ssize_t send(int fd, const void* data, size_t length, int flags) {
   SocketState* state = state_of(fd);
   if (!state) return ::sendto(fd, data, length, flags, nullptr, 0);

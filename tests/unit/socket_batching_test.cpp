@@ -41,6 +41,11 @@ std::vector<std::uint8_t> pattern(std::size_t length, std::uint8_t seed) {
   return bytes;
 }
 
+std::vector<std::uint8_t> joined(std::vector<std::uint8_t> first, const std::vector<std::uint8_t>& second) {
+  first.insert(first.end(), second.begin(), second.end());
+  return first;
+}
+
 void write_all(int fd, const std::vector<std::uint8_t>& bytes) {
   std::size_t done = 0;
   while (done < bytes.size()) {
@@ -126,6 +131,40 @@ TEST_CASE("a payload larger than the read-ahead buffer arrives whole and in orde
   check_child_done(child);
 }
 
+TEST_CASE("the rest of a large payload asked for after a short read keeps read-ahead short") {
+  SocketPair sockets;
+  // A first large payload tells recv() that payloads are large.
+  auto first_header = pattern(16, 20), first_payload = pattern(2 * batching::large_payload, 21);
+  write_all(sockets.peer, joined(first_header, first_payload));
+  CHECK(receive_exactly(sockets.ours, 16) == first_header);
+  CHECK(receive_exactly(sockets.ours, first_payload.size()) == first_payload);
+  // The next payload arrives in two parts: libnbd's first recv() returns short,
+  // and it asks for the rest, less than large_payload, at the address after it.
+  auto header = pattern(16, 22), payload = pattern(batching::large_payload + 4000, 23);
+  auto trailer = pattern(16, 24), next_payload = pattern(2 * batching::input_capacity, 25);
+  const std::size_t first_part = 10000;
+  write_all(sockets.peer, joined(header, std::vector<std::uint8_t>(payload.begin(), payload.begin() + first_part)));
+  CHECK(receive_exactly(sockets.ours, 16) == header);
+  std::vector<std::uint8_t> received(payload.size());
+  std::size_t done = 0;
+  for (int calls = 0; done < first_part; ++calls) {
+    REQUIRE(calls < 10);
+    ssize_t got = recv(sockets.ours, received.data() + done, received.size() - done, 0);
+    REQUIRE(got > 0);
+    done += std::size_t(got);
+  }
+  CHECK(done == first_part);
+  write_all(sockets.peer, joined(joined(std::vector<std::uint8_t>(payload.begin() + first_part, payload.end()), trailer),
+                                 std::vector<std::uint8_t>(next_payload.begin(), next_payload.begin() + 100000)));
+  const std::size_t rest = payload.size() - done;
+  REQUIRE(rest < batching::large_payload);
+  REQUIRE(rest > batching::reply_header_limit);
+  CHECK(recv(sockets.ours, received.data() + done, rest, 0) == ssize_t(rest));
+  CHECK(received == payload);
+  CHECK(batching::buffered_input(sockets.ours) <= batching::short_read_ahead);
+  CHECK(receive_exactly(sockets.ours, 16) == trailer);
+}
+
 TEST_CASE("fill only looks until recv() has been seen on the socket, then reads ahead") {
   SocketPair sockets;
   write_all(sockets.peer, pattern(10, 19));
@@ -165,11 +204,6 @@ std::vector<std::uint8_t> peer_reads(int fd, std::size_t length) {
     done += std::size_t(got);
   }
   return bytes;
-}
-
-std::vector<std::uint8_t> joined(std::vector<std::uint8_t> first, const std::vector<std::uint8_t>& second) {
-  first.insert(first.end(), second.begin(), second.end());
-  return first;
 }
 
 TEST_CASE("sends are held until flush, then go out together and in order") {

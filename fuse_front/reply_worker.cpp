@@ -1,13 +1,77 @@
-// The large-reply thread; see reply_worker.hpp.
+// The large-reply thread; see reply_worker.hpp. Jobs are made and reused on the
+// loop thread; the worker only moves them from the send queue to the finished list.
 #include "fuse_front/reply_worker.hpp"
+
+#include <asio/bind_allocator.hpp>
+#include <asio/io_context.hpp>
+#include <asio/post.hpp>
 
 namespace fuse_front {
 
-void ReplyWorker::submit(Job* job) {
+void ReplyWorker::JobList::push(Job& job) {
+  job.next = nullptr;
+  if (tail) tail->next = &job;
+  else head = &job;
+  tail = &job;
+}
+
+ReplyWorker::Job* ReplyWorker::JobList::pop() {
+  Job* job = head;
+  if (!job) return nullptr;
+  head = job->next;
+  if (!head) tail = nullptr;
+  job->next = nullptr;
+  return job;
+}
+
+ReplyWorker::Job* ReplyWorker::JobList::take_all() {
+  Job* jobs = head;
+  head = tail = nullptr;
+  return jobs;
+}
+
+ReplyWorker::~ReplyWorker() {
+  stop();
+  // Sent, but the loop never ran their resumption (it ends only once idle, so
+  // this is for a loop that was abandoned): the handlers are destroyed unrun.
+  Job* jobs = nullptr;
+  {
+    std::lock_guard lock(mutex_);
+    jobs = finished_.take_all();
+  }
+  while (jobs) {
+    Job* next = jobs->next;
+    jobs->finish(*this, *jobs, false);
+    jobs = next;
+  }
+}
+
+ReplyWorker::Job& ReplyWorker::take_job() {
+  Job* job = free_jobs_;
+  if (job) {
+    free_jobs_ = job->next;
+  } else {
+    jobs_.push_back(std::make_unique<Job>());
+    job = jobs_.back().get();
+  }
+  job->next = nullptr;
+  job->data = nullptr;
+  job->pipe = nullptr;
+  job->device = -1;
+  return *job;
+}
+
+void ReplyWorker::give_job(Job& job) {
+  job.finish = nullptr;
+  job.next = free_jobs_;
+  free_jobs_ = &job;
+}
+
+void ReplyWorker::submit(Job& job) {
   if (!thread_.joinable()) thread_ = std::thread([this] { run(); });
   {
     std::lock_guard lock(mutex_);
-    queue_.push_back(job);
+    queue_.push(job);
   }
   wake_.notify_one();
 }
@@ -15,17 +79,59 @@ void ReplyWorker::submit(Job* job) {
 void ReplyWorker::run() {
   std::unique_lock lock(mutex_);
   for (;;) {
-    wake_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
-    if (queue_.empty()) return;  // stopping, and everything sent
-    Job* job = queue_.front();
-    queue_.pop_front();
+    wake_.wait(lock, [this] { return stopping_ || queue_.head; });
+    Job* job = queue_.pop();
+    if (!job) return;  // stopping, and everything sent
     lock.unlock();
     // libfuse replies are thread-safe (its own multi-threaded loop replies from many threads).
     if (job->pipe) job->pipe->send(job->request, job->device, job->length);
     else fuse_reply_buf(job->request, reinterpret_cast<const char*>(job->data), job->length);
-    job->complete();
+    lock.lock();
+    finished_.push(*job);
+    if (resume_posted_) continue;  // the pending resumption takes this one too
+    resume_posted_ = true;
+    lock.unlock();
+    post_resume();
     lock.lock();
   }
+}
+
+void ReplyWorker::post_resume() {
+  auto resume = asio::bind_allocator(ResumeAllocator<void>(this), [this] { resume_finished(); });
+  // io_context's own executor, so that the allocator above is used (any_io_executor drops it).
+  if (auto* context_executor = loop_.target<asio::io_context::executor_type>())
+    asio::post(*context_executor, std::move(resume));
+  else
+    asio::post(loop_, std::move(resume));
+}
+
+void ReplyWorker::resume_finished() {
+  Job* jobs = nullptr;
+  {
+    std::lock_guard lock(mutex_);
+    jobs = finished_.take_all();
+    resume_posted_ = false;
+  }
+  // A resumed caller may submit again: it takes a job from the free list, never
+  // one of these until its own finish() gave it back.
+  while (jobs) {
+    Job* next = jobs->next;
+    jobs->finish(*this, *jobs, true);
+    jobs = next;
+  }
+}
+
+void* ReplyWorker::take_resume_memory(std::size_t size) {
+  if (size <= resume_memory_size && !resume_memory_in_use_) {
+    resume_memory_in_use_ = true;
+    return resume_memory_;
+  }
+  return ::operator new(size);
+}
+
+void ReplyWorker::give_resume_memory(void* block) {
+  if (block == resume_memory_) resume_memory_in_use_ = false;
+  else ::operator delete(block);
 }
 
 void ReplyWorker::stop() {

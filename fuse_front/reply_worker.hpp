@@ -1,8 +1,8 @@
 // A second thread that sends large READ replies. The kernel copies a reply into the
 // application's pages inside writev() on /dev/fuse; on the loop thread that copy
 // serialises with receiving the next replies from the server. Thread rules: only the
-// loop thread submits; the worker only calls fuse_reply_buf and posts the caller's
-// completion back to the caller's executor. The data must stay valid until then.
+// loop thread submits and resumes callers; the worker only sends replies and hands
+// finished jobs back. The data must stay valid until the caller is resumed.
 #pragma once
 
 #ifndef FUSE_USE_VERSION
@@ -11,15 +11,17 @@
 
 #include <fuse_lowlevel.h>
 
+#include <asio/any_io_executor.hpp>
 #include <asio/associated_executor.hpp>
 #include <asio/async_result.hpp>
-#include <asio/post.hpp>
 
 #include <condition_variable>
 #include <cstddef>
-#include <deque>
+#include <memory>
 #include <mutex>
+#include <new>
 #include <thread>
+#include <vector>
 
 #include "fuse_front/reply_pipe.hpp"
 
@@ -28,18 +30,23 @@ namespace fuse_front {
 class ReplyWorker {
  public:
   ReplyWorker() = default;
-  ~ReplyWorker() { stop(); }
+  ~ReplyWorker();
   ReplyWorker(const ReplyWorker&) = delete;
   ReplyWorker& operator=(const ReplyWorker&) = delete;
 
   // fuse_reply_buf(request, data, length) on the worker thread; completes (no
-  // arguments) on the caller's executor once the reply is sent. The thread starts
+  // arguments) on the loop thread once the reply is sent. Callers are coroutines
+  // on the loop thread. The thread starts
   // with the first reply.
   template <typename Token>
   auto async_reply_buf(fuse_req_t request, const std::byte* data, std::size_t length, Token&& token) {
     return asio::async_initiate<Token, void()>(
         [this, request, data, length](auto handler) {
-          submit(new HandlerJob<decltype(handler)>(request, data, length, std::move(handler)));
+          Job& job = hold(std::move(handler));
+          job.request = request;
+          job.data = data;
+          job.length = length;
+          submit(job);
         },
         token);
   }
@@ -49,52 +56,114 @@ class ReplyWorker {
   auto async_reply_piped(fuse_req_t request, ReplyPipe& pipe, int device, std::size_t length, Token&& token) {
     return asio::async_initiate<Token, void()>(
         [this, request, &pipe, device, length](auto handler) {
-          auto* job = new HandlerJob<decltype(handler)>(request, nullptr, length, std::move(handler));
-          job->pipe = &pipe;
-          job->device = device;
+          Job& job = hold(std::move(handler));
+          job.request = request;
+          job.length = length;
+          job.pipe = &pipe;
+          job.device = device;
           submit(job);
         },
         token);
   }
 
   // Sends what is queued, then ends the thread. Afterwards nothing touches the
-  // session: call it before unmounting.
+  // session: call it before unmounting. Callers whose replies went out are
+  // resumed by the loop as usual.
   void stop();
 
+  // Jobs ever made: the peak number of replies in flight at once (tests).
+  std::size_t jobs_made() const { return jobs_.size(); }
+
  private:
+  // Room for the caller's completion handler inside a job (use_awaitable's is two
+  // pointers): jobs are reused, so a reply allocates nothing once the pool has
+  // grown to the number in flight.
+  static constexpr std::size_t handler_capacity = 64;
+
   struct Job {
-    Job(fuse_req_t request, const std::byte* data, std::size_t length)
-        : request(request), data(data), length(length) {}
-    virtual ~Job() = default;
-    virtual void complete() = 0;  // on the worker: post the completion, then delete this
-    fuse_req_t request;
-    const std::byte* data;
-    std::size_t length;
+    fuse_req_t request = nullptr;
+    const std::byte* data = nullptr;
+    std::size_t length = 0;
     ReplyPipe* pipe = nullptr;  // set: the reply is in this pipe, for device
     int device = -1;
+    Job* next = nullptr;  // in the send queue, the finished list or the free list
+    // On the loop thread: takes the handler out, gives the job back, then runs
+    // the handler (run) or only destroys it.
+    void (*finish)(ReplyWorker& worker, Job& job, bool run) = nullptr;
+    alignas(std::max_align_t) std::byte handler[handler_capacity];
+  };
+
+  // A singly linked first-in first-out list of jobs.
+  struct JobList {
+    Job* head = nullptr;
+    Job* tail = nullptr;
+    void push(Job& job);
+    Job* pop();
+    Job* take_all();
   };
 
   template <typename Handler>
-  struct HandlerJob final : Job {
-    HandlerJob(fuse_req_t request, const std::byte* data, std::size_t length, Handler handler)
-        : Job(request, data, length), handler(std::move(handler)) {}
-    void complete() override {
-      // Take the executor before the handler is moved from.
-      auto executor = asio::get_associated_executor(handler);
-      asio::post(executor, std::move(handler));
-      delete this;
-    }
-    Handler handler;
-  };
+  Job& hold(Handler handler) {
+    static_assert(sizeof(Handler) <= handler_capacity && alignof(Handler) <= alignof(std::max_align_t),
+                  "the completion handler does not fit a job");
+    if (!loop_) loop_ = asio::get_associated_executor(handler);  // before the handler is moved from
+    Job& job = take_job();
+    new (job.handler) Handler(std::move(handler));
+    job.finish = [](ReplyWorker& worker, Job& job, bool run) {
+      auto* stored = std::launder(reinterpret_cast<Handler*>(job.handler));
+      Handler handler(std::move(*stored));
+      stored->~Handler();
+      worker.give_job(job);
+      // Called directly: the callers are coroutines on the loop thread, and
+      // asio::dispatch through the type-erased executor would allocate.
+      if (run) std::move(handler)();
+    };
+    return job;
+  }
 
-  void submit(Job* job);
+  Job& take_job();
+  void give_job(Job& job);
+  void submit(Job& job);
   void run();
+  // Worker thread: asks the loop to resume the finished jobs' callers. At most
+  // one such request is pending, so its memory is one block kept here.
+  void post_resume();
+  void resume_finished();  // loop thread
+
+  // The resume request's memory. Asio frees an operation's memory before it
+  // runs the operation, and the worker posts again only after the running one
+  // has cleared resume_posted_, so the block is never wanted twice at once.
+  template <typename T>
+  struct ResumeAllocator {
+    using value_type = T;
+    ReplyWorker* worker;
+    explicit ResumeAllocator(ReplyWorker* worker) : worker(worker) {}
+    template <typename U>
+    ResumeAllocator(const ResumeAllocator<U>& other) : worker(other.worker) {}
+    T* allocate(std::size_t count) { return static_cast<T*>(worker->take_resume_memory(count * sizeof(T))); }
+    void deallocate(T* block, std::size_t) { worker->give_resume_memory(block); }
+    template <typename U>
+    bool operator==(const ResumeAllocator<U>& other) const { return worker == other.worker; }
+  };
+  void* take_resume_memory(std::size_t size);
+  void give_resume_memory(void* block);
+
+  // Loop thread only.
+  std::vector<std::unique_ptr<Job>> jobs_;  // every job made; grows to the peak in flight
+  Job* free_jobs_ = nullptr;
+  asio::any_io_executor loop_;  // set before the thread starts; read by it afterwards
 
   std::mutex mutex_;
   std::condition_variable wake_;
-  std::deque<Job*> queue_;  // guarded by mutex_
-  bool stopping_ = false;   // guarded by mutex_
-  std::thread thread_;      // started and joined on the loop thread only
+  JobList queue_;               // guarded by mutex_: to send
+  JobList finished_;            // guarded by mutex_: sent, callers to resume
+  bool resume_posted_ = false;  // guarded by mutex_
+  bool stopping_ = false;       // guarded by mutex_
+  std::thread thread_;          // started and joined on the loop thread only
+
+  static constexpr std::size_t resume_memory_size = 256;
+  alignas(std::max_align_t) std::byte resume_memory_[resume_memory_size];
+  bool resume_memory_in_use_ = false;  // see ResumeAllocator
 };
 
 }  // namespace fuse_front

@@ -517,7 +517,8 @@ def measure_workload(workload, subject, server, mount, tag, config, dirs):
 
 # ---------------------------------------------------------------- heap allocations per request
 
-ALLOCATION_WORKLOAD = "qd64"
+# Small requests (the loop thread replies) and large reads (the reply thread and pipes).
+ALLOCATION_WORKLOADS = ("qd64", "seqr")
 
 
 def allocation_sites(report):
@@ -553,11 +554,11 @@ def module_owner(module):
     return "other"
 
 
-def count_allocations(config, dirs, runtime):
-    """The bridge under heaptrack for one depth-64 mixed run: allocator calls per request, by
+def count_allocations(config, dirs, runtime, workload_name):
+    """The bridge under heaptrack for one run of the workload: allocator calls per request, by
     the module that called the allocator. Start-up and shutdown are included, so a steady
     state without allocations shows as a small fraction."""
-    workload = WORKLOAD_BY_NAME[ALLOCATION_WORKLOAD]
+    workload = WORKLOAD_BY_NAME[workload_name]
     run_dir = tempfile.mkdtemp(prefix="alloc.", dir=dirs["work"])
     data = f"{run_dir}/heaptrack"
     argv = {"bridge": ["heaptrack", "-o", data, *config["bridge_argv"]["bridge"]]}
@@ -586,20 +587,21 @@ def count_allocations(config, dirs, runtime):
         raise BenchError("heaptrack_print reported no allocation sites")
     result["calls"] = by_owner
     result["per_request"] = {k: v / result["requests"] for k, v in by_owner.items()} if result["requests"] else {}
-    shutil.copy2(files[0], dirs["out"] / files[0].name)
+    shutil.copy2(files[0], dirs["out"] / f"{workload.name}-{files[0].name}")
     shutil.rmtree(run_dir, ignore_errors=True)
     return result
 
 
 def allocation_lines(allocations):
-    if not allocations:
-        return []
-    per = allocations["per_request"]
-    owners = sorted(per, key=lambda k: (k != "nbdbridge", -per[k]))
-    return ["", f"heap allocations per request, nbdbridge under heaptrack, {allocations['workload']} "
-                f"{allocations['runtime_s']} s, {allocations['requests']} requests (start-up and exit included), "
-                "by the module that called the allocator:",
-            "  " + ", ".join(f"{owner} {per[owner]:.3f}" for owner in owners)]
+    lines = []
+    for counted in allocations or []:
+        per = counted["per_request"]
+        owners = sorted(per, key=lambda k: (k != "nbdbridge", -per[k]))
+        lines += ["", f"heap allocations per request, nbdbridge under heaptrack, {counted['workload']} "
+                      f"{counted['runtime_s']} s, {counted['requests']} requests (start-up and exit included), "
+                      "by the module that called the allocator:",
+                  "  " + ", ".join(f"{owner} {per[owner]:.3f}" for owner in owners)]
+    return lines
 
 
 # ---------------------------------------------------------------- summary, table, plot
@@ -790,8 +792,8 @@ def parse_args():
     p.add_argument("--out", help="output directory (default bench-results/<timestamp>)")
     p.add_argument("--quick", action="store_true", help="1 round of 2 s per workload (smoke test)")
     p.add_argument("--allocations", action="store_true",
-                   help="also run the bridge once under heaptrack (depth-64 mixed) and report heap "
-                        "allocations per request by the module that made them")
+                   help="also run the bridge under heaptrack (depth-64 mixed, then 1 MiB reads) and "
+                        "report heap allocations per request by the module that made them")
     p.add_argument("--bridge", default="build/nbdbridge", help="the nbdbridge binary")
     p.add_argument("--bridge-nostats", default="build-nostats/nbdbridge",
                    help="nbdbridge built without statistics (subject bridge-nostats)")
@@ -936,14 +938,16 @@ def main():
         # After the rounds: heaptrack's slow start and its data file would disturb the
         # first subject measured after it (seen: round 1 of the bridge 10-25% low).
         if args.allocations:
-            log(f"allocations: nbdbridge under heaptrack, {ALLOCATION_WORKLOAD} for {args.runtime} s")
-            try:
-                allocations = count_allocations(config, dirs, args.runtime)
-                for line in allocation_lines(allocations)[1:]:
-                    log(line)
-            except BenchError as e:
-                allocation_failure = f"allocations: {e}"
-                log(f"  {allocation_failure}")
+            allocations = []
+            for workload_name in ALLOCATION_WORKLOADS:
+                log(f"allocations: nbdbridge under heaptrack, {workload_name} for {args.runtime} s")
+                try:
+                    allocations.append(count_allocations(config, dirs, args.runtime, workload_name))
+                    for line in allocation_lines(allocations[-1:])[1:]:
+                        log(line)
+                except BenchError as e:
+                    allocation_failure = f"allocations ({workload_name}): {e}"
+                    log(f"  {allocation_failure}")
     except Interrupted as e:
         interrupted = str(e)
         log(f"interrupted by {interrupted}: cleaning up")

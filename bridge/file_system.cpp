@@ -109,6 +109,7 @@ FileSystem::Tracked::~Tracked() {
 bool FileSystem::Tracked::begin_reply() {
   if (replied_) return false;  // already answered by drain()
   replied_ = true;
+  owner_.session_.note_activity();  // the application may send the next request at once
   return true;
 }
 

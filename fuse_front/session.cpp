@@ -1,6 +1,7 @@
 // libfuse session driven by Asio. See session.hpp for the buffer-ownership rule.
 #include "fuse_front/session.hpp"
 
+#include <asio/io_context.hpp>
 #include <asio/post.hpp>
 
 #include <linux/fuse.h>
@@ -229,6 +230,7 @@ void Session::receive() {
       if (on_ended_) std::exchange(on_ended_, nullptr)();
       return;
     }
+    if (handled == 0) note_activity();
     current_buffer_ = buffer;
     current_resident_ = resident || std::size_t(result) > small_head;
     current_unique_ = reinterpret_cast<const fuse_in_header*>(buffer)->unique;
@@ -236,6 +238,36 @@ void Session::receive() {
     if (current_buffer_) give_back(std::exchange(current_buffer_, nullptr), current_resident_);
   }
   wait_readable();
+}
+
+void Session::start_spinning() {
+  spinning_ = true;
+  activity_seen_ = activity_;
+  last_activity_ = std::chrono::steady_clock::now();
+  post_spin();
+}
+
+void Session::spin() {
+  auto now = std::chrono::steady_clock::now();
+  if (activity_ != activity_seen_) {
+    activity_seen_ = activity_;
+    last_activity_ = now;
+  }
+  if (!receiving_ || now - last_activity_ >= busy_poll_budget_) {
+    spinning_ = false;  // the next activity starts it again
+    return;
+  }
+  post_spin();
+}
+
+void Session::post_spin() {
+  auto spin_again = [this] { spin(); };
+  // io_context's own executor: through any_io_executor the handler is wrapped once more.
+  auto executor = descriptor_.get_executor();
+  if (auto* context_executor = executor.target<asio::io_context::executor_type>())
+    asio::post(*context_executor, spin_again);
+  else
+    asio::post(executor, spin_again);
 }
 
 void Session::reply_open(fuse_req_t request, const fuse_file_info* file, std::uint32_t extra_open_flags) {

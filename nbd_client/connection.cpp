@@ -242,6 +242,7 @@ void Connection::service() {
     // Resumed handlers may issue commands here: the handle is not locked now, and
     // the next round re-reads its state.
     deliver_ready();
+    if (on_progress_ && !threaded_) on_progress_();
     if (round + 1 == rounds_per_wakeup) {
       asio::post(descriptor_.get_executor(), [this] { service(); });
       return;
@@ -323,6 +324,7 @@ int Connection::start_connect(const Target& target) {
 }
 
 asio::awaitable<std::error_code> Connection::async_connect(const Target& target, ConnectOptions options) {
+  on_progress_ = options.on_progress;
   handle_ = nbd_create();
   if (!handle_) {
     error_message_ = last_libnbd_error();

@@ -70,6 +70,10 @@ struct ConnectOptions {
   bool own_thread = false;
   // Fewer recv()/send() calls per command (--socket-batching); not with TLS.
   bool batch_socket = true;
+  // Runs on the loop thread after each read or write on the socket (not for a
+  // connection on its own thread): the loop's busy-polling goes on while a
+  // large reply arrives in pieces.
+  std::function<void()> on_progress;
 };
 
 class PendingCommand;
@@ -368,6 +372,7 @@ class Connection {
   // Connection thread (ConnectOptions::own_thread): once connected, the socket,
   // libnbd calls and completions run there; handlers are posted back to executor_.
   bool threaded_ = false;
+  std::function<void()> on_progress_;  // ConnectOptions::on_progress
   std::unique_ptr<asio::io_context> thread_context_;
   std::thread thread_;
   ReadyList ready_;

@@ -65,6 +65,14 @@ void ReplyWorker::give_job(Job& job) {
   job.finish = nullptr;
   job.next = free_jobs_;
   free_jobs_ = &job;
+  if (--outstanding_ == 0) loop_work_ = asio::any_io_executor();
+}
+
+void ReplyWorker::send_to_device(fuse_req_t request, const std::byte* data, std::size_t length, ReplyPipe* pipe,
+                                 int device) {
+  // libfuse replies are thread-safe (its own multi-threaded loop replies from many threads).
+  if (pipe) pipe->send(request, device, length);
+  else fuse_reply_buf(request, reinterpret_cast<const char*>(data), length);
 }
 
 void ReplyWorker::submit(Job& job) {
@@ -83,9 +91,7 @@ void ReplyWorker::run() {
     Job* job = queue_.pop();
     if (!job) return;  // stopping, and everything sent
     lock.unlock();
-    // libfuse replies are thread-safe (its own multi-threaded loop replies from many threads).
-    if (job->pipe) job->pipe->send(job->request, job->device, job->length);
-    else fuse_reply_buf(job->request, reinterpret_cast<const char*>(job->data), job->length);
+    sender_(job->request, job->data, job->length, job->pipe, job->device);
     lock.lock();
     finished_.push(*job);
     if (resume_posted_) continue;  // the pending resumption takes this one too

@@ -14,6 +14,8 @@
 #include <asio/any_io_executor.hpp>
 #include <asio/associated_executor.hpp>
 #include <asio/async_result.hpp>
+#include <asio/execution/outstanding_work.hpp>
+#include <asio/prefer.hpp>
 
 #include <condition_variable>
 #include <cstddef>
@@ -29,7 +31,15 @@ namespace fuse_front {
 
 class ReplyWorker {
  public:
-  ReplyWorker() = default;
+  // Sends one reply on the worker thread: from data, or (pipe set) from the pipe
+  // to device. The default writes to /dev/fuse; unit tests pass their own.
+  using Sender = void (*)(fuse_req_t request, const std::byte* data, std::size_t length, ReplyPipe* pipe,
+                          int device);
+  static void send_to_device(fuse_req_t request, const std::byte* data, std::size_t length, ReplyPipe* pipe,
+                             int device);
+
+  explicit ReplyWorker(Sender sender = send_to_device) : sender_(sender) {}
+  // Only once the loop has run out of work (no resumption still posted).
   ~ReplyWorker();
   ReplyWorker(const ReplyWorker&) = delete;
   ReplyWorker& operator=(const ReplyWorker&) = delete;
@@ -107,6 +117,8 @@ class ReplyWorker {
     static_assert(sizeof(Handler) <= handler_capacity && alignof(Handler) <= alignof(std::max_align_t),
                   "the completion handler does not fit a job");
     if (!loop_) loop_ = asio::get_associated_executor(handler);  // before the handler is moved from
+    // The loop's run() must not return while a caller waits on this thread.
+    if (outstanding_++ == 0) loop_work_ = asio::prefer(loop_, asio::execution::outstanding_work.tracked);
     Job& job = take_job();
     new (job.handler) Handler(std::move(handler));
     job.finish = [](ReplyWorker& worker, Job& job, bool run) {
@@ -148,10 +160,14 @@ class ReplyWorker {
   void* take_resume_memory(std::size_t size);
   void give_resume_memory(void* block);
 
+  const Sender sender_;
+
   // Loop thread only.
   std::vector<std::unique_ptr<Job>> jobs_;  // every job made; grows to the peak in flight
   Job* free_jobs_ = nullptr;
-  asio::any_io_executor loop_;  // set before the thread starts; read by it afterwards
+  std::size_t outstanding_ = 0;      // jobs taken and not yet given back
+  asio::any_io_executor loop_work_;  // counts as the loop's work while outstanding_ > 0
+  asio::any_io_executor loop_;       // set before the thread starts; read by it afterwards
 
   std::mutex mutex_;
   std::condition_variable wake_;

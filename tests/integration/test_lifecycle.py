@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Lifecycle: SIGINT / SIGTERM / fusermount3 -u, --pidfile and --daemon."""
+"""Lifecycle: SIGINT / SIGTERM / fusermount3 -u, --pidfile and --daemon; an idle mount sleeps."""
 import os
 import signal
 import subprocess
@@ -223,6 +223,32 @@ def test_repeated_mount_unmount():
                     h.check_eq(prev, bytes([i]) if i else b"\0", "value from previous round")
                     f.seek(0)
                     f.write(bytes([i + 1]))
+
+
+def _cpu_seconds(pid):
+    """User + system CPU time of a process and its threads, from /proc/PID/stat."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_idle_mount_uses_no_cpu():
+    # Busy-polling must end once work stops: an idle mount sleeps in epoll.
+    # Measured as CPU time over a window (not wall time): a loop that kept
+    # polling would use about the whole window.
+    for busy_poll in ("50", "1000"):
+        with h.Nbdkit(["memory", str(SIZE)]) as srv, h.Mount(h.tmpdir("mp"), [srv.uri],
+                                                              opts=["--busy-poll", busy_poll]) as m:
+            with open(m.export, "r+b", buffering=0) as f:
+                for i in range(200):
+                    f.seek((i * 4096) % SIZE)
+                    f.write(b"x" * 4096)
+            before = _cpu_seconds(m.pid)
+            window = 1.0
+            time.sleep(window)  # the measurement window, not a wait for a condition
+            used = _cpu_seconds(m.pid) - before
+            h.check(used < 0.3 * window,
+                    "idle mount used %.2f s of CPU in %.1f s with --busy-poll %s" % (used, window, busy_poll))
 
 
 if __name__ == "__main__":

@@ -243,17 +243,24 @@ void Session::receive() {
 void Session::start_spinning() {
   spinning_ = true;
   activity_seen_ = activity_;
-  last_activity_ = std::chrono::steady_clock::now();
+  idle_since_known_ = false;
   post_spin();
 }
 
+// The clock is read only on laps that saw no new work: a busy loop (depth 64)
+// laps often and needs none.
 void Session::spin() {
-  auto now = std::chrono::steady_clock::now();
+  if (!receiving_) {
+    spinning_ = false;
+    return;
+  }
   if (activity_ != activity_seen_) {
     activity_seen_ = activity_;
-    last_activity_ = now;
-  }
-  if (!receiving_ || now - last_activity_ >= busy_poll_budget_) {
+    idle_since_known_ = false;
+  } else if (!idle_since_known_) {
+    idle_since_ = std::chrono::steady_clock::now();
+    idle_since_known_ = true;
+  } else if (std::chrono::steady_clock::now() - idle_since_ >= busy_poll_budget_) {
     spinning_ = false;  // the next activity starts it again
     return;
   }

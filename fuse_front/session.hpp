@@ -130,7 +130,8 @@ class Session {
   std::chrono::microseconds busy_poll_budget_{0};
   std::uint64_t activity_ = 0;
   std::uint64_t activity_seen_ = 0;
-  std::chrono::steady_clock::time_point last_activity_;
+  std::chrono::steady_clock::time_point idle_since_;  // the first lap that saw no new work
+  bool idle_since_known_ = false;
   bool spinning_ = false;
   // Read by the writev hook, which also runs on the reply worker's thread.
   std::atomic<std::uint32_t> extra_open_flags_{0};

@@ -45,9 +45,9 @@ class ReplyWorker {
   ReplyWorker& operator=(const ReplyWorker&) = delete;
 
   // fuse_reply_buf(request, data, length) on the worker thread; completes (no
-  // arguments) on the loop thread once the reply is sent. Callers are coroutines
-  // on the loop thread. The thread starts
-  // with the first reply.
+  // arguments) on the loop thread once the reply is sent. Callers' handlers run
+  // on the loop thread (coroutines there, or bound to its executor). The thread
+  // starts with the first reply.
   template <typename Token>
   auto async_reply_buf(fuse_req_t request, const std::byte* data, std::size_t length, Token&& token) {
     return asio::async_initiate<Token, void()>(
@@ -126,7 +126,7 @@ class ReplyWorker {
       Handler handler(std::move(*stored));
       stored->~Handler();
       worker.give_job(job);
-      // Called directly: the callers are coroutines on the loop thread, and
+      // Called directly: callers' handlers belong on the loop thread, and
       // asio::dispatch through the type-erased executor would allocate.
       if (run) std::move(handler)();
     };

@@ -59,17 +59,26 @@ asio::awaitable<void> reply_once(ReplyWorker& worker, std::uintptr_t number, Res
   if (std::this_thread::get_id() != loop_thread) ++resumed.on_other_threads;
 }
 
-}  // namespace
-
-TEST_CASE("replies go out in order on the worker, and their callers resume on the loop") {
-  clear_log();
-  asio::io_context loop(1);
-  ReplyWorker worker(record);
+// A loop, a worker that records instead of sending, and what its callers saw.
+struct WorkerLoop {
+  WorkerLoop() { clear_log(); }
+  asio::io_context loop{1};
+  ReplyWorker worker{record};
   Resumed resumed;
   const std::thread::id loop_thread = std::this_thread::get_id();
+
+  // Callers first..last, all started before any is resumed; each asks for a reply of its own length.
+  void start_callers(int first, int last) {
+    for (int number = first; number <= last; ++number)
+      asio::co_spawn(loop, reply_once(worker, std::uintptr_t(number), resumed, loop_thread), asio::detached);
+  }
+};
+
+}  // namespace
+
+TEST_CASE_FIXTURE(WorkerLoop, "replies go out in order on the worker, and their callers resume on the loop") {
   constexpr int replies = 200;
-  for (int number = 1; number <= replies; ++number)
-    asio::co_spawn(loop, reply_once(worker, std::uintptr_t(number), resumed, loop_thread), asio::detached);
+  start_callers(1, replies);
   // run() returns only once every caller has resumed: waiting callers count as work.
   loop.run();
   CHECK(resumed.count == replies);
@@ -83,14 +92,8 @@ TEST_CASE("replies go out in order on the worker, and their callers resume on th
   }
 }
 
-TEST_CASE("jobs are made for the peak in flight and reused after it") {
-  clear_log();
-  asio::io_context loop(1);
-  ReplyWorker worker(record);
-  Resumed resumed;
-  const std::thread::id loop_thread = std::this_thread::get_id();
-  for (int number = 1; number <= 8; ++number)
-    asio::co_spawn(loop, reply_once(worker, std::uintptr_t(number), resumed, loop_thread), asio::detached);
+TEST_CASE_FIXTURE(WorkerLoop, "jobs are made for the peak in flight and reused after it") {
+  start_callers(1, 8);
   loop.run();
   CHECK(resumed.count == 8);
   CHECK(worker.jobs_made() == 8);
@@ -107,15 +110,9 @@ TEST_CASE("jobs are made for the peak in flight and reused after it") {
   CHECK(worker.jobs_made() == 8);
 }
 
-TEST_CASE("stop sends every queued reply, and its callers still resume") {
-  clear_log();
-  asio::io_context loop(1);
-  ReplyWorker worker(record);
-  Resumed resumed;
-  const std::thread::id loop_thread = std::this_thread::get_id();
+TEST_CASE_FIXTURE(WorkerLoop, "stop sends every queued reply, and its callers still resume") {
   constexpr int replies = 100;
-  for (int number = 1; number <= replies; ++number)
-    asio::co_spawn(loop, reply_once(worker, std::uintptr_t(number), resumed, loop_thread), asio::detached);
+  start_callers(1, replies);
   // The coroutines run up to their submission, then the worker is stopped at once.
   asio::post(loop, [&] { worker.stop(); });
   loop.run();
@@ -124,10 +121,7 @@ TEST_CASE("stop sends every queued reply, and its callers still resume") {
   CHECK(sent.requests.size() == std::size_t(replies));
 }
 
-TEST_CASE("a caller waiting on the worker keeps the loop's run() from returning") {
-  clear_log();
-  asio::io_context loop(1);
-  ReplyWorker worker(record);
+TEST_CASE_FIXTURE(WorkerLoop, "a caller waiting on the worker keeps the loop's run() from returning") {
   int completed = 0;
   std::byte data[16] = {};
   // Plain callbacks: unlike a co_spawn'd coroutine, nothing else holds the loop's work.

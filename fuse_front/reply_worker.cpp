@@ -103,7 +103,8 @@ void ReplyWorker::run() {
 }
 
 void ReplyWorker::post_resume() {
-  auto resume = asio::bind_allocator(ResumeAllocator<void>(this), [this] { resume_finished(); });
+  auto resume = asio::bind_allocator(std::pmr::polymorphic_allocator<std::byte>(&resume_memory_),
+                                     [this] { resume_finished(); });
   // io_context's own executor, so that the allocator above is used (any_io_executor drops it).
   if (auto* context_executor = loop_.target<asio::io_context::executor_type>())
     asio::post(*context_executor, std::move(resume));
@@ -127,17 +128,17 @@ void ReplyWorker::resume_finished() {
   }
 }
 
-void* ReplyWorker::take_resume_memory(std::size_t size) {
-  if (size <= resume_memory_size && !resume_memory_in_use_) {
-    resume_memory_in_use_ = true;
-    return resume_memory_;
+void* ReplyWorker::ResumeMemory::do_allocate(std::size_t size, std::size_t alignment) {
+  if (size <= capacity && alignment <= alignof(std::max_align_t) && !in_use_) {
+    in_use_ = true;
+    return block_;
   }
-  return ::operator new(size);
+  return ::operator new(size, std::align_val_t(alignment));
 }
 
-void ReplyWorker::give_resume_memory(void* block) {
-  if (block == resume_memory_) resume_memory_in_use_ = false;
-  else ::operator delete(block);
+void ReplyWorker::ResumeMemory::do_deallocate(void* block, std::size_t, std::size_t alignment) {
+  if (block == block_) in_use_ = false;
+  else ::operator delete(block, std::align_val_t(alignment));
 }
 
 void ReplyWorker::stop() {

@@ -20,6 +20,7 @@
 #include <condition_variable>
 #include <cstddef>
 #include <memory>
+#include <memory_resource>
 #include <mutex>
 #include <new>
 #include <thread>
@@ -142,23 +143,18 @@ class ReplyWorker {
   void post_resume();
   void resume_finished();  // loop thread
 
-  // The resume request's memory. Asio frees an operation's memory before it
-  // runs the operation, and the worker posts again only after the running one
-  // has cleared resume_posted_, so the block is never wanted twice at once.
-  template <typename T>
-  struct ResumeAllocator {
-    using value_type = T;
-    ReplyWorker* worker;
-    explicit ResumeAllocator(ReplyWorker* worker) : worker(worker) {}
-    template <typename U>
-    ResumeAllocator(const ResumeAllocator<U>& other) : worker(other.worker) {}
-    T* allocate(std::size_t count) { return static_cast<T*>(worker->take_resume_memory(count * sizeof(T))); }
-    void deallocate(T* block, std::size_t) { worker->give_resume_memory(block); }
-    template <typename U>
-    bool operator==(const ResumeAllocator<U>& other) const { return worker == other.worker; }
+  // The resume request's memory: one block, with the heap behind it. Asio frees
+  // an operation's memory before it runs the operation, and the worker posts
+  // again only after the running one has cleared resume_posted_, so the block is
+  // never wanted twice at once.
+  class ResumeMemory : public std::pmr::memory_resource {
+    void* do_allocate(std::size_t size, std::size_t alignment) override;
+    void do_deallocate(void* block, std::size_t size, std::size_t alignment) override;
+    bool do_is_equal(const std::pmr::memory_resource& other) const noexcept override { return this == &other; }
+    static constexpr std::size_t capacity = 256;
+    alignas(std::max_align_t) std::byte block_[capacity];
+    bool in_use_ = false;
   };
-  void* take_resume_memory(std::size_t size);
-  void give_resume_memory(void* block);
 
   const Sender sender_;
 
@@ -176,10 +172,7 @@ class ReplyWorker {
   bool resume_posted_ = false;  // guarded by mutex_
   bool stopping_ = false;       // guarded by mutex_
   std::thread thread_;          // started and joined on the loop thread only
-
-  static constexpr std::size_t resume_memory_size = 256;
-  alignas(std::max_align_t) std::byte resume_memory_[resume_memory_size];
-  bool resume_memory_in_use_ = false;  // see ResumeAllocator
+  ResumeMemory resume_memory_;
 };
 
 }  // namespace fuse_front

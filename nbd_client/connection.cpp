@@ -69,6 +69,17 @@ void CommandMemory::give(void* block, std::size_t size) {
   else free_blocks_.push_back(block);
 }
 
+// Operator new's alignment is all a block has; Asio's operations ask for no more.
+void* CommandMemory::do_allocate(std::size_t size, std::size_t alignment) {
+  if (alignment > __STDCPP_DEFAULT_NEW_ALIGNMENT__) return ::operator new(size, std::align_val_t(alignment));
+  return take(size);
+}
+
+void CommandMemory::do_deallocate(void* block, std::size_t size, std::size_t alignment) {
+  if (alignment > __STDCPP_DEFAULT_NEW_ALIGNMENT__) ::operator delete(block, std::align_val_t(alignment));
+  else give(block, size);
+}
+
 namespace {
 
 // Before a command's handler can run: its issuer may reuse the payload at once.

@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <atomic>
 #include <functional>
+#include <memory_resource>
 #include <mutex>
 #include <thread>
 #include <memory>
@@ -85,13 +86,13 @@ class PendingCommand;
 // Unlocked on the loop thread alone; locked once shared with a connection
 // thread. Every block comes back before the connection is destroyed, since
 // nbd_close releases every command.
-class CommandMemory {
+class CommandMemory : public std::pmr::memory_resource {
  public:
   static constexpr std::size_t block_size = 128;
   CommandMemory() = default;
   CommandMemory(const CommandMemory&) = delete;
   CommandMemory& operator=(const CommandMemory&) = delete;
-  ~CommandMemory();
+  ~CommandMemory() override;
   void* take(std::size_t size);
   void give(void* block, std::size_t size);
   std::size_t kept() const { return free_blocks_.size(); }
@@ -103,21 +104,13 @@ class CommandMemory {
   // posts (its flush): Asio's recycling cache, shared with every coroutine
   // frame, missed often enough to cost 0.04 mallocs per request. Only an
   // io_context executor honours it (any_io_executor drops a handler's allocator).
-  template <typename T>
-  struct Allocator {
-    using value_type = T;
-    CommandMemory* memory;
-    explicit Allocator(CommandMemory* memory) : memory(memory) {}
-    template <typename U>
-    Allocator(const Allocator<U>& other) : memory(other.memory) {}
-    T* allocate(std::size_t count) { return static_cast<T*>(memory->take(count * sizeof(T))); }
-    void deallocate(T* block, std::size_t count) { memory->give(block, count * sizeof(T)); }
-    template <typename U>
-    bool operator==(const Allocator<U>& other) const { return memory == other.memory; }
-  };
-  Allocator<void> allocator() { return Allocator<void>(this); }
+  std::pmr::polymorphic_allocator<std::byte> allocator() { return {this}; }
 
  private:
+  void* do_allocate(std::size_t size, std::size_t alignment) override;
+  void do_deallocate(void* block, std::size_t size, std::size_t alignment) override;
+  bool do_is_equal(const std::pmr::memory_resource& other) const noexcept override { return this == &other; }
+
   std::vector<void*> free_blocks_;  // grows to the peak number in flight, then stays
   std::mutex mutex_;
   bool shared_ = false;

@@ -300,8 +300,20 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
           io_.direct_connection(job.offset, job.length, job.durable, BlockIo::write_purpose(job.length));
       if (connection) {
         auto sent = clock::now();
-        std::tie(error) = co_await connection->async_pwrite(job.data, job.length, job.offset,
-                                                             job.durable ? LIBNBD_CMD_FLAG_FUA : 0, nbd_client::use_result);
+        // The receive buffer's pages go to the socket as they are: job.payload
+        // is not reused before the server has answered (this command's end).
+        nbd_client::socket_batching::SentByReference by_reference{job.data, job.length};
+        bool send_by_reference = options_.spliced_write_minimum && job.length >= options_.spliced_write_minimum &&
+                                 job.payload && connection->pipes_payloads();
+        std::tie(error) = co_await connection->async_pwrite_by_reference(
+            job.data, job.length, job.offset, job.durable ? LIBNBD_CMD_FLAG_FUA : 0,
+            send_by_reference ? &by_reference : nullptr, nbd_client::use_result);
+        if (by_reference.referenced) {
+          // Without the server's answer its socket may still hold the pages,
+          // and be read: never write them again (a retry sends them unchanged).
+          if (error) job.payload.retire_when_released();
+          if constexpr (statistics_compiled_in) statistics_->spliced_write(bool(error));
+        }
         if (!io_.finished(Operation::write, *connection, sent, error)) connection = nullptr;
       }
       if (!connection) error = co_await io_.write(job.data, job.length, job.offset, job.durable);

@@ -38,6 +38,10 @@ struct FileSystemOptions {
   // READs at least this long are answered by splice() from the NBD socket
   // through a pipe (fuse_front/reply_pipe.hpp) when the connection allows (0: never).
   std::size_t spliced_read_minimum = 128 * 1024;
+  // WRITEs at least this long hand their payload's pages to the NBD socket
+  // instead of a copy (socket_batching::SentByReference) when the connection
+  // allows (0: never).
+  std::size_t spliced_write_minimum = 128 * 1024;
 };
 
 class FileSystem final : public fuse_front::Handlers {

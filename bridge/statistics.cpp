@@ -166,6 +166,11 @@ void Statistics::injected_error() { ++injected_errors_; }
 
 void Statistics::spliced_read(bool whole) { ++(whole ? spliced_reads_ : splice_fallbacks_); }
 
+void Statistics::spliced_write(bool retired) {
+  ++spliced_writes_;
+  if (retired) ++retired_write_buffers_;
+}
+
 void Statistics::reset() {
   for (auto& kind : operations_) {
     std::uint64_t still_in_flight = kind.in_flight;
@@ -178,6 +183,7 @@ void Statistics::reset() {
   disconnects_ = reconnects_ = 0;
   injected_delays_ = injected_delay_nanoseconds_ = injected_errors_ = 0;
   spliced_reads_ = splice_fallbacks_ = 0;
+  spliced_writes_ = retired_write_buffers_ = 0;
   last_reset_ = Clock::now();
 }
 
@@ -251,6 +257,10 @@ std::string Statistics::to_json() const {
   append_unsigned(out, spliced_reads_);
   out += ",\"fallbacks\":";
   append_unsigned(out, splice_fallbacks_);
+  out += "},\"spliced_writes\":{\"by_reference\":";
+  append_unsigned(out, spliced_writes_);
+  out += ",\"retired\":";
+  append_unsigned(out, retired_write_buffers_);
 
   out += "},\"histograms\":{";
   for (std::size_t index = 0; index < operation_kinds; ++index) {

@@ -20,6 +20,8 @@
 //    "injected":{"delays":N,"delay_total_us":x,"errors":N},
 //    "spliced_reads":{"piped":N,"fallbacks":N},  READs answered by splice(), and those
 //                                        started so but copied after all (see fuse_front/reply_pipe.hpp)
+//    "spliced_writes":{"by_reference":N,"retired":N},  WRITEs whose payload the socket took by
+//                                        reference, and receive buffers retired after such a WRITE failed
 //    "histograms":{"read":{"fuse":[[upper_bound_us,count],...],"nbd":[...]},...}}
 // Latencies are microseconds with one decimal (bucket bounds with three). Histogram lists hold
 // only non-empty buckets, in increasing order; a bucket holds samples below its upper bound and
@@ -78,6 +80,9 @@ class Statistics {
 
   // A READ started as a spliced reply: whole (sent from the pipe) or fell back to a copy.
   void spliced_read(bool whole);
+  // A WRITE whose payload pages went to the socket by reference; retired: it
+  // failed, so its receive buffer is unmapped instead of reused.
+  void spliced_write(bool retired);
 
   // Zeroes everything but the in-flight-now gauges; peaks restart from the current level.
   void reset();
@@ -115,6 +120,8 @@ class Statistics {
   std::uint64_t injected_errors() const { return injected_errors_; }
   std::uint64_t spliced_reads() const { return spliced_reads_; }
   std::uint64_t splice_fallbacks() const { return splice_fallbacks_; }
+  std::uint64_t spliced_writes() const { return spliced_writes_; }
+  std::uint64_t retired_write_buffers() const { return retired_write_buffers_; }
 
  private:
   using Clock = std::chrono::steady_clock;
@@ -135,6 +142,8 @@ class Statistics {
   std::uint64_t injected_errors_ = 0;
   std::uint64_t spliced_reads_ = 0;
   std::uint64_t splice_fallbacks_ = 0;
+  std::uint64_t spliced_writes_ = 0;
+  std::uint64_t retired_write_buffers_ = 0;
 };
 
 }  // namespace bridge

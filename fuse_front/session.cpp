@@ -68,20 +68,27 @@ Session* patching_session = nullptr;
 RequestBuffer::RequestBuffer(RequestBuffer&& other) noexcept
     : session_(std::exchange(other.session_, nullptr)),
       data_(std::exchange(other.data_, nullptr)),
-      payload_resident_(std::exchange(other.payload_resident_, false)) {}
+      payload_resident_(std::exchange(other.payload_resident_, false)),
+      retire_(std::exchange(other.retire_, false)) {}
 
 RequestBuffer& RequestBuffer::operator=(RequestBuffer&& other) noexcept {
   if (this != &other) {
-    if (data_) session_->give_back(data_, payload_resident_);
+    release();
     session_ = std::exchange(other.session_, nullptr);
     data_ = std::exchange(other.data_, nullptr);
     payload_resident_ = std::exchange(other.payload_resident_, false);
+    retire_ = std::exchange(other.retire_, false);
   }
   return *this;
 }
 
-RequestBuffer::~RequestBuffer() {
-  if (data_) session_->give_back(data_, payload_resident_);
+RequestBuffer::~RequestBuffer() { release(); }
+
+void RequestBuffer::release() {
+  if (!data_) return;
+  if (retire_) Session::retire(data_);
+  else session_->give_back(data_, payload_resident_);
+  data_ = nullptr;
 }
 
 Session::Session(asio::any_io_executor executor, const fuse_lowlevel_ops& operations, void* user_data)
@@ -310,6 +317,10 @@ std::byte* Session::take_buffer(bool& payload_resident) {
   payload_resident = false;
   return map_receive_slot();
 }
+
+// Unmapping leaves pages that others still reference alive, with their bytes
+// as they are, for those others alone; the slot's address range is free again.
+void Session::retire(std::byte* buffer) { unmap_receive_slot(buffer); }
 
 void Session::give_back(std::byte* buffer, bool payload_resident) {
   if (payload_resident) {

@@ -43,11 +43,16 @@ class RequestBuffer {
   ~RequestBuffer();
   std::byte* data() const { return data_; }
   explicit operator bool() const { return data_ != nullptr; }
+  // Its pages may still be read by someone else (a socket that took them by
+  // reference and was abandoned): at release they are unmapped, never reused.
+  void retire_when_released() { retire_ = true; }
 
  private:
+  void release();
   Session* session_ = nullptr;
   std::byte* data_ = nullptr;
   bool payload_resident_ = false;
+  bool retire_ = false;
 };
 
 class Session {
@@ -103,6 +108,7 @@ class Session {
   void receive();
   std::byte* take_buffer(bool& payload_resident);
   void give_back(std::byte* buffer, bool payload_resident);
+  static void retire(std::byte* buffer);
   void patch_reply(struct iovec* parts, int count);
   void start_spinning();
   void spin();

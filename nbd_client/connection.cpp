@@ -84,9 +84,10 @@ namespace {
 
 // Before a command's handler can run: its issuer may reuse the payload at once.
 void stop_piping(PendingCommand* command) {
-  if (!command->piped) return;
-  socket_batching::forget_payload(command->piped_socket, command->piped);
+  if (command->piped) socket_batching::forget_payload(command->registered_socket, command->piped);
+  if (command->by_reference) socket_batching::forget_send(command->registered_socket, command->by_reference);
   command->piped = nullptr;
+  command->by_reference = nullptr;
 }
 
 }  // namespace
@@ -505,7 +506,15 @@ void Connection::issue(PendingCommand* command, const CommandRequest& request) {
       int fd = nbd_aio_get_fd(handle_);
       if (socket_batching::expect_payload(fd, request.piped)) {
         command->piped = request.piped;
-        command->piped_socket = fd;
+        command->registered_socket = fd;
+      }
+    }
+    // Chunks of a write are sent one after another, so any number may be.
+    if (request.by_reference && batched_) {
+      int fd = nbd_aio_get_fd(handle_);
+      if (socket_batching::expect_send(fd, request.by_reference)) {
+        command->by_reference = request.by_reference;
+        command->registered_socket = fd;
       }
     }
     for_each_chunk(length, limit, [&](std::size_t done, std::size_t chunk) {

@@ -39,6 +39,7 @@ namespace nbd_client {
 
 namespace socket_batching {
 struct PipedPayload;
+struct SentByReference;
 }
 
 // Completion token for coroutines: `auto [error] = co_await connection.async_pread(..., use_result);`
@@ -150,9 +151,12 @@ class PendingCommand {
   PendingCommand* next_ready = nullptr;
   int first_error = 0;
   // A READ whose payload goes to a pipe (socket_batching::PipedPayload): expected
-  // on piped_socket until the command finishes.
+  // on registered_socket until the command finishes.
   socket_batching::PipedPayload* piped = nullptr;
-  int piped_socket = -1;
+  // A WRITE whose payload the socket takes by reference, registered there until
+  // the command finishes.
+  socket_batching::SentByReference* by_reference = nullptr;
+  int registered_socket = -1;  // where piped or by_reference is registered
   bool submitting = false;
   bool finished = false;
 };
@@ -180,6 +184,7 @@ struct CommandRequest {
   std::uint32_t flags = 0;
   std::vector<Extent>* extents = nullptr;  // block_status: filled in order, clipped to the request
   socket_batching::PipedPayload* piped = nullptr;  // read: payload to a pipe where possible
+  socket_batching::SentByReference* by_reference = nullptr;  // write: payload sent by reference where possible
 };
 
 class Connection {
@@ -223,6 +228,17 @@ class Connection {
     return async_command({CommandKind::write, const_cast<std::byte*>(buffer), length, offset, flags},
                          std::forward<Token>(token));
   }
+  // The same, with the payload's pages handed to the socket instead of copied
+  // when the socket allows (batched); by_reference->referenced tells afterwards
+  // whether any were, and socket_batching::SentByReference says what that means
+  // for the buffer. *by_reference must outlive the completion.
+  template <typename Token>
+  auto async_pwrite_by_reference(const std::byte* buffer, std::size_t length, std::uint64_t offset,
+                                 std::uint32_t flags, socket_batching::SentByReference* by_reference, Token&& token) {
+    CommandRequest request{CommandKind::write, const_cast<std::byte*>(buffer), length, offset, flags};
+    request.by_reference = by_reference;
+    return async_command(request, std::forward<Token>(token));
+  }
   template <typename Token>
   auto async_flush(Token&& token) {
     return async_command({CommandKind::flush}, std::forward<Token>(token));
@@ -248,7 +264,8 @@ class Connection {
                          std::forward<Token>(token));
   }
 
-  // Whether async_pread_piped can move payloads to a pipe (a batched socket).
+  // Whether async_pread_piped can move payloads to a pipe, and
+  // async_pwrite_by_reference send them by reference (a batched socket).
   bool pipes_payloads() const { return batched_; }
 
   // Commands issued and not yet completed: the load used to spread requests.

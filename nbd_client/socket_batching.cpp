@@ -54,6 +54,23 @@ struct SocketState {
   // there are any (a payload's tail may be asked for in a short call).
   PipedPayload* piped[max_piped_payloads] = {};
   std::size_t piped_count = 0;
+  // WRITE payloads sent by reference, and the pipe their pages pass through
+  // (made at the first one). The pipe holds the `in_pipe` bytes that end at
+  // `pipe_end`: handed over, not yet taken by the socket, so not yet reported
+  // sent to libnbd, whose next send() starts with them.
+  SentByReference* by_reference[max_piped_payloads] = {};
+  std::size_t by_reference_count = 0;
+  int send_pipe[2] = {-1, -1};
+  std::size_t in_pipe = 0;
+  const std::byte* pipe_end = nullptr;
+
+  SocketState() = default;
+  SocketState(const SocketState&) = delete;
+  SocketState& operator=(const SocketState&) = delete;
+  ~SocketState() {
+    for (int end : send_pipe)
+      if (end >= 0) ::syscall(SYS_close, end);
+  }
 
   std::size_t read_ahead() const { return large_payloads ? short_read_ahead : input_capacity; }
 
@@ -139,13 +156,32 @@ ssize_t send_joined(int fd, SocketState& state, const void* data, std::size_t le
   return ssize_t(from_data);
 }
 
-PipedPayload* piped_payload_at(SocketState& state, const void* buffer, std::size_t length) {
+// The registered payload whose buffer holds [buffer, buffer + length), if any.
+template <typename Payload>
+Payload* registered_at(Payload* const* payloads, std::size_t count, const void* buffer, std::size_t length) {
   const auto* start = static_cast<const std::byte*>(buffer);
-  for (std::size_t i = 0; i < state.piped_count; ++i) {
-    PipedPayload* payload = state.piped[i];
+  for (std::size_t i = 0; i < count; ++i) {
+    Payload* payload = payloads[i];
     if (start >= payload->buffer && start + length <= payload->buffer + payload->length) return payload;
   }
   return nullptr;
+}
+
+template <typename Payload>
+bool add_registered(Payload** payloads, std::size_t& count, Payload* payload) {
+  if (count == max_piped_payloads) return false;
+  payloads[count++] = payload;
+  return true;
+}
+
+template <typename Payload>
+void remove_registered(Payload** payloads, std::size_t& count, Payload* payload) {
+  for (std::size_t i = 0; i < count; ++i) {
+    if (payloads[i] != payload) continue;
+    payloads[i] = payloads[--count];
+    payloads[count] = nullptr;
+    return;
+  }
 }
 
 constexpr ssize_t not_piped = -2;
@@ -208,7 +244,7 @@ ssize_t receive_into_pipe(int fd, SocketState& state, PipedPayload& payload, voi
 // its pipe when one is registered for this address.
 ssize_t receive_batched(int fd, SocketState& state, void* buffer, std::size_t length) {
   if (state.piped_count) {  // a payload's tail may be short: every call is looked at
-    if (PipedPayload* payload = piped_payload_at(state, buffer, length)) {
+    if (PipedPayload* payload = registered_at(state.piped, state.piped_count, buffer, length)) {
       ssize_t result = receive_into_pipe(fd, state, *payload, buffer, length);
       if (result != not_piped) return result;
     }
@@ -241,24 +277,72 @@ ssize_t receive_batched(int fd, SocketState& state, void* buffer, std::size_t le
   return ssize_t(copied + std::size_t(got));
 }
 
+bool make_send_pipe(SocketState& state) {
+  if (state.send_pipe[0] >= 0) return true;
+  if (::pipe2(state.send_pipe, O_CLOEXEC | O_NONBLOCK) != 0) return false;
+  ::fcntl(state.send_pipe[1], F_SETPIPE_SZ, int(send_pipe_size));  // else the default size: more rounds
+  return true;
+}
+
+constexpr ssize_t not_by_reference = -2;
+
+// libnbd's send() of `length` bytes of a payload registered as sent by
+// reference. Held bytes (the command's header) go first; then the pages go
+// into the pipe (vmsplice(), which takes references) and on to the socket
+// (splice(), which for unix and TCP sockets takes them over without a copy).
+// What the socket did not take stays in the pipe, and libnbd, told only of what
+// the socket took, asks for exactly those bytes next. Returns not_by_reference
+// when the bytes must be copied instead (no pipe could be made).
+ssize_t send_by_reference(int fd, SocketState& state, SentByReference& payload, const std::byte* data,
+                          std::size_t length) {
+  if (state.held()) {
+    if (send_joined(fd, state, nullptr, 0, MSG_NOSIGNAL | MSG_DONTWAIT) < 0 && state.held()) return -1;
+    if (state.held()) {
+      errno = EAGAIN;
+      return -1;
+    }
+  }
+  if (state.in_pipe == 0) {
+    if (!make_send_pipe(state)) return not_by_reference;
+    iovec pages{const_cast<std::byte*>(data), length};
+    ssize_t handed = ::vmsplice(state.send_pipe[1], &pages, 1, SPLICE_F_NONBLOCK);
+    if (handed <= 0) return payload.referenced ? -1 : not_by_reference;
+    payload.referenced += std::size_t(handed);
+    state.in_pipe = std::size_t(handed);
+    state.pipe_end = data + handed;
+  } else if (data != state.pipe_end - state.in_pipe) {
+    // libnbd resumes where the socket stopped; anything else would send the
+    // pipe's bytes in the wrong place. Fail the connection rather than the data.
+    errno = EIO;
+    return -1;
+  }
+  ssize_t taken = ::splice(state.send_pipe[0], nullptr, fd, nullptr, state.in_pipe, SPLICE_F_NONBLOCK);
+  if (taken <= 0) {
+    if (taken == 0) errno = EAGAIN;
+    return -1;
+  }
+  state.in_pipe -= std::size_t(taken);
+  return taken;
+}
+
 }  // namespace
 
 bool expect_payload(int fd, PipedPayload* payload) {
   SocketState* state = state_of(fd);
-  if (!state || state->piped_count == max_piped_payloads) return false;
-  state->piped[state->piped_count++] = payload;
-  return true;
+  return state && add_registered(state->piped, state->piped_count, payload);
 }
 
 void forget_payload(int fd, PipedPayload* payload) {
+  if (SocketState* state = state_of(fd)) remove_registered(state->piped, state->piped_count, payload);
+}
+
+bool expect_send(int fd, SentByReference* payload) {
   SocketState* state = state_of(fd);
-  if (!state) return;
-  for (std::size_t i = 0; i < state->piped_count; ++i) {
-    if (state->piped[i] != payload) continue;
-    state->piped[i] = state->piped[--state->piped_count];
-    state->piped[state->piped_count] = nullptr;
-    return;
-  }
+  return state && add_registered(state->by_reference, state->by_reference_count, payload);
+}
+
+void forget_send(int fd, SentByReference* payload) {
+  if (SocketState* state = state_of(fd)) remove_registered(state->by_reference, state->by_reference_count, payload);
 }
 
 bool attach(int fd) {
@@ -330,6 +414,15 @@ ssize_t recv(int fd, void* buffer, size_t length, int flags) {
 ssize_t send(int fd, const void* data, size_t length, int flags) {
   SocketState* state = state_of(fd);
   if (!state) return ::sendto(fd, data, length, flags, nullptr, 0);
+  if (state->by_reference_count || state->in_pipe) {
+    if (SentByReference* payload = registered_at(state->by_reference, state->by_reference_count, data, length)) {
+      ssize_t result = send_by_reference(fd, *state, *payload, static_cast<const std::byte*>(data), length);
+      if (result != not_by_reference) return result;
+    } else if (state->in_pipe) {
+      errno = EIO;  // the rest of a payload forgotten part way: the stream cannot go on
+      return -1;
+    }
+  }
   if (state->held() + length <= output_hold_limit) {
     // Copied, not referenced: libnbd reuses its header buffer for the next
     // request, and a copied payload (at most 64 KiB held) cannot depend on when

@@ -7,7 +7,9 @@
 // served from that buffer, and send() only holds the bytes: the connection
 // flushes them in one sendmsg() once the requests of the current batch are
 // issued (shutdown() and close() flush or drop them). A READ payload expected
-// for a pipe (PipedPayload) is moved there with splice() instead of being read.
+// for a pipe (PipedPayload) is moved there with splice() instead of being read;
+// a WRITE payload registered as SentByReference goes to the socket as references
+// to its pages (vmsplice() and splice() through the socket's pipe), not copied.
 // Every other descriptor, and every other caller, passes straight to the C library.
 // Thread rule: an attached socket is used by one thread at a time, its
 // connection's (libnbd's own rule for a handle); close() detaches it.
@@ -72,6 +74,32 @@ struct PipedPayload {
 bool expect_payload(int fd, PipedPayload* payload);
 void forget_payload(int fd, PipedPayload* payload);
 inline constexpr std::size_t max_piped_payloads = 64;
+
+// A WRITE payload whose pages the socket takes by reference instead of a copy
+// (spliced writes): libnbd's send() from inside the buffer is recognised by its
+// address. The socket, and the server reading from it, see the pages themselves
+// until the server has read them, so their owner must not change them before:
+//  - the command has completed without error: the server answered, hence read
+//    the whole payload;
+//  - otherwise (a lost connection, or any failure) the bytes may still be
+//    queued on a socket that a live server goes on reading: if `referenced` is
+//    not zero, the owner must never write those pages again (unmap them; the
+//    socket keeps its references, with the bytes as they were).
+// Owned by the command's issuer; registered from issue to completion, on the
+// socket's thread.
+struct SentByReference {
+  const std::byte* buffer = nullptr;
+  std::size_t length = 0;
+  std::size_t referenced = 0;  // bytes handed to the socket (or its pipe) by reference
+};
+// false: fd is not attached or too many payloads are registered; the payload is
+// then copied as usual.
+bool expect_send(int fd, SentByReference* payload);
+void forget_send(int fd, SentByReference* payload);
+// The pipe between a payload's pages and the socket; one round of vmsplice()
+// and splice() moves at most this much. Without the privilege for it (more than
+// /proc/sys/fs/pipe-max-size) the pipe keeps its default size.
+inline constexpr std::size_t send_pipe_size = 1u << 20;
 
 // Sends are held up to this much (headers, small payloads); a send that would
 // pass it goes out at once, after the held bytes.

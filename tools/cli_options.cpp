@@ -82,6 +82,10 @@ void setup(CLI::App& app, Options& options) {
                  "splice() through a pipe, never copied through the bridge's memory (needs "
                  "--socket-batching on; 1 MiB reads need root for a large enough pipe); off: copied")
       ->check(CLI::IsMember({"on", "off"}));
+  app.add_option("--spliced-writes", options.spliced_writes,
+                 "on (default): WRITEs of 128 KiB and more hand their pages to the NBD socket "
+                 "(vmsplice() and splice()) instead of copying them (needs --socket-batching on); off: copied")
+      ->check(CLI::IsMember({"on", "off"}));
   app.add_option("--retry-timeout", options.retry_timeout_seconds,
                  "seconds to keep reconnecting to a lost server while requests wait (default 60; 0: fail at once)")
       ->check(CLI::NonNegativeNumber);

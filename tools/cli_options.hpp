@@ -32,6 +32,7 @@ struct Options {
   std::string replies = "auto";              // --replies auto|structured|simple
   std::string socket_batching = "on";        // --socket-batching on|off
   std::string spliced_reads = "on";          // --spliced-reads on|off
+  std::string spliced_writes = "on";         // --spliced-writes on|off
   bool list = false;                         // --list TARGET: print exports and exit
   double retry_timeout_seconds = 60;         // 0: no reconnect, fail at once
   double request_timeout_seconds = 0;        // 0: unbounded

@@ -107,7 +107,8 @@ class Bridge {
                      {plan_.file_name, options.cache == "page" ? bridge::CacheMode::page : bridge::CacheMode::none,
                       options.verbose, to_duration(options.request_timeout_seconds),
                       reply_thread_wanted(options) ? bridge::FileSystemOptions{}.reply_thread_minimum : 0,
-                      options.spliced_reads == "on" ? bridge::FileSystemOptions{}.spliced_read_minimum : 0}),
+                      options.spliced_reads == "on" ? bridge::FileSystemOptions{}.spliced_read_minimum : 0,
+                      options.spliced_writes == "on" ? bridge::FileSystemOptions{}.spliced_write_minimum : 0}),
         signals_(io_, SIGINT, SIGTERM, SIGHUP),
         ended_(io_),
         stats_ticker_(io_) {}

@@ -409,3 +409,115 @@ TEST_CASE("a forgotten payload is read into its buffer as usual") {
   CHECK(read.piped.piped == 0);
   CHECK(read.pipe.contents().empty());
 }
+
+namespace {
+
+// A socket pair and a payload registered to be sent by reference, sent the way
+// libnbd sends: send() from where the last call stopped until all is out.
+struct ReferencedWrite {
+  SocketPair sockets;
+  std::vector<std::uint8_t> buffer;
+  batching::SentByReference payload;
+  explicit ReferencedWrite(std::vector<std::uint8_t> bytes)
+      : buffer(std::move(bytes)), payload{reinterpret_cast<const std::byte*>(buffer.data()), buffer.size()} {
+    REQUIRE(batching::expect_send(sockets.ours, &payload));
+  }
+  const std::uint8_t* at(std::size_t offset) const { return buffer.data() + offset; }
+  // Sends from `offset` on; whenever the socket is full the peer reads what it
+  // holds into `received`. Returns where the payload's sending got to.
+  std::size_t send_all(std::size_t offset, std::vector<std::uint8_t>& received) {
+    for (int calls = 0; offset < buffer.size(); ++calls) {
+      REQUIRE(calls < 100000);
+      ssize_t sent = send(sockets.ours, at(offset), buffer.size() - offset, MSG_NOSIGNAL);
+      if (sent < 0) {
+        REQUIRE(errno == EAGAIN);
+        drain_peer(received);
+        continue;
+      }
+      offset += std::size_t(sent);
+    }
+    return offset;
+  }
+  void drain_peer(std::vector<std::uint8_t>& received) {
+    std::vector<std::uint8_t> chunk(1 << 20);
+    ssize_t got = ::recv(sockets.peer, chunk.data(), chunk.size(), MSG_DONTWAIT);
+    if (got > 0) received.insert(received.end(), chunk.begin(), chunk.begin() + got);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a payload sent by reference follows the held header, and the socket has its pages, not a copy") {
+  const std::size_t length = 64 * 1024;  // fits the socket whole
+  ReferencedWrite write(pattern(length, 31));
+  auto header = pattern(28, 30);
+  CHECK(send(write.sockets.ours, header.data(), header.size(), MSG_NOSIGNAL | MSG_MORE) == 28);
+  std::vector<std::uint8_t> received;
+  CHECK(write.send_all(0, received) == length);
+  CHECK(write.payload.referenced == length);
+  CHECK(batching::held_output(write.sockets.ours) == 0);
+  // Changed after send() reported it sent: the peer reads the change, which is
+  // why the owner may not touch the pages before the server has answered.
+  write.buffer[100] ^= 0xff;
+  received = peer_reads(write.sockets.peer, 28 + length);
+  CHECK(received == joined(header, write.buffer));
+  batching::forget_send(write.sockets.ours, &write.payload);
+}
+
+TEST_CASE("a payload larger than the socket and the pipe goes out whole and in order, by reference") {
+  const std::size_t length = 3 * batching::send_pipe_size + 4096 + 80;
+  ReferencedWrite write(pattern(length, 32));
+  auto header = pattern(28, 33), trailer = pattern(28, 34);
+  CHECK(send(write.sockets.ours, header.data(), header.size(), MSG_NOSIGNAL | MSG_MORE) == 28);
+  std::vector<std::uint8_t> received;
+  // From an address that is not page-aligned, as a FUSE WRITE's payload is.
+  CHECK(write.send_all(0, received) == length);
+  CHECK(write.payload.referenced == length);
+  batching::forget_send(write.sockets.ours, &write.payload);
+  CHECK(send(write.sockets.ours, trailer.data(), trailer.size(), MSG_NOSIGNAL) == 28);
+  CHECK(batching::flush(write.sockets.ours));
+  auto rest = peer_reads(write.sockets.peer, 28 + length + 28 - received.size());
+  received.insert(received.end(), rest.begin(), rest.end());
+  CHECK(received == joined(joined(header, write.buffer), trailer));
+}
+
+TEST_CASE("bytes left in the pipe by a full socket go first, and a send from elsewhere is refused") {
+  ReferencedWrite write(pattern(256 * 1024, 35));
+  auto filler = pattern(65536, 36);
+  std::size_t queued = 0;
+  for (;;) {  // fill the socket around the batching layer
+    ssize_t sent = ::sendto(write.sockets.ours, filler.data(), filler.size(), MSG_NOSIGNAL | MSG_DONTWAIT, nullptr, 0);
+    if (sent < 0) {
+      REQUIRE(errno == EAGAIN);
+      break;
+    }
+    queued += std::size_t(sent);
+  }
+  // The pages go into the pipe; the socket takes none of them.
+  CHECK(send(write.sockets.ours, write.at(0), write.buffer.size(), MSG_NOSIGNAL) == -1);
+  CHECK(errno == EAGAIN);
+  CHECK(write.payload.referenced > 0);
+  // libnbd never skips ahead; if anything did, the pipe's bytes would land in
+  // the wrong place: refused, so the connection fails instead of the data.
+  CHECK(send(write.sockets.ours, write.at(4096), write.buffer.size() - 4096, MSG_NOSIGNAL) == -1);
+  CHECK(errno == EIO);
+  std::vector<std::uint8_t> received = peer_reads(write.sockets.peer, queued);
+  received.clear();
+  CHECK(write.send_all(0, received) == write.buffer.size());
+  auto rest = peer_reads(write.sockets.peer, write.buffer.size() - received.size());
+  received.insert(received.end(), rest.begin(), rest.end());
+  CHECK(received == write.buffer);
+  batching::forget_send(write.sockets.ours, &write.payload);
+}
+
+TEST_CASE("a payload no longer registered is copied") {
+  ReferencedWrite write(pattern(64 * 1024, 37));
+  batching::forget_send(write.sockets.ours, &write.payload);
+  const auto original = write.buffer;
+  std::vector<std::uint8_t> received;
+  CHECK(write.send_all(0, received) == write.buffer.size());
+  CHECK(batching::flush(write.sockets.ours));  // held, or sent: copied either way
+  write.buffer[100] ^= 0xff;  // too late to matter: the socket has its own copy
+  CHECK(write.payload.referenced == 0);
+  CHECK(peer_reads(write.sockets.peer, original.size()) == original);
+}

@@ -272,6 +272,11 @@ TEST_CASE("statistics count operations, bytes, errors and in-flight peaks") {
   CHECK(statistics.spliced_reads() == 2);
   CHECK(statistics.splice_fallbacks() == 1);
   CHECK(statistics.to_json().find("\"spliced_reads\":{\"piped\":2,\"fallbacks\":1}") != std::string::npos);
+  statistics.spliced_write(false);
+  statistics.spliced_write(true);
+  CHECK(statistics.spliced_writes() == 2);
+  CHECK(statistics.retired_write_buffers() == 1);
+  CHECK(statistics.to_json().find("\"spliced_writes\":{\"by_reference\":2,\"retired\":1}") != std::string::npos);
 
   // A stray finish must not wrap the gauges around.
   statistics.request_finished(Operation::flush, 0, false, 1000);
@@ -300,6 +305,7 @@ TEST_CASE("reset zeroes everything but what is in flight now") {
   statistics.connection_lost(0);
   statistics.injected_error();
   statistics.spliced_read(false);
+  statistics.spliced_write(true);
   statistics.reset();
 
   const auto& write = statistics.operation(Operation::write);
@@ -314,6 +320,8 @@ TEST_CASE("reset zeroes everything but what is in flight now") {
   CHECK(statistics.connections()[0].disconnects == 0);
   CHECK(statistics.injected_errors() == 0);
   CHECK(statistics.splice_fallbacks() == 0);
+  CHECK(statistics.spliced_writes() == 0);
+  CHECK(statistics.retired_write_buffers() == 0);
 
   statistics.request_finished(Operation::write, 512, false, 10'000);
   statistics.request_finished(Operation::write, 512, false, 10'000);

@@ -335,6 +335,7 @@ class Connection {
     return asio::async_initiate<Token, void(std::error_code)>(
         [this](auto handler, const CommandRequest& request) {
           using Command = HandlerCommand<std::decay_t<decltype(handler)>>;
+          static_assert(sizeof(Command) <= CommandMemory::block_size, "a command would allocate");
           Command* command = new (command_memory_.take(sizeof(Command))) Command(std::move(handler), command_memory_);
           if (threaded_)
             asio::post(descriptor_.get_executor(), [this, command, request] { issue(command, request); });

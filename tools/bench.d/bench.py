@@ -632,7 +632,36 @@ def summarise(runs, subjects, workloads):
     return summary
 
 
-def ratios(summary, workloads):
+def round_ratios(runs, workload):
+    """The same ratios within each round: subjects measured minutes apart share the machine's
+    mood of the moment, so a round's ratio drifts less than the medians' ratio when the
+    machine's speed moves (it moved 20% between rounds here). Returns two lists, one entry per
+    round that measured the bridge and the subjects compared."""
+    by_round = {}
+    for r in runs:
+        cell = r["workloads"].get(workload.name)
+        if cell and cell["ios"] > 0:
+            by_round.setdefault(r["round"], {})[r["subject"]] = cell["value"]
+    over_peer, over_nbd = [], []
+    for values in by_round.values():
+        bridge = values.get("bridge")
+        if not bridge:
+            continue
+        peers = [values[p] for p in PEERS if values.get(p)]
+        if peers:
+            over_peer.append(bridge / max(peers))
+        if values.get("nbd"):
+            over_nbd.append(bridge / values["nbd"])
+    return over_peer, over_nbd
+
+
+def spread(values):
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def ratios(summary, workloads, runs=()):
     out = {}
     for workload in workloads:
         def median(subject):
@@ -640,10 +669,13 @@ def ratios(summary, workloads):
         bridge = median("bridge")
         peers = {p: median(p) for p in PEERS if median(p)}
         best = max(peers, key=peers.get) if peers else None
+        over_peer, over_nbd = round_ratios(runs, workload)
         out[workload.name] = {
             "best_peer": best,
             "bridge_over_best_peer": bridge / peers[best] if bridge and best else None,
-            "bridge_over_nbd": bridge / median("nbd") if bridge and median("nbd") else None}
+            "bridge_over_nbd": bridge / median("nbd") if bridge and median("nbd") else None,
+            "per_round_bridge_over_best_peer": spread(over_peer),
+            "per_round_bridge_over_nbd": spread(over_nbd)}
     return out
 
 
@@ -700,7 +732,26 @@ def table(config, summary, ratio):
             rss_line += f"{rss / 1024:>{width}.1f}" if rss else f"{'n/a' if s == 'nbd' else '-':>{width}}"
         after = summary[fuse_subjects[0]]["peak_rss_read_after"]
         rows.append(rss_line + f"   (VmHWM after {after})")
+    rows += round_ratio_rows(config, ratio, show_peer, show_nbd)
     return "\n".join(rows)
+
+
+def round_ratio_rows(config, ratio, show_peer, show_nbd):
+    if config["rounds"] < 2 or not (show_peer or show_nbd):
+        return []
+    rows = ["", "ratios within each round (the subjects of one round ran minutes apart): median (min-max)",
+            f"{'workload':<15}" + (f"{'bridge/best peer':>22}" if show_peer else "") +
+            (f"{'bridge/nbd':>22}" if show_nbd else "")]
+    for w in config["workloads"]:
+        r = ratio[w.name]
+        cells = []
+        for key, shown in (("per_round_bridge_over_best_peer", show_peer), ("per_round_bridge_over_nbd", show_nbd)):
+            if not shown:
+                continue
+            d = r.get(key)
+            cells.append(f"{d['median']:.2f} ({d['min']:.2f}-{d['max']:.2f})" if d else "-")
+        rows.append(f"{w.name:<15}" + "".join(f"{c:>22}" for c in cells))
+    return rows
 
 
 COLOURS = {"bridge": "#d62728", "nbdfuse": "#1f77b4", "qsd": "#2ca02c", "nbd": "#7f7f7f",
@@ -964,7 +1015,7 @@ def main():
     meta["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
 
     summary = summarise(runs, args.subjects, args.workloads)
-    ratio = ratios(summary, args.workloads)
+    ratio = ratios(summary, args.workloads, runs)
     failures = [f"round {r['round']} {r['subject']}: {error}" for r in runs for error in r["errors"]]
     if allocation_failure:
         failures.append(allocation_failure)

@@ -86,7 +86,8 @@ inline constexpr std::size_t max_piped_payloads = 64;
 //    not zero, the owner must never write those pages again (unmap them; the
 //    socket keeps its references, with the bytes as they were).
 // Owned by the command's issuer; registered from issue to completion, on the
-// socket's thread.
+// socket's thread. splice() has no MSG_NOSIGNAL: a process sending by reference
+// must ignore SIGPIPE (nbdbridge does), or a server that hangs up kills it.
 struct SentByReference {
   const std::byte* buffer = nullptr;
   std::size_t length = 0;

@@ -39,9 +39,13 @@ ReplyWorker::~ReplyWorker() {
     std::lock_guard lock(mutex_);
     jobs = finished_.take_all();
   }
+  finish_all(jobs, false);
+}
+
+void ReplyWorker::finish_all(Job* jobs, bool run) {
   while (jobs) {
-    Job* next = jobs->next;
-    jobs->finish(*this, *jobs, false);
+    Job* next = jobs->next;  // finish() gives the job back, which reuses next
+    jobs->finish(*this, *jobs, run);
     jobs = next;
   }
 }
@@ -121,11 +125,7 @@ void ReplyWorker::resume_finished() {
   }
   // A resumed caller may submit again: it takes a job from the free list, never
   // one of these until its own finish() gave it back.
-  while (jobs) {
-    Job* next = jobs->next;
-    jobs->finish(*this, *jobs, true);
-    jobs = next;
-  }
+  finish_all(jobs, true);
 }
 
 void* ReplyWorker::ResumeMemory::do_allocate(std::size_t size, std::size_t alignment) {

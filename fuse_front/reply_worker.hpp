@@ -142,6 +142,9 @@ class ReplyWorker {
   // one such request is pending, so its memory is one block kept here.
   void post_resume();
   void resume_finished();  // loop thread
+  // Loop thread: finishes a chain of sent jobs, running their callers' handlers
+  // or (run false) only destroying them.
+  void finish_all(Job* jobs, bool run);
 
   // The resume request's memory: one block, with the heap behind it. Asio frees
   // an operation's memory before it runs the operation, and the worker posts

@@ -86,7 +86,9 @@ RequestBuffer::~RequestBuffer() { release(); }
 
 void RequestBuffer::release() {
   if (!data_) return;
-  if (retire_) Session::retire(data_);
+  // Unmapping leaves pages that others still reference alive, with their bytes
+  // as they are, for those others alone.
+  if (retire_) unmap_receive_slot(data_);
   else session_->give_back(data_, payload_resident_);
   data_ = nullptr;
 }
@@ -317,10 +319,6 @@ std::byte* Session::take_buffer(bool& payload_resident) {
   payload_resident = false;
   return map_receive_slot();
 }
-
-// Unmapping leaves pages that others still reference alive, with their bytes
-// as they are, for those others alone; the slot's address range is free again.
-void Session::retire(std::byte* buffer) { unmap_receive_slot(buffer); }
 
 void Session::give_back(std::byte* buffer, bool payload_resident) {
   if (payload_resident) {

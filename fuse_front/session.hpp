@@ -108,7 +108,6 @@ class Session {
   void receive();
   std::byte* take_buffer(bool& payload_resident);
   void give_back(std::byte* buffer, bool payload_resident);
-  static void retire(std::byte* buffer);
   void patch_reply(struct iovec* parts, int count);
   void start_spinning();
   void spin();

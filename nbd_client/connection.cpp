@@ -501,21 +501,15 @@ void Connection::issue(PendingCommand* command, const CommandRequest& request) {
     std::size_t length = request.kind == CommandKind::flush ? 1 : request.length;
     std::size_t limit = single ? length : chunk_limit(request.kind);
     if (request.kind == CommandKind::block_status) length = std::min<std::size_t>(length, chunk_limit(request.kind));
-    // Piped only as one NBD command: the replies of several may come in any order.
-    if (request.piped && batched_ && length <= limit) {
-      int fd = nbd_aio_get_fd(handle_);
-      if (socket_batching::expect_payload(fd, request.piped)) {
+    if (batched_ && (request.piped || request.by_reference)) {
+      const int fd = nbd_aio_get_fd(handle_);
+      command->registered_socket = fd;
+      // Piped only as one NBD command: the replies of several may come in any
+      // order. The chunks of a write are sent one after another: any number.
+      if (request.piped && length <= limit && socket_batching::expect_payload(fd, request.piped))
         command->piped = request.piped;
-        command->registered_socket = fd;
-      }
-    }
-    // Chunks of a write are sent one after another, so any number may be.
-    if (request.by_reference && batched_) {
-      int fd = nbd_aio_get_fd(handle_);
-      if (socket_batching::expect_send(fd, request.by_reference)) {
+      if (request.by_reference && socket_batching::expect_send(fd, request.by_reference))
         command->by_reference = request.by_reference;
-        command->registered_socket = fd;
-      }
     }
     for_each_chunk(length, limit, [&](std::size_t done, std::size_t chunk) {
       ++command->callbacks_outstanding;

@@ -277,6 +277,14 @@ ssize_t receive_batched(int fd, SocketState& state, void* buffer, std::size_t le
   return ssize_t(copied + std::size_t(got));
 }
 
+// Writes the held bytes without blocking; true when none remain. On false,
+// errno says why (EAGAIN: the socket is full).
+bool flush_held(int fd, SocketState& state) {
+  if (state.held() == 0) return true;
+  if (send_joined(fd, state, nullptr, 0, MSG_NOSIGNAL | MSG_DONTWAIT) >= 0 && state.held()) errno = EAGAIN;
+  return state.held() == 0;
+}
+
 bool make_send_pipe(SocketState& state) {
   if (state.send_pipe[0] >= 0) return true;
   if (::pipe2(state.send_pipe, O_CLOEXEC | O_NONBLOCK) != 0) return false;
@@ -295,13 +303,7 @@ constexpr ssize_t not_by_reference = -2;
 // when the bytes must be copied instead (no pipe could be made).
 ssize_t send_by_reference(int fd, SocketState& state, SentByReference& payload, const std::byte* data,
                           std::size_t length) {
-  if (state.held()) {
-    if (send_joined(fd, state, nullptr, 0, MSG_NOSIGNAL | MSG_DONTWAIT) < 0 && state.held()) return -1;
-    if (state.held()) {
-      errno = EAGAIN;
-      return -1;
-    }
-  }
+  if (!flush_held(fd, state)) return -1;
   if (state.in_pipe == 0) {
     if (!make_send_pipe(state)) return not_by_reference;
     iovec pages{const_cast<std::byte*>(data), length};
@@ -386,9 +388,7 @@ std::size_t held_output(int fd) {
 
 bool flush(int fd) {
   SocketState* state = state_of(fd);
-  if (!state || state->held() == 0) return true;
-  send_joined(fd, *state, nullptr, 0, MSG_NOSIGNAL | MSG_DONTWAIT);
-  return state->held() == 0;
+  return !state || flush_held(fd, *state);
 }
 
 }  // namespace nbd_client::socket_batching
@@ -439,8 +439,7 @@ ssize_t send(int fd, const void* data, size_t length, int flags) {
 // libnbd shuts the write side after queueing NBD_CMD_DISC, which it counts as
 // sent: held bytes go out first, or the server never sees the goodbye.
 int shutdown(int fd, int how) {
-  if (SocketState* state = state_of(fd); state && state->held() && how != SHUT_RD)
-    send_joined(fd, *state, nullptr, 0, MSG_NOSIGNAL | MSG_DONTWAIT);
+  if (SocketState* state = state_of(fd); state && how != SHUT_RD) flush_held(fd, *state);
   return int(::syscall(SYS_shutdown, fd, how));  // glibc exports no other name for it
 }
 

@@ -395,73 +395,129 @@ def measure(workload, job):
 
 # ---------------------------------------------------------------- one subject, one round
 
-def run_subject(subject, round_no, config, dirs, runs):
-    """Runs every workload through one subject, on a fresh server and mount, recording into a
-    new entry of `runs`. When a workload fails, the rest run on another fresh server and mount,
-    so one failure hides nothing else."""
-    record = {"round": round_no, "subject": subject, "ok": False, "errors": [],
-              "instances": [], "workloads": {}}
-    runs.append(record)  # now, so that an interrupted run keeps what it measured
-    pending = list(config["workloads"])
-    while pending:
-        tag = f"r{round_no}-{subject}" + (f"-{len(record['instances']) + 1}"
-                                          if record["instances"] else "")
-        before = len(pending)
-        run_instance(subject, tag, pending, record, config, dirs)
-        if len(pending) == before:  # it did not even start: trying again would not help
-            break
-    for workload in pending:
-        record["errors"].append(f"{workload.name}: not run")
-    record["ok"] = not record["errors"]
+class SubjectRound:
+    """One subject's part of one round: a fresh server (and mount) that runs the round's
+    workloads in order, one run() at a time, so that subjects can take turns per workload. When
+    a workload fails, the rest run on another fresh server and mount, so one failure hides
+    nothing else; a server or mount that does not even start ends the subject's round."""
 
+    def __init__(self, subject, round_no, config, dirs, runs):
+        self.subject, self.round_no, self.config, self.dirs = subject, round_no, config, dirs
+        self.record = {"round": round_no, "subject": subject, "ok": False, "errors": [],
+                       "instances": [], "workloads": {}}
+        runs.append(self.record)  # now, so that an interrupted run keeps what it measured
+        self.pending = [w.name for w in config["workloads"]]
+        self.given_up = False
+        self.cleanup = None  # the running instance's ExitStack: stops its mount, then its server
+        self.server = self.mount = self.instance = self.run_dir = None
 
-def run_instance(subject, tag, pending, record, config, dirs):
-    """One server (and mount) running workloads from `pending` until one fails."""
-    instance = {"tag": tag, "pid": None, "exit": None, "workloads": []}
-    record["instances"].append(instance)
-    run_dir = tempfile.mkdtemp(prefix=f"{tag}.", dir=dirs["work"])
-    server, mount, step = None, None, "start"
-    try:
-        with contextlib.ExitStack() as cleanup:
-            server = Server(run_dir, dirs["logs"], tag)
-            cleanup.callback(server.stop)
-            if config["prefill"]:
+    def run(self, workload):
+        if self.given_up or workload.name not in self.pending:
+            return
+        if self.cleanup is None and not self._start():
+            self.given_up = True
+            return
+        self.pending.remove(workload.name)
+        self.instance["workloads"].append(workload.name)
+        tag = self.instance["tag"]
+        try:
+            try:
+                result = run_workload(workload, self.subject, self.server, self.mount, tag,
+                                      self.config, self.dirs)
+            except FioHung:
+                if self.mount:
+                    self.mount.abort()  # frees the fio stuck in the FUSE connection
+                raise
+        except BenchError as e:
+            self._fail(workload.name, e)
+            self._stop()
+            return
+        self.record["workloads"][workload.name] = result
+        log(f"  {tag:<12} {workload.name:<6} {result['value']:>10.0f} {workload.unit}")
+
+    def close(self):
+        """Stops what still runs and settles the record; safe to call more than once."""
+        self._stop()
+        for name in self.pending:
+            self.record["errors"].append(f"{name}: not run")
+        self.pending = []
+        self.record["ok"] = not self.record["errors"]
+
+    def _start(self):
+        number = len(self.record["instances"]) + 1
+        tag = f"r{self.round_no}-{self.subject}" + (f"-{number}" if number > 1 else "")
+        self.instance = {"tag": tag, "pid": None, "exit": None, "workloads": []}
+        self.record["instances"].append(self.instance)
+        self.run_dir = tempfile.mkdtemp(prefix=f"{tag}.", dir=self.dirs["work"])
+        self.cleanup = contextlib.ExitStack()
+        step = "start"
+        try:
+            self.server = Server(self.run_dir, self.dirs["logs"], tag)
+            self.cleanup.callback(self.server.stop)
+            if self.config["prefill"]:
                 step = "prefill"
-                prefill(server, f"{dirs['fio']}/{tag}-prefill")
+                prefill(self.server, f"{self.dirs['fio']}/{tag}-prefill")
             step = "mount"
-            if subject != "nbd":
-                mount = Mount(subject, config.get("bridge_argv", {}), server, run_dir, dirs["logs"], tag)
-                cleanup.callback(mount.stop)
-                instance["pid"] = mount.pid
-            while pending:
-                workload = pending.pop(0)
-                step = workload.name
-                instance["workloads"].append(workload.name)
-                try:
-                    result = run_workload(workload, subject, server, mount, tag, config, dirs)
-                except FioHung:
-                    if mount:
-                        mount.abort()  # frees the fio stuck in the FUSE connection
-                    raise
-                record["workloads"][workload.name] = result
-                log(f"  {tag:<12} {workload.name:<6} {result['value']:>10.0f} {workload.unit}")
-    except BenchError as e:  # reported once the server and mount have stopped, with their logs
-        message = str(e)
-        for child in (server and server.child, mount and mount.child):
+            if self.subject != "nbd":
+                self.mount = Mount(self.subject, self.config.get("bridge_argv", {}), self.server,
+                                   self.run_dir, self.dirs["logs"], tag)
+                self.cleanup.callback(self.mount.stop)
+                self.instance["pid"] = self.mount.pid
+            return True
+        except BenchError as e:
+            self._fail(step, e)
+            self._stop()
+            return False
+
+    def _fail(self, step, error):
+        """Records an error with what the server and the subject said last."""
+        message = str(error)
+        for child in (self.server and self.server.child, self.mount and self.mount.child):
             said = child and step not in ("start", "mount") and child.log_tail(5)
             if said:
                 message += f"\n  {child.name}'s output ends:\n{said}"
-        record["errors"].append(f"{step}: {message}")
-        log(f"  {tag} {step}: FAILED: {message}")
-    finally:
-        if mount:
-            instance["exit"] = mount.child.exit_note
-    if subject == "bridge" and mount and instance["exit"] != "exit status 0":
-        record["errors"].append(f"nbdbridge did not stop cleanly: {instance['exit']}")
-    elif instance["exit"] and not instance["exit"].startswith("exit status"):
-        log(f"  {tag}: note: {subject} {instance['exit']}")
-    if not mounts_under(run_dir):  # never recurse into a live mount
-        shutil.rmtree(run_dir, ignore_errors=True)
+        self.record["errors"].append(f"{step}: {message}")
+        log(f"  {self.instance['tag']} {step}: FAILED: {message}")
+
+    def _stop(self):
+        if self.cleanup is None:
+            return
+        cleanup, mount, run_dir = self.cleanup, self.mount, self.run_dir
+        self.cleanup = self.server = self.mount = None
+        try:
+            cleanup.close()
+        finally:
+            if mount:
+                self.instance["exit"] = mount.child.exit_note
+        exit_note = self.instance["exit"]
+        if self.subject == "bridge" and mount and exit_note != "exit status 0":
+            self.record["errors"].append(f"nbdbridge did not stop cleanly: {exit_note}")
+        elif exit_note and not exit_note.startswith("exit status"):
+            log(f"  {self.instance['tag']}: note: {self.subject} {exit_note}")
+        if not mounts_under(run_dir):  # never recurse into a live mount
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def run_round(round_no, order, config, dirs, runs):
+    """Every subject through every workload. By default the subjects take turns per workload,
+    all mounted at once, so the subjects compared ran seconds apart rather than minutes (the
+    machine's speed drifts by up to 20% between minutes here); with --order subjects each runs
+    all its workloads before the next starts."""
+    with contextlib.ExitStack() as stack:
+        parts = []
+        for subject in order:
+            part = SubjectRound(subject, round_no, config, dirs, runs)
+            stack.callback(part.close)
+            parts.append(part)
+        if config["order"] == "subjects":
+            for part in parts:
+                for workload in config["workloads"]:
+                    part.run(workload)
+                part.close()
+        else:
+            for workload in config["workloads"]:
+                for part in parts:
+                    part.run(workload)
 
 
 def run_workload(workload, subject, server, mount, tag, config, dirs):
@@ -633,10 +689,10 @@ def summarise(runs, subjects, workloads):
 
 
 def round_ratios(runs, workload):
-    """The same ratios within each round: subjects measured minutes apart share the machine's
-    mood of the moment, so a round's ratio drifts less than the medians' ratio when the
-    machine's speed moves (it moved 20% between rounds here). Returns two lists, one entry per
-    round that measured the bridge and the subjects compared."""
+    """The same ratios within each round: subjects measured seconds (with --order subjects,
+    minutes) apart share the machine's mood of the moment, so a round's ratio drifts less than
+    the medians' ratio when the machine's speed moves (it moved 20% between rounds here).
+    Returns two lists, one entry per round that measured the bridge and the subjects compared."""
     by_round = {}
     for r in runs:
         cell = r["workloads"].get(workload.name)
@@ -691,6 +747,8 @@ def table(config, summary, ratio):
         warmup += ", server and subjects in sessions of their own"
     if config.get("fio_processes"):
         warmup += ", fio jobs as processes"
+    if config.get("order") == "subjects":
+        warmup += ", each subject's workloads in one go"
     rows.append(f"median of {rounds} round{'s' * (rounds > 1)} x {config['runtime']} s per workload{warmup}; "
                 "4k workloads in IOPS (read+write), 1M workloads in MiB/s")
     header = f"{'workload':<8} {'unit':<6}" + "".join(f"{s:>{width}}" for s in subjects)
@@ -739,7 +797,8 @@ def table(config, summary, ratio):
 def round_ratio_rows(config, ratio, show_peer, show_nbd):
     if config["rounds"] < 2 or not (show_peer or show_nbd):
         return []
-    rows = ["", "ratios within each round (the subjects of one round ran minutes apart): median (min-max)",
+    apart = "minutes" if config.get("order") == "subjects" else "seconds"
+    rows = ["", f"ratios within each round (the subjects compared ran {apart} apart): median (min-max)",
             f"{'workload':<15}" + (f"{'bridge/best peer':>22}" if show_peer else "") +
             (f"{'bridge/nbd':>22}" if show_nbd else "")]
     for w in config["workloads"]:
@@ -815,8 +874,9 @@ def parse_args():
     p = argparse.ArgumentParser(
         prog="tools/bench",
         description="Benchmark nbdbridge against its peers with fio. Every subject gets a fresh "
-                    f"`nbdkit memory {EXPORT_SIZE}` on a private unix socket in every round; rounds "
-                    "are interleaved with the subject order rotated each round.",
+                    f"`nbdkit memory {EXPORT_SIZE}` on a private unix socket in every round; within "
+                    "a round the subjects take turns per workload, and the order of the subjects "
+                    "rotates from round to round.",
         epilog="subjects: bridge (build/nbdbridge, extra arguments from $BRIDGE_ARGS), nbdfuse "
                "(libnbd-bin), qsd (qemu-storage-daemon FUSE export over its nbd driver), nbd "
                "(fio's nbd engine straight to the server: the no-FUSE ceiling); optional: "
@@ -826,6 +886,10 @@ def parse_args():
                + ". Exits non-zero if any subject failed to run or did no I/O.")
     p.add_argument("--rounds", type=int, help="rounds (default 3)")
     p.add_argument("--runtime", type=int, help="seconds per workload (default 5)")
+    p.add_argument("--order", choices=("workloads", "subjects"), default="workloads",
+                   help="workloads (default): within a round, every subject is mounted at once and "
+                        "they take turns per workload, so the subjects compared ran seconds apart; "
+                        "subjects: each subject runs all its workloads before the next one mounts")
     p.add_argument("--separate-sessions", action="store_true",
                    help="start the server and each subject in a session of its own (with scheduler "
                         "autogroups: a CPU share each) instead of in the bench's session")
@@ -945,11 +1009,12 @@ def main():
     work = tempfile.mkdtemp(prefix="nbdbridge-bench.")  # short paths for the unix sockets
     dirs["work"] = work
 
-    config = {"rounds": args.rounds, "runtime": args.runtime, "warmup": args.warmup, "prefill": args.prefill,
+    config = {"rounds": args.rounds, "runtime": args.runtime, "order": args.order, "warmup": args.warmup, "prefill": args.prefill,
               "separate_sessions": args.separate_sessions, "fio_processes": args.fio_processes,
               "subjects": args.subjects, "workloads": args.workloads}
     meta = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
             "rounds": args.rounds, "runtime_s": args.runtime, "warmup_s": args.warmup,
+            "order": args.order,
             "prefilled": args.prefill, "separate_sessions": args.separate_sessions,
             "fio_processes": args.fio_processes,
             "subjects": args.subjects,
@@ -984,8 +1049,7 @@ def main():
             shift = (round_no - 1) % len(args.subjects)
             order = args.subjects[shift:] + args.subjects[:shift]
             log(f"round {round_no}/{args.rounds}: {' '.join(order)}")
-            for subject in order:
-                run_subject(subject, round_no, config, dirs, runs)
+            run_round(round_no, order, config, dirs, runs)
         # After the rounds: heaptrack's slow start and its data file would disturb the
         # first subject measured after it (seen: round 1 of the bridge 10-25% low).
         if args.allocations:

@@ -692,13 +692,14 @@ def round_ratios(runs, workload):
     """The same ratios within each round: subjects measured seconds (with --order subjects,
     minutes) apart share the machine's mood of the moment, so a round's ratio drifts less than
     the medians' ratio when the machine's speed moves (it moved 20% between rounds here).
-    Returns two lists, one entry per round that measured the bridge and the subjects compared."""
+    Returns the bridge over the best peer and over nbd, and each optional subject (a variant of
+    the bridge: the A of an A/B) over the bridge, one entry per round that measured both."""
     by_round = {}
     for r in runs:
         cell = r["workloads"].get(workload.name)
         if cell and cell["ios"] > 0:
             by_round.setdefault(r["round"], {})[r["subject"]] = cell["value"]
-    over_peer, over_nbd = [], []
+    over_peer, over_nbd, variants = [], [], {}
     for values in by_round.values():
         bridge = values.get("bridge")
         if not bridge:
@@ -708,7 +709,10 @@ def round_ratios(runs, workload):
             over_peer.append(bridge / max(peers))
         if values.get("nbd"):
             over_nbd.append(bridge / values["nbd"])
-    return over_peer, over_nbd
+        for variant in OPTIONAL_SUBJECTS:
+            if values.get(variant):
+                variants.setdefault(variant, []).append(values[variant] / bridge)
+    return over_peer, over_nbd, variants
 
 
 def spread(values):
@@ -725,13 +729,14 @@ def ratios(summary, workloads, runs=()):
         bridge = median("bridge")
         peers = {p: median(p) for p in PEERS if median(p)}
         best = max(peers, key=peers.get) if peers else None
-        over_peer, over_nbd = round_ratios(runs, workload)
+        over_peer, over_nbd, variants = round_ratios(runs, workload)
         out[workload.name] = {
             "best_peer": best,
             "bridge_over_best_peer": bridge / peers[best] if bridge and best else None,
             "bridge_over_nbd": bridge / median("nbd") if bridge and median("nbd") else None,
             "per_round_bridge_over_best_peer": spread(over_peer),
-            "per_round_bridge_over_nbd": spread(over_nbd)}
+            "per_round_bridge_over_nbd": spread(over_nbd),
+            **{f"per_round_{variant}_over_bridge": spread(values) for variant, values in variants.items()}}
     return out
 
 
@@ -860,21 +865,23 @@ def table(config, summary, ratio):
 
 
 def round_ratio_rows(config, ratio, show_peer, show_nbd):
-    if config["rounds"] < 2 or not (show_peer or show_nbd):
+    columns = [("per_round_bridge_over_best_peer", "bridge/best peer")] if show_peer else []
+    columns += [("per_round_bridge_over_nbd", "bridge/nbd")] if show_nbd else []
+    if "bridge" in config["subjects"]:
+        columns += [(f"per_round_{variant}_over_bridge", f"{variant}/bridge")
+                    for variant in OPTIONAL_SUBJECTS if variant in config["subjects"]]
+    if config["rounds"] < 2 or not columns:
         return []
     apart = "minutes" if config.get("order") == "subjects" else "seconds"
+    width = max(22, max(len(title) for _, title in columns) + 2)
     rows = ["", f"ratios within each round (the subjects compared ran {apart} apart): median (min-max)",
-            f"{'workload':<15}" + (f"{'bridge/best peer':>22}" if show_peer else "") +
-            (f"{'bridge/nbd':>22}" if show_nbd else "")]
+            f"{'workload':<15}" + "".join(f"{title:>{width}}" for _, title in columns)]
     for w in config["workloads"]:
-        r = ratio[w.name]
         cells = []
-        for key, shown in (("per_round_bridge_over_best_peer", show_peer), ("per_round_bridge_over_nbd", show_nbd)):
-            if not shown:
-                continue
-            d = r.get(key)
+        for key, _ in columns:
+            d = ratio[w.name].get(key)
             cells.append(f"{d['median']:.2f} ({d['min']:.2f}-{d['max']:.2f})" if d else "-")
-        rows.append(f"{w.name:<15}" + "".join(f"{c:>22}" for c in cells))
+        rows.append(f"{w.name:<15}" + "".join(f"{c:>{width}}" for c in cells))
     return rows
 
 

@@ -1081,8 +1081,9 @@ def main():
     work = tempfile.mkdtemp(prefix="nbdbridge-bench.")  # short paths for the unix sockets
     dirs["work"] = work
 
-    config = {"rounds": args.rounds, "runtime": args.runtime, "order": args.order, "warmup": args.warmup, "prefill": args.prefill,
-              "separate_sessions": args.separate_sessions, "fio_processes": args.fio_processes,
+    config = {"rounds": args.rounds, "runtime": args.runtime, "order": args.order, "warmup": args.warmup,
+              "prefill": args.prefill, "separate_sessions": args.separate_sessions,
+              "fio_processes": args.fio_processes,
               "subjects": args.subjects, "workloads": args.workloads}
     meta = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
             "rounds": args.rounds, "runtime_s": args.runtime, "warmup_s": args.warmup,

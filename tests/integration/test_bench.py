@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""tools/bench, kept green: its harness (tools/bench.d/bench.py) against the binary under test.
+
+A short run of every subject (nbdbridge, nbdfuse, qemu-storage-daemon, fio's nbd engine) must
+measure every workload in every round, write results.json, summary.txt with the targets of
+issue 4, and plot.png, and leave nothing mounted or running. A bridge that cannot start must
+fail the run loudly while the other subjects still run. The speed itself is the benchmark's to
+report, never asserted here.
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+
+BENCH = os.path.join(h.REPO, "tools", "bench.d", "bench.py")
+SUBJECTS = ["bridge", "nbdfuse", "qsd", "nbd"]
+# Generous: each subject mounts and unmounts once per round, and the ASan build is slow.
+RUN_DEADLINE = 150
+
+
+def _bench_processes():
+    """Mounts and servers a bench run may leave: FUSE mounts below its work directories, and
+    nbdkit or FUSE servers whose command line names one."""
+    mounts = [m["mountpoint"] for m in h.fuse_mounts() if "/nbdbridge-bench." in m["mountpoint"]]
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and "/nbdbridge-bench." in " ".join(h.proc_cmdline(int(entry))):
+            pids.append(int(entry))
+    return mounts, pids
+
+
+def _run_bench(out, args, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    r = h.run([h.SYS_PYTHON, BENCH, "--bridge", h.NBDBRIDGE, "--out", out, *args],
+              timeout=RUN_DEADLINE, env=env)
+    mounts, pids = _bench_processes()
+    h.check_eq(mounts, [], "FUSE mounts the bench left (output:\n%s)" % r.stderr[-2000:])
+    h.check_eq(pids, [], "processes the bench left")
+    return r
+
+
+def test_every_subject_measures_every_workload():
+    out = h.tmpdir("bench")
+    r = _run_bench(out, ["--rounds", "2", "--runtime", "1", "--workloads", "qd1,qd64"])
+    h.check_eq(r.returncode, 0, "bench exit status (output ends:\n%s)" % r.stderr[-3000:])
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    h.check_eq(results["failures"], [], "failures")
+    h.check_eq(results["meta"]["order"], "workloads", "default order")
+    measured = {(run["round"], run["subject"]): run for run in results["runs"]}
+    for round_no in (1, 2):
+        for subject in SUBJECTS:
+            run = measured.get((round_no, subject))
+            h.check(run is not None, "round %d ran %s" % (round_no, subject))
+            h.check(run["ok"], "round %d %s ok: %r" % (round_no, subject, run["errors"]))
+            for workload in ("qd1", "qd64"):
+                cell = run["workloads"].get(workload)
+                h.check(cell and cell["ios"] > 0 and cell["value"] > 0,
+                        "round %d %s %s measured: %r" % (round_no, subject, workload, cell))
+                if subject != "nbd":  # CPU time is the FUSE server's, read from its pid
+                    h.check(cell["cpu_s"] > 0, "%s %s CPU time" % (subject, workload))
+    # Rounds rotate the order: the bridge went first in round 1, not in round 2.
+    firsts = [run["subject"] for run in results["runs"]]
+    h.check_eq(firsts[:4], SUBJECTS, "round 1 order")
+    h.check_eq(firsts[4:8], SUBJECTS[1:] + SUBJECTS[:1], "round 2 order")
+    qd64 = results["ratios"]["qd64"]
+    h.check(qd64["bridge_over_nbd"] > 0 and qd64["per_round_bridge_over_nbd"]["min"] > 0,
+            "depth-64 ratios: %r" % qd64)
+    judged = {t["target"] for t in results["targets"]}
+    h.check("qd64 bridge / best peer >= 2.5" in judged and "qd64 bridge / nbd >= 0.6" in judged,
+            "targets judged: %r" % sorted(judged))
+    with open(os.path.join(out, "summary.txt")) as f:
+        summary = f.read()
+    h.check("targets (issue 4)" in summary and "ratios within each round" in summary,
+            "summary sections:\n%s" % summary)
+    with open(os.path.join(out, "plot.png"), "rb") as f:
+        h.check_eq(f.read(8), b"\x89PNG\r\n\x1a\n", "plot.png signature")
+
+
+def test_a_bridge_that_cannot_start_fails_the_run_loudly():
+    out = h.tmpdir("bench")
+    r = _run_bench(out, ["--rounds", "1", "--runtime", "1", "--workloads", "qd1", "--subjects", "bridge,nbd"],
+                   {"BRIDGE_ARGS": "--no-such-option"})
+    h.check(r.returncode != 0, "bench exit status %d" % r.returncode)
+    h.check("FAILED: round 1 bridge: mount" in r.stderr, "failure reported:\n%s" % r.stderr[-2000:])
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    nbd = [run for run in results["runs"] if run["subject"] == "nbd"]
+    h.check(nbd and nbd[0]["workloads"]["qd1"]["ios"] > 0, "the other subject still ran")
+
+
+if __name__ == "__main__":
+    h.main(globals())

@@ -62,9 +62,9 @@ def test_every_subject_measures_every_workload():
                 if subject != "nbd":  # CPU time is the FUSE server's, read from its pid
                     h.check(cell["cpu_s"] > 0, "%s %s CPU time" % (subject, workload))
     # Rounds rotate the order: the bridge went first in round 1, not in round 2.
-    firsts = [run["subject"] for run in results["runs"]]
-    h.check_eq(firsts[:4], SUBJECTS, "round 1 order")
-    h.check_eq(firsts[4:8], SUBJECTS[1:] + SUBJECTS[:1], "round 2 order")
+    order = [run["subject"] for run in results["runs"]]
+    h.check_eq(order[:4], SUBJECTS, "round 1 order")
+    h.check_eq(order[4:8], SUBJECTS[1:] + SUBJECTS[:1], "round 2 order")
     qd64 = results["ratios"]["qd64"]
     h.check(qd64["bridge_over_nbd"] > 0 and qd64["per_round_bridge_over_nbd"]["min"] > 0,
             "depth-64 ratios: %r" % qd64)

@@ -421,14 +421,11 @@ class SubjectRound:
         self.instance["workloads"].append(workload.name)
         tag = self.instance["tag"]
         try:
-            try:
-                result = run_workload(workload, self.subject, self.server, self.mount, tag,
-                                      self.config, self.dirs)
-            except FioHung:
-                if self.mount:
-                    self.mount.abort()  # frees the fio stuck in the FUSE connection
-                raise
+            result = run_workload(workload, self.subject, self.server, self.mount, tag,
+                                  self.config, self.dirs)
         except BenchError as e:
+            if isinstance(e, FioHung) and self.mount:
+                self.mount.abort()  # frees the fio stuck in the FUSE connection
             self._fail(workload.name, e)
             self._stop()
             return
@@ -1162,7 +1159,7 @@ def main():
         failures += [f"{s}: no workload ran through it" for s in args.subjects
                      if not summary[s]["workloads"]]
 
-    targets = check_targets(summary, ratio, allocations) if "bridge" in args.subjects else []
+    targets = check_targets(summary, ratio, allocations)
     results = {"meta": meta, "runs": runs, "summary": summary, "ratios": ratio,
                "targets": targets, "allocations": allocations, "failures": failures}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

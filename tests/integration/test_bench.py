@@ -3,9 +3,9 @@
 
 A short run of every subject (nbdbridge, nbdfuse, qemu-storage-daemon, fio's nbd engine) must
 measure every workload in every round, write results.json, summary.txt with the targets of
-issue 4, and plot.png, and leave nothing mounted or running. A bridge that cannot start must
-fail the run loudly while the other subjects still run. The speed itself is the benchmark's to
-report, never asserted here.
+issue 4, and plot.png, and leave nothing mounted or running; so must a run over TCP
+(`--tcp`). A bridge that cannot start must fail the run loudly while the other subjects still
+run. The speed itself is the benchmark's to report, never asserted here.
 """
 import json
 import os
@@ -77,6 +77,23 @@ def test_every_subject_measures_every_workload():
             "summary sections:\n%s" % summary)
     with open(os.path.join(out, "plot.png"), "rb") as f:
         h.check_eq(f.read(8), b"\x89PNG\r\n\x1a\n", "plot.png signature")
+
+
+def test_every_subject_runs_over_tcp():
+    out = h.tmpdir("bench")
+    r = _run_bench(out, ["--tcp", "--rounds", "1", "--runtime", "1", "--workloads", "qd1"])
+    h.check_eq(r.returncode, 0, "bench exit status (output ends:\n%s)" % r.stderr[-3000:])
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    h.check_eq(results["meta"]["transport"], "tcp 127.0.0.1", "transport")
+    h.check_eq(sorted(run["subject"] for run in results["runs"]), sorted(SUBJECTS), "subjects run")
+    for run in results["runs"]:
+        h.check(run["ok"] and run["workloads"]["qd1"]["ios"] > 0,
+                "%s measured over TCP: %r" % (run["subject"], run["errors"]))
+        # The server listened on TCP only, so a subject that measured went through it.
+        for instance in run["instances"]:
+            h.check(instance["server"].startswith("nbd://127.0.0.1:"),
+                    "%s's server: %r" % (run["subject"], instance["server"]))
 
 
 def test_a_bridge_that_cannot_start_fails_the_run_loudly():

@@ -16,6 +16,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +37,7 @@ OPTIONAL_SUBJECTS = ("bridge-nostats", "bridge-threads")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 SERVER_START_DEADLINE = 15   # seconds for nbdkit to accept connections
+TCP_PORT_ATTEMPTS = 3       # free ports tried for nbdkit with --tcp (one may be taken meanwhile)
 MOUNT_DEADLINE = 20          # seconds for a subject's file to appear on a FUSE mount
 FIO_GRACE = 30               # seconds fio may take beyond --runtime before `timeout` ends it
 STOP_DEADLINE = 20           # seconds for a subject to exit after it was asked to unmount
@@ -195,6 +197,12 @@ def force_unmount(path):
                        stderr=subprocess.DEVNULL, timeout=15, check=False)
 
 
+def free_tcp_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def holds_dev_fuse(pid):
     fd_dir = Path(f"/proc/{pid}/fd")
     for fd in fd_dir.iterdir():
@@ -221,17 +229,36 @@ def vmhwm_kib(pid):
 # ---------------------------------------------------------------- servers and subjects
 
 class Server:
-    """A fresh `nbdkit memory 1G` on a private unix socket."""
+    """A fresh `nbdkit memory 1G` on a private unix socket, or with tcp on a free port of
+    127.0.0.1 (nbd://127.0.0.1: the same server behind the loopback TCP stack)."""
 
-    def __init__(self, run_dir, log_dir, tag):
-        self.socket = f"{run_dir}/nbd.sock"
+    def __init__(self, run_dir, log_dir, tag, tcp=False):
         pidfile = f"{run_dir}/nbdkit.pid"  # nbdkit writes it once it accepts connections
-        self.uri = f"nbd+unix:///?socket={self.socket}"
+        log_path = f"{log_dir}/{tag}-nbdkit.log"
+        if not tcp:
+            self.socket = f"{run_dir}/nbd.sock"
+            self.uri = f"nbd+unix:///?socket={self.socket}"
+            self.qemu_address = f"server.type=unix,server.path={self.socket}"
+            self._start(["-U", self.socket], pidfile, log_path, lambda: os.path.exists(self.socket))
+            return
+        # A port picked here may be taken before nbdkit binds it: then nbdkit exits at once
+        # and another port is tried.
+        for attempt in range(TCP_PORT_ATTEMPTS):
+            port = free_tcp_port()
+            self.uri = f"nbd://127.0.0.1:{port}/"
+            self.qemu_address = f"server.type=inet,server.host=127.0.0.1,server.port={port}"
+            try:
+                self._start(["-i", "127.0.0.1", "-p", str(port)], pidfile, log_path, lambda: True)
+                return
+            except BenchError:
+                if attempt + 1 == TCP_PORT_ATTEMPTS:
+                    raise
+
+    def _start(self, listen, pidfile, log_path, listening):
         self.child = Child("nbdkit", ["nbdkit", "-f", "--exit-with-parent", "-P", pidfile,
-                                      "-U", self.socket, "memory", EXPORT_SIZE],
-                           f"{log_dir}/{tag}-nbdkit.log")
+                                      *listen, "memory", EXPORT_SIZE], log_path)
         try:
-            wait_until("nbdkit", lambda: os.path.exists(pidfile) and os.path.exists(self.socket),
+            wait_until("nbdkit", lambda: os.path.exists(pidfile) and listening(),
                        SERVER_START_DEADLINE, [self.child])
         except BenchError:
             self.stop()
@@ -252,8 +279,7 @@ class Mount:
             self.mountpoint = self.file = directory
             Path(directory).touch()
             argv = ["qemu-storage-daemon",
-                    "--blockdev", "driver=nbd,node-name=disk,server.type=unix,"
-                                  f"server.path={server.socket}",
+                    "--blockdev", f"driver=nbd,node-name=disk,{server.qemu_address}",
                     "--export", f"type=fuse,id=export,node-name=disk,mountpoint={directory},"
                                 "writable=on"]
         else:
@@ -449,8 +475,9 @@ class SubjectRound:
         self.cleanup = contextlib.ExitStack()
         step = "start"
         try:
-            self.server = Server(self.run_dir, self.dirs["logs"], tag)
+            self.server = Server(self.run_dir, self.dirs["logs"], tag, self.config["tcp"])
             self.cleanup.callback(self.server.stop)
+            self.instance["server"] = self.server.uri
             if self.config["prefill"]:
                 step = "prefill"
                 prefill(self.server, f"{self.dirs['fio']}/{tag}-prefill")
@@ -617,7 +644,7 @@ def count_allocations(config, dirs, runtime, workload_name):
     argv = {"bridge": ["heaptrack", "-o", data, *config["bridge_argv"]["bridge"]]}
     result = {"workload": workload.name, "runtime_s": runtime}
     with contextlib.ExitStack() as cleanup:
-        server = Server(run_dir, dirs["logs"], "alloc")
+        server = Server(run_dir, dirs["logs"], "alloc", config["tcp"])
         cleanup.callback(server.stop)
         mount = Mount("bridge", argv, server, run_dir, dirs["logs"], "alloc", wrapped=True)
         cleanup.callback(mount.stop)
@@ -814,6 +841,8 @@ def table(config, summary, ratio):
         warmup += ", server and subjects in sessions of their own"
     if config.get("fio_processes"):
         warmup += ", fio jobs as processes"
+    if config.get("tcp"):
+        warmup += ", exports over TCP on 127.0.0.1"
     if config.get("order") == "subjects":
         warmup += ", each subject's workloads in one go"
     rows.append(f"median of {rounds} round{'s' * (rounds > 1)} x {config['runtime']} s per workload{warmup}; "
@@ -943,9 +972,9 @@ def parse_args():
     p = argparse.ArgumentParser(
         prog="tools/bench",
         description="Benchmark nbdbridge against its peers with fio. Every subject gets a fresh "
-                    f"`nbdkit memory {EXPORT_SIZE}` on a private unix socket in every round; within "
-                    "a round the subjects take turns per workload, and the order of the subjects "
-                    "rotates from round to round.",
+                    f"`nbdkit memory {EXPORT_SIZE}` on a private unix socket (with --tcp: on "
+                    "127.0.0.1) in every round; within a round the subjects take turns per "
+                    "workload, and the order of the subjects rotates from round to round.",
         epilog="subjects: bridge (build/nbdbridge, extra arguments from $BRIDGE_ARGS), nbdfuse "
                "(libnbd-bin), qsd (qemu-storage-daemon FUSE export over its nbd driver), nbd "
                "(fio's nbd engine straight to the server: the no-FUSE ceiling); optional: "
@@ -965,6 +994,9 @@ def parse_args():
     p.add_argument("--fio-processes", action="store_true",
                    help="run fio's job as a process, as shared/bench/compare.sh does, instead of a "
                         "thread (fio then puts it in a session, hence a scheduler autogroup, of its own)")
+    p.add_argument("--tcp", action="store_true",
+                   help="serve every export on a free TCP port of 127.0.0.1 (nbd://127.0.0.1:PORT) "
+                        "instead of a private unix socket")
     p.add_argument("--prefill", action="store_true",
                    help="write the whole export once (fio nbd engine, 1 MiB) before each subject mounts it")
     p.add_argument("--warmup", type=int, default=0,
@@ -1080,7 +1112,7 @@ def main():
 
     config = {"rounds": args.rounds, "runtime": args.runtime, "order": args.order, "warmup": args.warmup,
               "prefill": args.prefill, "separate_sessions": args.separate_sessions,
-              "fio_processes": args.fio_processes,
+              "fio_processes": args.fio_processes, "tcp": args.tcp,
               "subjects": args.subjects, "workloads": args.workloads}
     meta = {"started": datetime.datetime.now().isoformat(timespec="seconds"),
             "rounds": args.rounds, "runtime_s": args.runtime, "warmup_s": args.warmup,
@@ -1091,6 +1123,7 @@ def main():
             "workloads": {w.name: {"description": w.description, "unit": w.unit}
                           for w in args.workloads},
             "export": f"nbdkit memory {EXPORT_SIZE}", "clk_tck": CLK_TCK,
+            "transport": "tcp 127.0.0.1" if args.tcp else "unix socket",
             "versions": versions(args)}
     if {"bridge", "bridge-threads"} & set(args.subjects) or args.allocations:
         # A private copy, so a rebuild of build/ during the run cannot mix two binaries.

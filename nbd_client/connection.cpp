@@ -4,6 +4,7 @@
 #include "nbd_client/libnbd_error.hpp"
 #include "nbd_client/request_split.hpp"
 #include "nbd_client/socket_batching.hpp"
+#include "nbd_client/socket_peer.hpp"
 
 #include <asio/redirect_error.hpp>
 #include <asio/use_awaitable.hpp>
@@ -386,6 +387,7 @@ asio::awaitable<std::error_code> Connection::async_connect(const Target& target,
   }
   read_export_info();
   enlarge_socket_buffers();
+  loopback_tcp_ = peer_is_loopback_tcp(nbd_aio_get_fd(handle_));
   established_ = true;
   tls_ = nbd_get_tls_negotiated(handle_) == 1;
   batched_ = options.batch_socket && !tls_ && socket_batching::attach(nbd_aio_get_fd(handle_));

@@ -200,6 +200,8 @@ class Connection {
 
   const ExportInfo& info() const { return info_; }
   const std::string& error_message() const { return error_message_; }
+  // TCP to this machine (see peer_is_loopback_tcp); known once connected.
+  bool loopback_tcp() const { return loopback_tcp_; }
   bool usable() const;
 
   // Called once, on the executor, when an established connection is lost.
@@ -372,6 +374,7 @@ class Connection {
   std::atomic<bool> lost_{false};
   bool established_ = false;  // negotiated and ready once; stays true after a loss
   bool tls_ = false;
+  bool loopback_tcp_ = false;
   // Reads ahead and joins sends on the socket (socket_batching.hpp): plain sockets
   // only, since TLS records are read by GnuTLS and poll() cannot see its buffer.
   bool batched_ = false;

@@ -157,6 +157,7 @@ class Bridge {
     pool_options.connect.on_progress = [this] { session_.note_activity(); };
     pool_options.threads = options_.connection_threads == "all"      ? nbd_client::ThreadMode::all
                            : options_.connection_threads == "writes" ? nbd_client::ThreadMode::large_writes
+                           : options_.connection_threads == "auto"   ? nbd_client::ThreadMode::automatic
                                                                      : nbd_client::ThreadMode::none;
     pool_options.connections = tools::resolve_connections(options_.connections, std::thread::hardware_concurrency());
     pool_options.pass_server_stderr = options_.verbose;

@@ -1,0 +1,12 @@
+// What kind of peer a connected socket has, for defaults that depend on the transport.
+// Plain functions of a file descriptor; safe from any thread.
+#pragma once
+
+namespace nbd_client {
+
+// True for a TCP socket whose peer is this machine's loopback (127.0.0.0/8, ::1,
+// or ::ffff:127.x.y.z). Over loopback TCP the kernel does the receiver's TCP work
+// on the sending CPU, which changes what a sending thread of our own is worth.
+bool peer_is_loopback_tcp(int fd);
+
+}  // namespace nbd_client

@@ -72,6 +72,10 @@ struct ConnectOptions {
   bool own_thread = false;
   // Fewer recv()/send() calls per command (--socket-batching); not with TLS.
   bool batch_socket = true;
+  // TCP congestion control (--tcp-congestion): "auto" sets reno on connections to
+  // this machine's loopback and leaves others alone, "system" leaves all alone, any
+  // other name is set on every TCP connection (a failure fails the connection).
+  std::string tcp_congestion = "auto";
   // Runs on the loop thread after each read or write on the socket (not for a
   // connection on its own thread): the loop's busy-polling goes on while a
   // large reply arrives in pieces.
@@ -360,7 +364,7 @@ class Connection {
   void bind_descriptor(int fd);
   void release_descriptor();
   void read_export_info();
-  void enlarge_socket_buffers();
+  bool tune_socket(const ConnectOptions& options);
   int start_connect(const Target& target);
 
   asio::any_io_executor executor_;

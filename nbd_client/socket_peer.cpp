@@ -7,7 +7,14 @@
 
 namespace nbd_client {
 
+bool is_tcp(int fd) {
+  int protocol = 0;
+  socklen_t length = sizeof protocol;
+  return getsockopt(fd, SOL_SOCKET, SO_PROTOCOL, &protocol, &length) == 0 && protocol == IPPROTO_TCP;
+}
+
 bool peer_is_loopback_tcp(int fd) {
+  if (!is_tcp(fd)) return false;
   sockaddr_storage peer{};
   socklen_t length = sizeof peer;
   if (getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &length) != 0) return false;
@@ -20,7 +27,7 @@ bool peer_is_loopback_tcp(int fd) {
     if (IN6_IS_ADDR_LOOPBACK(&address)) return true;
     return IN6_IS_ADDR_V4MAPPED(&address) && address.s6_addr[12] == 127;
   }
-  return false;  // unix sockets, and anything else
+  return false;
 }
 
 }  // namespace nbd_client

@@ -87,6 +87,16 @@ void setup(CLI::App& app, Options& options) {
                  "on (default): WRITEs of 128 KiB and more hand their pages to the NBD socket "
                  "(vmsplice() and splice()) instead of copying them (needs --socket-batching on); off: copied")
       ->check(CLI::IsMember({"on", "off"}));
+  app.add_option("--tcp-congestion", options.tcp_congestion,
+                 "TCP congestion control of the NBD connections: auto (default): reno on connections to "
+                 "this machine (127.0.0.1, ::1), where a pacing algorithm such as bbr only delays sends, "
+                 "the system's choice elsewhere; system: the system's choice everywhere; NAME (e.g. cubic, "
+                 "bbr): that one on every TCP connection, or the mount fails")
+      ->check([](const std::string& name) {
+        bool plain = !name.empty() && name.size() < 16 &&
+                     name.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789_-") == std::string::npos;
+        return plain ? std::string() : std::string("expected auto, system or an algorithm's name");
+      });
   app.add_option("--retry-timeout", options.retry_timeout_seconds,
                  "seconds to keep reconnecting to a lost server while requests wait (default 60; 0: fail at once)")
       ->check(CLI::NonNegativeNumber);

@@ -154,6 +154,7 @@ class Bridge {
     pool_options.connect.readonly = options_.readonly;
     pool_options.connect.timeout = to_duration(options_.connect_timeout_seconds);
     pool_options.connect.batch_socket = options_.socket_batching == "on";
+    pool_options.connect.tcp_congestion = options_.tcp_congestion;
     pool_options.connect.on_progress = [this] { session_.note_activity(); };
     pool_options.threads = options_.connection_threads == "all"      ? nbd_client::ThreadMode::all
                            : options_.connection_threads == "writes" ? nbd_client::ThreadMode::large_writes

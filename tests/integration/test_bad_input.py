@@ -130,6 +130,15 @@ def _stray_servers():
     return out
 
 
+def test_unknown_tcp_congestion_control():
+    # Named explicitly, an algorithm the kernel does not have (or does not allow)
+    # fails the mount with one line that says which.
+    mp = h.tmpdir("mp")
+    with h.Nbdkit(["memory", "1M"], tcp=True) as srv:
+        _expect_failure(["--tcp-congestion", "no_such_cc", mp, "nbd://127.0.0.1:%d/" % srv.port], mp,
+                        what="unknown congestion control", must_mention=["congestion control \"no_such_cc\""])
+
+
 def test_usage_errors():
     mp = h.tmpdir("mp")
     with h.Nbdkit(["memory", "1M"]) as srv:
@@ -138,6 +147,7 @@ def test_usage_errors():
                      ["--no-such-option", mp, srv.uri],
                      ["--cache=bogus", mp, srv.uri],
                      ["--socket-batching=maybe", mp, srv.uri],
+                     ["--tcp-congestion", "no such", mp, srv.uri],
                      [mp, "[", "nbdkit", "memory", "1M"],  # unterminated [
                      [mp, "[", "]"],                       # empty command
                      [mp, "--tcp", "127.0.0.1"],           # missing port

@@ -21,10 +21,12 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <array>
 #include <atomic>
 #include <functional>
 #include <memory_resource>
 #include <mutex>
+#include <string_view>
 #include <thread>
 #include <memory>
 #include <string>
@@ -75,7 +77,14 @@ struct ConnectOptions {
   // TCP congestion control (--tcp-congestion): "auto" sets reno on connections to
   // this machine's loopback and leaves others alone, "system" leaves all alone, any
   // other name is set on every TCP connection (a failure fails the connection).
-  std::string tcp_congestion = "auto";
+  // Not a std::string: GCC 12 copies a coroutine's by-value parameter from a
+  // temporary bitwise, and a short string's pointer into itself then dangles
+  // (seen: a crash destroying PoolOptions passed as `{}`).
+  std::array<char, 16> tcp_congestion{"auto"};  // 15 characters at most (TCP_CA_NAME_MAX)
+  void set_tcp_congestion(std::string_view name) {
+    tcp_congestion.fill('\0');
+    name.copy(tcp_congestion.data(), tcp_congestion.size() - 1);
+  }
   // Runs on the loop thread after each read or write on the socket (not for a
   // connection on its own thread): the loop's busy-polling goes on while a
   // large reply arrives in pieces.
@@ -204,8 +213,6 @@ class Connection {
 
   const ExportInfo& info() const { return info_; }
   const std::string& error_message() const { return error_message_; }
-  // TCP to this machine (see peer_is_loopback_tcp); known once connected.
-  bool loopback_tcp() const { return loopback_tcp_; }
   bool usable() const;
 
   // Called once, on the executor, when an established connection is lost.
@@ -378,7 +385,6 @@ class Connection {
   std::atomic<bool> lost_{false};
   bool established_ = false;  // negotiated and ready once; stays true after a loss
   bool tls_ = false;
-  bool loopback_tcp_ = false;
   // Reads ahead and joins sends on the socket (socket_batching.hpp): plain sockets
   // only, since TLS records are read by GnuTLS and poll() cannot see its buffer.
   bool batched_ = false;

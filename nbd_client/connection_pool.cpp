@@ -72,14 +72,8 @@ asio::awaitable<std::error_code> ConnectionPool::async_connect(const Target& req
   bool split = options.replies == ReplyMode::automatic && info_.can_multi_conn && info_.can_block_status &&
                target_.kind != Target::Kind::socket_fd;
   // Large writes on a connection of their own see the same cache only under multi-conn.
-  // Over loopback TCP the sending CPU also does nbdkit's side of TCP, so the thread
-  // overlaps nothing and the second socket costs the server: 1 MiB writes at depth 8,
-  // alternating, 1650 MiB/s with it against 1776 without (11 pairs, 9 ahead; less CPU
-  // per MiB in both processes); over a unix socket 2724-2773 with, 2207-2480 without.
-  bool wants_large_writes = options.threads == ThreadMode::large_writes ||
-                            (options.threads == ThreadMode::automatic && !connections_.front()->loopback_tcp());
-  bool large_write_connection = wants_large_writes && info_.can_multi_conn && !info_.read_only &&
-                                target_.kind != Target::Kind::socket_fd;
+  bool large_write_connection = options.threads == ThreadMode::large_writes && info_.can_multi_conn &&
+                                !info_.read_only && target_.kind != Target::Kind::socket_fd;
   if (split) {
     roles_.front() = Role::status;
     co_await open_connections(wanted, Role::data);

@@ -44,7 +44,6 @@ enum class Purpose { data, block_status, large_write, large_read };
 enum class ThreadMode {
   none,          // the loop drives every connection
   large_writes,  // one more connection, on its own thread, for large WRITEs (needs multi-conn)
-  automatic,     // large_writes, except over loopback TCP: none
   all,           // every connection on a thread of its own
 };
 
@@ -53,7 +52,7 @@ struct PoolOptions {
   ReplyMode replies = ReplyMode::automatic;
   unsigned connections = 4;  // wanted when the server advertises multi-conn
   bool pass_server_stderr = false;
-  ThreadMode threads = ThreadMode::automatic;
+  ThreadMode threads = ThreadMode::large_writes;
   // How long requests wait for a lost server to come back; zero: fail at once.
   std::chrono::milliseconds retry_timeout = std::chrono::seconds(60);
 };

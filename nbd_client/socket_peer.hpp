@@ -8,9 +8,8 @@ namespace nbd_client {
 bool is_tcp(int fd);
 
 // True for a TCP socket whose peer is this machine's loopback (127.0.0.0/8, ::1,
-// or ::ffff:127.x.y.z). Over loopback TCP the kernel does the receiver's TCP work
-// on the sending CPU, which changes what a sending thread of our own is worth, and
-// there is no network for congestion control to share or to pace sends for.
+// or ::ffff:127.x.y.z): there is no network for congestion control to share or
+// to pace sends for.
 bool peer_is_loopback_tcp(int fd);
 
 }  // namespace nbd_client

@@ -61,12 +61,11 @@ void setup(CLI::App& app, Options& options) {
                  "unless --connection-threads all (the loop then has the time to send them itself)")
       ->check(CLI::IsMember({"auto", "on", "off"}));
   app.add_option("--connection-threads", options.connection_threads,
-                 "writes: with a multi-conn server, one more connection, driven by a thread of its "
-                 "own, carries WRITEs of 128 KiB and more, so their copy into the socket overlaps the "
-                 "loop; off: the loop thread drives every connection; auto (default): writes, except "
-                 "over TCP to this machine (127.0.0.1, ::1), where off is faster; all: each NBD "
+                 "writes (default): with a multi-conn server, one more connection, driven by a thread "
+                 "of its own, carries WRITEs of 128 KiB and more, so their copy into the socket "
+                 "overlaps the loop; off: the loop thread drives every connection; all: each NBD "
                  "connection is driven by a thread of its own (faster only for deep write queues)")
-      ->check(CLI::IsMember({"auto", "writes", "off", "all"}));
+      ->check(CLI::IsMember({"writes", "off", "all"}));
   app.add_option("--replies", options.replies,
                  "how the server answers: auto (default: simple replies on the data connections plus one "
                  "connection for block status, when the server advertises multi-conn; else structured), "

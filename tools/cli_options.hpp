@@ -38,7 +38,7 @@ struct Options {
   double request_timeout_seconds = 0;        // 0: unbounded
   bool force = false;                        // clear a stale mount at MOUNTPOINT first
   double busy_poll_microseconds = 50;        // keep polling this long before sleeping
-  std::string connection_threads = "auto";   // which NBD connections get a thread of their own
+  std::string connection_threads = "writes"; // which NBD connections get a thread of their own
   std::string tcp_congestion = "auto";       // auto (reno to loopback peers), system, or a name
   std::string reply_thread = "auto";         // READ replies of 128 KiB and more from a second thread
   double stats_interval_seconds = 0;         // print a summary line this often (0: only at exit)

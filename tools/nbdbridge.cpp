@@ -154,11 +154,10 @@ class Bridge {
     pool_options.connect.readonly = options_.readonly;
     pool_options.connect.timeout = to_duration(options_.connect_timeout_seconds);
     pool_options.connect.batch_socket = options_.socket_batching == "on";
-    pool_options.connect.tcp_congestion = options_.tcp_congestion;
+    pool_options.connect.set_tcp_congestion(options_.tcp_congestion);
     pool_options.connect.on_progress = [this] { session_.note_activity(); };
     pool_options.threads = options_.connection_threads == "all"      ? nbd_client::ThreadMode::all
                            : options_.connection_threads == "writes" ? nbd_client::ThreadMode::large_writes
-                           : options_.connection_threads == "auto"   ? nbd_client::ThreadMode::automatic
                                                                      : nbd_client::ThreadMode::none;
     pool_options.connections = tools::resolve_connections(options_.connections, std::thread::hardware_concurrency());
     pool_options.pass_server_stderr = options_.verbose;

@@ -5,8 +5,8 @@ spreads reads and writes over all of them, plus one connection that carries
 block status only (--replies auto): the data connections ask for simple
 replies, the block-status one for structured replies; and one connection, on a
 thread of its own, for WRITEs of 128 KiB and more (--connection-threads writes,
-which the default, auto, means except over TCP to this machine's loopback).  With
-a server that does not advertise multi-conn it uses one connection for everything.  The nbdkit log
+the default).  With a server that does
+not advertise multi-conn it uses one connection for everything.  The nbdkit log
 filter shows the connections and which requests each carried; nbdkit -v shows
 which connections asked for structured replies.
 """
@@ -258,7 +258,7 @@ def test_C1_one_data_connection():
 
 
 def test_large_writes_on_their_own_connection():
-    # --connection-threads auto (the default) over a unix socket: WRITEs of 128 KiB and more go to
+    # --connection-threads writes (the default): WRITEs of 128 KiB and more go to
     # one more connection, driven by a thread of its own; smaller writes, reads and
     # block status do not. Bytes written there read back through the data connection.
     logfile = os.path.join(h.tmpdir("log"), "nbdkit.log")
@@ -289,37 +289,6 @@ def test_large_writes_on_their_own_connection():
             h.Mount(h.tmpdir("mp"), [srv.uri], opts=["-C", "1", "--connection-threads", "off"]) as m:
         h.check_eq(sorted(su.log_connects(logfile + ".off")), [1, 2], "connections with --connection-threads off")
         h.check_eq(su.threads_named(m.proc.pid, "nbdbridge-conn"), 0, "connection threads with off")
-
-
-
-def test_no_large_write_connection_over_loopback_tcp():
-    # --connection-threads auto (the default) over TCP to 127.0.0.1: the kernel does
-    # the server's side of TCP on the sending CPU, so no large-write connection and no
-    # connection thread; large writes go to the block-status connection and read back.
-    # --connection-threads writes still opens one.
-    logfile = os.path.join(h.tmpdir("log"), "nbdkit.log")
-    with h.Nbdkit(["memory", str(SIZE), "logfile=" + logfile], opts=["--filter=log"], tcp=True) as srv, \
-            h.Mount(h.tmpdir("mp"), [srv.uri], opts=["-C", "1"]) as m:
-        h.check_eq(sorted(su.log_connects(logfile)), [1, 2], "connections over loopback TCP: block status, data")
-        h.check_eq(su.threads_named(m.proc.pid, "nbdbridge-conn"), 0, "connection threads over loopback TCP")
-        data = random.Random(10).randbytes(1 << 20)
-        buf = mmap.mmap(-1, len(data))
-        buf.write(data)
-        fd = os.open(m.export, os.O_RDWR | os.O_DIRECT)
-        try:
-            h.check_eq(os.pwritev(fd, [buf], 3 << 20), len(data), "O_DIRECT 1 MiB write")
-            back = mmap.mmap(-1, len(data))
-            h.check_eq(os.preadv(fd, [back], 3 << 20), len(data), "O_DIRECT 1 MiB read")
-            h.check_bytes(bytes(back), data, "1 MiB read back")
-        finally:
-            os.close(fd)
-        acts = _per_connection(logfile)
-        h.check_eq(acts[1]["Write"], 1, "the block-status connection carried the large write: %r" % dict(acts[1]))
-    with h.Nbdkit(["memory", str(SIZE), "logfile=" + logfile + ".writes"], opts=["--filter=log"], tcp=True) as srv, \
-            h.Mount(h.tmpdir("mp"), [srv.uri], opts=["-C", "1", "--connection-threads", "writes"]) as m:
-        h.check_eq(sorted(su.log_connects(logfile + ".writes")), [1, 2, 3],
-                   "connections over loopback TCP with --connection-threads writes")
-        h.check_eq(su.threads_named(m.proc.pid, "nbdbridge-conn"), 1, "connection threads with writes")
 
 
 

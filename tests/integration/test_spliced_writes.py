@@ -76,9 +76,7 @@ def test_spliced_writes_reach_the_server_intact():
     rng = random.Random(41)
     img, expected = _image()
     for tcp in (False, True):
-        # Over TCP to 127.0.0.1 the default sends large writes from the loop; "writes"
-        # from the large-write connection's thread.
-        option_sets = ([[], ["--connection-threads", "writes"]] if tcp
+        option_sets = ([[], ["--connection-threads", "off"]] if tcp
                        else [[], ["--connection-threads", "all"], ["--connection-threads", "off"]])
         for opts in option_sets:
             what = "%s %s" % ("tcp" if tcp else "unix", " ".join(opts) or "defaults")

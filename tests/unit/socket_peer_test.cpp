@@ -1,6 +1,6 @@
-// peer_is_loopback_tcp on real sockets: TCP to 127.0.0.1 and ::1 is loopback; a
-// unix socket, a pipe, an unconnected socket and TCP to one of this machine's
-// other addresses (when it has one) are not.
+// is_tcp and peer_is_loopback_tcp on real sockets: TCP to 127.0.0.1 and ::1 is
+// loopback TCP; a unix socket, a pipe, an unconnected socket and TCP to one of
+// this machine's other addresses (when it has one) are not.
 #include "nbd_client/socket_peer.hpp"
 
 #include <doctest/doctest.h>
@@ -14,6 +14,7 @@
 #include <cstring>
 #include <optional>
 
+using nbd_client::is_tcp;
 using nbd_client::peer_is_loopback_tcp;
 
 namespace {
@@ -66,6 +67,7 @@ std::optional<in_addr_t> other_local_ipv4() {
 TEST_CASE("TCP to 127.0.0.1 is loopback TCP") {
   TcpPair pair(ipv4(INADDR_LOOPBACK), sizeof(sockaddr_in));
   REQUIRE(pair.connected);
+  CHECK(is_tcp(pair.client));
   CHECK(peer_is_loopback_tcp(pair.client));
 }
 
@@ -84,16 +86,19 @@ TEST_CASE("TCP to another of this machine's addresses is not loopback TCP") {
   if (!other) return;  // only a loopback interface here
   TcpPair pair(ipv4(*other), sizeof(sockaddr_in));
   REQUIRE(pair.connected);
+  CHECK(is_tcp(pair.client));
   CHECK_FALSE(peer_is_loopback_tcp(pair.client));
 }
 
 TEST_CASE("unix sockets, pipes and unconnected sockets are not loopback TCP") {
   int fds[2];
   REQUIRE(socketpair(AF_UNIX, SOCK_STREAM, 0, fds) == 0);
+  CHECK_FALSE(is_tcp(fds[0]));
   CHECK_FALSE(peer_is_loopback_tcp(fds[0]));
   close(fds[0]);
   close(fds[1]);
   REQUIRE(pipe(fds) == 0);
+  CHECK_FALSE(is_tcp(fds[0]));
   CHECK_FALSE(peer_is_loopback_tcp(fds[0]));
   close(fds[0]);
   close(fds[1]);

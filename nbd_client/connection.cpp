@@ -396,9 +396,16 @@ asio::awaitable<std::error_code> Connection::async_connect(const Target& target,
   tls_ = nbd_get_tls_negotiated(handle_) == 1;
   batched_ = options.batch_socket && !tls_ && socket_batching::attach(nbd_aio_get_fd(handle_));
   if (options.readonly) info_.read_only = true;
-  if (options.own_thread) start_thread();
+  if (options.own_thread && options.hold_thread) thread_held_ = true;
+  else if (options.own_thread) start_thread();
   else arm();
   co_return std::error_code{};
+}
+
+void Connection::start_held_thread() {
+  if (!thread_held_) return;
+  thread_held_ = false;
+  start_thread();
 }
 
 // From here on the socket belongs to the thread: libnbd's handle is used only there.
@@ -509,6 +516,7 @@ int64_t Connection::submit_chunk(PendingCommand* command, const CommandRequest& 
 }
 
 void Connection::issue(PendingCommand* command, const CommandRequest& request) {
+  thread_held_ = false;  // issued on the loop (see start_held_thread)
   command->submitting = true;
   command->ready_list = &ready_;
   // A submission may find the socket broken and fail every command in flight

@@ -72,6 +72,12 @@ struct ConnectOptions {
   std::chrono::milliseconds timeout = std::chrono::seconds(30);
   // Drive the socket from a thread of its own once connected (--connection-threads).
   bool own_thread = false;
+  // With own_thread: once connected, leave the connection idle (no thread, not
+  // armed) until start_held_thread(). A process that forks after connecting
+  // (libfuse runs fusermount3 to mount) must have no other thread then: the child
+  // inherits only the forking thread, and a lock another thread held stays locked
+  // (seen: the child hanging in ASan's allocator before it could exec).
+  bool hold_thread = false;
   // Fewer recv()/send() calls per command (--socket-batching); not with TLS.
   bool batch_socket = true;
   // TCP congestion control (--tcp-congestion): "auto" sets reno on connections to
@@ -290,6 +296,10 @@ class Connection {
   // Makes a connect in progress give up now (e.g. on a signal).
   void cancel_connect() { connect_wakeup_.cancel(); }
 
+  // Starts the thread a connection made with hold_thread waits for. A command
+  // issued before then ran on the loop, which then keeps the connection.
+  void start_held_thread();
+
   // Queues NBD_CMD_DISC and closes the handle (the pool stops a [ CMD ] server). Commands
   // still in flight complete with ESHUTDOWN.
   void close();
@@ -396,6 +406,7 @@ class Connection {
   // Connection thread (ConnectOptions::own_thread): once connected, the socket,
   // libnbd calls and completions run there; handlers are posted back to executor_.
   bool threaded_ = false;
+  bool thread_held_ = false;  // connected with hold_thread, neither armed nor threaded yet
   std::function<void()> on_progress_;  // ConnectOptions::on_progress
   std::unique_ptr<asio::io_context> thread_context_;
   std::thread thread_;

@@ -103,6 +103,7 @@ ConnectOptions ConnectionPool::options_for(Role role) const {
       options_.replies == ReplyMode::simple)
     connect.structured_replies = false;
   connect.own_thread = options_.threads == ThreadMode::all || role == Role::large_writes;
+  connect.hold_thread = options_.hold_threads && !threads_released_;
   return connect;
 }
 
@@ -325,6 +326,11 @@ Connection& ConnectionPool::pick(Purpose purpose) {
 
 void ConnectionPool::cancel_connect() {
   for (auto& connection : connections_) connection->cancel_connect();
+}
+
+void ConnectionPool::start_held_threads() {
+  threads_released_ = true;
+  for (auto& connection : connections_) connection->start_held_thread();
 }
 
 void ConnectionPool::close() {

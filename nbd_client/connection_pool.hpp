@@ -53,6 +53,9 @@ struct PoolOptions {
   unsigned connections = 4;  // wanted when the server advertises multi-conn
   bool pass_server_stderr = false;
   ThreadMode threads = ThreadMode::large_writes;
+  // Connection threads wait for start_held_threads() (ConnectOptions::hold_thread);
+  // connections made after that call start theirs at once.
+  bool hold_threads = false;
   // How long requests wait for a lost server to come back; zero: fail at once.
   std::chrono::milliseconds retry_timeout = std::chrono::seconds(60);
 };
@@ -99,6 +102,8 @@ class ConnectionPool {
 
   void cancel_connect();
   void close();
+  // Starts the connection threads held back by PoolOptions::hold_threads.
+  void start_held_threads();
 
  private:
   enum class Role { data_and_status, data, status, large_writes };
@@ -126,6 +131,7 @@ class ConnectionPool {
   Target target_;
   bool target_was_command_ = false;
   PoolOptions options_;
+  bool threads_released_ = false;
   ExportInfo info_;
   std::vector<std::unique_ptr<Connection>> connections_;
   // Replaced connections stay alive until close(): callbacks may still name them.

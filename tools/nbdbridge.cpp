@@ -155,6 +155,7 @@ class Bridge {
     pool_options.connect.timeout = to_duration(options_.connect_timeout_seconds);
     pool_options.connect.batch_socket = options_.socket_batching == "on";
     pool_options.connect.set_tcp_congestion(options_.tcp_congestion);
+    pool_options.hold_threads = true;  // until mounted: libfuse forks fusermount3
     pool_options.connect.on_progress = [this] { session_.note_activity(); };
     pool_options.threads = options_.connection_threads == "all"      ? nbd_client::ThreadMode::all
                            : options_.connection_threads == "writes" ? nbd_client::ThreadMode::large_writes
@@ -211,6 +212,7 @@ class Bridge {
       pool_.close();
       co_return finish(1);
     }
+    pool_.start_held_threads();  // no FUSE request has been read yet
     session_.start([this] { end(); });
     start_control_server();
     if (options_.stats_interval_seconds > 0) asio::co_spawn(io_, print_statistics_periodically(), asio::detached);

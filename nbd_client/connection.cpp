@@ -516,7 +516,7 @@ int64_t Connection::submit_chunk(PendingCommand* command, const CommandRequest& 
 }
 
 void Connection::issue(PendingCommand* command, const CommandRequest& request) {
-  thread_held_ = false;  // issued on the loop (see start_held_thread)
+  if (thread_held_) thread_held_ = false;  // issued on the loop, which keeps it (start_held_thread)
   command->submitting = true;
   command->ready_list = &ready_;
   // A submission may find the socket broken and fail every command in flight

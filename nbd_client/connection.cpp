@@ -362,10 +362,7 @@ asio::awaitable<std::error_code> Connection::async_connect(const Target& target,
   if (start_connect(target) == -1) {
     if (error_message_.empty()) error_message_ = last_libnbd_error();
     connecting_ = false;
-    release_descriptor();
-    nbd_close(handle_);
-    handle_ = nullptr;
-    co_return std::error_code(ECONNREFUSED, std::generic_category());
+    co_return abandon_handle(ECONNREFUSED);
   }
   arm();
   if (!nbd_aio_is_ready(handle_) && !nbd_aio_is_dead(handle_)) {
@@ -380,24 +377,20 @@ asio::awaitable<std::error_code> Connection::async_connect(const Target& target,
                                                 : "no answer from the server within " +
                                                       std::to_string(options.timeout.count() / 1000) + " s";
     }
-    release_descriptor();
-    nbd_close(handle_);
-    handle_ = nullptr;
-    co_return std::error_code(ECONNREFUSED, std::generic_category());
+    co_return abandon_handle(ECONNREFUSED);
   }
   read_export_info();
-  if (!tune_socket(options)) {
-    release_descriptor();
-    nbd_close(handle_);
-    handle_ = nullptr;
-    co_return std::error_code(EINVAL, std::generic_category());
-  }
+  if (!tune_socket(options)) co_return abandon_handle(EINVAL);
   established_ = true;
   tls_ = nbd_get_tls_negotiated(handle_) == 1;
   batched_ = options.batch_socket && !tls_ && socket_batching::attach(nbd_aio_get_fd(handle_));
   if (options.readonly) info_.read_only = true;
-  if (options.own_thread && options.hold_thread) thread_held_ = true;
-  else if (options.own_thread) start_thread();
+  if (options.own_thread && options.hold_thread) {
+    release_descriptor();  // nothing armed until start_held_thread(), or a command
+    thread_held_ = true;
+  } else if (options.own_thread) {
+    start_thread();
+  }
   else arm();
   co_return std::error_code{};
 }
@@ -405,7 +398,17 @@ asio::awaitable<std::error_code> Connection::async_connect(const Target& target,
 void Connection::start_held_thread() {
   if (!thread_held_) return;
   thread_held_ = false;
+  // A command issued meanwhile ran on the loop (its arm() bound the socket there):
+  // moving it now could strand it, so the loop keeps the connection.
+  if (bound_fd_ >= 0) return;
   start_thread();
+}
+
+std::error_code Connection::abandon_handle(int error) {
+  release_descriptor();
+  nbd_close(handle_);
+  handle_ = nullptr;
+  return std::error_code(error, std::generic_category());
 }
 
 // From here on the socket belongs to the thread: libnbd's handle is used only there.
@@ -516,7 +519,6 @@ int64_t Connection::submit_chunk(PendingCommand* command, const CommandRequest& 
 }
 
 void Connection::issue(PendingCommand* command, const CommandRequest& request) {
-  if (thread_held_) thread_held_ = false;  // issued on the loop, which keeps it (start_held_thread)
   command->submitting = true;
   command->ready_list = &ready_;
   // A submission may find the socket broken and fail every command in flight

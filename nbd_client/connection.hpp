@@ -382,6 +382,8 @@ class Connection {
   void release_descriptor();
   void read_export_info();
   bool tune_socket(const ConnectOptions& options);
+  // A failed connect: gives the socket back, closes the handle, returns `error`.
+  std::error_code abandon_handle(int error);
   int start_connect(const Target& target);
 
   asio::any_io_executor executor_;
@@ -406,7 +408,7 @@ class Connection {
   // Connection thread (ConnectOptions::own_thread): once connected, the socket,
   // libnbd calls and completions run there; handlers are posted back to executor_.
   bool threaded_ = false;
-  bool thread_held_ = false;  // connected with hold_thread, neither armed nor threaded yet
+  bool thread_held_ = false;  // connected with hold_thread, waiting for start_held_thread()
   std::function<void()> on_progress_;  // ConnectOptions::on_progress
   std::unique_ptr<asio::io_context> thread_context_;
   std::thread thread_;

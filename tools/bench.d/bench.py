@@ -835,8 +835,8 @@ def table(config, summary, ratio):
     rows = []
     rounds = config["rounds"]
     warmup = f" (after {config['warmup']} s unmeasured)" if config["warmup"] else ""
-    if config["prefill"]:
-        warmup += ", export written once before each mount"
+    warmup += (", export written once before each mount" if config["prefill"]
+               else ", exports never written before")
     if config.get("separate_sessions"):
         warmup += ", server and subjects in sessions of their own"
     if config.get("fio_processes"):
@@ -973,7 +973,8 @@ def parse_args():
         prog="tools/bench",
         description="Benchmark nbdbridge against its peers with fio. Every subject gets a fresh "
                     f"`nbdkit memory {EXPORT_SIZE}` on a private unix socket (with --tcp: on "
-                    "127.0.0.1) in every round; within a round the subjects take turns per "
+                    "127.0.0.1) in every round, written once before the subject mounts it (see "
+                    "--never-written); within a round the subjects take turns per "
                     "workload, and the order of the subjects rotates from round to round.",
         epilog="subjects: bridge (build/nbdbridge, extra arguments from $BRIDGE_ARGS), nbdfuse "
                "(libnbd-bin), qsd (qemu-storage-daemon FUSE export over its nbd driver), nbd "
@@ -997,8 +998,12 @@ def parse_args():
     p.add_argument("--tcp", action="store_true",
                    help="serve every export on a free TCP port of 127.0.0.1 (nbd://127.0.0.1:PORT) "
                         "instead of a private unix socket")
-    p.add_argument("--prefill", action="store_true",
-                   help="write the whole export once (fio nbd engine, 1 MiB) before each subject mounts it")
+    p.add_argument("--never-written", dest="prefill", action="store_false",
+                   help="measure on exports never written before (the server allocates each page at "
+                        "its first write, which can halve even fio's own nbd engine); by default each "
+                        "export is written once (fio nbd engine, 1 MiB) before its subject mounts it")
+    p.add_argument("--prefill", dest="prefill", action="store_true", default=True,
+                   help=argparse.SUPPRESS)  # the default since session 11; kept for old command lines
     p.add_argument("--warmup", type=int, default=0,
                    help="seconds of the same workload run unmeasured before each measured run "
                         "(default 0: measure from a fresh export)")

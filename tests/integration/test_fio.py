@@ -101,7 +101,11 @@ def test_large_reads_in_parallel_use_the_reply_thread():
     with h.Nbdkit(["memory", str(EXPORT_SIZE)]) as srv:
         common = ["--ioengine=libaio", "--rw=write", "--bs=1M"]
         with h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
-            base = 1 + su.threads_named(m.proc.pid, "nbdbridge-conn")  # the loop and its large-write connection
+            # The large-write connection's thread starts, and names itself, just after
+            # the mount appears (nbdkit memory advertises multi-conn).
+            h.wait_until(lambda: su.threads_named(m.proc.pid, "nbdbridge-conn") == 1, timeout=10,
+                         what="the large-write connection's thread")
+            base = 2  # the loop and its large-write connection
             h.check_eq(_threads(m.proc.pid), base, "threads before any large read")
             r, data = _fio(m.export, common)
             _check_fio(r, data, what="fio seq write 1M")

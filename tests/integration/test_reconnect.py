@@ -529,6 +529,41 @@ def test_fio_verify_survives_server_restart():
         h.check(m.mounted(), "mount vanished")
 
 
+def test_fio_verify_mixed_sizes_survives_restarts():
+    # 4 KiB to 1 MiB writes: WRITEs handed to the socket by reference, spliced
+    # READ payloads and the large-write connection are cut off by two kill -9s
+    # and must be retried whole; once with the defaults, once over four data
+    # connections each driven by a thread of its own, once with libnbd's own
+    # socket calls. (A soak of this across eight option sets, ~110 kills, found
+    # nothing; these are the widest.)
+    size = 256 * MiB
+    for opts in ([], ["--connections", "4", "--connection-threads", "all"], ["--socket-batching", "off"]):
+        img = sparse_image(size)
+        with h.Nbdkit(["file", img]) as srv, \
+                h.Mount(h.tmpdir("mp"), ["--unix", srv.sock], opts=opts) as m:
+            fio = Fio(m.export, FIO_VERIFY + ["--bsrange=4k-1m", "--size=192M"])
+            for target in (24 * MiB, 64 * MiB):
+                h.wait_until(lambda: fio.proc.poll() is not None or allocated(img) >= target,
+                             timeout=60, what="fio to write %d MiB" % (target // MiB))
+                h.check(fio.proc.poll() is None,
+                        "fio ended before the server could be killed: %s" % fio.stderr()[-1000:])
+                written = allocated(img)
+                dt = restart_server(srv)
+                h.check(dt < 2.0, "test set-up: server restart took %.2fs (>= 2 s)" % dt)
+                h.log("  %r: kill -9 with %d MiB written" % (opts, written // MiB))
+            rc, job, err = fio.wait(120, m)
+            check_fio_clean(rc, job, err, 192 * MiB, "fio across two server restarts %r" % opts)
+            text = m.stderr()
+            h.check(count(LOST_RE, text) >= 2, "%r: fewer than two 'lost' lines: %s" % (opts, text[-2000:]))
+
+            def every_loss_reconnected():
+                text = m.stderr()
+                return count(RECONNECTED_RE, text) == count(LOST_RE, text) or None
+            h.wait_until(every_loss_reconnected, timeout=10,
+                         what="%r: a 'reconnected' line for every 'lost' line" % opts)
+            h.check(m.mounted(), "mount vanished")
+
+
 # ---------------------------------------------------------------------------
 # 2. server gone for good: --retry-timeout 3
 

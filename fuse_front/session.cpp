@@ -7,7 +7,9 @@
 #include <linux/fuse.h>
 #include <sys/uio.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -26,6 +28,11 @@ constexpr std::size_t receive_buffer_size = (256 + 1) * 4096;
 constexpr std::size_t kept_buffers = 256;
 // Bounded so one busy /dev/fuse cannot starve the NBD side of the loop.
 constexpr int requests_per_wakeup = 64;
+
+// INIT flag bit 36 (Linux 6.6, protocol 7.39; this system's linux/fuse.h is
+// older): shared mmap of a FOPEN_DIRECT_IO file. It travels in flags2, which the
+// kernel reads only when the reply's flags carry FUSE_INIT_EXT.
+constexpr std::uint32_t init_flags2_direct_io_allow_mmap = 1u << (36 - 32);
 
 // A receive buffer's first bytes (header and small payloads) lie on ordinary
 // pages, the rest on a 2 MiB region advised for transparent huge pages. A large
@@ -243,6 +250,8 @@ void Session::receive() {
     current_buffer_ = buffer;
     current_resident_ = resident || std::size_t(result) > small_head;
     current_unique_ = reinterpret_cast<const fuse_in_header*>(buffer)->unique;
+    if (reinterpret_cast<const fuse_in_header*>(buffer)->opcode == FUSE_INIT)
+      note_init_request(buffer, std::size_t(result));
     fuse_session_process_buf(session_, &request);
     if (current_buffer_) give_back(std::exchange(current_buffer_, nullptr), current_resident_);
   }
@@ -292,15 +301,34 @@ void Session::reply_open(fuse_req_t request, const fuse_file_info* file, std::ui
   extra_open_flags_ = 0;
 }
 
-// Runs inside fuse_reply_* on this thread: only the OPEN reply sent by
-// reply_open() has extra_open_flags_ set.
+// The kernel offers shared mmap of direct-I/O files in its INIT request; libfuse
+// 3.14 knows nothing of it, so the INIT reply is patched (patch_reply).
+void Session::note_init_request(const std::byte* buffer, std::size_t length) {
+  if (length < sizeof(fuse_in_header) + offsetof(fuse_init_in, flags2) + sizeof(std::uint32_t)) return;
+  fuse_init_in init;
+  std::memcpy(&init, buffer + sizeof(fuse_in_header), std::min(sizeof init, length - sizeof(fuse_in_header)));
+  bool offered = (init.flags & FUSE_INIT_EXT) && (init.flags2 & init_flags2_direct_io_allow_mmap);
+  if (offered) mmap_init_unique_.store(reinterpret_cast<const fuse_in_header*>(buffer)->unique);
+}
+
+// Runs inside fuse_reply_* on the loop thread, or on the reply worker's: only the
+// OPEN reply sent by reply_open() has extra_open_flags_ set, and only the INIT
+// reply carries the INIT request's id.
 void Session::patch_reply(struct iovec* parts, int count) {
-  std::uint32_t extra_open_flags = extra_open_flags_.load(std::memory_order_relaxed);
-  if (extra_open_flags == 0 || count < 2 || parts[0].iov_len != sizeof(fuse_out_header) ||
-      parts[1].iov_len != sizeof(fuse_open_out))
-    return;
+  if (count < 2 || parts[0].iov_len != sizeof(fuse_out_header)) return;
   auto* header = static_cast<fuse_out_header*>(parts[0].iov_base);
-  if (header->error == 0) static_cast<fuse_open_out*>(parts[1].iov_base)->open_flags |= extra_open_flags;
+  if (header->error != 0) return;
+  std::uint32_t extra_open_flags = extra_open_flags_.load(std::memory_order_relaxed);
+  if (extra_open_flags != 0 && parts[1].iov_len == sizeof(fuse_open_out))
+    static_cast<fuse_open_out*>(parts[1].iov_base)->open_flags |= extra_open_flags;
+  std::uint64_t mmap_init_unique = mmap_init_unique_.load(std::memory_order_relaxed);
+  if (mmap_init_unique != 0 && header->unique == mmap_init_unique &&
+      parts[1].iov_len >= offsetof(fuse_init_out, flags2) + sizeof(std::uint32_t)) {
+    auto* init = static_cast<fuse_init_out*>(parts[1].iov_base);
+    init->flags |= FUSE_INIT_EXT;
+    init->flags2 |= init_flags2_direct_io_allow_mmap;
+    mmap_init_unique_.store(0);
+  }
 }
 
 RequestBuffer Session::claim_request_buffer() {

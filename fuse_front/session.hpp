@@ -109,6 +109,7 @@ class Session {
   std::byte* take_buffer(bool& payload_resident);
   void give_back(std::byte* buffer, bool payload_resident);
   void patch_reply(struct iovec* parts, int count);
+  void note_init_request(const std::byte* buffer, std::size_t length);
   void start_spinning();
   void spin();
   void post_spin();
@@ -140,6 +141,8 @@ class Session {
   bool spinning_ = false;
   // Read by the writev hook, which also runs on the reply worker's thread.
   std::atomic<std::uint32_t> extra_open_flags_{0};
+  // The INIT request's id while its reply is due and should allow shared mmap.
+  std::atomic<std::uint64_t> mmap_init_unique_{0};
   ReplyPipes reply_pipes_;  // before the worker: it stops before the pipes close
   ReplyWorker reply_worker_;
 };

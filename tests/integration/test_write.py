@@ -171,5 +171,46 @@ def test_page_cache_mode_write():
         h.check_bytes(_server_image(srv), bytes(shadow), "server image after --cache=page writes")
 
 
+def _kernel_at_least(major, minor):
+    version = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return version is not None and (int(version.group(1)), int(version.group(2))) >= (major, minor)
+
+
+def test_shared_mmap_in_default_mode():
+    # --cache=none opens the file with FOPEN_DIRECT_IO, where the kernel refuses
+    # MAP_SHARED (ENODEV) unless the INIT reply allows it (FUSE_DIRECT_IO_ALLOW_MMAP,
+    # Linux 6.6), which the bridge patches in. Stores through the mapping reach the
+    # server at msync; a direct write through another descriptor is seen through
+    # the mapping (the kernel drops the mapped pages it overwrites).
+    import mmap
+    if not _kernel_at_least(6, 6):
+        raise h.SkipTest("FUSE_DIRECT_IO_ALLOW_MMAP needs Linux 6.6 (this is %s)" % os.uname().release)
+    rnd = random.Random(11)
+    shadow = bytearray(SIZE)
+    with h.Nbdkit(["memory", str(SIZE)]) as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
+        fd = os.open(m.export, os.O_RDWR)
+        try:
+            mapped = mmap.mmap(fd, 1 << 20, flags=mmap.MAP_SHARED, offset=1 << 20)
+            try:
+                data = rnd.randbytes(300000)
+                mapped[12345:12345 + len(data)] = data
+                shadow[(1 << 20) + 12345:(1 << 20) + 12345 + len(data)] = data
+                mapped.flush()
+                h.check_bytes(_server_image(srv), bytes(shadow), "server image after msync")
+                h.check_bytes(h.pread_full(fd, len(data), (1 << 20) + 12345), data,
+                              "pread through the mount of what was stored through the mapping")
+                other = rnd.randbytes(8192)
+                h.pwrite_full(fd, other, (1 << 20) + 4096)
+                shadow[(1 << 20) + 4096:(1 << 20) + 4096 + len(other)] = other
+                h.check_bytes(mapped[4096:4096 + len(other)], other,
+                              "the mapping after a direct write through the descriptor")
+            finally:
+                mapped.close()
+        finally:
+            os.close(fd)
+        h.check_bytes(_server_image(srv), bytes(shadow), "server image at the end")
+
+
 if __name__ == "__main__":
     h.main(globals())

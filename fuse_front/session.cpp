@@ -7,7 +7,6 @@
 #include <linux/fuse.h>
 #include <sys/uio.h>
 
-#include <algorithm>
 #include <cerrno>
 #include <cstddef>
 #include <cstdint>
@@ -249,9 +248,9 @@ void Session::receive() {
     if (handled == 0) note_activity();
     current_buffer_ = buffer;
     current_resident_ = resident || std::size_t(result) > small_head;
-    current_unique_ = reinterpret_cast<const fuse_in_header*>(buffer)->unique;
-    if (reinterpret_cast<const fuse_in_header*>(buffer)->opcode == FUSE_INIT)
-      note_init_request(buffer, std::size_t(result));
+    const auto* header = reinterpret_cast<const fuse_in_header*>(buffer);
+    current_unique_ = header->unique;
+    if (header->opcode == FUSE_INIT) note_init_request(buffer, std::size_t(result));
     fuse_session_process_buf(session_, &request);
     if (current_buffer_) give_back(std::exchange(current_buffer_, nullptr), current_resident_);
   }
@@ -304,9 +303,11 @@ void Session::reply_open(fuse_req_t request, const fuse_file_info* file, std::ui
 // The kernel offers shared mmap of direct-I/O files in its INIT request; libfuse
 // 3.14 knows nothing of it, so the INIT reply is patched (patch_reply).
 void Session::note_init_request(const std::byte* buffer, std::size_t length) {
-  if (length < sizeof(fuse_in_header) + offsetof(fuse_init_in, flags2) + sizeof(std::uint32_t)) return;
-  fuse_init_in init;
-  std::memcpy(&init, buffer + sizeof(fuse_in_header), std::min(sizeof init, length - sizeof(fuse_in_header)));
+  // Only the fields up to flags2 are read: older kernels send a shorter request.
+  constexpr std::size_t needed = offsetof(fuse_init_in, flags2) + sizeof(fuse_init_in::flags2);
+  if (length < sizeof(fuse_in_header) + needed) return;
+  fuse_init_in init{};
+  std::memcpy(&init, buffer + sizeof(fuse_in_header), needed);
   bool offered = (init.flags & FUSE_INIT_EXT) && (init.flags2 & init_flags2_direct_io_allow_mmap);
   if (offered) mmap_init_unique_.store(reinterpret_cast<const fuse_in_header*>(buffer)->unique);
 }

@@ -29,47 +29,75 @@ void append_fixed(std::string& out, double value, int decimals) {
 
 void append_microseconds(std::string& out, double nanoseconds) { append_fixed(out, nanoseconds / 1000.0, 1); }
 
-void append_key(std::string& out, std::string_view key) {
-  out += '"';
-  out += key;
-  out += "\":";
+// One JSON object or array being written into a string: it writes the separators and keys,
+// and closes itself when it goes out of scope (a temporary, at the end of its statement).
+// A nested value is written through member() or element(), which return the string.
+class JsonScope {
+ public:
+  JsonScope(std::string& out, char open) : out_(out), close_(open == '{' ? '}' : ']') { out_ += open; }
+  ~JsonScope() { out_ += close_; }
+  JsonScope(const JsonScope&) = delete;
+  JsonScope& operator=(const JsonScope&) = delete;
+
+  std::string& member(std::string_view key) {
+    element();
+    out_ += '"';
+    out_ += key;
+    out_ += "\":";
+    return out_;
+  }
+  std::string& element() {
+    if (!first_) out_ += ',';
+    first_ = false;
+    return out_;
+  }
+  JsonScope& number(std::string_view key, std::uint64_t value) {
+    append_unsigned(member(key), value);
+    return *this;
+  }
+  JsonScope& fixed(std::string_view key, double value, int decimals) {
+    append_fixed(member(key), value, decimals);
+    return *this;
+  }
+  JsonScope& microseconds(std::string_view key, double nanoseconds) {
+    append_microseconds(member(key), nanoseconds);
+    return *this;
+  }
+  JsonScope& text(std::string_view key, std::string_view value) {  // value: no quotes or escapes in it
+    auto& out = member(key);
+    out += '"';
+    out += value;
+    out += '"';
+    return *this;
+  }
+
+ private:
+  std::string& out_;
+  char close_;
+  bool first_ = true;
+};
+
+void append_latency(std::string& out, const LatencyHistogram& histogram) {
+  JsonScope(out, '{')
+      .microseconds("p50", double(histogram.percentile(50)))
+      .microseconds("p90", double(histogram.percentile(90)))
+      .microseconds("p99", double(histogram.percentile(99)))
+      .microseconds("p99.9", double(histogram.percentile(99.9)))
+      .microseconds("max", double(histogram.max()))
+      .microseconds("mean", histogram.mean())
+      .number("count", histogram.count());
 }
 
-void append_latency(std::string& out, std::string_view key, const LatencyHistogram& histogram) {
-  append_key(out, key);
-  out += "{\"p50\":";
-  append_microseconds(out, double(histogram.percentile(50)));
-  out += ",\"p90\":";
-  append_microseconds(out, double(histogram.percentile(90)));
-  out += ",\"p99\":";
-  append_microseconds(out, double(histogram.percentile(99)));
-  out += ",\"p99.9\":";
-  append_microseconds(out, double(histogram.percentile(99.9)));
-  out += ",\"max\":";
-  append_microseconds(out, double(histogram.max()));
-  out += ",\"mean\":";
-  append_microseconds(out, histogram.mean());
-  out += ",\"count\":";
-  append_unsigned(out, histogram.count());
-  out += '}';
-}
-
-void append_buckets(std::string& out, std::string_view key, const LatencyHistogram& histogram) {
-  append_key(out, key);
-  out += '[';
-  bool first = true;
+// [[upper bound in microseconds, count], ...] for the buckets that hold anything.
+void append_buckets(std::string& out, const LatencyHistogram& histogram) {
+  JsonScope buckets(out, '[');
   for (std::size_t index = 0; index < LatencyHistogram::bucket_count; ++index) {
     std::uint64_t count = histogram.bucket(index);
     if (count == 0) continue;
-    if (!first) out += ',';
-    first = false;
-    out += '[';
-    append_fixed(out, double(LatencyHistogram::bucket_upper(index)) / 1000.0, 3);
-    out += ',';
-    append_unsigned(out, count);
-    out += ']';
+    JsonScope bucket(buckets.element(), '[');
+    append_fixed(bucket.element(), double(LatencyHistogram::bucket_upper(index)) / 1000.0, 3);
+    append_unsigned(bucket.element(), count);
   }
-  out += ']';
 }
 
 double seconds_since(std::chrono::steady_clock::time_point since) {
@@ -190,90 +218,57 @@ void Statistics::reset() {
 std::string Statistics::to_json() const {
   std::string out;
   out.reserve(4096);
-  out += "{\"version\":1,\"uptime_seconds\":";
-  append_fixed(out, seconds_since(started_), 3);
-  out += ",\"interval_seconds\":";
-  append_fixed(out, seconds_since(last_reset_), 3);
-
-  out += ",\"operations\":{";
-  for (std::size_t index = 0; index < operation_kinds; ++index) {
-    const auto& kind = operations_[index];
-    if (index) out += ',';
-    append_key(out, operation_names[index]);
-    out += "{\"count\":";
-    append_unsigned(out, kind.count);
-    out += ",\"bytes\":";
-    append_unsigned(out, kind.bytes);
-    out += ",\"errors\":";
-    append_unsigned(out, kind.errors);
-    out += ",\"in_flight\":";
-    append_unsigned(out, kind.in_flight);
-    out += ",\"in_flight_peak\":";
-    append_unsigned(out, kind.in_flight_peak);
-    out += ',';
-    append_latency(out, "fuse_latency_us", kind.fuse_latency);
-    out += ',';
-    append_latency(out, "nbd_latency_us", kind.nbd_latency);
-    out += '}';
+  {
+    JsonScope top(out, '{');
+    top.number("version", 1)
+        .fixed("uptime_seconds", seconds_since(started_), 3)
+        .fixed("interval_seconds", seconds_since(last_reset_), 3);
+    {
+      JsonScope operations(top.member("operations"), '{');
+      for (std::size_t index = 0; index < operation_kinds; ++index) {
+        const auto& kind = operations_[index];
+        JsonScope counters(operations.member(operation_names[index]), '{');
+        counters.number("count", kind.count)
+            .number("bytes", kind.bytes)
+            .number("errors", kind.errors)
+            .number("in_flight", kind.in_flight)
+            .number("in_flight_peak", kind.in_flight_peak);
+        append_latency(counters.member("fuse_latency_us"), kind.fuse_latency);
+        append_latency(counters.member("nbd_latency_us"), kind.nbd_latency);
+      }
+    }
+    JsonScope(top.member("in_flight"), '{').number("now", in_flight_).number("peak", in_flight_peak_);
+    {
+      JsonScope connections(top.member("connections"), '[');
+      for (std::size_t index = 0; index < connections_.size(); ++index) {
+        const auto& link = connections_[index];
+        JsonScope(connections.element(), '{')
+            .number("index", index)
+            .text("role", link.role)
+            .number("commands", link.commands)
+            .number("errors", link.errors)
+            .number("disconnects", link.disconnects)
+            .number("reconnects", link.reconnects)
+            .microseconds("outage_us", double(link.outage_nanoseconds));
+      }
+    }
+    top.number("disconnects", disconnects_).number("reconnects", reconnects_);
+    JsonScope(top.member("injected"), '{')
+        .number("delays", injected_delays_)
+        .microseconds("delay_total_us", double(injected_delay_nanoseconds_))
+        .number("errors", injected_errors_);
+    JsonScope(top.member("spliced_reads"), '{').number("piped", spliced_reads_).number("fallbacks", splice_fallbacks_);
+    JsonScope(top.member("spliced_writes"), '{')
+        .number("by_reference", spliced_writes_)
+        .number("retired", retired_write_buffers_);
+    JsonScope histograms(top.member("histograms"), '{');
+    for (std::size_t index = 0; index < operation_kinds; ++index) {
+      const auto& kind = operations_[index];
+      JsonScope of_kind(histograms.member(operation_names[index]), '{');
+      append_buckets(of_kind.member("fuse"), kind.fuse_latency);
+      append_buckets(of_kind.member("nbd"), kind.nbd_latency);
+    }
   }
-  out += "},\"in_flight\":{\"now\":";
-  append_unsigned(out, in_flight_);
-  out += ",\"peak\":";
-  append_unsigned(out, in_flight_peak_);
-
-  out += "},\"connections\":[";
-  for (std::size_t index = 0; index < connections_.size(); ++index) {
-    const auto& link = connections_[index];
-    if (index) out += ',';
-    out += "{\"index\":";
-    append_unsigned(out, index);
-    out += ",\"role\":\"";
-    out += link.role;
-    out += '"';
-    out += ",\"commands\":";
-    append_unsigned(out, link.commands);
-    out += ",\"errors\":";
-    append_unsigned(out, link.errors);
-    out += ",\"disconnects\":";
-    append_unsigned(out, link.disconnects);
-    out += ",\"reconnects\":";
-    append_unsigned(out, link.reconnects);
-    out += ",\"outage_us\":";
-    append_microseconds(out, double(link.outage_nanoseconds));
-    out += '}';
-  }
-  out += "],\"disconnects\":";
-  append_unsigned(out, disconnects_);
-  out += ",\"reconnects\":";
-  append_unsigned(out, reconnects_);
-
-  out += ",\"injected\":{\"delays\":";
-  append_unsigned(out, injected_delays_);
-  out += ",\"delay_total_us\":";
-  append_microseconds(out, double(injected_delay_nanoseconds_));
-  out += ",\"errors\":";
-  append_unsigned(out, injected_errors_);
-  out += "},\"spliced_reads\":{\"piped\":";
-  append_unsigned(out, spliced_reads_);
-  out += ",\"fallbacks\":";
-  append_unsigned(out, splice_fallbacks_);
-  out += "},\"spliced_writes\":{\"by_reference\":";
-  append_unsigned(out, spliced_writes_);
-  out += ",\"retired\":";
-  append_unsigned(out, retired_write_buffers_);
-
-  out += "},\"histograms\":{";
-  for (std::size_t index = 0; index < operation_kinds; ++index) {
-    const auto& kind = operations_[index];
-    if (index) out += ',';
-    append_key(out, operation_names[index]);
-    out += '{';
-    append_buckets(out, "fuse", kind.fuse_latency);
-    out += ',';
-    append_buckets(out, "nbd", kind.nbd_latency);
-    out += '}';
-  }
-  out += "}}";
   return out;
 }
 

@@ -68,6 +68,11 @@ def test_every_subject_measures_every_workload():
                         "round %d %s %s measured: %r" % (round_no, subject, workload, cell))
                 if subject != "nbd":  # CPU time is the FUSE server's, read from its pid
                     h.check(cell["cpu_s"] > 0, "%s %s CPU time" % (subject, workload))
+                h.check(cell["server_cpu_s"] > 0, "%s %s nbdkit's CPU time" % (subject, workload))
+    for subject in SUBJECTS:
+        server = results["summary"][subject]["workloads"]["qd64"]["server_cpu_us_per_io"]
+        h.check(0 < server["min"] <= server["median"] <= server["max"],
+                "%s's nbdkit CPU per I/O at depth 64: %r" % (subject, server))
     # Rounds rotate the order: the bridge went first in round 1, not in round 2.
     order = [run["subject"] for run in results["runs"]]
     h.check_eq(order[:4], SUBJECTS, "round 1 order")
@@ -80,8 +85,8 @@ def test_every_subject_measures_every_workload():
             "targets judged: %r" % sorted(judged))
     with open(os.path.join(out, "summary.txt")) as f:
         summary = f.read()
-    h.check("targets (issue 4)" in summary and "ratios within each round" in summary,
-            "summary sections:\n%s" % summary)
+    h.check("targets (issue 4)" in summary and "ratios within each round" in summary
+            and "CPU time of the server (nbdkit) per I/O" in summary, "summary sections:\n%s" % summary)
     with open(os.path.join(out, "plot.png"), "rb") as f:
         h.check_eq(f.read(8), b"\x89PNG\r\n\x1a\n", "plot.png signature")
 

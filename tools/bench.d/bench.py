@@ -698,10 +698,14 @@ def summarise(runs, subjects, workloads):
                 continue
             values = [x["value"] for x in results]
             cpu = [x["cpu_us_per_io"] for x in results if x.get("cpu_us_per_io") is not None]
+            # The server's CPU per I/O moves with the host, not with the subject alone: a round
+            # where it jumps for every subject was a slow moment of the machine.
+            server = [x["server_cpu_s"] * 1e6 / x["ios"] for x in results if x.get("server_cpu_s") is not None]
             per_workload[workload.name] = {
                 "median": statistics.median(values), "min": min(values), "max": max(values),
                 "values": values, "unit": workload.unit,
-                "cpu_us_per_io_median": statistics.median(cpu) if cpu else None}
+                "cpu_us_per_io_median": statistics.median(cpu) if cpu else None,
+                "server_cpu_us_per_io": spread(server)}
         rss_from = RSS_WORKLOAD if RSS_WORKLOAD in [w.name for w in workloads] else workloads[-1].name
         rss = [r["workloads"][rss_from]["vmhwm_kib"] for r in runs
                if r["subject"] == subject and rss_from in r["workloads"]
@@ -886,8 +890,30 @@ def table(config, summary, ratio):
             rss_line += f"{rss / 1024:>{width}.1f}" if rss else f"{'n/a' if s == 'nbd' else '-':>{width}}"
         after = summary[fuse_subjects[0]]["peak_rss_read_after"]
         rows.append(rss_line + f"   (VmHWM after {after})")
+    rows += server_cpu_rows(config, summary)
     rows += round_ratio_rows(config, ratio, show_peer, show_nbd)
     return "\n".join(rows)
+
+
+def cpu_digits(microseconds):
+    return f"{microseconds:.0f}" if microseconds >= 100 else f"{microseconds:.1f}"
+
+
+def server_cpu_rows(config, summary):
+    subjects = config["subjects"]
+    width = max(22, max(len(s) for s in subjects) + 2)
+    rows = ["", "CPU time of the server (nbdkit) per I/O, microseconds: median (min-max over rounds)",
+            f"{'workload':<15}" + "".join(f"{s:>{width}}" for s in subjects)]
+    for w in config["workloads"]:
+        line = f"{w.name:<15}"
+        for s in subjects:
+            cell = summary[s]["workloads"].get(w.name)
+            d = cell and cell.get("server_cpu_us_per_io")
+            text = (f"{cpu_digits(d['median'])} ({cpu_digits(d['min'])}-{cpu_digits(d['max'])})"
+                    if d else "-")
+            line += f"{text:>{width}}"
+        rows.append(line)
+    return rows
 
 
 def round_ratio_rows(config, ratio, show_peer, show_nbd):

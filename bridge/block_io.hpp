@@ -113,6 +113,15 @@ class BlockIo {
       return nullptr;
     return pool_.least_loaded_usable(purpose);
   }
+  // With a server's minimum block, a write holds the whole blocks it touches while in
+  // flight, so a read-modify-write of a partial block among them (write()) reads after it
+  // and cannot write older bytes back over it. write() takes the hold itself; a caller of
+  // direct_connection() must take it around its own command, and drop it before write().
+  bool writes_hold_blocks() const { return block() > 1; }
+  asio::awaitable<RangeLock::Guard> hold_blocks(std::uint64_t offset, std::size_t length) {
+    const std::uint64_t unit = block();
+    return rmw_lock_.acquire(align_down(offset, unit), std::min(align_up(offset + length, unit), info_.size));
+  }
   // Writes this long go to the large-write connection when there is one
   // (--connection-threads writes): their copy into the socket then overlaps the
   // loop's copy out of /dev/fuse.

@@ -17,6 +17,7 @@
 #include <cinttypes>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <tuple>
 #include <fcntl.h>
 #include <libnbd.h>
@@ -298,6 +299,12 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
       std::error_code error;
       nbd_client::Connection* connection =
           io_.direct_connection(job.offset, job.length, job.durable, BlockIo::write_purpose(job.length));
+      std::optional<RangeLock::Guard> blocks_held;
+      if (connection && io_.writes_hold_blocks()) {
+        blocks_held.emplace(co_await io_.hold_blocks(job.offset, job.length));
+        // The wait may have outlived that connection.
+        connection = io_.direct_connection(job.offset, job.length, job.durable, BlockIo::write_purpose(job.length));
+      }
       if (connection) {
         auto sent = clock::now();
         // The receive buffer's pages go to the socket as they are: job.payload
@@ -316,6 +323,7 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
         }
         if (!io_.finished(Operation::write, *connection, sent, error)) connection = nullptr;
       }
+      blocks_held.reset();  // write() takes it again: the lock is not reentrant
       if (!connection) error = co_await io_.write(job.data, job.length, job.offset, job.durable);
       note_allocation_changed();
       if (error) tracked.reply_error(to_application_errno(error));

@@ -7,6 +7,7 @@ the maximum), concurrent unaligned writes into the same blocks must not lose
 each other's bytes, and the server must never see a badly formed request.
 The log filter sits outside the policy filter, so it sees what the bridge sent.
 """
+import json
 import os
 import random
 import sys
@@ -22,14 +23,18 @@ MAXIMUM = 65536
 
 
 class PolicyServer(h.Nbdkit):
-    def __init__(self, minimum, preferred=4096, maximum=MAXIMUM, size=SIZE):
+    def __init__(self, minimum, preferred=4096, maximum=MAXIMUM, size=SIZE, delay_write=None):
         self.minimum, self.maximum = minimum, maximum
         d = h.tmpdir("nbdkit")
         self.logfile = os.path.join(d, "nbdkit.log")
-        super().__init__(["memory", str(size), "logfile=" + self.logfile,
-                          "blocksize-minimum=%d" % minimum, "blocksize-preferred=%d" % preferred,
-                          "blocksize-maximum=%d" % maximum, "blocksize-error-policy=error"],
-                         opts=["--filter=log", "--filter=blocksize-policy"], d=d)
+        args = ["memory", str(size), "logfile=" + self.logfile,
+                "blocksize-minimum=%d" % minimum, "blocksize-preferred=%d" % preferred,
+                "blocksize-maximum=%d" % maximum, "blocksize-error-policy=error"]
+        filters = ["--filter=log", "--filter=blocksize-policy"]
+        if delay_write:  # innermost: the server holds each write before performing it
+            args.append("delay-write=" + delay_write)
+            filters.append("--filter=delay")
+        super().__init__(args, opts=filters, d=d)
 
     def check_clean(self, what):
         """Every request the bridge sent obeyed the constraints; none failed."""
@@ -154,6 +159,39 @@ def test_concurrent_unaligned_writes_same_blocks():
         img = su.server_image(srv.uri, request_size=MAXIMUM)
         h.check_bytes(img[base:base + used], bytes(final[:used]), "runs on the server")
         srv.check_clean("concurrent writes")
+
+
+def _writes_in_flight(mount):
+    r = h.run([h.NBDBRIDGE, "stats", mount.mountdir], timeout=15)
+    return json.loads(r.stdout)["operations"]["write"]["in_flight"] if r.returncode == 0 else -1
+
+
+def test_read_modify_write_waits_for_an_aligned_write_in_flight():
+    """An aligned write in flight holds its blocks: a read-modify-write of a partial block
+    inside them must read after it and not write the block's older bytes back over it.
+    The server holds every write for a while, so the aligned one is still in flight when
+    the one-byte write reads its block."""
+    block = b"\xbb" * 4096
+    with PolicyServer(4096, delay_write="500ms") as srv, h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
+        fd = os.open(m.export, os.O_RDWR)
+        try:
+            outcome = {}
+            aligned = threading.Thread(target=lambda: outcome.setdefault("n", os.pwrite(fd, block, 0)))
+            aligned.start()
+            try:
+                h.wait_until(lambda: _writes_in_flight(m) == 1, timeout=10,
+                             what="the bridge to hold the aligned write in flight")
+                h.check_eq(os.pwrite(fd, b"\x01", 10), 1, "the one-byte write")
+            finally:
+                aligned.join(timeout=30)
+            h.check(not aligned.is_alive(), "the aligned write did not finish")
+            h.check_eq(outcome.get("n"), 4096, "the aligned write")
+            got = h.pread_full(fd, 4096, 0)
+        finally:
+            os.close(fd)
+        # The one-byte write came second, so its byte is on top of the aligned block.
+        h.check_bytes(got, block[:10] + b"\x01" + block[11:], "block 0 after both writes")
+        srv.check_clean("aligned write and read-modify-write")
 
 
 def test_large_request_is_split():

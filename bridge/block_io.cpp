@@ -144,10 +144,13 @@ asio::awaitable<std::error_code> BlockIo::seek(std::uint64_t offset, bool want_d
   }
   std::vector<nbd_client::Extent> extents;
   for (std::uint64_t position = offset; position < info_.size;) {
+    // A server's minimum block binds block status too (libnbd refuses an unaligned one);
+    // find_in_extents skips what lies before position.
+    const std::uint64_t asked = align_down(position, block());
     extents.clear();
     if (auto error = co_await command(Operation::block_status, [&](Connection& connection) {
           extents.clear();  // a retried command starts afresh
-          return connection.async_block_status(std::size_t(std::min(info_.size - position, status_span)), position,
+          return connection.async_block_status(std::size_t(std::min(info_.size - asked, status_span)), asked,
                                                extents, use_result);
         }))
       co_return error;

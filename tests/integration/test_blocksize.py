@@ -194,6 +194,29 @@ def test_read_modify_write_waits_for_an_aligned_write_in_flight():
         srv.check_clean("aligned write and read-modify-write")
 
 
+def test_seek_from_unaligned_offsets():
+    """lseek(SEEK_DATA/SEEK_HOLE) from an offset inside a block asks the server about whole
+    blocks and answers for the offset itself."""
+    with PolicyServer(4096) as srv, h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
+        fd = os.open(m.export, os.O_RDWR)
+        try:
+            h.check_eq(os.pwrite(fd, b"x" * 8192, MiB), 8192, "data at 1 MiB")
+            data_end = os.lseek(fd, MiB, os.SEEK_HOLE)
+            h.check(MiB + 8192 <= data_end < SIZE, "hole after the data at %d" % data_end)
+            for offset, whence, expected in ((100, os.SEEK_DATA, MiB), (100, os.SEEK_HOLE, 100),
+                                             (MiB + 100, os.SEEK_DATA, MiB + 100),
+                                             (MiB + 100, os.SEEK_HOLE, data_end)):
+                name = "SEEK_DATA" if whence == os.SEEK_DATA else "SEEK_HOLE"
+                try:
+                    got = os.lseek(fd, offset, whence)
+                except OSError as e:
+                    got = h.errno_name(e.errno)
+                h.check_eq(got, expected, "lseek(%d, %s)" % (offset, name))
+        finally:
+            os.close(fd)
+        srv.check_clean("seeks from unaligned offsets")
+
+
 def test_large_request_is_split():
     rnd = random.Random(9)
     with PolicyServer(4096) as srv:

@@ -371,6 +371,10 @@ asio::awaitable<std::error_code> Connection::async_connect(const Target& target,
     co_await connect_wakeup_.async_wait(asio::redirect_error(asio::use_awaitable, ignored));
   }
   connecting_ = false;
+  if (!handle_) {  // close() while we waited (the mount is stopping): the handle is gone
+    error_message_ = "closed while connecting";
+    co_return std::error_code(ECANCELED, std::generic_category());
+  }
   if (!nbd_aio_is_ready(handle_)) {
     if (error_message_.empty()) {
       error_message_ = nbd_aio_is_dead(handle_) ? last_libnbd_error()

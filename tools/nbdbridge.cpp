@@ -169,6 +169,7 @@ class Bridge {
     std::error_code error = co_await pool_.async_connect(target_, pool_options);
     if (stop_requested_) {
       say("interrupted before the mount was made");
+      pool_.close();  // the connections made so far still wait on their sockets
       co_return finish(1);
     }
     if (error) {

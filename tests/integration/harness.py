@@ -558,6 +558,18 @@ class Proxy:
         return False
 
 
+class StallingProxy(Proxy):
+    """Forwards the first connection to the server; later ones are accepted and held
+    without a word, as by a server that stopped answering."""
+
+    def _serve(self, c, u):
+        if self.nconn == 0:
+            return super()._serve(c, u)
+        with self._lock:
+            self.conns.append((c, u))
+            self.nconn += 1
+
+
 class MountFailed(TestFailure):
     def __init__(self, msg, returncode=None, stderr=""):
         super().__init__(msg)

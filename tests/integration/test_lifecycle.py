@@ -99,6 +99,32 @@ def test_signal_while_file_open():
                     pass
 
 
+def test_signal_while_connecting_extra_connections():
+    # The first connection is up (and waiting for the server), the second one hangs in
+    # its handshake: SIGINT must end the bridge at once, with nothing mounted.
+    with h.Nbdkit(["memory", str(SIZE)]) as srv, h.StallingProxy(srv.sock) as proxy:
+        mp = h.tmpdir("mp")
+        err = os.path.join(h.tmpdir("stderr"), "nbdbridge.stderr")
+        with open(err, "wb") as f:
+            proc = h.popen([h.NBDBRIDGE, "--connections", "2", mp, proxy.uri], stdout=subprocess.DEVNULL,
+                           stderr=f, start_new_session=True)
+        try:
+            h.wait_until(lambda: proxy.nconn >= 2, timeout=10, what="the bridge to open its second connection")
+            proc.send_signal(signal.SIGINT)
+            try:
+                rc = proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                rc = None
+            h.check(rc is not None, "the bridge still runs 10 s after SIGINT (stderr: %s)" % h.read_text(err))
+            h.check(rc != 0, "exit status after SIGINT before the mount: %r" % rc)
+            h.check("interrupted" in h.read_text(err), "stderr says why: %r" % h.read_text(err))
+            h.check(not h.is_mounted(mp), "nothing mounted")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
 def test_pidfile_written_only_when_live():
     d = h.tmpdir("pid")
     pidfile = os.path.join(d, "nbdbridge.pid")

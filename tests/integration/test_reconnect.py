@@ -613,6 +613,23 @@ def test_retry_timeout_gives_up():
         h.check(not m.mounted(), "mount still present after unmount")
 
 
+def test_unmount_while_reconnecting_to_a_silent_server():
+    # The connection drops and the next one is accepted but never answered, so the
+    # reconnect waits in its handshake when the mount is stopped: the bridge must close
+    # that half-made connection and exit cleanly.
+    one_connection = ["--connections", "1", "--replies", "structured", "--connection-threads", "off"]
+    with h.Nbdkit(["memory", str(4 * MiB)]) as srv, h.StallingProxy(srv.sock) as proxy, \
+            h.Mount(h.tmpdir("mp"), [proxy.uri], opts=one_connection) as m:
+        h.check_eq(io_ops(m.export, ["w:0:4096"], timeout=10, what="a write", mount=m)[0][:2], ("w", "OK"),
+                   "a write before the drop")
+        proxy.close_one(0)
+        h.wait_until(lambda: proxy.nconn >= 2, what="the bridge to try to reconnect")
+        r = m.unmount()
+        h.check_eq(r.returncode, 0, "fusermount3 -u while reconnecting (%s)" % r.stderr.strip())
+        h.check_eq(m.wait_exit(), 0, "nbdbridge exit status (stderr: %s)" % m.stderr()[-2000:])
+        h.check(not m.mounted(), "mount still present after unmount")
+
+
 def test_retry_timeout_then_server_returns():
     size = 64 * MiB
     img = random_image(size)

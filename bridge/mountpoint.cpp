@@ -29,8 +29,20 @@ void split_parent(std::string_view path, std::string& parent, std::string& name)
   }
 }
 
+namespace {
+
+std::string stale_mount_message(const std::string& mount) {
+  return "mountpoint " + mount +
+         " is a stale FUSE mount (Transport endpoint is not connected); clear it with: fusermount3 -u " + mount +
+         " (or run again with --force)";
+}
+
+}  // namespace
+
 std::string plan_mount(std::string_view path, PathKind path_kind, PathKind parent_kind, MountPlan& plan) {
   std::string text(path);
+  std::string parent, name;
+  split_parent(path, parent, name);
   switch (path_kind) {
     case PathKind::directory:
       plan = {text, "nbd"};
@@ -41,20 +53,14 @@ std::string plan_mount(std::string_view path, PathKind path_kind, PathKind paren
     case PathKind::other:
       return "mountpoint " + text + " is neither a directory nor a regular file";
     case PathKind::disconnected:
-      return "mountpoint " + text +
-             " is a stale FUSE mount (Transport endpoint is not connected); clear it with: fusermount3 -u " + text +
-             " (or run again with --force)";
+      // Inside a dead mount (DIRECTORY/NAME, mounted on DIRECTORY) the parent is dead too.
+      return stale_mount_message(parent_kind == PathKind::disconnected ? parent : text);
     case PathKind::inaccessible:
       return "cannot access mountpoint " + text;
     case PathKind::missing:
       break;
   }
-  std::string parent, name;
-  split_parent(path, parent, name);
-  if (parent_kind == PathKind::disconnected)
-    return "mountpoint " + parent +
-           " is a stale FUSE mount (Transport endpoint is not connected); clear it with: fusermount3 -u " + parent +
-           " (or run again with --force)";
+  if (parent_kind == PathKind::disconnected) return stale_mount_message(parent);
   if (parent_kind != PathKind::directory || name.empty() || name == "." || name == "..")
     return "mountpoint " + text + " does not exist (give an existing directory, DIRECTORY/NAME, or a regular file)";
   plan = {parent, name};
@@ -115,13 +121,14 @@ bool has_fuse_mount(std::string_view mountinfo, std::string_view absolute_path) 
 }
 
 std::string clear_stale_mount(const std::string& path) {
-  std::string target = path;
-  if (classify_path(path) != PathKind::disconnected) {
-    std::string parent, name;
-    split_parent(path, parent, name);
-    if (classify_path(path) != PathKind::missing || classify_path(parent) != PathKind::disconnected) return {};
-    target = parent;
-  }
+  std::string parent, name;
+  split_parent(path, parent, name);
+  PathKind kind = classify_path(path);
+  if (kind != PathKind::disconnected && kind != PathKind::missing) return {};
+  // DIRECTORY/NAME is mounted on DIRECTORY: inside a dead mount the parent is dead too.
+  bool parent_dead = classify_path(parent) == PathKind::disconnected;
+  if (kind == PathKind::missing && !parent_dead) return {};
+  const std::string& target = parent_dead ? parent : path;
   // Lazy, so a process still holding the dead mount open cannot block us.
   if (geteuid() == 0) {
     if (umount2(target.c_str(), MNT_DETACH) == 0) return {};
@@ -141,7 +148,7 @@ std::string clear_stale_mount(const std::string& path) {
 std::string resolve_mountpoint(const std::string& path, MountPlan& plan) {
   PathKind kind = classify_path(path);
   PathKind parent_kind = PathKind::missing;
-  if (kind == PathKind::missing) {
+  if (kind == PathKind::missing || kind == PathKind::disconnected) {
     std::string parent, name;
     split_parent(path, parent, name);
     parent_kind = classify_path(parent);

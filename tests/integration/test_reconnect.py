@@ -870,15 +870,19 @@ def test_kill9_bridge_auto_unmount_and_remount():
                        "data written before the kill, read through a new bridge")
 
 
-def _stale_mount_case(used):
+def _stale_mount_case(used, named=False):
     """Make a stale mount (kill -9 the bridge and its fusermount3
     auto_unmount helper), then: without --force one clear line and a
     non-zero exit; with --force a working mount.  used: whether the mount
     was used (files opened, so the kernel has cached the mountpoint's
-    attributes) before it went stale, as any real mount would be."""
+    attributes) before it went stale, as any real mount would be.  named:
+    the DIRECTORY/NAME form, mounted on DIRECTORY (the path itself is then
+    inside the dead mount)."""
     size = 64 * MiB
     img = sparse_image(size)
     mp = h.tmpdir("mp")
+    if named:
+        mp = os.path.join(mp, "disk.img")
     expect = hashlib.sha256(wdata(0, 65536) if used else bytes(65536)).hexdigest()
     with h.Nbdkit(["file", img]) as srv:
         m1 = h.Mount(mp, ["--unix", srv.sock], expect_exit=None)
@@ -910,9 +914,9 @@ def _stale_mount_case(used):
                 if len(lines) != 1:
                     problems.append("without --force: %d stderr lines, expected 1: %r" % (len(lines), err))
                 elif not (re.search(r"stale", lines[0], re.I) and re.search(r"not connected", lines[0], re.I)
-                          and "--force" in lines[0]):
+                          and "--force" in lines[0] and "fusermount3 -u %s " % m1.mountdir in lines[0]):
                     problems.append("without --force: message does not say stale / not connected / "
-                                    "--force: %r (exit %r)" % (lines[0], rc))
+                                    "--force / fusermount3 -u %s: %r (exit %r)" % (m1.mountdir, lines[0], rc))
                 if not m1.mounted():
                     problems.append("the run without --force changed the stale mount")
                 def new_mount_or_exit():
@@ -948,6 +952,10 @@ def test_stale_mount_unused_and_force():
 
 def test_stale_mount_after_use_and_force():
     _stale_mount_case(used=True)
+
+
+def test_stale_mount_of_directory_name_form_and_force():
+    _stale_mount_case(used=True, named=True)
 
 
 # ---------------------------------------------------------------------------

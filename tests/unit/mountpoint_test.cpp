@@ -32,6 +32,12 @@ TEST_CASE("refusals") {
         std::string::npos);
   CHECK(bridge::plan_mount("/mnt", PathKind::disconnected, PathKind::missing, plan).find("fusermount3 -u /mnt") !=
         std::string::npos);
+  // DIRECTORY/NAME inside a dead mount: the stale mount to clear is DIRECTORY.
+  std::string inside = bridge::plan_mount("/mnt/disk.img", PathKind::disconnected, PathKind::disconnected, plan);
+  CHECK(inside.find("fusermount3 -u /mnt ") != std::string::npos);
+  CHECK(inside.find("disk.img") == std::string::npos);
+  CHECK(bridge::plan_mount("/mnt/disk.img", PathKind::disconnected, PathKind::directory, plan)
+            .find("fusermount3 -u /mnt/disk.img") != std::string::npos);
 }
 
 TEST_CASE("split_parent") {

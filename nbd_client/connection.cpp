@@ -157,7 +157,10 @@ Connection::~Connection() { close(); }
 bool Connection::usable() const { return handle_ && established_ && !lost_; }
 
 void Connection::bind_descriptor(int fd) {
-  if (fd == bound_fd_) return;
+  // While connecting, libnbd closes a socket that failed and opens the next address's,
+  // which may get the same number: the old epoll registration went with the old socket,
+  // so the number alone says nothing then. Register afresh (a few times per connect).
+  if (fd == bound_fd_ && !connecting_) return;
   release_descriptor();
   if (fd < 0) return;
   descriptor_.assign(fd);

@@ -341,6 +341,7 @@ int Connection::start_connect(const Target& target) {
 
 asio::awaitable<std::error_code> Connection::async_connect(const Target& target, ConnectOptions options) {
   on_progress_ = options.on_progress;
+  error_message_.clear();  // a Connection whose connect failed is tried again (ConnectionPool::reconnect)
   handle_ = nbd_create();
   if (!handle_) {
     error_message_ = last_libnbd_error();

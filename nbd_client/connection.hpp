@@ -220,6 +220,8 @@ class Connection {
   const ExportInfo& info() const { return info_; }
   const std::string& error_message() const { return error_message_; }
   bool usable() const;
+  // Negotiated once (and maybe lost since): commands may have been issued on it.
+  bool was_established() const { return established_; }
 
   // Called once, on the executor, when an established connection is lost.
   std::function<void(const std::string& reason)> on_lost;

@@ -34,6 +34,27 @@ bool is_connection_failure(std::error_code error) {
   }
 }
 
+std::string export_change(const ExportInfo& was, const ExportInfo& now, bool several_connections) {
+  std::string change;
+  auto note = [&change](const std::string& what) { change += (change.empty() ? "" : ", ") + what; };
+  auto number = [&note](const char* name, std::uint64_t before, std::uint64_t after) {
+    if (before != after) note(std::string(name) + " " + std::to_string(before) + " -> " + std::to_string(after));
+  };
+  auto flag = [&note](const char* name, bool before, bool after) {
+    if (before != after) note(std::string(name) + (after ? " added" : " dropped"));
+  };
+  number("size", was.size, now.size);
+  if (was.read_only != now.read_only) note("read-only flag changed");
+  number("minimum block", was.minimum_block, now.minimum_block);
+  number("maximum request", was.maximum_request, now.maximum_request);
+  flag("flush", was.can_flush, now.can_flush);
+  flag("FUA", was.can_fua, now.can_fua);
+  flag("write zeroes", was.can_zero, now.can_zero);
+  flag("trim", was.can_trim, now.can_trim);
+  if (several_connections) flag("multi-conn", was.can_multi_conn, now.can_multi_conn);
+  return change;
+}
+
 asio::awaitable<std::error_code> ConnectionPool::async_connect(const Target& requested, PoolOptions options) {
   options_ = options;
   target_ = requested;
@@ -115,8 +136,9 @@ asio::awaitable<void> ConnectionPool::open_connections(unsigned count, Role role
     reconnecting_.push_back(false);
     roles_.push_back(role);
     if (co_await connect_slot(index)) {
-      note_ = "connection " + std::to_string(index + 1) + " failed (" + connections_.back()->error_message() +
-              "): using " + std::to_string(index);
+      std::string why = export_changed_ ? error_message_ : connections_.back()->error_message();
+      export_changed_ = false;  // the mount goes on with the connections that agree
+      note_ = "connection " + std::to_string(index + 1) + " failed (" + why + "): using " + std::to_string(index);
       retired_.push_back(std::move(connections_.back()));
       connections_.pop_back();
       reconnecting_.pop_back();
@@ -167,11 +189,10 @@ asio::awaitable<std::error_code> ConnectionPool::connect_slot(std::size_t index)
   Connection& connection = *connections_[index];
   connection.set_index(index);
   if (auto error = co_await connection.async_connect(target_, options_for(roles_[index]))) co_return error;
-  const ExportInfo& seen = connection.info();
-  if (seen.size != info_.size || seen.read_only != info_.read_only) {
+  std::string change = export_change(info_, connection.info(), connections_.size() > 1);
+  if (!change.empty()) {
     export_changed_ = true;
-    error_message_ = "the export changed (size " + std::to_string(info_.size) + " -> " + std::to_string(seen.size) +
-                     (seen.read_only != info_.read_only ? ", read-only flag changed" : "") + ")";
+    error_message_ = "the export changed (" + change + ")";
     connection.close();
     co_return std::error_code(ESTALE, std::generic_category());
   }
@@ -217,8 +238,13 @@ asio::awaitable<void> ConnectionPool::reconnect(std::size_t index) {
   auto delay = std::chrono::milliseconds(50);
   asio::steady_timer pause(executor_);
   for (;;) {
-    retired_.push_back(std::move(connections_[index]));
-    connections_[index] = std::make_unique<Connection>(executor_);
+    // A connection that was established may still have commands and handlers referring
+    // to it: retire it. One whose connect failed holds no handle and no thread: reuse it,
+    // so a long outage does not pile up retired connections.
+    if (connections_[index]->was_established()) {
+      retired_.push_back(std::move(connections_[index]));
+      connections_[index] = std::make_unique<Connection>(executor_);
+    }
     std::error_code error = co_await connect_slot(index);
     if (closed_) break;
     if (!error) {
@@ -226,9 +252,17 @@ asio::awaitable<void> ConnectionPool::reconnect(std::size_t index) {
       ++reconnects_;
       if (on_connection_restored) on_connection_restored(index, clock::now() - started);
       say("reconnected " + describe(index) + " after " + std::to_string(milliseconds_since(started)) + " ms");
-      if (in_outage_) {
+      // The outage (no data connection at all) ends with a data connection, not with the
+      // block-status one: until then the data connections' retry timeout still runs.
+      if (in_outage_ && any_usable(Purpose::data)) {
+        bool had_given_up = gave_up_;
         in_outage_ = false;
         gave_up_ = false;
+        // After giving up, only this connection was tried (once, for a request): the
+        // server is back, so bring the others back too.
+        if (had_given_up)
+          for (std::size_t other = 0; other < connections_.size(); ++other)
+            if (other != index && !connections_[other]->usable()) start_reconnect(other);
       }
       break;
     }

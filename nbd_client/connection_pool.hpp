@@ -64,6 +64,12 @@ struct PoolOptions {
 // refused it": such a command was never acknowledged and may be issued again.
 bool is_connection_failure(std::error_code error);
 
+// What differs between the export a mount was made with and the one a new connection
+// sees, in the terms a message can show ("size 1024 -> 2048, FUA dropped"): whatever the
+// bridge plans requests by. Empty when nothing does. several_connections: multi-conn is
+// needed (more than one connection shares the export).
+std::string export_change(const ExportInfo& was, const ExportInfo& now, bool several_connections);
+
 class ConnectionPool {
  public:
   explicit ConnectionPool(asio::any_io_executor executor) : executor_(executor) {}

@@ -656,6 +656,14 @@ def test_retry_timeout_then_server_returns():
         h.check_eq(file_sha(img, 3 * MiB, 65536), hashlib.sha256(wdata(3 * MiB, 65536)).hexdigest(),
                    "data written after the reconnect is on the server")
         h.check(RECONNECTED_RE.search(m.stderr()), "no 'reconnected' line: %s" % m.stderr()[-2000:])
+        # Every connection comes back (data, large-write, block status), not only the one
+        # the first request tried.
+        def reconnects():
+            r = h.run([h.NBDBRIDGE, "stats", m.mountdir], timeout=15)
+            return [c["reconnects"] for c in json.loads(r.stdout)["connections"]] if r.returncode == 0 else []
+        h.check_eq(len(reconnects()), 3, "connections of the mount")
+        h.wait_until(lambda: all(n >= 1 for n in reconnects()), timeout=10,
+                     what="every connection to reconnect")
 
 
 # ---------------------------------------------------------------------------
@@ -702,6 +710,18 @@ def test_different_size_refused():
 
 def test_readonly_export_refused():
     _check_refused(lambda img: ["file", img], ["-r"], "read-only export")
+
+
+def test_export_with_a_minimum_block_refused():
+    # Requests were planned for any alignment: libnbd would refuse unaligned ones now.
+    _check_refused(lambda img: ["file", img, "blocksize-minimum=4096"], ["--filter=blocksize-policy"],
+                   "export with a minimum block")
+
+
+def test_export_without_fua_refused():
+    # O_DSYNC writes were to go out with FUA, which this server no longer takes.
+    # (nbdkit 1.32 calls that mode of its fua filter "none" but only takes it as the default)
+    _check_refused(lambda img: ["file", img], ["--filter=fua"], "export without FUA")
 
 
 # ---------------------------------------------------------------------------

@@ -469,7 +469,7 @@ void FileSystem::setattr(fuse_req_t request, fuse_ino_t inode, const struct stat
     return;
   }
   struct stat attributes = attributes_of(inode);
-  fuse_reply_attr(request, &attributes, attribute_timeout_seconds);
+  fuse_reply_attr(request, &attributes, is_file(inode) ? file_attribute_timeout_seconds : attribute_timeout_seconds);
 }
 
 void FileSystem::open(fuse_req_t request, fuse_ino_t inode, fuse_file_info* file) {

@@ -57,7 +57,7 @@ asio::awaitable<std::error_code> BlockIo::write_aligned(const std::byte* data, s
   std::uint32_t flags = durable && info_.can_fua ? LIBNBD_CMD_FLAG_FUA : 0;
   std::error_code error = co_await command(Operation::write, [&](Connection& connection) {
     return connection.async_pwrite(data, length, offset, flags, use_result);
-  });
+  }, /*inject=*/true, /*durable=*/flags != 0);
   if (!error && durable && !info_.can_fua) error = co_await flush();
   co_return error;
 }
@@ -130,9 +130,20 @@ asio::awaitable<std::error_code> BlockIo::zero(std::uint64_t offset, std::uint64
   co_return std::error_code{};
 }
 
-asio::awaitable<std::error_code> BlockIo::flush() {
+asio::awaitable<std::error_code> BlockIo::flush(bool report_unknown_writes) {
   if (!info_.can_flush) co_return std::error_code{};
-  co_return co_await command(Operation::flush, [&](Connection& connection) { return connection.async_flush(use_result); });
+  std::uint64_t mark = 0;
+  std::size_t flushed_on = 0;
+  std::error_code error = co_await command(Operation::flush, [&](Connection& connection) {
+    // The flush covers what was acknowledged before it is sent (a retry marks again).
+    mark = pool_.flush_mark();
+    flushed_on = connection.index();
+    return connection.async_flush(use_result);
+  });
+  if (error) co_return error;
+  pool_.flush_succeeded(flushed_on, mark);
+  if (report_unknown_writes && pool_.take_unknown_writes()) co_return errno_code(EIO);
+  co_return std::error_code{};
 }
 
 asio::awaitable<std::error_code> BlockIo::seek(std::uint64_t offset, bool want_data, std::uint64_t& result) {

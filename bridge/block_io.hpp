@@ -57,7 +57,9 @@ class BlockIo {
                                          bool durable);
   // Makes the range read as zeros. allow_unmap: the server may deallocate it.
   asio::awaitable<std::error_code> zero(std::uint64_t offset, std::uint64_t length, bool allow_unmap);
-  asio::awaitable<std::error_code> flush();
+  // report_unknown_writes: fail with EIO, once, when writes acknowledged earlier went
+  // with a lost connection before any flush covered them (fsync; not close's flush).
+  asio::awaitable<std::error_code> flush(bool report_unknown_writes = true);
   // lseek SEEK_DATA (want_data) / SEEK_HOLE; ENXIO at or past EOF or with no data after offset.
   asio::awaitable<std::error_code> seek(std::uint64_t offset, bool want_data, std::uint64_t& result);
   // Bytes the server reports as allocated, scanning at most `max_commands` block-status
@@ -71,8 +73,10 @@ class BlockIo {
   // awaitable of one Connection::async_* call with use_result.
   // inject: false for the bridge's own background commands, so that the
   // injected sequence seen by the application depends only on the seed.
+  // durable: a write sent with FUA, on stable storage once acknowledged.
   template <typename Start>
-  asio::awaitable<std::error_code> command(Operation operation, Start start, bool inject = true) {
+  asio::awaitable<std::error_code> command(Operation operation, Start start, bool inject = true,
+                                           bool durable = false) {
     // The NBD span starts before an injected delay: that delay stands for the network.
     auto sent = std::chrono::steady_clock::now();
     if (faults_ && inject) {
@@ -96,7 +100,7 @@ class BlockIo {
       if (!connection) connection = co_await pool_.usable_connection(purpose);  // waits through a reconnect
       if (!connection) co_return std::error_code(EIO, std::generic_category());
       auto [error] = co_await start(*connection);
-      if (finished(operation, *connection, sent, error)) co_return error;
+      if (finished(operation, *connection, sent, error, durable)) co_return error;
     }
   }
 
@@ -134,9 +138,13 @@ class BlockIo {
   }
   static constexpr std::size_t large_request = 128 * 1024;
   // Records a command that ran on `connection`; false when the connection broke
-  // under it (never acknowledged), so that it must be issued again.
+  // under it (never acknowledged), so that it must be issued again. durable: a
+  // write with FUA.
   bool finished(Operation operation, const nbd_client::Connection& connection,
-                std::chrono::steady_clock::time_point sent, std::error_code error) {
+                std::chrono::steady_clock::time_point sent, std::error_code error, bool durable = false) {
+    // Without flush the server keeps no volatile cache: acknowledged is durable.
+    if (!error && !durable && info_.can_flush && (operation == Operation::write || operation == Operation::trim_zero))
+      pool_.write_acknowledged(connection.index());
     if (statistics_compiled_in && statistics_)
       statistics_->command_finished(
           operation, connection.index(),

@@ -321,7 +321,7 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
           if (error) job.payload.retire_when_released();
           if constexpr (statistics_compiled_in) statistics_->spliced_write(bool(error));
         }
-        if (!io_.finished(Operation::write, *connection, sent, error)) connection = nullptr;
+        if (!io_.finished(Operation::write, *connection, sent, error, job.durable)) connection = nullptr;
       }
       blocks_held.reset();  // write() takes it again: the lock is not reentrant
       if (!connection) error = co_await io_.write(job.data, job.length, job.offset, job.durable);
@@ -340,9 +340,10 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
   }
 }
 
-asio::awaitable<void> FileSystem::serve_flush(fuse_req_t request, const char* operation) {
-  Tracked tracked(*this, request, Operation::flush, operation, 0, 0);
-  tracked.reply_error(to_application_errno(co_await io_.flush()));
+// fsync: close()'s flush is not where an application looks for lost writes; fsync is.
+asio::awaitable<void> FileSystem::serve_flush(fuse_req_t request, bool fsync) {
+  Tracked tracked(*this, request, Operation::flush, fsync ? "FSYNC" : "FLUSH", 0, 0);
+  tracked.reply_error(to_application_errno(co_await io_.flush(/*report_unknown_writes=*/fsync)));
 }
 
 asio::awaitable<void> FileSystem::serve_zero(fuse_req_t request, std::uint64_t offset, std::uint64_t length,
@@ -545,7 +546,7 @@ void FileSystem::flush(fuse_req_t request, const fuse_file_info* file) {
     fuse_reply_err(request, 0);
     return;
   }
-  asio::co_spawn(executor_, serve_flush(request, "FLUSH"), asio::detached);
+  asio::co_spawn(executor_, serve_flush(request, /*fsync=*/false), asio::detached);
 }
 
 void FileSystem::fsync(fuse_req_t request, bool, const fuse_file_info*) {
@@ -553,7 +554,7 @@ void FileSystem::fsync(fuse_req_t request, bool, const fuse_file_info*) {
     fuse_reply_err(request, 0);
     return;
   }
-  asio::co_spawn(executor_, serve_flush(request, "FSYNC"), asio::detached);
+  asio::co_spawn(executor_, serve_flush(request, /*fsync=*/true), asio::detached);
 }
 
 void FileSystem::fallocate(fuse_req_t request, int mode, off_t offset, off_t length) {

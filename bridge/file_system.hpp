@@ -146,7 +146,7 @@ class FileSystem final : public fuse_front::Handlers {
   void hand_over(Job job);
   asio::awaitable<void> request_server(RequestServer& self);
   void stop_request_servers();
-  asio::awaitable<void> serve_flush(fuse_req_t request, const char* operation);
+  asio::awaitable<void> serve_flush(fuse_req_t request, bool fsync);
   asio::awaitable<void> serve_zero(fuse_req_t request, std::uint64_t offset, std::uint64_t length, bool allow_unmap);
   asio::awaitable<void> serve_seek(fuse_req_t request, std::uint64_t offset, bool want_data);
   // st_blocks follows the server's allocation, re-counted in the background

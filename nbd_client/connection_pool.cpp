@@ -114,7 +114,48 @@ asio::awaitable<std::error_code> ConnectionPool::async_connect(const Target& req
     connections_[index]->set_index(index);
     connections_[index]->on_lost = [this, index](const std::string& reason) { lost(index, reason); };
   }
+  last_write_.assign(connections_.size(), 0);
+  flushed_.assign(connections_.size(), 0);
   co_return std::error_code{};
+}
+
+void ConnectionPool::write_acknowledged(std::size_t index) {
+  if (index < last_write_.size()) last_write_[index] = ++write_epoch_;
+}
+
+void ConnectionPool::flush_succeeded(std::size_t index, std::uint64_t mark) {
+  if (index < flushed_.size()) flushed_[index] = std::max(flushed_[index], mark);
+  if (info_.can_multi_conn) {
+    flushed_everywhere_ = std::max(flushed_everywhere_, mark);
+    if (orphaned_writes_ <= flushed_everywhere_) orphaned_writes_ = 0;
+  }
+}
+
+bool ConnectionPool::holds_unflushed_writes(std::size_t index) const {
+  if (index >= last_write_.size()) return false;
+  std::uint64_t covered = std::max(flushed_[index], info_.can_multi_conn ? flushed_everywhere_ : 0);
+  return last_write_[index] > covered;
+}
+
+bool ConnectionPool::any_connection_usable() const {
+  return std::any_of(connections_.begin(), connections_.end(), [](const auto& c) { return c->usable(); });
+}
+
+// Called as connection `index` is lost, before it is replaced.
+void ConnectionPool::account_lost_writes(std::size_t index) {
+  if (holds_unflushed_writes(index)) {
+    // Under multi-conn, while another connection is served the server is alive and its
+    // cache holds the writes for a later flush on any connection.
+    if (info_.can_multi_conn && any_connection_usable())
+      orphaned_writes_ = std::max(orphaned_writes_, last_write_[index]);
+    else
+      unknown_writes_ = true;
+  }
+  if (orphaned_writes_ && !any_connection_usable()) {
+    unknown_writes_ = true;  // every connection went before a flush covered them
+    orphaned_writes_ = 0;
+  }
+  last_write_[index] = flushed_[index] = 0;  // the slot's next connection starts clean
 }
 
 ConnectOptions ConnectionPool::options_for(Role role) const {
@@ -213,6 +254,7 @@ bool ConnectionPool::reconnectable() const {
 void ConnectionPool::lost(std::size_t index, const std::string& reason) {
   if (closed_) return;
   ++disconnects_;
+  account_lost_writes(index);
   if (on_connection_lost) on_connection_lost(index);
   if (!in_outage_ && !any_usable()) {
     in_outage_ = true;

@@ -22,6 +22,7 @@
 #include <list>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace nbd_client {
@@ -106,6 +107,16 @@ class ConnectionPool {
   std::function<void(std::size_t index)> on_connection_lost;
   std::function<void(std::size_t index, std::chrono::nanoseconds outage)> on_connection_restored;
 
+  // Durability, loop thread only. A write acknowledged without FUA is on stable storage
+  // only once a flush sent after it has succeeded: on its own connection, or on any one
+  // under multi-conn (one cache for all). A connection lost while holding such writes
+  // leaves their fate unknown when the server may have gone with them (no connection
+  // left to it); the next fsync is told so once (take_unknown_writes()).
+  void write_acknowledged(std::size_t index);  // a write, zero or trim without FUA
+  std::uint64_t flush_mark() const { return write_epoch_; }  // taken as a flush is sent
+  void flush_succeeded(std::size_t index, std::uint64_t mark);
+  bool take_unknown_writes() { return std::exchange(unknown_writes_, false); }
+
   void cancel_connect();
   void close();
   // Starts the connection threads held back by PoolOptions::hold_threads.
@@ -120,6 +131,9 @@ class ConnectionPool {
   }
   std::string describe(std::size_t index) const;
   bool any_usable(Purpose purpose = Purpose::data) const;
+  bool any_connection_usable() const;  // whatever its role: the server is there
+  bool holds_unflushed_writes(std::size_t index) const;
+  void account_lost_writes(std::size_t index);
   ConnectOptions options_for(Role role) const;
   asio::awaitable<void> open_connections(unsigned count, Role role);
   bool reconnectable() const;
@@ -152,6 +166,15 @@ class ConnectionPool {
   bool in_outage_ = false;
   bool gave_up_ = false;
   bool export_changed_ = false;
+  // Durability bookkeeping (write_acknowledged()): epochs count acknowledged writes.
+  std::uint64_t write_epoch_ = 0;
+  std::vector<std::uint64_t> last_write_;  // per slot: epoch of its last acknowledged write
+  std::vector<std::uint64_t> flushed_;     // per slot: epoch its flushes have covered
+  std::uint64_t flushed_everywhere_ = 0;   // multi-conn: covered on every connection
+  // Writes of a connection lost while others still served: safe in the server's shared
+  // cache unless every connection goes before a flush covers them.
+  std::uint64_t orphaned_writes_ = 0;
+  bool unknown_writes_ = false;
   bool closed_ = false;
   std::uint64_t disconnects_ = 0;
   std::uint64_t reconnects_ = 0;

@@ -666,6 +666,65 @@ def test_retry_timeout_then_server_returns():
                      what="every connection to reconnect")
 
 
+def _fsync_errno(fd):
+    try:
+        os.fsync(fd)
+        return "OK"
+    except OSError as e:
+        return h.errno_name(e.errno)
+
+
+def _write_then_restart(flush_first):
+    """fsync results after a kill -9 and restart of the server, with a 64 KiB write
+    acknowledged before the kill (flushed first or not): the file stays open
+    throughout, since close() flushes too."""
+    img = random_image(64 * MiB)
+    with h.Nbdkit(["file", img]) as srv, \
+            h.Mount(h.tmpdir("mp"), ["--unix", srv.sock], opts=["--retry-timeout", "10"]) as m:
+        fd = os.open(m.export, os.O_RDWR)
+        try:
+            h.check_eq(os.pwrite(fd, wdata(0, 65536), 0), 65536, "the write before the kill")
+            if flush_first:
+                h.check_eq(_fsync_errno(fd), "OK", "fsync before the kill")
+            kill_server_rm_sock(srv)
+            h.wait_until(lambda: LOST_RE.search(m.stderr()), timeout=10, what="'lost' line on stderr")
+            srv.start()
+            h.check_eq(len(os.pread(fd, 4096, MiB)), 4096, "a read through the reconnect")
+            return [_fsync_errno(fd), _fsync_errno(fd)]
+        finally:
+            os.close(fd)
+
+
+def test_fsync_tells_of_writes_a_restarted_server_may_have_lost():
+    # Acknowledged, not yet flushed, and every connection went: the server may have lost
+    # them with its cache (a restart), so the next fsync fails, once; the flush itself
+    # is still sent.
+    h.check_eq(_write_then_restart(flush_first=False), ["EIO", "OK"], "fsyncs after the restart")
+
+
+def test_fsync_after_a_restart_with_everything_flushed():
+    h.check_eq(_write_then_restart(flush_first=True), ["OK", "OK"], "fsyncs after the restart")
+
+
+def test_fsync_after_one_of_several_connections_dropped():
+    # Under multi-conn, while another connection stays up the server is alive and keeps
+    # the dropped connection's writes in the cache all connections share: fsync succeeds.
+    opts = ["--connections", "2", "--replies", "structured", "--connection-threads", "off"]
+    with h.Nbdkit(["memory", str(64 * MiB)]) as srv, h.Proxy(srv.sock) as proxy, \
+            h.Mount(h.tmpdir("mp"), [proxy.uri], opts=opts) as m:
+        h.check_eq(proxy.nconn, 2, "connections through the proxy")
+        fd = os.open(m.export, os.O_RDWR)
+        try:
+            for connection in (0, 1):
+                h.check_eq(os.pwrite(fd, wdata(0, 65536), 0), 65536, "a write")
+                proxy.close_one(connection)
+                h.wait_until(lambda: proxy.nconn >= 3 + connection, timeout=10,
+                             what="the bridge to reconnect connection %d" % connection)
+                h.check_eq(_fsync_errno(fd), "OK", "fsync after dropping connection %d" % connection)
+        finally:
+            os.close(fd)
+
+
 # ---------------------------------------------------------------------------
 # 3. the server comes back as a different export
 

@@ -53,19 +53,20 @@ asio::awaitable<std::error_code> BlockIo::read(std::byte* out, std::size_t lengt
 }
 
 asio::awaitable<std::error_code> BlockIo::write_aligned(const std::byte* data, std::size_t length,
-                                                        std::uint64_t offset, bool durable) {
+                                                        std::uint64_t offset, bool durable,
+                                                        Clock::time_point send_until) {
   std::uint32_t flags = durable && info_.can_fua ? LIBNBD_CMD_FLAG_FUA : 0;
   std::error_code error = co_await command(Operation::write, [&](Connection& connection) {
     return connection.async_pwrite(data, length, offset, flags, use_result);
-  }, /*inject=*/true, /*durable=*/flags != 0);
+  }, {.durable = flags != 0, .send_until = send_until});
   if (!error && durable && !info_.can_fua) error = co_await flush();
   co_return error;
 }
 
 asio::awaitable<std::error_code> BlockIo::write(const std::byte* data, std::size_t length, std::uint64_t offset,
-                                                bool durable) {
+                                                bool durable, Clock::time_point send_until) {
   const std::uint64_t unit = block();
-  if (unit == 1) co_return co_await write_aligned(data, length, offset, durable);
+  if (unit == 1) co_return co_await write_aligned(data, length, offset, durable, send_until);
 
   std::uint64_t start = align_down(offset, unit);
   std::uint64_t end = std::min(align_up(offset + length, unit), info_.size);
@@ -73,7 +74,8 @@ asio::awaitable<std::error_code> BlockIo::write(const std::byte* data, std::size
   // blocks it touches: an aligned write racing a read-modify-write of the same
   // block would otherwise be undone by the stale write-back.
   RangeLock::Guard guard = co_await rmw_lock_.acquire(start, end);
-  if (offset == start && offset + length == end) co_return co_await write_aligned(data, length, offset, durable);
+  if (offset == start && offset + length == end)
+    co_return co_await write_aligned(data, length, offset, durable, send_until);
 
   BufferPool::Lease whole = buffers_.acquire(end - start);
   // Read only the partial blocks at either end; the middle is overwritten anyway.
@@ -92,27 +94,29 @@ asio::awaitable<std::error_code> BlockIo::write(const std::byte* data, std::size
       co_return error;
   }
   std::memcpy(whole.data() + (offset - start), data, length);
-  co_return co_await write_aligned(whole.data(), end - start, start, durable);
+  co_return co_await write_aligned(whole.data(), end - start, start, durable, send_until);
 }
 
-asio::awaitable<std::error_code> BlockIo::zero_aligned(std::uint64_t offset, std::uint64_t length, bool allow_unmap) {
+asio::awaitable<std::error_code> BlockIo::zero_aligned(std::uint64_t offset, std::uint64_t length, bool allow_unmap,
+                                                       Clock::time_point send_until) {
   if (length == 0) co_return std::error_code{};
   if (info_.can_zero) {
     std::uint32_t flags = allow_unmap ? 0 : LIBNBD_CMD_FLAG_NO_HOLE;
     co_return co_await command(Operation::trim_zero, [&](Connection& connection) {
       return connection.async_zero(length, offset, flags, use_result);
-    });
+    }, {.send_until = send_until});
   }
   // No WRITE_ZEROES: write zero-filled buffers over the whole range. (TRIM alone
   // does not promise that the range reads back as zeros.)
   co_return co_await command(Operation::trim_zero, [&](Connection& connection) {
     return connection.async_write_zero_fill(length, offset, 0, use_result);
-  });
+  }, {.send_until = send_until});
 }
 
-asio::awaitable<std::error_code> BlockIo::zero(std::uint64_t offset, std::uint64_t length, bool allow_unmap) {
+asio::awaitable<std::error_code> BlockIo::zero(std::uint64_t offset, std::uint64_t length, bool allow_unmap,
+                                               Clock::time_point send_until) {
   const std::uint64_t unit = block();
-  if (unit == 1) co_return co_await zero_aligned(offset, length, allow_unmap);
+  if (unit == 1) co_return co_await zero_aligned(offset, length, allow_unmap, send_until);
   std::uint64_t inner_start = align_up(offset, unit);
   std::uint64_t inner_end = align_down(offset + length, unit);
   if (inner_start >= inner_end) inner_start = inner_end = offset;  // no whole block inside
@@ -121,11 +125,12 @@ asio::awaitable<std::error_code> BlockIo::zero(std::uint64_t offset, std::uint64
     if (piece_start >= piece_end) continue;
     BufferPool::Lease zeros = buffers_.acquire(piece_end - piece_start);
     std::memset(zeros.data(), 0, piece_end - piece_start);
-    if (auto error = co_await write(zeros.data(), piece_end - piece_start, piece_start, false)) co_return error;
+    if (auto error = co_await write(zeros.data(), piece_end - piece_start, piece_start, false, send_until))
+      co_return error;
   }
   if (inner_start < inner_end) {
     RangeLock::Guard guard = co_await rmw_lock_.acquire(inner_start, inner_end);
-    co_return co_await zero_aligned(inner_start, inner_end - inner_start, allow_unmap);
+    co_return co_await zero_aligned(inner_start, inner_end - inner_start, allow_unmap, send_until);
   }
   co_return std::error_code{};
 }
@@ -194,7 +199,7 @@ asio::awaitable<std::uint64_t> BlockIo::allocated_bytes(unsigned max_commands) {
       extents.clear();
       return connection.async_block_status(std::size_t(std::min(info_.size - position, status_span)), position,
                                            extents, use_result);
-    }, /*inject=*/false);
+    }, {.inject = false});
     if (error || extents.empty()) break;
     for (const auto& extent : extents) {
       std::uint64_t extent_end = std::min(extent.offset + extent.length, info_.size);

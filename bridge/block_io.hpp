@@ -39,6 +39,7 @@ bool find_in_extents(const std::vector<nbd_client::Extent>& extents, std::uint64
 
 class BlockIo {
  public:
+  using Clock = std::chrono::steady_clock;
   BlockIo(asio::any_io_executor executor, nbd_client::ConnectionPool& pool, BufferPool& buffers)
       : executor_(executor), pool_(pool), buffers_(buffers), rmw_lock_(executor) {}
 
@@ -53,10 +54,14 @@ class BlockIo {
   // Exactly [offset, offset+length) into out; the caller keeps the range within the export.
   asio::awaitable<std::error_code> read(std::byte* out, std::size_t length, std::uint64_t offset);
   // durable: acknowledged only once on stable storage (O_SYNC/O_DSYNC writers).
+  // send_until: from then on no command of it is sent, not even again after a lost
+  // connection: the request has been answered with EIO (--request-timeout), and a late
+  // copy could land after the application's next write to the range.
   asio::awaitable<std::error_code> write(const std::byte* data, std::size_t length, std::uint64_t offset,
-                                         bool durable);
+                                         bool durable, Clock::time_point send_until = Clock::time_point::max());
   // Makes the range read as zeros. allow_unmap: the server may deallocate it.
-  asio::awaitable<std::error_code> zero(std::uint64_t offset, std::uint64_t length, bool allow_unmap);
+  asio::awaitable<std::error_code> zero(std::uint64_t offset, std::uint64_t length, bool allow_unmap,
+                                        Clock::time_point send_until = Clock::time_point::max());
   // report_unknown_writes: fail with EIO, once, when writes acknowledged earlier went
   // with a lost connection before any flush covered them (fsync; not close's flush).
   asio::awaitable<std::error_code> flush(bool report_unknown_writes = true);
@@ -71,15 +76,18 @@ class BlockIo {
   // broke under was never acknowledged, so it is issued again once the pool has
   // reconnected (or fails with EIO when the pool gives up). start returns the
   // awaitable of one Connection::async_* call with use_result.
-  // inject: false for the bridge's own background commands, so that the
-  // injected sequence seen by the application depends only on the seed.
-  // durable: a write sent with FUA, on stable storage once acknowledged.
+  struct CommandOptions {
+    // false for the bridge's own background commands, so that the injected
+    // sequence seen by the application depends only on the seed.
+    bool inject = true;
+    bool durable = false;  // a write sent with FUA: on stable storage once acknowledged
+    Clock::time_point send_until = Clock::time_point::max();  // see write()
+  };
   template <typename Start>
-  asio::awaitable<std::error_code> command(Operation operation, Start start, bool inject = true,
-                                           bool durable = false) {
+  asio::awaitable<std::error_code> command(Operation operation, Start start, CommandOptions options = {}) {
     // The NBD span starts before an injected delay: that delay stands for the network.
     auto sent = std::chrono::steady_clock::now();
-    if (faults_ && inject) {
+    if (faults_ && options.inject) {
       // Injected faults act before the command reaches the server, as a slow or
       // failing network would.
       if (auto delay = faults_->next_delay(); delay.count() > 0) {
@@ -99,8 +107,10 @@ class BlockIo {
       nbd_client::Connection* connection = pool_.least_loaded_usable(purpose);
       if (!connection) connection = co_await pool_.usable_connection(purpose);  // waits through a reconnect
       if (!connection) co_return std::error_code(EIO, std::generic_category());
+      if (options.send_until != Clock::time_point::max() && Clock::now() >= options.send_until)
+        co_return std::error_code(EIO, std::generic_category());
       auto [error] = co_await start(*connection);
-      if (finished(operation, *connection, sent, error, durable)) co_return error;
+      if (finished(operation, *connection, sent, error, options.durable)) co_return error;
     }
   }
 
@@ -158,8 +168,9 @@ class BlockIo {
  private:
   std::uint64_t block() const { return info_.minimum_block > 1 ? info_.minimum_block : 1; }
   asio::awaitable<std::error_code> write_aligned(const std::byte* data, std::size_t length, std::uint64_t offset,
-                                                 bool durable);
-  asio::awaitable<std::error_code> zero_aligned(std::uint64_t offset, std::uint64_t length, bool allow_unmap);
+                                                 bool durable, Clock::time_point send_until);
+  asio::awaitable<std::error_code> zero_aligned(std::uint64_t offset, std::uint64_t length, bool allow_unmap,
+                                                Clock::time_point send_until);
 
   asio::any_io_executor executor_;
   nbd_client::ConnectionPool& pool_;

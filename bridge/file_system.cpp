@@ -107,6 +107,11 @@ FileSystem::Tracked::~Tracked() {
   if (--owner_.in_flight_count_ == 0 && owner_.draining_) owner_.drained_.cancel();
 }
 
+std::chrono::steady_clock::time_point FileSystem::Tracked::expires() const {
+  const auto timeout = owner_.options_.request_timeout;
+  return timeout.count() > 0 ? started_ + timeout : std::chrono::steady_clock::time_point::max();
+}
+
 bool FileSystem::Tracked::begin_reply() {
   if (replied_) return false;  // already answered by drain()
   replied_ = true;
@@ -302,8 +307,10 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
       std::optional<RangeLock::Guard> blocks_held;
       if (connection && io_.writes_hold_blocks()) {
         blocks_held.emplace(co_await io_.hold_blocks(job.offset, job.length));
-        // The wait may have outlived that connection.
-        connection = io_.direct_connection(job.offset, job.length, job.durable, BlockIo::write_purpose(job.length));
+        // The wait may have outlived that connection, or the request (then io_.write() sends nothing).
+        connection = std::chrono::steady_clock::now() < tracked.expires()
+                         ? io_.direct_connection(job.offset, job.length, job.durable, BlockIo::write_purpose(job.length))
+                         : nullptr;
       }
       if (connection) {
         auto sent = clock::now();
@@ -324,7 +331,7 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
         if (!io_.finished(Operation::write, *connection, sent, error, job.durable)) connection = nullptr;
       }
       blocks_held.reset();  // write() takes it again: the lock is not reentrant
-      if (!connection) error = co_await io_.write(job.data, job.length, job.offset, job.durable);
+      if (!connection) error = co_await io_.write(job.data, job.length, job.offset, job.durable, tracked.expires());
       note_allocation_changed();
       if (error) tracked.reply_error(to_application_errno(error));
       else tracked.reply_written(job.length);
@@ -350,7 +357,7 @@ asio::awaitable<void> FileSystem::serve_zero(fuse_req_t request, std::uint64_t o
                                              bool allow_unmap) {
   Tracked tracked(*this, request, Operation::trim_zero, allow_unmap ? "PUNCH-HOLE" : "ZERO-RANGE", offset,
                   std::size_t(length));
-  std::error_code error = co_await io_.zero(offset, length, allow_unmap);
+  std::error_code error = co_await io_.zero(offset, length, allow_unmap, tracked.expires());
   note_allocation_changed();
   tracked.reply_error(to_application_errno(error));
 }

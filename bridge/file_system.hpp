@@ -97,6 +97,9 @@ class FileSystem final : public fuse_front::Handlers {
     // Sends the READ reply waiting in pipe (header and length bytes), from the
     // reply thread when other requests are in flight.
     asio::awaitable<void> reply_piped(fuse_front::ReplyPipe& pipe, std::size_t length);
+    // When --request-timeout answers it with EIO: no write or zero of it may be
+    // sent from then on (BlockIo::write). The far future without a timeout.
+    std::chrono::steady_clock::time_point expires() const;
 
    private:
     friend class FileSystem;

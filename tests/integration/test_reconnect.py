@@ -1040,6 +1040,26 @@ def test_stale_mount_of_directory_name_form_and_force():
 # ---------------------------------------------------------------------------
 # 7. --request-timeout
 
+def test_timed_out_write_is_never_sent_later():
+    # A write answered with EIO by --request-timeout while the server is away must not be
+    # carried out when it comes back: the application may already have written the range again.
+    img = random_image(64 * MiB)
+    before = file_sha(img, 0, 65536)
+    with h.Nbdkit(["file", img]) as srv, \
+            h.Mount(h.tmpdir("mp"), ["--unix", srv.sock],
+                    opts=["--request-timeout", "1", "--retry-timeout", "20"]) as m:
+        kill_server_rm_sock(srv)
+        h.wait_until(lambda: LOST_RE.search(m.stderr()), timeout=10, what="'lost' line on stderr")
+        res = io_ops(m.export, ["w:0:65536"], timeout=15, what="a write while the server is away", mount=m)
+        h.check_eq(res[0][:2], ("w", "EIO"), "the write, answered by the request timeout")
+        srv.start()
+        h.wait_until(lambda: RECONNECTED_RE.search(m.stderr()), timeout=15, what="the reconnect")
+        res = io_ops(m.export, ["r:0:65536", "f"], timeout=15, what="read and fsync after the reconnect", mount=m)
+        h.check_eq([r[:2] for r in res], [("r", "OK:" + before), ("f", "OK")],
+                   "the timed-out write's range after the reconnect")
+        h.check_eq(file_sha(img, 0, 65536), before, "the timed-out write's range on the server")
+
+
 def test_request_timeout():
     with h.Nbdkit(["memory", str(64 * MiB), "rdelay=3"], opts=["--filter=delay"]) as srv, \
             h.Mount(h.tmpdir("mp"), ["--unix", srv.sock], opts=["--request-timeout", "1"]) as m:

@@ -226,10 +226,12 @@ const char* ConnectionPool::role_name(std::size_t index) const {
 
 // Connects connections_[index] (a fresh Connection) and checks that it sees the
 // export every other connection saw.
-asio::awaitable<std::error_code> ConnectionPool::connect_slot(std::size_t index) {
+asio::awaitable<std::error_code> ConnectionPool::connect_slot(std::size_t index, std::chrono::milliseconds timeout) {
   Connection& connection = *connections_[index];
   connection.set_index(index);
-  if (auto error = co_await connection.async_connect(target_, options_for(roles_[index]))) co_return error;
+  ConnectOptions options = options_for(roles_[index]);
+  if (timeout.count() > 0) options.timeout = std::min(options.timeout, timeout);
+  if (auto error = co_await connection.async_connect(target_, options)) co_return error;
   std::string change = export_change(info_, connection.info(), connections_.size() > 1);
   if (!change.empty()) {
     export_changed_ = true;
@@ -287,7 +289,15 @@ asio::awaitable<void> ConnectionPool::reconnect(std::size_t index) {
       retired_.push_back(std::move(connections_[index]));
       connections_[index] = std::make_unique<Connection>(executor_);
     }
-    std::error_code error = co_await connect_slot(index);
+    // A server that accepts and never answers must not hold requests past the retry
+    // timeout: no attempt outlasts what is left of it (nor, after giving up, the whole
+    // of it for a request's one attempt).
+    auto budget = options_.retry_timeout;
+    if (in_outage_ && !gave_up_)
+      budget = std::chrono::duration_cast<std::chrono::milliseconds>(outage_started_ + options_.retry_timeout -
+                                                                     clock::now());
+    std::error_code error =
+        co_await connect_slot(index, std::max(budget, std::chrono::milliseconds(100)));
     if (closed_) break;
     if (!error) {
       connections_[index]->on_lost = [this, index](const std::string& reason) { lost(index, reason); };

@@ -140,7 +140,9 @@ class ConnectionPool {
   void lost(std::size_t index, const std::string& reason);
   asio::awaitable<void> reconnect(std::size_t index);
   bool start_reconnect(std::size_t index);
-  asio::awaitable<std::error_code> connect_slot(std::size_t index);
+  // timeout: at most this long for the connect (0: the connect timeout alone).
+  asio::awaitable<std::error_code> connect_slot(std::size_t index,
+                                                std::chrono::milliseconds timeout = std::chrono::milliseconds(0));
   void wake_waiters();
   asio::awaitable<void> wait_for_change(std::chrono::steady_clock::time_point deadline);
   void say(const std::string& line) {

@@ -630,6 +630,20 @@ def test_unmount_while_reconnecting_to_a_silent_server():
         h.check(not m.mounted(), "mount still present after unmount")
 
 
+def test_retry_timeout_bounds_a_reconnect_to_a_silent_server():
+    # The server accepts the reconnect and never answers: requests must still fail when
+    # the retry timeout is over, not when the (30 s) connect timeout is.
+    opts = ["--connections", "1", "--replies", "structured", "--connection-threads", "off", "--retry-timeout", "2"]
+    with h.Nbdkit(["memory", str(4 * MiB)]) as srv, h.StallingProxy(srv.sock) as proxy, \
+            h.Mount(h.tmpdir("mp"), [proxy.uri], opts=opts) as m:
+        proxy.close_one(0)
+        h.wait_until(lambda: proxy.nconn >= 2, what="the bridge to try to reconnect")
+        res = io_ops(m.export, ["r:0:4096"], timeout=20, what="a read during the silent reconnect", mount=m)
+        h.check_eq(res[0][1], "EIO", "the read")
+        h.check(res[0][2] <= 4.0, "the read failed after %.1f s (retry timeout 2 s)" % res[0][2])
+        h.wait_until(lambda: GAVE_UP_RE.search(m.stderr()), timeout=5, what="'has not come back' on stderr")
+
+
 def test_retry_timeout_then_server_returns():
     size = 64 * MiB
     img = random_image(size)

@@ -286,6 +286,9 @@ asio::awaitable<void> ConnectionPool::reconnect(std::size_t index) {
     // to it: retire it. One whose connect failed holds no handle and no thread: reuse it,
     // so a long outage does not pile up retired connections.
     if (connections_[index]->was_established()) {
+      // Closed at once (its thread joined, its dead handle freed: a link that keeps
+      // dropping must not pile up threads); the object itself stays for the handlers.
+      connections_[index]->close();
       retired_.push_back(std::move(connections_[index]));
       connections_[index] = std::make_unique<Connection>(executor_);
     }

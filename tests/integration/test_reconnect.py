@@ -831,6 +831,25 @@ def test_connection_threads_dropped_every_n_requests():
     _connection_drops(["--connection-threads", "all"])
 
 
+def test_dropped_connections_leave_no_threads_behind():
+    # Every NBD connection on a thread of its own, all dropped ten times: each lost
+    # connection's thread ends, so the bridge's thread count stays where it started.
+    opts = ["--connections", "2", "--connection-threads", "all"]
+    with h.Nbdkit(["memory", str(16 * MiB)]) as srv, h.Proxy(srv.sock) as proxy, \
+            h.Mount(h.tmpdir("mp"), [proxy.uri], opts=opts) as m:
+        per_round = proxy.nconn
+        threads = lambda: len(os.listdir("/proc/%d/task" % m.pid))  # noqa: E731
+        started_with = threads()
+        for round_no in range(1, 11):
+            proxy.close_all()
+            h.wait_until(lambda: proxy.nconn >= per_round * (round_no + 1), timeout=15,
+                         what="every connection to come back (round %d)" % round_no)
+            res = io_ops(m.export, ["w:0:4096", "r:0:4096"], timeout=15, what="I/O after the drops", mount=m)
+            h.check_eq([r[0] + r[1][:2] for r in res], ["wOK", "rOK"], "I/O after round %d" % round_no)
+        h.check(threads() <= started_with + per_round,
+                "threads: %d at the start, %d after ten rounds of drops" % (started_with, threads()))
+
+
 def test_unmount_says_goodbye_on_every_connection():
     # Requests held back for one sendmsg (socket batching) and the NBD_CMD_DISC
     # that closing a connection queues must reach the server before the socket

@@ -155,7 +155,7 @@ void ConnectionPool::account_lost_writes(std::size_t index) {
     unknown_writes_ = true;  // every connection went before a flush covered them
     orphaned_writes_ = 0;
   }
-  last_write_[index] = flushed_[index] = 0;  // the slot's next connection starts clean
+  if (index < last_write_.size()) last_write_[index] = flushed_[index] = 0;  // the slot's next connection starts clean
 }
 
 ConnectOptions ConnectionPool::options_for(Role role) const {

@@ -7,6 +7,7 @@ Each case runs nbdbridge to completion with a deadline and then checks
 import os
 import socket
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
@@ -56,6 +57,24 @@ def test_unreachable_servers():
                  [mp, "nbd://127.0.0.1:%d/" % port],
                  [mp, "--tcp", "127.0.0.1", str(port)]):
         _expect_failure(args, mp, what="unreachable %r" % args[1:])
+
+
+def test_silent_server_and_connect_timeout():
+    # A server that accepts (the kernel's backlog does) and never says a word: the mount
+    # gives up after --connect-timeout, with one line and nothing mounted.
+    mp = h.tmpdir("mp")
+    path = os.path.join(h.tmpdir("sock"), "silent.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.bind(path)
+        s.listen(8)
+        t0 = time.monotonic()
+        _expect_failure([mp, "--connect-timeout", "1", "--unix", path], mp, what="silent server",
+                        must_mention=["1 s", "answer"])
+        took = time.monotonic() - t0
+        h.check(0.9 <= took <= 10, "gave up after %.1f s (connect timeout 1 s)" % took)
+    finally:
+        s.close()
 
 
 def test_unknown_export_name():

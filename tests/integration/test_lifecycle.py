@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
 """Lifecycle: SIGINT / SIGTERM / fusermount3 -u, --pidfile and --daemon; an idle mount sleeps."""
+import errno
+import json
 import os
 import signal
 import subprocess
@@ -123,6 +125,33 @@ def test_signal_while_connecting_extra_connections():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=10)
+
+
+def test_shutdown_timeout_bounds_requests_in_flight():
+    # A read the server holds for 30 s when SIGTERM comes: the bridge waits at most
+    # --shutdown-timeout for it, the read fails with EIO, and the bridge exits 0.
+    with h.Nbdkit(["memory", str(SIZE), "rdelay=30"], opts=["--filter=delay"]) as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--shutdown-timeout", "1"]) as m:
+        reader = h.popen([sys.executable, "-c", "import os, sys\n"
+                          "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+                          "try:\n    os.pread(fd, 4096, 0); print('OK')\n"
+                          "except OSError as e:\n    print(e.errno)\n", m.export],
+                         stdout=subprocess.PIPE, text=True)
+        h.wait_until(lambda: _reads_in_flight(m) == 1, timeout=10, what="the read to reach the bridge")
+        t0 = time.monotonic()
+        m.signal(signal.SIGTERM)
+        rc = m.wait_exit(timeout=20)
+        took = time.monotonic() - t0
+        out, _ = reader.communicate(timeout=10)
+        h.check_eq(rc, 0, "exit status after SIGTERM")
+        h.check(took < 6, "the bridge took %.1f s to stop (shutdown timeout 1 s)" % took)
+        h.check_eq(out.strip(), str(errno.EIO), "the read held by the server")
+        h.check(not m.mounted(), "mount left")
+
+
+def _reads_in_flight(mount):
+    r = h.run([h.NBDBRIDGE, "stats", mount.mountdir], timeout=15)
+    return json.loads(r.stdout)["operations"]["read"]["in_flight"] if r.returncode == 0 else -1
 
 
 def test_pidfile_written_only_when_live():

@@ -691,10 +691,12 @@ def _fsync_errno(fd):
 def _write_then_restart(flush_first):
     """fsync results after a kill -9 and restart of the server, with a 64 KiB write
     acknowledged before the kill (flushed first or not): the file stays open
-    throughout, since close() flushes too."""
+    throughout, since close() flushes too. (Starting the new server forks this
+    process, and the child's close of the inherited descriptor sends a FLUSH that
+    waits for the server: the short retry timeout bounds that.)"""
     img = random_image(64 * MiB)
     with h.Nbdkit(["file", img]) as srv, \
-            h.Mount(h.tmpdir("mp"), ["--unix", srv.sock], opts=["--retry-timeout", "10"]) as m:
+            h.Mount(h.tmpdir("mp"), ["--unix", srv.sock], opts=["--retry-timeout", "2"]) as m:
         fd = os.open(m.export, os.O_RDWR)
         try:
             h.check_eq(os.pwrite(fd, wdata(0, 65536), 0), 65536, "the write before the kill")

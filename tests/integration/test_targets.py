@@ -52,6 +52,16 @@ def test_uri_with_export_name():
         _check_pattern(m)
 
 
+def test_export_name_option():
+    # -e names the export for --unix (and --tcp, --fd, [ CMD ]): the filter rejects others.
+    with h.Nbdkit(["pattern", str(SIZE), "exportname-strict=true", "exportname=good"],
+                  opts=["--filter=exportname"]) as srv:
+        with h.Mount(h.tmpdir("mp"), ["--unix", srv.sock, "-e", "good"]) as m:
+            _check_pattern(m)
+        rc, err = h.nbdbridge_run([h.tmpdir("mp"), "--unix", srv.sock, "--export-name", "bad"], timeout=30)
+        h.check(rc not in (0, "timeout"), "-e bad: exit status %r (stderr %r)" % (rc, err))
+
+
 def test_unix_option():
     with h.Nbdkit(["memory", str(SIZE)]) as srv, \
             h.Mount(h.tmpdir("mp"), ["--unix", srv.sock]) as m:

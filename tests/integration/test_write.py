@@ -152,6 +152,65 @@ def test_default_mode_is_uncached():
             h.check_bytes(f.read(), new, "whole export after server-side change")
 
 
+def test_page_cache_mode_drops_cached_pages_at_open():
+    # --cache=page: pages cached by one open are dropped at the next open, so a change
+    # made on the server in between is seen then (and only a new open promises it).
+    d = h.tmpdir("data")
+    img = os.path.join(d, "new.img")
+    h.fill_random_file(img, SIZE)
+    with open(img, "rb") as f:
+        new = f.read()
+    with h.Nbdkit(["memory", str(SIZE)]) as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--cache=page"]) as m:
+        with open(m.export, "rb") as f:
+            h.check_bytes(f.read(65536), bytes(65536), "zeros, read into the page cache")
+        h.run(["nbdcopy", img, srv.uri], timeout=60, check=True)   # behind our back
+        with open(m.export, "rb") as f:
+            h.check_bytes(f.read(65536), new[:65536], "the server's new data after reopening")
+
+
+def test_size_is_fixed_truncate_and_o_trunc():
+    # The export cannot grow or shrink: truncate to another size fails with EINVAL, to
+    # its own size succeeds; O_TRUNC is ignored, so cp into the file keeps its size.
+    d = h.tmpdir("data")
+    img = os.path.join(d, "small.img")
+    h.fill_random_file(img, SIZE // 2)
+    with open(img, "rb") as f:
+        small = f.read()
+    with h.Nbdkit(["memory", str(SIZE)]) as srv, h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
+        for size in (SIZE // 2, SIZE * 2, 0):
+            e, _ = h.os_errno(os.truncate, m.export, size)
+            h.check_eq(h.errno_name(e), "EINVAL", "truncate to %d" % size)
+        e, _ = h.os_errno(os.truncate, m.export, SIZE)
+        h.check_eq(h.errno_name(e), "OK", "truncate to the export's own size")
+        with open(m.export, "r+b") as f:
+            f.write(b"\xaa" * 8192)
+        r = h.run(["cp", img, m.export], timeout=60)
+        h.check_eq(r.returncode, 0, "cp into the export (%s)" % r.stderr.strip())
+        h.check_eq(os.stat(m.export).st_size, SIZE, "size after cp (O_TRUNC ignored)")
+        with open(m.export, "rb") as f:
+            data = f.read()
+        h.check_bytes(data[:len(small)], small, "the copied bytes")
+        h.check_bytes(data[len(small):], bytes(SIZE - len(small)), "the bytes past the copy")
+
+
+def test_statfs_and_fixed_timestamps():
+    # df shows the export's size, all used; the timestamps stay those of the mount.
+    with h.Nbdkit(["memory", str(SIZE)]) as srv, h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
+        fs = os.statvfs(m.export)
+        total = fs.f_blocks * fs.f_frsize
+        h.check(SIZE <= total < SIZE + fs.f_frsize, "statfs total size %d for a %d-byte export" % (total, SIZE))
+        h.check_eq(fs.f_bfree, 0, "statfs free blocks")
+        h.check_eq(fs.f_bavail, 0, "statfs available blocks")
+        before = os.stat(m.export)
+        with open(m.export, "r+b") as f:
+            f.write(b"x" * 4096)
+        os.utime(m.export)  # touch: accepted, and the times stay
+        after = os.stat(m.export)
+        h.check_eq((after.st_mtime_ns, after.st_ctime_ns), (before.st_mtime_ns, before.st_ctime_ns),
+                   "mtime and ctime after a write and a touch")
+
+
 def test_page_cache_mode_write():
     rnd = random.Random(7)
     shadow = bytearray(SIZE)

@@ -130,14 +130,19 @@ def test_fsync_sends_flush():
         h.check("Write" in text, "no NBD write in nbdkit log")
 
 
+def _random_image(size):
+    """A file of random bytes, for nbdcopy to put on the server behind the mount's back;
+    returns its path and its bytes."""
+    img = os.path.join(h.tmpdir("data"), "new.img")
+    h.fill_random_file(img, size)
+    with open(img, "rb") as f:
+        return img, f.read()
+
+
 def test_default_mode_is_uncached():
     # Default --cache=none: every read goes to the server, so a change made
     # on the server by another client is visible at once through the mount.
-    d = h.tmpdir("data")
-    img = os.path.join(d, "new.img")
-    h.fill_random_file(img, SIZE)
-    with open(img, "rb") as f:
-        new = f.read()
+    img, new = _random_image(SIZE)
     with h.Nbdkit(["memory", str(SIZE)]) as srv, \
             h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
         fd = os.open(m.export, os.O_RDONLY)
@@ -155,11 +160,7 @@ def test_default_mode_is_uncached():
 def test_page_cache_mode_drops_cached_pages_at_open():
     # --cache=page: pages cached by one open are dropped at the next open, so a change
     # made on the server in between is seen then (and only a new open promises it).
-    d = h.tmpdir("data")
-    img = os.path.join(d, "new.img")
-    h.fill_random_file(img, SIZE)
-    with open(img, "rb") as f:
-        new = f.read()
+    img, new = _random_image(SIZE)
     with h.Nbdkit(["memory", str(SIZE)]) as srv, \
             h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--cache=page"]) as m:
         with open(m.export, "rb") as f:
@@ -172,11 +173,7 @@ def test_page_cache_mode_drops_cached_pages_at_open():
 def test_size_is_fixed_truncate_and_o_trunc():
     # The export cannot grow or shrink: truncate to another size fails with EINVAL, to
     # its own size succeeds; O_TRUNC is ignored, so cp into the file keeps its size.
-    d = h.tmpdir("data")
-    img = os.path.join(d, "small.img")
-    h.fill_random_file(img, SIZE // 2)
-    with open(img, "rb") as f:
-        small = f.read()
+    img, small = _random_image(SIZE // 2)
     with h.Nbdkit(["memory", str(SIZE)]) as srv, h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
         for size in (SIZE // 2, SIZE * 2, 0):
             e, _ = h.os_errno(os.truncate, m.export, size)

@@ -302,15 +302,15 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
                       job.length);
       // job.payload keeps job.data (inside the FUSE receive buffer) alive until the server has it.
       std::error_code error;
-      nbd_client::Connection* connection =
-          io_.direct_connection(job.offset, job.length, job.durable, BlockIo::write_purpose(job.length));
+      auto direct = [&] {
+        return io_.direct_connection(job.offset, job.length, job.durable, BlockIo::write_purpose(job.length));
+      };
+      nbd_client::Connection* connection = direct();
       std::optional<RangeLock::Guard> blocks_held;
       if (connection && io_.writes_hold_blocks()) {
         blocks_held.emplace(co_await io_.hold_blocks(job.offset, job.length));
         // The wait may have outlived that connection, or the request (then io_.write() sends nothing).
-        connection = std::chrono::steady_clock::now() < tracked.expires()
-                         ? io_.direct_connection(job.offset, job.length, job.durable, BlockIo::write_purpose(job.length))
-                         : nullptr;
+        connection = std::chrono::steady_clock::now() < tracked.expires() ? direct() : nullptr;
       }
       if (connection) {
         auto sent = clock::now();

@@ -31,10 +31,12 @@ void split_parent(std::string_view path, std::string& parent, std::string& name)
 
 namespace {
 
-std::string stale_mount_message(const std::string& mount) {
-  return "mountpoint " + mount +
-         " is a stale FUSE mount (Transport endpoint is not connected); clear it with: fusermount3 -u " + mount +
-         " (or run again with --force)";
+// The dead mount to clear for path, or empty: DIRECTORY/NAME is mounted on DIRECTORY, so
+// inside a dead mount the parent is dead too.
+std::string stale_mount_of(const std::string& path, const std::string& parent, PathKind kind, PathKind parent_kind) {
+  if (parent_kind == PathKind::disconnected && (kind == PathKind::disconnected || kind == PathKind::missing))
+    return parent;
+  return kind == PathKind::disconnected ? path : std::string();
 }
 
 }  // namespace
@@ -43,6 +45,10 @@ std::string plan_mount(std::string_view path, PathKind path_kind, PathKind paren
   std::string text(path);
   std::string parent, name;
   split_parent(path, parent, name);
+  if (std::string stale = stale_mount_of(text, parent, path_kind, parent_kind); !stale.empty())
+    return "mountpoint " + stale +
+           " is a stale FUSE mount (Transport endpoint is not connected); clear it with: fusermount3 -u " + stale +
+           " (or run again with --force)";
   switch (path_kind) {
     case PathKind::directory:
       plan = {text, "nbd"};
@@ -52,15 +58,12 @@ std::string plan_mount(std::string_view path, PathKind path_kind, PathKind paren
       return {};
     case PathKind::other:
       return "mountpoint " + text + " is neither a directory nor a regular file";
-    case PathKind::disconnected:
-      // Inside a dead mount (DIRECTORY/NAME, mounted on DIRECTORY) the parent is dead too.
-      return stale_mount_message(parent_kind == PathKind::disconnected ? parent : text);
     case PathKind::inaccessible:
       return "cannot access mountpoint " + text;
+    case PathKind::disconnected:  // answered above
     case PathKind::missing:
       break;
   }
-  if (parent_kind == PathKind::disconnected) return stale_mount_message(parent);
   if (parent_kind != PathKind::directory || name.empty() || name == "." || name == "..")
     return "mountpoint " + text + " does not exist (give an existing directory, DIRECTORY/NAME, or a regular file)";
   plan = {parent, name};
@@ -123,12 +126,8 @@ bool has_fuse_mount(std::string_view mountinfo, std::string_view absolute_path) 
 std::string clear_stale_mount(const std::string& path) {
   std::string parent, name;
   split_parent(path, parent, name);
-  PathKind kind = classify_path(path);
-  if (kind != PathKind::disconnected && kind != PathKind::missing) return {};
-  // DIRECTORY/NAME is mounted on DIRECTORY: inside a dead mount the parent is dead too.
-  bool parent_dead = classify_path(parent) == PathKind::disconnected;
-  if (kind == PathKind::missing && !parent_dead) return {};
-  const std::string& target = parent_dead ? parent : path;
+  std::string target = stale_mount_of(path, parent, classify_path(path), classify_path(parent));
+  if (target.empty()) return {};
   // Lazy, so a process still holding the dead mount open cannot block us.
   if (geteuid() == 0) {
     if (umount2(target.c_str(), MNT_DETACH) == 0) return {};

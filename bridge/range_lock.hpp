@@ -1,6 +1,7 @@
 // Exclusive locks on byte ranges, for read-modify-write of partial blocks: two
 // writes touching the same server block must not interleave their read and
-// write-back. Loop thread only; waiters sleep on a timer that release() cancels.
+// write-back. Loop thread only; waiters sleep on a timer that release() cancels,
+// and are served in arrival order where their ranges overlap.
 #pragma once
 
 #include <asio/any_io_executor.hpp>
@@ -35,13 +36,23 @@ class RangeLock {
     std::list<std::pair<std::uint64_t, std::uint64_t>>::iterator held_;
   };
 
+  // Holds [begin, end) once no holder and no earlier waiter overlaps it: first come,
+  // first served among overlapping ranges, so a read-modify-write is not starved by
+  // aligned writes to the same block that keep arriving.
   asio::awaitable<Guard> acquire(std::uint64_t begin, std::uint64_t end) {
-    while (overlaps(begin, end)) {
+    if (overlaps(begin, end) || waiter_overlaps(waiters_.end(), begin, end)) {
       asio::steady_timer wake(executor_, asio::steady_timer::time_point::max());
-      auto waiting = waiters_.insert(waiters_.end(), &wake);
-      std::error_code ignored;
-      co_await wake.async_wait(asio::redirect_error(asio::use_awaitable, ignored));
-      waiters_.erase(waiting);
+      auto waiting = waiters_.insert(waiters_.end(), {begin, end, &wake});
+      // Also when the coroutine is destroyed while it waits (the loop shutting down).
+      struct Leave {
+        std::list<Waiter>& waiters;
+        std::list<Waiter>::iterator waiting;
+        ~Leave() { waiters.erase(waiting); }
+      } leave{waiters_, waiting};
+      do {
+        std::error_code ignored;
+        co_await wake.async_wait(asio::redirect_error(asio::use_awaitable, ignored));
+      } while (overlaps(begin, end) || waiter_overlaps(waiting, begin, end));
     }
     co_return Guard(this, held_.insert(held_.end(), {begin, end}));
   }
@@ -53,15 +64,27 @@ class RangeLock {
   }
 
  private:
+  struct Waiter {
+    std::uint64_t begin;
+    std::uint64_t end;
+    asio::steady_timer* wake;
+  };
+  // Whether a waiter queued before `before` wants part of [begin, end).
+  bool waiter_overlaps(std::list<Waiter>::const_iterator before, std::uint64_t begin, std::uint64_t end) const {
+    for (auto waiter = waiters_.begin(); waiter != before; ++waiter)
+      if (begin < waiter->end && waiter->begin < end) return true;
+    return false;
+  }
+
   void release(std::list<std::pair<std::uint64_t, std::uint64_t>>::iterator held) {
     held_.erase(held);
-    // Everyone re-checks; the ranges are few (one per write in flight).
-    for (asio::steady_timer* waiter : waiters_) waiter->cancel();
+    // Everyone re-checks, in queue order; the ranges are few (one per write in flight).
+    for (const Waiter& waiter : waiters_) waiter.wake->cancel();
   }
 
   asio::any_io_executor executor_;
   std::list<std::pair<std::uint64_t, std::uint64_t>> held_;
-  std::list<asio::steady_timer*> waiters_;
+  std::list<Waiter> waiters_;  // in arrival order
 };
 
 }  // namespace bridge

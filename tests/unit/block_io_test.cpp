@@ -65,3 +65,30 @@ TEST_CASE("the range lock serialises overlapping holders only") {
   CHECK(order.size() == 6);
   CHECK_FALSE(lock.overlaps(0, 1 << 20));
 }
+
+TEST_CASE("the range lock serves overlapping waiters in arrival order") {
+  // A writer that takes the same block again as soon as it lets go must not keep a
+  // waiter out (a read-modify-write starved behind aligned writes).
+  asio::io_context io;
+  bridge::RangeLock lock(io.get_executor());
+  std::string order;
+  auto repeated_writer = [&]() -> asio::awaitable<void> {
+    for (int round = 0; round < 3; ++round) {
+      auto guard = co_await lock.acquire(0, 4096);
+      order += 'A';
+      co_await asio::post(io, asio::use_awaitable);
+    }
+  };
+  auto waiter = [&](char name, std::uint64_t begin, std::uint64_t end) -> asio::awaitable<void> {
+    auto guard = co_await lock.acquire(begin, end);
+    order += name;
+    co_await asio::post(io, asio::use_awaitable);
+  };
+  asio::co_spawn(io, repeated_writer(), asio::detached);
+  asio::co_spawn(io, waiter('B', 1024, 2048), asio::detached);   // inside A's block: queues
+  asio::co_spawn(io, waiter('C', 1536, 8192), asio::detached);   // overlaps A and B: after B
+  asio::co_spawn(io, waiter('D', 8192, 12288), asio::detached);  // disjoint from all: at once
+  io.run();
+  CHECK(order == "ADBCAA");
+  CHECK_FALSE(lock.overlaps(0, 1 << 20));
+}

@@ -96,6 +96,8 @@ void stop_piping(PendingCommand* command) {
 int on_chunk_done(void* user_data, int* error) {
   auto* command = static_cast<PendingCommand*>(user_data);
   if (*error != 0 && command->first_error == 0) command->first_error = *error;
+  // Noticed by the connection as the notify call returns, before any handler runs.
+  if (*error == ESHUTDOWN && command->ready_list) command->ready_list->server_shutting_down = true;
   if (--command->callbacks_outstanding == 0 && !command->submitting) {
     command->finished = true;
     stop_piping(command);
@@ -154,7 +156,7 @@ Connection::Connection(asio::any_io_executor executor)
 
 Connection::~Connection() { close(); }
 
-bool Connection::usable() const { return handle_ && established_ && !lost_; }
+bool Connection::usable() const { return handle_ && established_ && !lost_ && !draining_; }
 
 void Connection::bind_descriptor(int fd) {
   // While connecting, libnbd closes a socket that failed and opens the next address's,
@@ -181,6 +183,14 @@ void Connection::arm() {
   if (!handle_) return;
   notice_state_change();
   if (!handle_ || lost_) return;
+  // NBD asks a client to wait for its replies before NBD_CMD_DISC.
+  if (draining_ && !disconnect_sent_ && in_flight_.load(std::memory_order_relaxed) == 0 &&
+      (nbd_aio_is_ready(handle_) || nbd_aio_is_processing(handle_))) {
+    disconnect_sent_ = true;
+    nbd_aio_disconnect(handle_, 0);
+    notice_state_change();
+    if (!handle_ || lost_) return;
+  }
   bind_descriptor(nbd_aio_get_fd(handle_));
   if (bound_fd_ < 0) return;
   unsigned direction = nbd_aio_get_direction(handle_);
@@ -309,17 +319,57 @@ void Connection::notice_state_change() {
     if (dead) release_descriptor();
     return;
   }
-  if (dead && !lost_) {
-    lost_ = true;
-    release_descriptor();
-    std::string reason = error_message_.empty() ? "the server closed the connection" : error_message_;
-    if (threaded_)
-      asio::post(executor_, [this, reason] {
-        if (on_lost) on_lost(reason);
-      });
-    else if (on_lost)
-      on_lost(reason);
+  if (ready_.server_shutting_down && !dead && !lost_) {
+    ready_.server_shutting_down = false;
+    // Before the handlers queued in this notify call run: the one that got
+    // ESHUTDOWN must find this connection unusable, and so retry elsewhere.
+    if (!draining_.exchange(true)) {
+      begin_draining();
+      if (threaded_)
+        asio::post(executor_, [this] {
+          if (on_server_shutdown) on_server_shutdown();
+        });
+      else if (on_server_shutdown)
+        on_server_shutdown();
+    }
   }
+  if (dead && !lost_)
+    report_lost(error_message_.empty() ? "the server closed the connection" : error_message_);
+}
+
+void Connection::report_lost(const std::string& reason) {
+  lost_ = true;
+  release_descriptor();
+  if (threaded_)
+    asio::post(executor_, [this, reason] {
+      if (on_lost) on_lost(reason);
+    });
+  else if (on_lost)
+    on_lost(reason);
+}
+
+void Connection::drain() {
+  if (!usable() || draining_.exchange(true)) return;
+  if (threaded_)
+    asio::post(descriptor_.get_executor(), [this] {
+      begin_draining();
+      arm();  // disconnects at once when nothing is in flight
+    });
+  else {
+    begin_draining();
+    arm();
+  }
+}
+
+void Connection::begin_draining() {
+  if (!handle_ || lost_) return;
+  if (error_message_.empty()) error_message_ = "the server is shutting down";
+  drain_deadline_ = std::make_unique<asio::steady_timer>(descriptor_.get_executor(), drain_limit);
+  drain_deadline_->async_wait([this](std::error_code error) {
+    if (error || !handle_ || lost_) return;  // cancelled by close_here(), or closed already
+    report_lost("the server said it was shutting down but kept the connection open for " +
+                std::to_string(drain_limit.count()) + " s");
+  });
 }
 
 int Connection::start_connect(const Target& target) {
@@ -610,6 +660,7 @@ void Connection::close() {
 
 void Connection::close_here() {
   connect_wakeup_.cancel();
+  drain_deadline_.reset();
   if (handle_) {
     release_descriptor();
     // Queue NBD_CMD_DISC without waiting: nbd_shutdown would block on a dead server.

@@ -146,6 +146,8 @@ struct ReadyList {
   bool collecting = false;
   PendingCommand* head = nullptr;
   PendingCommand* tail = nullptr;
+  // A reply was NBD_ESHUTDOWN: the server is going away (Connection::drain()).
+  bool server_shutting_down = false;
   void push(PendingCommand* command);
   PendingCommand* pop();
   PendingCommand* take_all();  // the whole queue as a chain through next_ready
@@ -225,6 +227,20 @@ class Connection {
 
   // Called once, on the executor, when an established connection is lost.
   std::function<void(const std::string& reason)> on_lost;
+  // Called once, on the executor, when a reply says the server is shutting down
+  // (NBD_ESHUTDOWN); this connection drains itself already. The command that got it
+  // was not carried out: it fails as if the connection broke under it, and is retried.
+  std::function<void()> on_server_shutdown;
+
+  // For a server that is going away: takes no more commands and, once those in flight
+  // are answered, asks the server to close (NBD_CMD_DISC); on_lost follows when it
+  // has, or after drain_limit at the latest (commands still in flight then go with the
+  // handle and are retried). nbdkit, stopped, waits for every client to leave, and
+  // says so only to clients with a command in flight: so every connection drains.
+  void drain();
+  static constexpr std::chrono::seconds drain_limit{10};
+  // Drained or draining, not yet lost.
+  bool draining() const { return draining_ && !lost_; }
 
   // Buffers must stay valid until completion. Requests longer than the server's
   // maximum are split into chunks issued together; the first error wins.
@@ -309,6 +325,8 @@ class Connection {
  private:
   void start_thread();
   void close_here();
+  void begin_draining();  // on the thread that drives the socket
+  void report_lost(const std::string& reason);
   // Submits the request's NBD command(s); the command finishes exactly once.
   void issue(PendingCommand* command, const CommandRequest& request);
 
@@ -397,6 +415,9 @@ class Connection {
   bool write_armed_ = false;
   bool connecting_ = false;
   std::atomic<bool> lost_{false};
+  std::atomic<bool> draining_{false};  // drain(): no new commands
+  bool disconnect_sent_ = false;
+  std::unique_ptr<asio::steady_timer> drain_deadline_;  // on the socket's executor
   bool established_ = false;  // negotiated and ready once; stays true after a loss
   bool tls_ = false;
   // Reads ahead and joins sends on the socket (socket_batching.hpp): plain sockets

@@ -112,7 +112,7 @@ asio::awaitable<std::error_code> ConnectionPool::async_connect(const Target& req
   }
   for (std::size_t index = 0; index < connections_.size(); ++index) {
     connections_[index]->set_index(index);
-    connections_[index]->on_lost = [this, index](const std::string& reason) { lost(index, reason); };
+    watch(index);
   }
   last_write_.assign(connections_.size(), 0);
   flushed_.assign(connections_.size(), 0);
@@ -253,6 +253,20 @@ bool ConnectionPool::reconnectable() const {
   return !target_was_command_ && target_.kind != Target::Kind::socket_fd && options_.retry_timeout.count() > 0;
 }
 
+void ConnectionPool::watch(std::size_t index) {
+  connections_[index]->on_lost = [this, index](const std::string& reason) { lost(index, reason); };
+  connections_[index]->on_server_shutdown = [this, index] { server_shutting_down(index); };
+}
+
+// Every connection goes to the same server (multi-conn, or one server process), and
+// it leaves only once all have: each drains, then the usual reconnect follows.
+void ConnectionPool::server_shutting_down(std::size_t index) {
+  if (closed_) return;
+  say("the server is shutting down (it told " + describe(index) +
+      "): closing every connection once its requests are answered");
+  for (auto& connection : connections_) connection->drain();
+}
+
 void ConnectionPool::lost(std::size_t index, const std::string& reason) {
   if (closed_) return;
   ++disconnects_;
@@ -303,7 +317,7 @@ asio::awaitable<void> ConnectionPool::reconnect(std::size_t index) {
         co_await connect_slot(index, std::max(budget, std::chrono::milliseconds(100)));
     if (closed_) break;
     if (!error) {
-      connections_[index]->on_lost = [this, index](const std::string& reason) { lost(index, reason); };
+      watch(index);
       ++reconnects_;
       if (on_connection_restored) on_connection_restored(index, clock::now() - started);
       say("reconnected " + describe(index) + " after " + std::to_string(milliseconds_since(started)) + " ms");
@@ -372,7 +386,11 @@ asio::awaitable<Connection*> ConnectionPool::usable_connection(Purpose purpose) 
       tried_once = true;
       if (!start_reconnect(first)) continue;  // already over: look again rather than wait
     }
-    bool someone_reconnecting = std::find(reconnecting_.begin(), reconnecting_.end(), true) != reconnecting_.end();
+    // A draining connection is reconnected once it has closed; not before, or its
+    // commands in flight would be given up and sent again.
+    bool someone_reconnecting =
+        std::find(reconnecting_.begin(), reconnecting_.end(), true) != reconnecting_.end() ||
+        std::any_of(connections_.begin(), connections_.end(), [](const auto& c) { return c->draining(); });
     if (!someone_reconnecting && !gave_up_) {
       // Lost before anyone noticed (e.g. a failed command raced the loss report).
       if (!start_reconnect(first)) continue;

@@ -137,7 +137,9 @@ class ConnectionPool {
   ConnectOptions options_for(Role role) const;
   asio::awaitable<void> open_connections(unsigned count, Role role);
   bool reconnectable() const;
+  void watch(std::size_t index);  // hands the connection's events to lost() and server_shutting_down()
   void lost(std::size_t index, const std::string& reason);
+  void server_shutting_down(std::size_t index);
   asio::awaitable<void> reconnect(std::size_t index);
   bool start_reconnect(std::size_t index);
   // timeout: at most this long for the connect (0: the connect timeout alone).

@@ -12,6 +12,8 @@ What is expected (see `nbdbridge --help`):
     requests fail with EIO; the mount can still be unmounted; each further
     request tries to reconnect once.
   * A server that comes back with another size (or read-only) is refused.
+  * A server stopped gracefully answers NBD_ESHUTDOWN: the bridge closes every
+    connection (so it can exit) and carries the request through the restart.
   * --request-timeout S answers a request older than S with EIO.
   * auto_unmount: kill -9 of the bridge removes the mount; a stale mount is
     reported in one line and cleared by --force.
@@ -611,6 +613,36 @@ def test_retry_timeout_gives_up():
         h.check_eq(r.returncode, 0, "fusermount3 -u with the server gone (%s)" % r.stderr.strip())
         h.check_eq(m.wait_exit(), 0, "nbdbridge exit status after unmount")
         h.check(not m.mounted(), "mount still present after unmount")
+
+
+def test_server_shutdown_reply_is_carried_through_the_restart():
+    # A server stopped gracefully (SIGTERM) answers the requests it has not served with
+    # NBD_ESHUTDOWN and closes. The bridge takes that for the start of an outage, not for
+    # the request's answer: the read waits for the server's return and gets its bytes.
+    img = random_image(16 * MiB)
+    logfile = os.path.join(h.tmpdir("log"), "log")
+    with h.Nbdkit(["file", img, "logfile=" + logfile, "delay-read=60"],
+                  opts=["--filter=log", "--filter=delay"]) as srv, \
+            h.Mount(h.tmpdir("mp"), ["--unix", srv.sock], opts=["--retry-timeout", "20"]) as m:
+        child = start_io(m.export, ["r:%d:4096" % MiB])
+        h.wait_until(lambda: _log_has_pending_read(logfile, MiB), what="the read to reach the server")
+        srv.kill(signal.SIGTERM)
+        # nbdkit leaves only once every client has disconnected (idle ones too).
+        h.wait_until(lambda: srv.proc.poll() is not None, timeout=15,
+                     what="the stopped server to exit (the bridge to close every connection)")
+        h.check("ESHUTDOWN" in h.read_text(logfile), "the server did not answer the read with ESHUTDOWN")
+        h.check(child.poll() is None, "the read finished with the server stopped: %s"
+                % (child.stdout.read() if child.poll() is not None else ""))
+        kill_server_rm_sock(srv, already_dead=True)
+        srv.args = ["file", img]
+        srv.opts = []
+        srv.start()
+        res = finish_io(child, 30, "the read across the server's restart", m)
+        h.check_eq([r[:2] for r in res], [("r", "OK:" + file_sha(img, MiB, 4096))], "the read")
+        text = m.stderr()
+        h.check(re.search(r"lost the connection .*shutting down.*reconnecting", text),
+                "no 'lost ... shutting down ... reconnecting' line: %s" % text[-2000:])
+        h.check(RECONNECTED_RE.search(text), "no 'reconnected' line: %s" % text[-2000:])
 
 
 def test_unmount_while_reconnecting_to_a_silent_server():

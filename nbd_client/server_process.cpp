@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <string>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -83,6 +84,7 @@ std::error_code ServerProcess::start(const std::vector<std::string>& argv, bool 
 
   if (!pass_stderr) captured_stderr_ = memfd_create("nbdbridge-server-stderr", MFD_CLOEXEC);
 
+  const pid_t parent = getpid();
   pid_t pid = fork();
   if (pid < 0) {
     int err = errno;
@@ -109,6 +111,11 @@ std::error_code ServerProcess::start(const std::vector<std::string>& argv, bool 
     listen_pid_variable[11 + length] = '\0';
     // The bridge ignores SIGPIPE; a server must get the default.
     signal(SIGPIPE, SIG_DFL);
+    // The server goes with the bridge, however it ends (kill -9, or --list's alarm): it
+    // would otherwise serve a socket nobody knows of. The forking thread is the main
+    // one, which lasts as long as the process. A parent gone before this: do not start.
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != parent) _exit(127);
     execvpe(child_argv[0], child_argv.data(), child_environment.data());
     int err = errno;
     ssize_t ignored = write(exec_status[1], &err, sizeof err);

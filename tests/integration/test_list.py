@@ -4,6 +4,7 @@ exit 0; bad targets give a non-zero exit and one line on stderr, within a
 deadline, and nothing is mounted.
 """
 import os
+import signal
 import socket
 import sys
 import time
@@ -114,6 +115,31 @@ def test_list_silent_server_times_out():
         h.check("time" in r.stderr.lower(), "message should say it timed out: %r" % r.stderr)
     finally:
         ls.close()
+
+
+
+def _processes_with(marker):
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and marker in h.proc_cmdline(int(entry)):
+            pids.append(int(entry))
+    return pids
+
+
+def test_list_silent_server_command_is_stopped():
+    """--list [ CMD ] whose server never answers: the timeout ends nbdbridge, and the
+    server with it (it must not stay behind, holding a socket nobody knows of)."""
+    marker = "nbdbridge-silent-server-%d" % os.getpid()
+    server = [sys.executable, "-c", "import time; time.sleep(120)", marker]
+    try:
+        r = _expect_list_failure(["--connect-timeout", "1", "["] + server + ["]"], "silent server command",
+                                 deadline=10)
+        h.check("time" in r.stderr.lower(), "message should say it timed out: %r" % r.stderr)
+        h.wait_until(lambda: not _processes_with(marker), timeout=10,
+                     what="the server command to end with nbdbridge")
+    finally:
+        for pid in _processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":

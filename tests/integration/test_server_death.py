@@ -170,6 +170,29 @@ def test_server_sigterm_idle():
         _finish(m)
 
 
+def test_subprocess_server_ends_with_a_killed_bridge():
+    # `[ CMD ]` form: kill -9 of nbdbridge. auto_unmount removes the mount and the server
+    # it started must not stay behind. (qemu-nbd --persistent outlives its clients; nbdkit
+    # happens to leave on its own.)
+    img = os.path.join(h.tmpdir("img"), "disk.img")
+    with open(img, "wb") as f:
+        f.truncate(4 * 1024 * 1024)
+    server = ["qemu-nbd", "--persistent", "-f", "raw", img]
+    with h.Mount(h.tmpdir("mp"), ["["] + server + ["]"], expect_exit=None) as m:
+        kids = [p for p in h.descendants(m.pid) if "qemu-nbd" in " ".join(h.proc_cmdline(p))]
+        h.check(kids, "no qemu-nbd child of nbdbridge found")
+        os.kill(m.pid, signal.SIGKILL)
+        m.proc.wait(timeout=10)
+        try:
+            h.wait_until(lambda: not any(h.pid_alive(p) for p in kids), timeout=10,
+                         what="the server to end with nbdbridge")
+        finally:
+            for p in kids:
+                if h.pid_alive(p):
+                    os.kill(p, signal.SIGKILL)
+        h.wait_until(lambda: not m.mounted(), timeout=10, what="auto_unmount to remove the mount")
+
+
 def test_subprocess_server_killed():
     # `[ nbdkit ... ]` form: kill -9 the server child of nbdbridge.
     with h.Mount(h.tmpdir("mp"), ["[", "nbdkit", "memory", str(SIZE), "]"]) as m:

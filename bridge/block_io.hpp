@@ -15,8 +15,8 @@
 #include <asio/steady_timer.hpp>
 #include <asio/use_awaitable.hpp>
 
+#include <cerrno>
 #include <chrono>
-
 #include <cstdint>
 #include <system_error>
 #include <vector>
@@ -103,6 +103,9 @@ class BlockIo {
     }
     const auto purpose =
         operation == Operation::block_status ? nbd_client::Purpose::block_status : nbd_client::Purpose::data;
+    // A command refused as "shutting down" is issued again after the reconnect; a
+    // server refusing it once more is taken at its word.
+    int shutdown_refusals = 0;
     for (;;) {
       nbd_client::Connection* connection = pool_.least_loaded_usable(purpose);
       if (!connection) connection = co_await pool_.usable_connection(purpose);  // waits through a reconnect
@@ -111,6 +114,7 @@ class BlockIo {
         co_return std::error_code(EIO, std::generic_category());
       auto [error] = co_await start(*connection);
       if (finished(operation, *connection, sent, error, options.durable)) co_return error;
+      if (error.value() == ESHUTDOWN && ++shutdown_refusals > 2) co_return error;
     }
   }
 

@@ -97,7 +97,11 @@ int on_chunk_done(void* user_data, int* error) {
   auto* command = static_cast<PendingCommand*>(user_data);
   if (*error != 0 && command->first_error == 0) command->first_error = *error;
   // Noticed by the connection as the notify call returns, before any handler runs.
-  if (*error == ESHUTDOWN && command->ready_list) command->ready_list->server_shutting_down = true;
+  if (ReadyList* list = command->ready_list) {
+    if (*error == ESHUTDOWN) list->server_shutting_down = true;
+    else if (*error == 0 && !list->answered_ok.load(std::memory_order_relaxed))
+      list->answered_ok.store(true, std::memory_order_relaxed);
+  }
   if (--command->callbacks_outstanding == 0 && !command->submitting) {
     command->finished = true;
     stop_piping(command);
@@ -321,10 +325,10 @@ void Connection::notice_state_change() {
   }
   if (ready_.server_shutting_down && !dead && !lost_) {
     ready_.server_shutting_down = false;
-    // Before the handlers queued in this notify call run: the one that got
-    // ESHUTDOWN must find this connection unusable, and so retry elsewhere.
-    if (!draining_.exchange(true)) {
-      begin_draining();
+    // Before the handlers queued in this notify call run (they are delivered, or
+    // posted, after this): the one that got ESHUTDOWN must find this connection
+    // unusable if it drains, and so retry elsewhere.
+    if (!draining_) {
       if (threaded_)
         asio::post(executor_, [this] {
           if (on_server_shutdown) on_server_shutdown();
@@ -367,8 +371,12 @@ void Connection::begin_draining() {
   drain_deadline_ = std::make_unique<asio::steady_timer>(descriptor_.get_executor(), drain_limit);
   drain_deadline_->async_wait([this](std::error_code error) {
     if (error || !handle_ || lost_) return;  // cancelled by close_here(), or closed already
-    report_lost("the server said it was shutting down but kept the connection open for " +
-                std::to_string(drain_limit.count()) + " s");
+    // Ends the connection the way a network failure would: libnbd fails the commands
+    // still in flight (each retried, or EIO) and the loss is reported as usual.
+    error_message_ = "the server said it was shutting down but kept the connection open for " +
+                     std::to_string(drain_limit.count()) + " s";
+    if (int fd = nbd_aio_get_fd(handle_); fd >= 0) ::shutdown(fd, SHUT_RDWR);
+    service();
   });
 }
 
@@ -389,7 +397,43 @@ int Connection::start_connect(const Target& target) {
   return -1;
 }
 
+namespace {
+
+// Whether connecting may mean resolving a host name (TCP, or a URI naming a host).
+bool names_a_host(const Target& target) {
+  if (target.kind == Target::Kind::tcp) return true;
+  if (target.kind != Target::Kind::uri) return false;
+  return target.uri.rfind("nbd://", 0) == 0 || target.uri.rfind("nbds://", 0) == 0;
+}
+
+}  // namespace
+
+asio::awaitable<int> Connection::start_connect_off_loop(const Target& target) {
+  struct Outcome {
+    int result;
+    std::string error;
+  };
+  Outcome outcome = co_await asio::async_initiate<decltype(asio::use_awaitable), void(Outcome)>(
+      [this, &target](auto handler) {
+        // The handle is this thread's alone until it posts back; close_here() joins it.
+        resolver_thread_ = std::thread([this, &target, handler = std::move(handler)]() mutable {
+          pthread_setname_np(pthread_self(), "nbdbridge-dns");
+          Outcome done{start_connect(target), {}};
+          if (done.result == -1) done.error = last_libnbd_error();
+          auto executor = asio::get_associated_executor(handler, executor_);
+          asio::post(executor, [handler = std::move(handler), done = std::move(done)]() mutable {
+            handler(std::move(done));
+          });
+        });
+      },
+      asio::use_awaitable);
+  if (resolver_thread_.joinable()) resolver_thread_.join();  // it has posted: it is ending
+  if (outcome.result == -1) error_message_ = outcome.error;
+  co_return outcome.result;
+}
+
 asio::awaitable<std::error_code> Connection::async_connect(const Target& target, ConnectOptions options) {
+  const auto connect_deadline = std::chrono::steady_clock::now() + options.timeout;
   on_progress_ = options.on_progress;
   error_message_.clear();  // a Connection whose connect failed is tried again (ConnectionPool::reconnect)
   handle_ = nbd_create();
@@ -413,14 +457,23 @@ asio::awaitable<std::error_code> Connection::async_connect(const Target& target,
     nbd_add_meta_context(handle_, LIBNBD_CONTEXT_BASE_ALLOCATION);
 
   connecting_ = true;
-  if (start_connect(target) == -1) {
-    if (error_message_.empty()) error_message_ = last_libnbd_error();
+  connect_cancelled_ = false;
+  int started = names_a_host(target) ? co_await start_connect_off_loop(target) : start_connect(target);
+  if (!handle_) {  // close() while the name was resolved
     connecting_ = false;
-    co_return abandon_handle(ECONNREFUSED);
+    error_message_ = "closed while connecting";
+    co_return std::error_code(ECANCELED, std::generic_category());
+  }
+  if (started == -1 || connect_cancelled_) {
+    if (error_message_.empty())
+      error_message_ = connect_cancelled_ ? "connect cancelled" : last_libnbd_error();
+    connecting_ = false;
+    co_return abandon_handle(connect_cancelled_ ? ECANCELED : ECONNREFUSED);
   }
   arm();
   if (!nbd_aio_is_ready(handle_) && !nbd_aio_is_dead(handle_)) {
-    connect_wakeup_.expires_after(options.timeout);
+    // The name's resolution counted too.
+    connect_wakeup_.expires_at(connect_deadline);
     std::error_code ignored;
     co_await connect_wakeup_.async_wait(asio::redirect_error(asio::use_awaitable, ignored));
   }
@@ -456,6 +509,8 @@ asio::awaitable<std::error_code> Connection::async_connect(const Target& target,
 void Connection::start_held_thread() {
   if (!thread_held_) return;
   thread_held_ = false;
+  // Draining (or drained): its timer belongs to the loop, so the loop keeps it.
+  if (drain_deadline_) return;
   // A command issued meanwhile ran on the loop (its arm() bound the socket there):
   // moving it now could strand it, so the loop keeps the connection.
   if (bound_fd_ >= 0) return;
@@ -661,6 +716,9 @@ void Connection::close() {
 void Connection::close_here() {
   connect_wakeup_.cancel();
   drain_deadline_.reset();
+  // Waits out a name resolution in progress (bounded by the resolver's own timeout):
+  // that thread is using the handle.
+  if (resolver_thread_.joinable()) resolver_thread_.join();
   if (handle_) {
     release_descriptor();
     // Queue NBD_CMD_DISC without waiting: nbd_shutdown would block on a dead server.

@@ -146,8 +146,10 @@ struct ReadyList {
   bool collecting = false;
   PendingCommand* head = nullptr;
   PendingCommand* tail = nullptr;
-  // A reply was NBD_ESHUTDOWN: the server is going away (Connection::drain()).
+  // A reply was NBD_ESHUTDOWN: the server may be going away (Connection::on_server_shutdown).
   bool server_shutting_down = false;
+  // Some command succeeded on this connection (read by the pool, on the loop thread).
+  std::atomic<bool> answered_ok{false};
   void push(PendingCommand* command);
   PendingCommand* pop();
   PendingCommand* take_all();  // the whole queue as a chain through next_ready
@@ -227,20 +229,24 @@ class Connection {
 
   // Called once, on the executor, when an established connection is lost.
   std::function<void(const std::string& reason)> on_lost;
-  // Called once, on the executor, when a reply says the server is shutting down
-  // (NBD_ESHUTDOWN); this connection drains itself already. The command that got it
-  // was not carried out: it fails as if the connection broke under it, and is retried.
+  // Called on the executor when a reply says the server is shutting down
+  // (NBD_ESHUTDOWN), before the handlers of that reply run: if it calls drain(), the
+  // command that got it (not carried out) fails as if the connection broke under it,
+  // and is retried; if not, it fails with ESHUTDOWN.
   std::function<void()> on_server_shutdown;
+  // Whether any command has succeeded on this connection.
+  bool answered_ok() const { return ready_.answered_ok.load(std::memory_order_relaxed); }
 
   // For a server that is going away: takes no more commands and, once those in flight
   // are answered, asks the server to close (NBD_CMD_DISC); on_lost follows when it
   // has, or after drain_limit at the latest (commands still in flight then go with the
   // handle and are retried). nbdkit, stopped, waits for every client to leave, and
   // says so only to clients with a command in flight: so every connection drains.
+  // Past drain_limit the socket is shut down: its commands fail, as in any loss.
   void drain();
   static constexpr std::chrono::seconds drain_limit{10};
   // Drained or draining, not yet lost.
-  bool draining() const { return draining_ && !lost_; }
+  bool draining() const { return handle_ && draining_ && !lost_; }
 
   // Buffers must stay valid until completion. Requests longer than the server's
   // maximum are split into chunks issued together; the first error wins.
@@ -312,7 +318,10 @@ class Connection {
   void set_index(std::size_t index) { index_ = index; }
 
   // Makes a connect in progress give up now (e.g. on a signal).
-  void cancel_connect() { connect_wakeup_.cancel(); }
+  void cancel_connect() {
+    connect_cancelled_ = true;
+    connect_wakeup_.cancel();
+  }
 
   // Starts the thread a connection made with hold_thread waits for. A command
   // issued before then ran on the loop, which then keeps the connection.
@@ -405,6 +414,11 @@ class Connection {
   // A failed connect: gives the socket back, closes the handle, returns `error`.
   std::error_code abandon_handle(int error);
   int start_connect(const Target& target);
+  // start_connect() on a thread of its own, for targets named by host: libnbd resolves
+  // the name inside the call (getaddrinfo), and a slow resolver must not stall the
+  // loop (every other connection, FUSE, timers) during a reconnect. On failure the
+  // reason is in error_message_ (libnbd's errors are per thread).
+  asio::awaitable<int> start_connect_off_loop(const Target& target);
 
   asio::any_io_executor executor_;
   CommandMemory command_memory_;  // before handle_: outlives every command
@@ -426,6 +440,9 @@ class Connection {
   bool flush_scheduled_ = false;
   bool output_blocked_ = false;  // a flush found the socket full: wait for room
   asio::steady_timer connect_wakeup_;
+  bool connect_cancelled_ = false;
+  // Runs start_connect_off_loop()'s call; joined before the handle is closed.
+  std::thread resolver_thread_;
   ExportInfo info_;
   std::atomic<std::size_t> in_flight_{0};
   // Connection thread (ConnectOptions::own_thread): once connected, the socket,

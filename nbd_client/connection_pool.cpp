@@ -259,9 +259,26 @@ void ConnectionPool::watch(std::size_t index) {
 }
 
 // Every connection goes to the same server (multi-conn, or one server process), and
-// it leaves only once all have: each drains, then the usual reconnect follows.
+// it leaves only once all have: each drains, then the usual reconnect follows. A
+// server that cannot be reached again keeps its other connections for as long as it
+// serves them (it may have closed just the one: nbdkit_disconnect()).
 void ConnectionPool::server_shutting_down(std::size_t index) {
   if (closed_) return;
+  // Told again soon after reconnecting, with nothing served since: the server refuses
+  // rather than leaves (a plugin failing with ESHUTDOWN, an error filter); the command
+  // fails, instead of every connection being drained and remade for each one.
+  // (Connections from before the drain are still draining or lost, so not usable.)
+  bool served_since = std::any_of(connections_.begin(), connections_.end(), [](const auto& connection) {
+    return connection->usable() && connection->answered_ok();
+  });
+  if (shutdown_drained_ && !served_since && clock::now() - shutdown_drained_at_ < refusal_window) return;
+  if (!reconnectable()) {
+    say("the server is shutting down (it told " + describe(index) + "); that connection closes");
+    connections_[index]->drain();
+    return;
+  }
+  shutdown_drained_ = true;
+  shutdown_drained_at_ = clock::now();
   say("the server is shutting down (it told " + describe(index) +
       "): closing every connection once its requests are answered");
   for (auto& connection : connections_) connection->drain();
@@ -331,7 +348,8 @@ asio::awaitable<void> ConnectionPool::reconnect(std::size_t index) {
         // server is back, so bring the others back too.
         if (had_given_up)
           for (std::size_t other = 0; other < connections_.size(); ++other)
-            if (other != index && !connections_[other]->usable()) start_reconnect(other);
+            if (other != index && !connections_[other]->usable() && !connections_[other]->draining())
+              start_reconnect(other);
       }
       break;
     }
@@ -384,7 +402,8 @@ asio::awaitable<Connection*> ConnectionPool::usable_connection(Purpose purpose) 
       // Past the retry timeout: one attempt per request, then fail.
       if (tried_once) co_return nullptr;
       tried_once = true;
-      if (!start_reconnect(first)) continue;  // already over: look again rather than wait
+      // (A draining connection is reconnected once it has closed: wait for that.)
+      if (!connections_[first]->draining() && !start_reconnect(first)) continue;  // over: look again
     }
     // A draining connection is reconnected once it has closed; not before, or its
     // commands in flight would be given up and sent again.

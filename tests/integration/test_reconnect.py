@@ -645,6 +645,57 @@ def test_server_shutdown_reply_is_carried_through_the_restart():
         h.check(RECONNECTED_RE.search(text), "no 'reconnected' line: %s" % text[-2000:])
 
 
+def test_server_refusing_with_eshutdown_but_staying():
+    # A server that answers ESHUTDOWN and stays up (nbdkit's error filter here; a plugin
+    # failing with ESHUTDOWN looks the same): the bridge may take it for a stop once, but
+    # the request must end with EIO promptly, not cycle through drains and reconnects.
+    with h.Nbdkit(["memory", str(16 * MiB), "error=ESHUTDOWN", "error-pread-rate=100%"],
+                  opts=["--filter=error"]) as srv, \
+            h.Mount(h.tmpdir("mp"), ["--unix", srv.sock], opts=["--retry-timeout", "2"]) as m:
+        res = io_ops(m.export, ["w:0:4096", "r:0:4096", "r:8192:4096", "w:4096:4096", "r:0:4096"],
+                     timeout=20, what="writes and refused reads", mount=m)
+        h.check_eq([r[:2] for r in res], [("w", "OK"), ("r", "EIO"), ("r", "EIO"), ("w", "OK"), ("r", "EIO")],
+                   "results")
+        for kind, _, seconds in res:
+            h.check(seconds < 2.0, "a %s took %.1f s" % (kind, seconds))
+        drains = len(re.findall(r"shutting down \(it told", m.stderr()))
+        h.check(drains <= 2, "%d 'shutting down' lines for three refused reads: %s" % (drains, m.stderr()[-2000:]))
+
+
+def test_slow_name_resolution_stalls_nothing_else():
+    # Reconnecting to nbd://localhost resolves the name again; a resolver that takes 4 s
+    # (preloaded) must not hold up the rest of the bridge meanwhile: a request that comes
+    # in then still gets --request-timeout's EIO after 1 s, not after the resolution.
+    shim = os.environ.get("NBDBRIDGE_SLOW_RESOLVER")
+    if not shim:
+        raise h.SkipTest("NBDBRIDGE_SLOW_RESOLVER (built by CMake: libslow_resolver.so) not set")
+    d = h.tmpdir("resolver")
+    flag, log = os.path.join(d, "slow"), os.path.join(d, "log")
+    env = dict(os.environ, LD_PRELOAD=shim, SLOW_RESOLVER_FLAG=flag, SLOW_RESOLVER_LOG=log,
+               SLOW_RESOLVER_SECONDS="4",
+               ASAN_OPTIONS=(os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0").lstrip(":"))
+    opts = ["--request-timeout", "1", "--retry-timeout", "30"]
+    srv = FixedTcpNbdkit(["memory", str(16 * MiB)])
+    with srv, h.Mount(h.tmpdir("mp"), ["nbd://localhost:%d/" % srv.port], opts=opts, env=env) as m:
+        res = io_ops(m.export, ["w:0:4096"], timeout=10, what="a write before the outage", mount=m)
+        h.check_eq(res[0][1], "OK", "a write before the outage")
+        open(flag, "w").close()
+        srv.kill(signal.SIGKILL)
+        srv.proc.wait(timeout=10)
+        h.wait_until(lambda: "slow localhost" in h.read_text(log), timeout=15,
+                     what="the reconnect to resolve the name (slowly)")
+        res = io_ops(m.export, ["r:0:4096"], timeout=20, what="a read during the resolution", mount=m)
+        h.check_eq(res[0][1], "EIO", "the read (request timeout 1 s)")
+        h.check(res[0][2] < 2.5, "the read got its EIO after %.1f s (request timeout 1 s): the loop waited "
+                "for the name resolution" % res[0][2])
+        os.unlink(flag)
+        srv.start()
+        h.wait_until(lambda: RECONNECTED_RE.search(m.stderr()), timeout=20, what="the reconnect")
+        res = io_ops(m.export, ["r:0:4096"], timeout=30, what="a read after the server came back", mount=m)
+        h.check_eq(res[0][1], "OK:" + hashlib.sha256(bytes(4096)).hexdigest(),
+                   "the read after the server came back (a new, empty memory export)")
+
+
 def test_unmount_while_reconnecting_to_a_silent_server():
     # The connection drops and the next one is accepted but never answered, so the
     # reconnect waits in its handshake when the mount is stopped: the bridge must close

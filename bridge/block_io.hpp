@@ -114,7 +114,7 @@ class BlockIo {
         co_return std::error_code(EIO, std::generic_category());
       auto [error] = co_await start(*connection);
       if (finished(operation, *connection, sent, error, options.durable)) co_return error;
-      if (error.value() == ESHUTDOWN && ++shutdown_refusals > 2) co_return error;
+      if (error.value() == ESHUTDOWN && ++shutdown_refusals >= 2) co_return error;
     }
   }
 

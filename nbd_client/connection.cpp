@@ -97,11 +97,7 @@ int on_chunk_done(void* user_data, int* error) {
   auto* command = static_cast<PendingCommand*>(user_data);
   if (*error != 0 && command->first_error == 0) command->first_error = *error;
   // Noticed by the connection as the notify call returns, before any handler runs.
-  if (ReadyList* list = command->ready_list) {
-    if (*error == ESHUTDOWN) list->server_shutting_down = true;
-    else if (*error == 0 && !list->answered_ok.load(std::memory_order_relaxed))
-      list->answered_ok.store(true, std::memory_order_relaxed);
-  }
+  if (*error == ESHUTDOWN && command->ready_list) command->ready_list->server_shutting_down = true;
   if (--command->callbacks_outstanding == 0 && !command->submitting) {
     command->finished = true;
     stop_piping(command);

@@ -148,8 +148,6 @@ struct ReadyList {
   PendingCommand* tail = nullptr;
   // A reply was NBD_ESHUTDOWN: the server may be going away (Connection::on_server_shutdown).
   bool server_shutting_down = false;
-  // Some command succeeded on this connection (read by the pool, on the loop thread).
-  std::atomic<bool> answered_ok{false};
   void push(PendingCommand* command);
   PendingCommand* pop();
   PendingCommand* take_all();  // the whole queue as a chain through next_ready
@@ -234,8 +232,6 @@ class Connection {
   // command that got it (not carried out) fails as if the connection broke under it,
   // and is retried; if not, it fails with ESHUTDOWN.
   std::function<void()> on_server_shutdown;
-  // Whether any command has succeeded on this connection.
-  bool answered_ok() const { return ready_.answered_ok.load(std::memory_order_relaxed); }
 
   // For a server that is going away: takes no more commands and, once those in flight
   // are answered, asks the server to close (NBD_CMD_DISC); on_lost follows when it

@@ -259,26 +259,24 @@ void ConnectionPool::watch(std::size_t index) {
 }
 
 // Every connection goes to the same server (multi-conn, or one server process), and
-// it leaves only once all have: each drains, then the usual reconnect follows. A
-// server that cannot be reached again keeps its other connections for as long as it
-// serves them (it may have closed just the one: nbdkit_disconnect()).
+// it leaves only once all have: each drains, then the usual reconnect follows. Not
+// drained (the command fails): a target that cannot be reached again ([ CMD ], --fd,
+// --retry-timeout 0), whose connections stay while the server serves them; and a
+// server that says so again within refusal_window of the last such reconnect, which
+// refuses rather than leaves (a plugin failing with ESHUTDOWN, an error filter): at
+// most one drain per window, not one per refused command.
 void ConnectionPool::server_shutting_down(std::size_t index) {
-  if (closed_) return;
-  // Told again soon after reconnecting, with nothing served since: the server refuses
-  // rather than leaves (a plugin failing with ESHUTDOWN, an error filter); the command
-  // fails, instead of every connection being drained and remade for each one.
-  // (Connections from before the drain are still draining or lost, so not usable.)
-  bool served_since = std::any_of(connections_.begin(), connections_.end(), [](const auto& connection) {
-    return connection->usable() && connection->answered_ok();
-  });
-  if (shutdown_drained_ && !served_since && clock::now() - shutdown_drained_at_ < refusal_window) return;
-  if (!reconnectable()) {
-    say("the server is shutting down (it told " + describe(index) + "); that connection closes");
-    connections_[index]->drain();
+  if (closed_ || !reconnectable()) return;
+  if (shutdown_drained_ && clock::now() - shutdown_drained_at_ < refusal_window) {
+    if (!refusal_reported_)
+      say("the server refused a request as shutting down again right after the reconnect: "
+          "taken for a refusal (EIO) for " + std::to_string(refusal_window.count()) + " s");
+    refusal_reported_ = true;
     return;
   }
   shutdown_drained_ = true;
   shutdown_drained_at_ = clock::now();
+  refusal_reported_ = false;
   say("the server is shutting down (it told " + describe(index) +
       "): closing every connection once its requests are answered");
   for (auto& connection : connections_) connection->drain();
@@ -336,6 +334,7 @@ asio::awaitable<void> ConnectionPool::reconnect(std::size_t index) {
     if (!error) {
       watch(index);
       ++reconnects_;
+      if (shutdown_drained_) shutdown_drained_at_ = clock::now();  // refusal_window runs from here
       if (on_connection_restored) on_connection_restored(index, clock::now() - started);
       say("reconnected " + describe(index) + " after " + std::to_string(milliseconds_since(started)) + " ms");
       // The outage (no data connection at all) ends with a data connection, not with the

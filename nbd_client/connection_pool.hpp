@@ -170,8 +170,10 @@ class ConnectionPool {
   bool in_outage_ = false;
   bool gave_up_ = false;
   bool export_changed_ = false;
-  // server_shutting_down(): when every connection was last drained for it.
+  // server_shutting_down(): when every connection was last drained for it, or
+  // reconnected after that.
   bool shutdown_drained_ = false;
+  bool refusal_reported_ = false;
   std::chrono::steady_clock::time_point shutdown_drained_at_{};
   static constexpr std::chrono::seconds refusal_window{5};
   // Durability bookkeeping (write_acknowledged()): epochs count acknowledged writes.

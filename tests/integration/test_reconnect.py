@@ -660,6 +660,25 @@ def test_server_refusing_with_eshutdown_but_staying():
             h.check(seconds < 2.0, "a %s took %.1f s" % (kind, seconds))
         drains = len(re.findall(r"shutting down \(it told", m.stderr()))
         h.check(drains <= 2, "%d 'shutting down' lines for three refused reads: %s" % (drains, m.stderr()[-2000:]))
+        h.check_eq(len(re.findall(r"taken for a refusal", m.stderr())), 1, "'taken for a refusal' lines")
+
+
+def test_refusal_without_reconnect_keeps_the_connection():
+    # --retry-timeout 0: no reconnect, so an ESHUTDOWN refusal is just the request's
+    # error; the server stays up and later requests are served on the same connections.
+    d = h.tmpdir("refuse")
+    refusing = os.path.join(d, "refusing")
+    with h.Nbdkit(["memory", str(16 * MiB), "error=ESHUTDOWN", "error-pread-rate=100%", "error-file=" + refusing],
+                  opts=["--filter=error"]) as srv, \
+            h.Mount(h.tmpdir("mp"), ["--unix", srv.sock], opts=["--retry-timeout", "0"]) as m:
+        open(refusing, "w").close()
+        res = io_ops(m.export, ["w:0:4096", "r:0:4096"], timeout=20, what="a refused read", mount=m)
+        h.check_eq([r[:2] for r in res], [("w", "OK"), ("r", "EIO")], "a write, then a refused read")
+        os.unlink(refusing)
+        res = io_ops(m.export, ["r:0:4096", "w:8192:4096"], timeout=20, what="requests after", mount=m)
+        h.check_eq([r[:2] for r in res], [("r", "OK:" + hashlib.sha256(wdata(0, 4096)).hexdigest()), ("w", "OK")],
+                   "requests once the server serves reads again")
+        h.check(not LOST_ANY_RE.search(m.stderr()), "a connection was lost: %s" % m.stderr()[-2000:])
 
 
 def test_slow_name_resolution_stalls_nothing_else():

@@ -415,7 +415,9 @@ asio::awaitable<int> Connection::start_connect_off_loop(const Target& target) {
         resolver_thread_ = std::thread([this, &target, handler = std::move(handler)]() mutable {
           pthread_setname_np(pthread_self(), "nbdbridge-dns");
           Outcome done{start_connect(target), {}};
-          if (done.result == -1) done.error = last_libnbd_error();
+          // Also a handle that died inside the call (every address refused): the loop
+          // thread's libnbd error would be another call's.
+          if (done.result == -1 || nbd_aio_is_dead(handle_)) done.error = last_libnbd_error();
           auto executor = asio::get_associated_executor(handler, executor_);
           asio::post(executor, [handler = std::move(handler), done = std::move(done)]() mutable {
             handler(std::move(done));
@@ -424,7 +426,7 @@ asio::awaitable<int> Connection::start_connect_off_loop(const Target& target) {
       },
       asio::use_awaitable);
   if (resolver_thread_.joinable()) resolver_thread_.join();  // it has posted: it is ending
-  if (outcome.result == -1) error_message_ = outcome.error;
+  if (!outcome.error.empty()) error_message_ = outcome.error;
   co_return outcome.result;
 }
 

@@ -384,6 +384,7 @@ bool ConnectionPool::start_reconnect(std::size_t index) {
 }
 
 asio::awaitable<Connection*> ConnectionPool::usable_connection(Purpose purpose) {
+  constexpr auto grace = std::chrono::seconds(1);  // for the reconnect's own give-up to come first
   purpose = fallback(purpose);  // waiting: any data connection will do
   bool tried_once = false;
   auto waiting_since = clock::now();
@@ -396,6 +397,10 @@ asio::awaitable<Connection*> ConnectionPool::usable_connection(Purpose purpose) 
     // connections): bound the wait by the retry timeout on its own.
     if (purpose != Purpose::data && any_usable(Purpose::data) &&
         clock::now() - waiting_since >= options_.retry_timeout)
+      co_return nullptr;
+    // Past the retry timeout with no give-up said only because an attempt is still
+    // under way (a slow name resolution): the timeout binds the requests anyway.
+    if (in_outage_ && !gave_up_ && clock::now() >= outage_started_ + options_.retry_timeout + grace)
       co_return nullptr;
     if (gave_up_) {
       // Past the retry timeout: one attempt per request, then fail.
@@ -413,8 +418,7 @@ asio::awaitable<Connection*> ConnectionPool::usable_connection(Purpose purpose) 
       // Lost before anyone noticed (e.g. a failed command raced the loss report).
       if (!start_reconnect(first)) continue;
     }
-    co_await wait_for_change(std::max(outage_started_, waiting_since) + options_.retry_timeout +
-                             std::chrono::seconds(1));
+    co_await wait_for_change((in_outage_ ? outage_started_ : waiting_since) + options_.retry_timeout + grace);
   }
 }
 

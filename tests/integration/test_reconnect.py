@@ -682,8 +682,8 @@ def test_refusal_without_reconnect_keeps_the_connection():
 
 
 def test_slow_name_resolution_stalls_nothing_else():
-    # Reconnecting to nbd://localhost resolves the name again; a resolver that takes 4 s
-    # (preloaded) must not hold up the rest of the bridge meanwhile: a request that comes
+    # Reconnecting to nbd://localhost resolves the name again; a slow resolver
+    # (preloaded; 3 s) must not hold up the rest of the bridge meanwhile: a request that comes
     # in then still gets --request-timeout's EIO after 1 s, not after the resolution.
     shim = os.environ.get("NBDBRIDGE_SLOW_RESOLVER")
     if not shim:
@@ -691,7 +691,7 @@ def test_slow_name_resolution_stalls_nothing_else():
     d = h.tmpdir("resolver")
     flag, log = os.path.join(d, "slow"), os.path.join(d, "log")
     env = dict(os.environ, LD_PRELOAD=shim, SLOW_RESOLVER_FLAG=flag, SLOW_RESOLVER_LOG=log,
-               SLOW_RESOLVER_SECONDS="4",
+               SLOW_RESOLVER_SECONDS="3",
                ASAN_OPTIONS=(os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0").lstrip(":"))
     opts = ["--request-timeout", "1", "--retry-timeout", "30"]
     srv = FixedTcpNbdkit(["memory", str(16 * MiB)])
@@ -713,6 +713,34 @@ def test_slow_name_resolution_stalls_nothing_else():
         res = io_ops(m.export, ["r:0:4096"], timeout=30, what="a read after the server came back", mount=m)
         h.check_eq(res[0][1], "OK:" + hashlib.sha256(bytes(4096)).hexdigest(),
                    "the read after the server came back (a new, empty memory export)")
+
+
+def test_retry_timeout_binds_requests_during_a_slow_name_resolution():
+    # The reconnect's attempt is stuck resolving the name (5 s) when --retry-timeout (1 s)
+    # runs out: the waiting read fails then, not when the resolution ends.
+    shim = os.environ.get("NBDBRIDGE_SLOW_RESOLVER")
+    if not shim:
+        raise h.SkipTest("NBDBRIDGE_SLOW_RESOLVER (built by CMake: libslow_resolver.so) not set")
+    d = h.tmpdir("resolver")
+    flag, log = os.path.join(d, "slow"), os.path.join(d, "log")
+    env = dict(os.environ, LD_PRELOAD=shim, SLOW_RESOLVER_FLAG=flag, SLOW_RESOLVER_LOG=log,
+               SLOW_RESOLVER_SECONDS="5",
+               ASAN_OPTIONS=(os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0").lstrip(":"))
+    srv = FixedTcpNbdkit(["memory", str(16 * MiB)])
+    with srv, h.Mount(h.tmpdir("mp"), ["nbd://localhost:%d/" % srv.port], opts=["--retry-timeout", "1"],
+                      env=env) as m:
+        open(flag, "w").close()
+        srv.kill(signal.SIGKILL)
+        srv.proc.wait(timeout=10)
+        t0 = time.monotonic()
+        h.wait_until(lambda: "slow localhost" in h.read_text(log), timeout=15,
+                     what="the reconnect to resolve the name (slowly)")
+        res = io_ops(m.export, ["r:0:4096"], timeout=20, what="a read during the resolution", mount=m)
+        waited = time.monotonic() - t0
+        os.unlink(flag)
+        h.check_eq(res[0][1], "EIO", "the read")
+        h.check(waited < 3.5, "the read failed %.1f s after the loss (retry timeout 1 s; the resolution "
+                "takes 5 s)" % waited)
 
 
 def test_unmount_while_reconnecting_to_a_silent_server():

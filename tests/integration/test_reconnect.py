@@ -21,6 +21,7 @@ What is expected (see `nbdbridge --help`):
 All I/O on the mounts runs in child processes with deadlines, every wait has
 a deadline, and every server/mount is stopped/removed also on failure.
 """
+import contextlib
 import errno
 import hashlib
 import json
@@ -577,16 +578,24 @@ def _log_has_pending_read(logfile, off):
         return False
 
 
-def test_retry_timeout_gives_up():
-    size = 64 * MiB
+@contextlib.contextmanager
+def _read_held_by_the_server(opts, size=16 * MiB):
+    """A file export whose reads sleep 60 s in nbdkit's delay filter, mounted with opts,
+    and a 4 KiB read at 1 MiB that has reached the server. Gives (image, server, mount,
+    the reading IO_CHILD, the server's log)."""
     img = random_image(size)
     logfile = os.path.join(h.tmpdir("log"), "log")
     with h.Nbdkit(["file", img, "logfile=" + logfile, "delay-read=60"],
                   opts=["--filter=log", "--filter=delay"]) as srv, \
-            h.Mount(h.tmpdir("mp"), ["--unix", srv.sock], opts=["--retry-timeout", "3"]) as m:
+            h.Mount(h.tmpdir("mp"), ["--unix", srv.sock], opts=opts) as m:
         child = start_io(m.export, ["r:%d:4096" % MiB])
         h.wait_until(lambda: _log_has_pending_read(logfile, MiB), what="the read to reach the server")
-        h.check(child.poll() is None, "read finished before the server was killed")
+        h.check(child.poll() is None, "the read finished while held by the server")
+        yield img, srv, m, child, logfile
+
+
+def test_retry_timeout_gives_up():
+    with _read_held_by_the_server(["--retry-timeout", "3"], size=64 * MiB) as (img, srv, m, child, logfile):
         srv.kill(signal.SIGKILL)
         srv.proc.wait(timeout=10)
         t0 = time.monotonic()
@@ -619,13 +628,7 @@ def test_server_shutdown_reply_is_carried_through_the_restart():
     # A server stopped gracefully (SIGTERM) answers the requests it has not served with
     # NBD_ESHUTDOWN and closes. The bridge takes that for the start of an outage, not for
     # the request's answer: the read waits for the server's return and gets its bytes.
-    img = random_image(16 * MiB)
-    logfile = os.path.join(h.tmpdir("log"), "log")
-    with h.Nbdkit(["file", img, "logfile=" + logfile, "delay-read=60"],
-                  opts=["--filter=log", "--filter=delay"]) as srv, \
-            h.Mount(h.tmpdir("mp"), ["--unix", srv.sock], opts=["--retry-timeout", "20"]) as m:
-        child = start_io(m.export, ["r:%d:4096" % MiB])
-        h.wait_until(lambda: _log_has_pending_read(logfile, MiB), what="the read to reach the server")
+    with _read_held_by_the_server(["--retry-timeout", "20"]) as (img, srv, m, child, logfile):
         srv.kill(signal.SIGTERM)
         # nbdkit leaves only once every client has disconnected (idle ones too).
         h.wait_until(lambda: srv.proc.poll() is not None, timeout=15,
@@ -681,33 +684,57 @@ def test_refusal_without_reconnect_keeps_the_connection():
         h.check(not LOST_ANY_RE.search(m.stderr()), "a connection was lost: %s" % m.stderr()[-2000:])
 
 
-def test_slow_name_resolution_stalls_nothing_else():
-    # Reconnecting to nbd://localhost resolves the name again; a slow resolver
-    # (preloaded; 3 s) must not hold up the rest of the bridge meanwhile: a request that comes
-    # in then still gets --request-timeout's EIO after 1 s, not after the resolution.
-    shim = os.environ.get("NBDBRIDGE_SLOW_RESOLVER")
-    if not shim:
-        raise h.SkipTest("NBDBRIDGE_SLOW_RESOLVER (built by CMake: libslow_resolver.so) not set")
-    d = h.tmpdir("resolver")
-    flag, log = os.path.join(d, "slow"), os.path.join(d, "log")
-    env = dict(os.environ, LD_PRELOAD=shim, SLOW_RESOLVER_FLAG=flag, SLOW_RESOLVER_LOG=log,
-               SLOW_RESOLVER_SECONDS="3",
-               ASAN_OPTIONS=(os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0").lstrip(":"))
-    opts = ["--request-timeout", "1", "--retry-timeout", "30"]
+class SlowResolver:
+    """nbdbridge's environment with a preloaded getaddrinfo (libslow_resolver.so) that
+    takes `seconds` while start() is in effect, and logs each slow call."""
+
+    def __init__(self, seconds):
+        shim = os.environ.get("NBDBRIDGE_SLOW_RESOLVER")
+        if not shim:
+            raise h.SkipTest("NBDBRIDGE_SLOW_RESOLVER (built by CMake: libslow_resolver.so) not set")
+        d = h.tmpdir("resolver")
+        self.flag, self.log = os.path.join(d, "slow"), os.path.join(d, "log")
+        self.env = dict(os.environ, LD_PRELOAD=shim, SLOW_RESOLVER_FLAG=self.flag, SLOW_RESOLVER_LOG=self.log,
+                        SLOW_RESOLVER_SECONDS=str(seconds),
+                        ASAN_OPTIONS=(os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0").lstrip(":"))
+
+    def start(self):
+        open(self.flag, "w").close()
+
+    def stop(self):
+        os.unlink(self.flag)
+
+    def wait_resolving(self):
+        h.wait_until(lambda: "slow localhost" in h.read_text(self.log), timeout=15,
+                     what="the reconnect to resolve the name (slowly)")
+
+
+@contextlib.contextmanager
+def _outage_with_a_slow_resolver(resolver, opts):
+    """A mount of nbd://localhost whose server has just been killed and whose reconnect
+    is resolving the name slowly. Gives (server, mount)."""
     srv = FixedTcpNbdkit(["memory", str(16 * MiB)])
-    with srv, h.Mount(h.tmpdir("mp"), ["nbd://localhost:%d/" % srv.port], opts=opts, env=env) as m:
+    with srv, h.Mount(h.tmpdir("mp"), ["nbd://localhost:%d/" % srv.port], opts=opts, env=resolver.env) as m:
         res = io_ops(m.export, ["w:0:4096"], timeout=10, what="a write before the outage", mount=m)
         h.check_eq(res[0][1], "OK", "a write before the outage")
-        open(flag, "w").close()
+        resolver.start()
         srv.kill(signal.SIGKILL)
         srv.proc.wait(timeout=10)
-        h.wait_until(lambda: "slow localhost" in h.read_text(log), timeout=15,
-                     what="the reconnect to resolve the name (slowly)")
+        yield srv, m
+
+
+def test_slow_name_resolution_stalls_nothing_else():
+    # Reconnecting to nbd://localhost resolves the name again; a slow resolver (3 s) must
+    # not hold up the rest of the bridge meanwhile: a request that comes in then still
+    # gets --request-timeout's EIO after 1 s, not after the resolution.
+    resolver = SlowResolver(3)
+    with _outage_with_a_slow_resolver(resolver, ["--request-timeout", "1", "--retry-timeout", "30"]) as (srv, m):
+        resolver.wait_resolving()
         res = io_ops(m.export, ["r:0:4096"], timeout=20, what="a read during the resolution", mount=m)
         h.check_eq(res[0][1], "EIO", "the read (request timeout 1 s)")
         h.check(res[0][2] < 2.5, "the read got its EIO after %.1f s (request timeout 1 s): the loop waited "
                 "for the name resolution" % res[0][2])
-        os.unlink(flag)
+        resolver.stop()
         srv.start()
         h.wait_until(lambda: RECONNECTED_RE.search(m.stderr()), timeout=20, what="the reconnect")
         res = io_ops(m.export, ["r:0:4096"], timeout=30, what="a read after the server came back", mount=m)
@@ -718,26 +745,13 @@ def test_slow_name_resolution_stalls_nothing_else():
 def test_retry_timeout_binds_requests_during_a_slow_name_resolution():
     # The reconnect's attempt is stuck resolving the name (5 s) when --retry-timeout (1 s)
     # runs out: the waiting read fails then, not when the resolution ends.
-    shim = os.environ.get("NBDBRIDGE_SLOW_RESOLVER")
-    if not shim:
-        raise h.SkipTest("NBDBRIDGE_SLOW_RESOLVER (built by CMake: libslow_resolver.so) not set")
-    d = h.tmpdir("resolver")
-    flag, log = os.path.join(d, "slow"), os.path.join(d, "log")
-    env = dict(os.environ, LD_PRELOAD=shim, SLOW_RESOLVER_FLAG=flag, SLOW_RESOLVER_LOG=log,
-               SLOW_RESOLVER_SECONDS="5",
-               ASAN_OPTIONS=(os.environ.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0").lstrip(":"))
-    srv = FixedTcpNbdkit(["memory", str(16 * MiB)])
-    with srv, h.Mount(h.tmpdir("mp"), ["nbd://localhost:%d/" % srv.port], opts=["--retry-timeout", "1"],
-                      env=env) as m:
-        open(flag, "w").close()
-        srv.kill(signal.SIGKILL)
-        srv.proc.wait(timeout=10)
-        t0 = time.monotonic()
-        h.wait_until(lambda: "slow localhost" in h.read_text(log), timeout=15,
-                     what="the reconnect to resolve the name (slowly)")
+    resolver = SlowResolver(5)
+    with _outage_with_a_slow_resolver(resolver, ["--retry-timeout", "1"]) as (srv, m):
+        lost_at = time.monotonic()
+        resolver.wait_resolving()
         res = io_ops(m.export, ["r:0:4096"], timeout=20, what="a read during the resolution", mount=m)
-        waited = time.monotonic() - t0
-        os.unlink(flag)
+        waited = time.monotonic() - lost_at
+        resolver.stop()
         h.check_eq(res[0][1], "EIO", "the read")
         h.check(waited < 3.5, "the read failed %.1f s after the loss (retry timeout 1 s; the resolution "
                 "takes 5 s)" % waited)

@@ -136,7 +136,7 @@ asio::awaitable<std::error_code> BlockIo::zero(std::uint64_t offset, std::uint64
 }
 
 asio::awaitable<std::error_code> BlockIo::flush(bool report_unknown_writes) {
-  if (!info_.can_flush) co_return std::error_code{};
+  if (!info_.can_flush || (!report_unknown_writes && !pool_.has_unflushed_writes())) co_return std::error_code{};
   std::uint64_t mark = 0;
   std::size_t flushed_on = 0;
   std::error_code error = co_await command(Operation::flush, [&](Connection& connection) {

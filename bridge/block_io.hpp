@@ -63,7 +63,9 @@ class BlockIo {
   asio::awaitable<std::error_code> zero(std::uint64_t offset, std::uint64_t length, bool allow_unmap,
                                         Clock::time_point send_until = Clock::time_point::max());
   // report_unknown_writes: fail with EIO, once, when writes acknowledged earlier went
-  // with a lost connection before any flush covered them (fsync; not close's flush).
+  // with a lost connection before any flush covered them (fsync). Without it (close's
+  // flush) nothing is sent when every acknowledged write is covered already: a close
+  // after fsync, or with nothing written, costs no round trip, nor waits for a reconnect.
   asio::awaitable<std::error_code> flush(bool report_unknown_writes = true);
   // lseek SEEK_DATA (want_data) / SEEK_HOLE; ENXIO at or past EOF or with no data after offset.
   asio::awaitable<std::error_code> seek(std::uint64_t offset, bool want_data, std::uint64_t& result);

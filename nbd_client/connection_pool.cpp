@@ -137,6 +137,13 @@ bool ConnectionPool::holds_unflushed_writes(std::size_t index) const {
   return last_write_[index] > covered;
 }
 
+bool ConnectionPool::has_unflushed_writes() const {
+  if (orphaned_writes_) return true;
+  for (std::size_t index = 0; index < last_write_.size(); ++index)
+    if (holds_unflushed_writes(index)) return true;
+  return false;
+}
+
 bool ConnectionPool::any_connection_usable() const {
   return std::any_of(connections_.begin(), connections_.end(), [](const auto& c) { return c->usable(); });
 }

@@ -116,6 +116,8 @@ class ConnectionPool {
   std::uint64_t flush_mark() const { return write_epoch_; }  // taken as a flush is sent
   void flush_succeeded(std::size_t index, std::uint64_t mark);
   bool take_unknown_writes() { return std::exchange(unknown_writes_, false); }
+  // Whether a write acknowledged without FUA still waits for a flush to cover it.
+  bool has_unflushed_writes() const;
 
   void cancel_connect();
   void close();

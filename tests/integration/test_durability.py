@@ -75,6 +75,27 @@ def test_close_after_write_flushes():
                                 % [r["line"] for r in _new_requests(logfile, n1)])
         img = su.server_image(srv.uri)
         h.check_bytes(img[8192:8199], b"closing", "written data on the server")
+        # Nothing left to make durable: a writer's close after fsync, or with no write,
+        # sends no flush (the write is covered already).
+        fd = os.open(m.export, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"synced", 12288)
+            os.fsync(fd)
+            n2 = len(su.log_requests(logfile))
+        finally:
+            os.close(fd)
+        fd = os.open(m.export, os.O_RDWR)
+        os.close(fd)
+        # A last write and close, which flushes: the only flush after n2 must be its.
+        fd = os.open(m.export, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"last", 16384)
+        finally:
+            os.close(fd)
+        flushes = lambda: [r for r in _new_requests(logfile, n2) if r["act"] == "Flush"]  # noqa: E731
+        h.wait_until(flushes, timeout=3, what="NBD flush after the last close")
+        h.check_eq(len(flushes()), 1, "flushes after the fsync (a close with every write flushed already "
+                   "sent one?): %r" % [r["line"] for r in _new_requests(logfile, n2)])
 
 
 def _sync_write_case(flag, flagname, fua_server):

@@ -160,7 +160,7 @@ class BlockIo {
                 std::chrono::steady_clock::time_point sent, std::error_code error, bool durable = false) {
     // Without flush the server keeps no volatile cache: acknowledged is durable.
     if (!error && !durable && info_.can_flush && (operation == Operation::write || operation == Operation::trim_zero))
-      pool_.write_acknowledged(connection.index());
+      pool_.write_acknowledged(connection);
     if (statistics_compiled_in && statistics_)
       statistics_->command_finished(
           operation, connection.index(),

@@ -119,11 +119,24 @@ asio::awaitable<std::error_code> ConnectionPool::async_connect(const Target& req
   co_return std::error_code{};
 }
 
-void ConnectionPool::write_acknowledged(std::size_t index) {
-  if (index < last_write_.size()) last_write_[index] = ++write_epoch_;
+void ConnectionPool::write_acknowledged(const Connection& connection) {
+  const std::size_t index = connection.index();
+  ++write_epoch_;
+  if (index < last_write_.size() && connections_[index].get() == &connection && !connection.was_lost()) {
+    last_write_[index] = write_epoch_;
+    return;
+  }
+  // Its reply came with the loss (delivered after the loss was accounted): the write
+  // shares the lost connection's fate rather than the replacement's.
+  lost_unflushed_ = write_epoch_;
+  if (info_.can_multi_conn && any_connection_usable())
+    orphaned_writes_ = std::max(orphaned_writes_, write_epoch_);
+  else
+    unknown_writes_ = true;
 }
 
 void ConnectionPool::flush_succeeded(std::size_t index, std::uint64_t mark) {
+  if (mark >= lost_unflushed_) lost_unflushed_ = 0;  // sent after the losses: covers what the server kept
   if (index < flushed_.size()) flushed_[index] = std::max(flushed_[index], mark);
   if (info_.can_multi_conn) {
     flushed_everywhere_ = std::max(flushed_everywhere_, mark);
@@ -138,7 +151,7 @@ bool ConnectionPool::holds_unflushed_writes(std::size_t index) const {
 }
 
 bool ConnectionPool::has_unflushed_writes() const {
-  if (orphaned_writes_) return true;
+  if (orphaned_writes_ || lost_unflushed_) return true;
   for (std::size_t index = 0; index < last_write_.size(); ++index)
     if (holds_unflushed_writes(index)) return true;
   return false;
@@ -151,6 +164,7 @@ bool ConnectionPool::any_connection_usable() const {
 // Called as connection `index` is lost, before it is replaced.
 void ConnectionPool::account_lost_writes(std::size_t index) {
   if (holds_unflushed_writes(index)) {
+    lost_unflushed_ = ++write_epoch_;
     // Under multi-conn, while another connection is served the server is alive and its
     // cache holds the writes for a later flush on any connection.
     if (info_.can_multi_conn && any_connection_usable())
@@ -410,22 +424,27 @@ asio::awaitable<Connection*> ConnectionPool::usable_connection(Purpose purpose) 
     if (in_outage_ && !gave_up_ && clock::now() >= outage_started_ + options_.retry_timeout + grace)
       co_return nullptr;
     if (gave_up_) {
-      // Past the retry timeout: one attempt per request, then fail.
-      if (tried_once) co_return nullptr;
-      tried_once = true;
-      // (A draining connection is reconnected once it has closed: wait for that.)
-      if (!connections_[first]->draining() && !start_reconnect(first)) continue;  // over: look again
-    }
-    // A draining connection is reconnected once it has closed; not before, or its
-    // commands in flight would be given up and sent again.
-    bool someone_reconnecting =
-        std::find(reconnecting_.begin(), reconnecting_.end(), true) != reconnecting_.end() ||
-        std::any_of(connections_.begin(), connections_.end(), [](const auto& c) { return c->draining(); });
-    if (!someone_reconnecting && !gave_up_) {
+      // Past the retry timeout: one attempt per request, then fail once it is over
+      // (another connection's attempt ending wakes us too).
+      if (!tried_once) {
+        tried_once = true;
+        // (A draining connection is reconnected once it has closed: wait for that.)
+        if (!connections_[first]->draining() && !start_reconnect(first)) continue;  // over: look again
+      } else if (!reconnecting_[first] && !connections_[first]->draining()) {
+        co_return nullptr;
+      }
+    } else {
+      // A draining connection is reconnected once it has closed; not before, or its
+      // commands in flight would be given up and sent again.
+      bool someone_reconnecting =
+          std::find(reconnecting_.begin(), reconnecting_.end(), true) != reconnecting_.end() ||
+          std::any_of(connections_.begin(), connections_.end(), [](const auto& c) { return c->draining(); });
       // Lost before anyone noticed (e.g. a failed command raced the loss report).
-      if (!start_reconnect(first)) continue;
+      if (!someone_reconnecting && !start_reconnect(first)) continue;
     }
-    co_await wait_for_change((in_outage_ ? outage_started_ : waiting_since) + options_.retry_timeout + grace);
+    // After giving up, a request's own attempt gets the whole retry timeout.
+    co_await wait_for_change((in_outage_ && !gave_up_ ? outage_started_ : waiting_since) + options_.retry_timeout +
+                             grace);
   }
 }
 

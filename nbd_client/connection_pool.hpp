@@ -112,11 +112,12 @@ class ConnectionPool {
   // under multi-conn (one cache for all). A connection lost while holding such writes
   // leaves their fate unknown when the server may have gone with them (no connection
   // left to it); the next fsync is told so once (take_unknown_writes()).
-  void write_acknowledged(std::size_t index);  // a write, zero or trim without FUA
+  void write_acknowledged(const Connection& connection);  // a write, zero or trim without FUA
   std::uint64_t flush_mark() const { return write_epoch_; }  // taken as a flush is sent
   void flush_succeeded(std::size_t index, std::uint64_t mark);
   bool take_unknown_writes() { return std::exchange(unknown_writes_, false); }
-  // Whether a write acknowledged without FUA still waits for a flush to cover it.
+  // Whether a write acknowledged without FUA still waits for a flush to cover it
+  // (close() flushes only then).
   bool has_unflushed_writes() const;
 
   void cancel_connect();
@@ -187,6 +188,10 @@ class ConnectionPool {
   // cache unless every connection goes before a flush covers them.
   std::uint64_t orphaned_writes_ = 0;
   bool unknown_writes_ = false;
+  // Writes went with a lost connection and no flush sent since has succeeded: one may
+  // still cover them if the server survived, so close() sends one. The epoch of the
+  // loss (counted as a write, so a flush sent before it does not clear it); 0: none.
+  std::uint64_t lost_unflushed_ = 0;
   bool closed_ = false;
   std::uint64_t disconnects_ = 0;
   std::uint64_t reconnects_ = 0;

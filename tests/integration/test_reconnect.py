@@ -704,6 +704,13 @@ class SlowResolver:
     def stop(self):
         os.unlink(self.flag)
 
+    def wait_idle(self):
+        """Until every slow resolution begun has ended."""
+        def idle():
+            text = h.read_text(self.log)
+            return text.count("slow ") == text.count("done ")
+        h.wait_until(idle, timeout=15, what="the slow name resolutions under way to end")
+
     def wait_resolving(self):
         h.wait_until(lambda: "slow localhost" in h.read_text(self.log), timeout=15,
                      what="the reconnect to resolve the name (slowly)")
@@ -755,6 +762,21 @@ def test_retry_timeout_binds_requests_during_a_slow_name_resolution():
         h.check_eq(res[0][1], "EIO", "the read")
         h.check(waited < 3.5, "the read failed %.1f s after the loss (retry timeout 1 s; the resolution "
                 "takes 5 s)" % waited)
+
+
+def test_request_after_giving_up_waits_for_its_slow_reconnect():
+    # Past the retry timeout each new request tries to reconnect once; that attempt may
+    # take as long as a name resolution (1 s here), and the request waits for it.
+    resolver = SlowResolver(1)
+    with _outage_with_a_slow_resolver(resolver, ["--retry-timeout", "2"]) as (srv, m):
+        h.wait_until(lambda: GAVE_UP_RE.search(m.stderr()), timeout=10, what="the bridge to give up")
+        # The reconnect attempts under way then end (each fails): the read's own comes next.
+        resolver.wait_idle()
+        srv.start()
+        res = io_ops(m.export, ["r:0:4096"], timeout=20, what="a read after giving up", mount=m)
+        resolver.stop()
+        h.check_eq(res[0][1], "OK:" + hashlib.sha256(bytes(4096)).hexdigest(),
+                   "a read whose reconnect attempt resolves the name for 1 s")
 
 
 def test_unmount_while_reconnecting_to_a_silent_server():
@@ -883,6 +905,26 @@ def test_fsync_after_one_of_several_connections_dropped():
                 h.check_eq(_fsync_errno(fd), "OK", "fsync after dropping connection %d" % connection)
         finally:
             os.close(fd)
+
+
+def test_close_flushes_writes_of_a_dropped_connection():
+    # A write acknowledged on a connection that then dropped was covered by no flush: the
+    # close() after the reconnect must still send one (the server survived and may hold
+    # the write in its cache), though the new connection itself has written nothing.
+    logfile = os.path.join(h.tmpdir("log"), "log")
+    opts = ["--connections", "1", "--replies", "structured", "--connection-threads", "off"]
+    with h.Nbdkit(["memory", str(64 * MiB), "logfile=" + logfile], opts=["--filter=log"]) as srv, \
+            h.Proxy(srv.sock) as proxy, h.Mount(h.tmpdir("mp"), [proxy.uri], opts=opts) as m:
+        fd = os.open(m.export, os.O_RDWR)
+        try:
+            h.check_eq(os.pwrite(fd, wdata(0, 65536), 0), 65536, "a write")
+            proxy.close_one(0)
+            h.wait_until(lambda: RECONNECTED_RE.search(m.stderr()), timeout=10, what="the reconnect")
+            flushes_before = su.count_acts(logfile, "Flush")
+        finally:
+            os.close(fd)
+        h.wait_until(lambda: su.count_acts(logfile, "Flush") > flushes_before, timeout=5,
+                     what="a flush from close() after the reconnect")
 
 
 # ---------------------------------------------------------------------------

@@ -408,6 +408,7 @@ asio::awaitable<Connection*> ConnectionPool::usable_connection(Purpose purpose) 
   constexpr auto grace = std::chrono::seconds(1);  // for the reconnect's own give-up to come first
   purpose = fallback(purpose);  // waiting: any data connection will do
   bool tried_once = false;
+  bool waited_for_the_retries = false;  // pending when the pool gave up: fail then
   auto waiting_since = clock::now();
   std::size_t first = 0;  // the first connection serving purpose: the one to revive
   while (first + 1 < connections_.size() && !serves(first, purpose)) ++first;
@@ -424,8 +425,9 @@ asio::awaitable<Connection*> ConnectionPool::usable_connection(Purpose purpose) 
     if (in_outage_ && !gave_up_ && clock::now() >= outage_started_ + options_.retry_timeout + grace)
       co_return nullptr;
     if (gave_up_) {
-      // Past the retry timeout: one attempt per request, then fail once it is over
-      // (another connection's attempt ending wakes us too).
+      // Pending requests fail as the pool gives up; a new one makes one attempt, and
+      // fails once it is over (another connection's attempt ending wakes us too).
+      if (waited_for_the_retries) co_return nullptr;
       if (!tried_once) {
         tried_once = true;
         // (A draining connection is reconnected once it has closed: wait for that.)
@@ -441,6 +443,7 @@ asio::awaitable<Connection*> ConnectionPool::usable_connection(Purpose purpose) 
           std::any_of(connections_.begin(), connections_.end(), [](const auto& c) { return c->draining(); });
       // Lost before anyone noticed (e.g. a failed command raced the loss report).
       if (!someone_reconnecting && !start_reconnect(first)) continue;
+      waited_for_the_retries = true;
     }
     // After giving up, a request's own attempt gets the whole retry timeout.
     co_await wait_for_change((in_outage_ && !gave_up_ ? outage_started_ : waiting_since) + options_.retry_timeout +

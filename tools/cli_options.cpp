@@ -97,7 +97,8 @@ void setup(CLI::App& app, Options& options) {
         return plain ? std::string() : std::string("expected auto, system or an algorithm's name");
       });
   app.add_option("--retry-timeout", options.retry_timeout_seconds,
-                 "seconds to keep reconnecting to a lost server while requests wait (default 60; 0: fail at once)")
+                 "seconds to keep reconnecting to a lost or restarting server while requests wait (default 60; 0: fail "
+                 "at once)")
       ->check(CLI::NonNegativeNumber);
   app.add_option("--request-timeout", options.request_timeout_seconds,
                  "fail a request with EIO after this many seconds (default 0: no limit)")

@@ -350,15 +350,14 @@ void Connection::report_lost(const std::string& reason) {
 
 void Connection::drain() {
   if (!usable() || draining_.exchange(true)) return;
-  if (threaded_)
-    asio::post(descriptor_.get_executor(), [this] {
-      begin_draining();
-      arm();  // disconnects at once when nothing is in flight
-    });
-  else {
+  auto start = [this] {
     begin_draining();
-    arm();
-  }
+    arm();  // disconnects at once when nothing is in flight
+  };
+  if (threaded_)
+    asio::post(descriptor_.get_executor(), start);
+  else
+    start();
 }
 
 void Connection::begin_draining() {

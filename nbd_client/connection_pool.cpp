@@ -129,8 +129,15 @@ void ConnectionPool::write_acknowledged(const Connection& connection) {
   // Its reply came with the loss (delivered after the loss was accounted): the write
   // shares the lost connection's fate rather than the replacement's.
   lost_unflushed_ = write_epoch_;
+  writes_went_with_a_connection(write_epoch_);
+}
+
+// Writes up to `epoch` went with a lost connection before a flush covered them.
+void ConnectionPool::writes_went_with_a_connection(std::uint64_t epoch) {
+  // Under multi-conn, while another connection is served the server is alive and its
+  // cache holds the writes for a later flush on any connection.
   if (info_.can_multi_conn && any_connection_usable())
-    orphaned_writes_ = std::max(orphaned_writes_, write_epoch_);
+    orphaned_writes_ = std::max(orphaned_writes_, epoch);
   else
     unknown_writes_ = true;
 }
@@ -165,12 +172,7 @@ bool ConnectionPool::any_connection_usable() const {
 void ConnectionPool::account_lost_writes(std::size_t index) {
   if (holds_unflushed_writes(index)) {
     lost_unflushed_ = ++write_epoch_;
-    // Under multi-conn, while another connection is served the server is alive and its
-    // cache holds the writes for a later flush on any connection.
-    if (info_.can_multi_conn && any_connection_usable())
-      orphaned_writes_ = std::max(orphaned_writes_, last_write_[index]);
-    else
-      unknown_writes_ = true;
+    writes_went_with_a_connection(last_write_[index]);
   }
   if (orphaned_writes_ && !any_connection_usable()) {
     unknown_writes_ = true;  // every connection went before a flush covered them

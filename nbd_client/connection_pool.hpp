@@ -137,6 +137,7 @@ class ConnectionPool {
   bool any_connection_usable() const;  // whatever its role: the server is there
   bool holds_unflushed_writes(std::size_t index) const;
   void account_lost_writes(std::size_t index);
+  void writes_went_with_a_connection(std::uint64_t epoch);
   ConnectOptions options_for(Role role) const;
   asio::awaitable<void> open_connections(unsigned count, Role role);
   bool reconnectable() const;

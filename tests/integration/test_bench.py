@@ -130,5 +130,28 @@ def test_a_bridge_that_cannot_start_fails_the_run_loudly():
     h.check(nbd and nbd[0]["workloads"]["qd1"]["ios"] > 0, "the other subject still ran")
 
 
+def test_another_bridge_binary_runs_beside_the_bridge():
+    # An A/B in one run: `bridge-other` is whatever binary --bridge-other names, and each
+    # round reports it against `bridge`.
+    out = h.tmpdir("bench")
+    r = _run_bench(out, ["--never-written", "--rounds", "2", "--runtime", "1", "--workloads", "qd1",
+                         "--subjects", "bridge,bridge-other", "--bridge-other", h.NBDBRIDGE])
+    h.check_eq(r.returncode, 0, "bench exit status (output ends:\n%s)" % r.stderr[-3000:])
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    h.check_eq(results["meta"]["bridge-other"]["binary"], os.path.realpath(h.NBDBRIDGE), "bridge-other's binary")
+    for run in results["runs"]:
+        h.check(run["ok"] and run["workloads"]["qd1"]["ios"] > 0, "%s measured: %r" % (run["subject"], run["errors"]))
+    h.check_eq(sorted(run["subject"] for run in results["runs"]), ["bridge", "bridge", "bridge-other", "bridge-other"],
+               "subjects run, two rounds")
+    with open(os.path.join(out, "summary.txt")) as f:
+        summary = f.read()
+    h.check(re.search(r"^qd1 .*\d\.\d\d \(\d\.\d\d-\d\.\d\d\)", summary, re.MULTILINE)
+            and "bridge-other/bridge" in summary, "no bridge-other/bridge ratio per round:\n%s" % summary)
+    missing = _run_bench(h.tmpdir("bench"), ["--quick", "--workloads", "qd1", "--subjects", "bridge,bridge-other"])
+    h.check(missing.returncode != 0, "a run with bridge-other but no --bridge-other succeeded")
+    h.check("needs --bridge-other" in missing.stderr, "error message: %s" % missing.stderr[-1000:])
+
+
 if __name__ == "__main__":
     h.main(globals())

@@ -29,11 +29,13 @@ EXPORT_SIZE = "1G"
 EXPORT_BYTES = 1 << 30
 SUBJECTS = ("bridge", "nbdfuse", "qsd", "nbd")
 PEERS = ("nbdfuse", "qsd")
-FUSE_SUBJECTS = ("bridge", "nbdfuse", "qsd", "bridge-nostats", "bridge-threads")
+FUSE_SUBJECTS = ("bridge", "nbdfuse", "qsd", "bridge-nostats", "bridge-threads", "bridge-other")
 # Not run by default: nbdbridge built with -DNBDBRIDGE_STATISTICS=OFF, to measure
 # what recording statistics costs (tools/bench builds it into build-nostats/);
-# and the same binary as `bridge` with a thread per NBD connection.
-OPTIONAL_SUBJECTS = ("bridge-nostats", "bridge-threads")
+# the same binary as `bridge` with a thread per NBD connection; and any other
+# nbdbridge binary (--bridge-other: an older commit, an experiment) for an A/B
+# side by side with `bridge` in one run.
+OPTIONAL_SUBJECTS = ("bridge-nostats", "bridge-threads", "bridge-other")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 SERVER_START_DEADLINE = 15   # seconds for nbdkit to accept connections
@@ -938,7 +940,7 @@ def round_ratio_rows(config, ratio, show_peer, show_nbd):
 
 
 COLOURS = {"bridge": "#d62728", "nbdfuse": "#1f77b4", "qsd": "#2ca02c", "nbd": "#7f7f7f",
-           "bridge-nostats": "#ff9896", "bridge-threads": "#9467bd"}
+           "bridge-nostats": "#ff9896", "bridge-threads": "#9467bd", "bridge-other": "#8c564b"}
 
 
 def plot(config, summary, path):
@@ -1005,7 +1007,8 @@ def parse_args():
         epilog="subjects: bridge (build/nbdbridge, extra arguments from $BRIDGE_ARGS), nbdfuse "
                "(libnbd-bin), qsd (qemu-storage-daemon FUSE export over its nbd driver), nbd "
                "(fio's nbd engine straight to the server: the no-FUSE ceiling); optional: "
-               "bridge-threads (the same binary with --connection-threads all), bridge-nostats. "
+               "bridge-threads (the same binary with --connection-threads all), bridge-nostats, "
+               "bridge-other (the binary given by --bridge-other, with $BRIDGE_ARGS too). "
                "workloads: "
                + "; ".join(f"{w.name} = {w.description}" for w in WORKLOADS)
                + ". Exits non-zero if any subject failed to run or did no I/O.")
@@ -1044,6 +1047,10 @@ def parse_args():
     p.add_argument("--bridge", default="build/nbdbridge", help="the nbdbridge binary")
     p.add_argument("--bridge-nostats", default="build-nostats/nbdbridge",
                    help="nbdbridge built without statistics (subject bridge-nostats)")
+    p.add_argument("--bridge-other",
+                   help="another nbdbridge binary (subject bridge-other), e.g. an older commit's build, "
+                        "to compare with bridge in one run; run it twice with the two binaries swapped, "
+                        "since a subject's place in the round moves its numbers")
     args = p.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.runtime = args.runtime or (2 if args.quick else 5)
@@ -1082,6 +1089,8 @@ def check_tools(args):
     problems += [f"{tool} is not installed" for tool in sorted(needed) if not shutil.which(tool)]
     if "bridge" in args.subjects and not os.access(args.bridge, os.X_OK):
         problems.append(f"nbdbridge binary {args.bridge} is missing (build it first)")
+    if "bridge-other" in args.subjects and not (args.bridge_other and os.access(args.bridge_other, os.X_OK)):
+        problems.append("subject bridge-other needs --bridge-other BINARY (an executable nbdbridge)")
     if set(args.subjects) & set(FUSE_SUBJECTS) and not os.path.exists("/dev/fuse"):
         problems.append("/dev/fuse is missing")
     if "nbd" in args.subjects and shutil.which("fio"):
@@ -1166,13 +1175,14 @@ def main():
         meta["bridge"] = {"binary": str(Path(args.bridge).resolve()), "args": bridge_args,
                           "sha256": hashlib.sha256(Path(bridge_copy).read_bytes()).hexdigest()}
 
-    if "bridge-nostats" in args.subjects:
-        nostats_copy = f"{work}/nbdbridge-nostats"
-        shutil.copy2(args.bridge_nostats, nostats_copy)
-        config.setdefault("bridge_argv", {})["bridge-nostats"] = [
-            nostats_copy, *shlex.split(os.environ.get("BRIDGE_ARGS", ""))]
-        meta["bridge-nostats"] = {"binary": str(Path(args.bridge_nostats).resolve()),
-                                  "sha256": hashlib.sha256(Path(nostats_copy).read_bytes()).hexdigest()}
+    for subject, binary in (("bridge-nostats", args.bridge_nostats), ("bridge-other", args.bridge_other)):
+        if subject not in args.subjects:
+            continue
+        copy = f"{work}/nbdbridge-{subject}"
+        shutil.copy2(binary, copy)
+        config.setdefault("bridge_argv", {})[subject] = [copy, *shlex.split(os.environ.get("BRIDGE_ARGS", ""))]
+        meta[subject] = {"binary": str(Path(binary).resolve()),
+                         "sha256": hashlib.sha256(Path(copy).read_bytes()).hexdigest()}
 
     log(f"tools/bench: {args.rounds} round(s) x {len(args.workloads)} workload(s) x "
         f"{args.runtime} s, subjects {', '.join(args.subjects)}; results in {out}")

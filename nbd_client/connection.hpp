@@ -245,6 +245,8 @@ class Connection {
   static constexpr std::chrono::seconds drain_limit{10};
   // Drained or draining, not yet lost.
   bool draining() const { return handle_ && draining_ && !lost_; }
+  // drain() was called, whatever came after (lost, closed).
+  bool drain_requested() const { return draining_.load(); }
 
   // Buffers must stay valid until completion. Requests longer than the server's
   // maximum are split into chunks issued together; the first error wins.

@@ -330,6 +330,9 @@ void ConnectionPool::lost(std::size_t index, const std::string& reason) {
 // retry timeout has passed with no usable connection at all.
 asio::awaitable<void> ConnectionPool::reconnect(std::size_t index) {
   reconnecting_[index] = true;
+  // Only the reconnect that follows a graceful stop's drain starts refusal_window: one
+  // after a dropped connection must not make the next graceful stop look like a refusal.
+  const bool after_shutdown_drain = connections_[index]->drain_requested();
   auto started = clock::now();
   auto delay = std::chrono::milliseconds(50);
   asio::steady_timer pause(executor_);
@@ -357,7 +360,7 @@ asio::awaitable<void> ConnectionPool::reconnect(std::size_t index) {
     if (!error) {
       watch(index);
       ++reconnects_;
-      if (shutdown_drained_) shutdown_drained_at_ = clock::now();  // refusal_window runs from here
+      if (after_shutdown_drain) shutdown_drained_at_ = clock::now();  // refusal_window runs from here
       if (on_connection_restored) on_connection_restored(index, clock::now() - started);
       say("reconnected " + describe(index) + " after " + std::to_string(milliseconds_since(started)) + " ms");
       // The outage (no data connection at all) ends with a data connection, not with the

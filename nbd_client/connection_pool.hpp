@@ -175,7 +175,7 @@ class ConnectionPool {
   bool gave_up_ = false;
   bool export_changed_ = false;
   // server_shutting_down(): when every connection was last drained for it, or
-  // reconnected after that.
+  // reconnected after that drain (not after a loss for any other reason).
   bool shutdown_drained_ = false;
   bool refusal_reported_ = false;
   std::chrono::steady_clock::time_point shutdown_drained_at_{};

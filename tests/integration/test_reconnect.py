@@ -648,6 +648,48 @@ def test_server_shutdown_reply_is_carried_through_the_restart():
         h.check(RECONNECTED_RE.search(text), "no 'reconnected' line: %s" % text[-2000:])
 
 
+def test_a_later_graceful_stop_right_after_an_unrelated_reconnect_is_carried_through():
+    # The 5 s in which a second ESHUTDOWN is taken for a refusing server run from the
+    # reconnect that followed a graceful stop, not from every later reconnect. Here the
+    # server is stopped gracefully once, later killed and restarted (a reconnect for another
+    # reason), and stopped gracefully again at once: that stop must be carried through too.
+    # (tools/soak found it: a graceful stop soon after a dropped connection got EIO.)
+    with _read_held_by_the_server(["--retry-timeout", "20"]) as (img, srv, m, child, logfile):
+        def restart_holding_reads():
+            log = os.path.join(h.tmpdir("log"), "log")
+            srv.args = ["file", img, "logfile=" + log, "delay-read=60"]
+            srv.start()
+            h.wait_until(lambda: _log_has_pending_read(log, MiB), timeout=15,
+                         what="the read to be sent again to the restarted server")
+
+        def stop_gracefully(what):
+            srv.kill(signal.SIGTERM)
+            h.wait_until(lambda: srv.proc.poll() is not None, timeout=15,
+                         what="the server stopped gracefully (%s) to exit: the bridge to close its "
+                              "connections (stderr: %s)" % (what, m.stderr()[-1500:]))
+            kill_server_rm_sock(srv, already_dead=True)
+            h.check(child.poll() is None, "the read finished at the %s: %s"
+                    % (what, child.stdout.read() if child.poll() is not None else ""))
+
+        stop_gracefully("first stop")
+        restart_holding_reads()
+        first_reconnect = time.monotonic()
+        # Past the refusal window of the first stop's reconnect (5 s).
+        h.wait_until(lambda: time.monotonic() - first_reconnect > 5.5, timeout=10,
+                     what="the first stop's refusal window to pass")
+        reconnects = len(RECONNECTED_RE.findall(m.stderr()))
+        kill_server_rm_sock(srv)
+        restart_holding_reads()
+        h.wait_until(lambda: len(RECONNECTED_RE.findall(m.stderr())) > reconnects, timeout=15,
+                     what="the reconnect after the kill")
+        stop_gracefully("second stop, right after the kill's reconnect")
+        srv.args = ["file", img]
+        srv.start()
+        res = finish_io(child, 30, "the read across three restarts", m)
+        h.check_eq([r[:2] for r in res], [("r", "OK:" + file_sha(img, MiB, 4096))], "the read")
+        h.check("taken for a refusal" not in m.stderr(), "a stop was taken for a refusal: %s" % m.stderr()[-2000:])
+
+
 def test_server_refusing_with_eshutdown_but_staying():
     # A server that answers ESHUTDOWN and stays up (nbdkit's error filter here; a plugin
     # failing with ESHUTDOWN looks the same): the bridge may take it for a stop once, but

@@ -466,17 +466,19 @@ void FileSystem::setattr(fuse_req_t request, fuse_ino_t inode, const struct stat
     fuse_reply_err(request, ENOENT);
     return;
   }
-  // The export has a fixed size and fixed ownership; timestamps are accepted and
-  // left stable so that `touch` and `cp -p` do not fail.
+  // The export has a fixed size, mode and ownership. Setting them to what they are,
+  // and any timestamps (left stable), is accepted so that `touch` and `cp -p` work.
+  struct stat attributes = attributes_of(inode);
   if ((to_set & FUSE_SET_ATTR_SIZE) && (!is_file(inode) || std::uint64_t(wanted.st_size) != export_.size)) {
-    fuse_reply_err(request, is_file(inode) ? EINVAL : EISDIR);
+    fuse_reply_err(request, is_file(inode) ? EINVAL : inode == stats_inode ? EPERM : EISDIR);
     return;
   }
-  if (to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) {
+  if (((to_set & FUSE_SET_ATTR_MODE) && (wanted.st_mode & 07777) != (attributes.st_mode & 07777)) ||
+      ((to_set & FUSE_SET_ATTR_UID) && wanted.st_uid != attributes.st_uid) ||
+      ((to_set & FUSE_SET_ATTR_GID) && wanted.st_gid != attributes.st_gid)) {
     fuse_reply_err(request, EPERM);
     return;
   }
-  struct stat attributes = attributes_of(inode);
   fuse_reply_attr(request, &attributes, is_file(inode) ? file_attribute_timeout_seconds : attribute_timeout_seconds);
 }
 
@@ -574,8 +576,10 @@ void FileSystem::fallocate(fuse_req_t request, int mode, off_t offset, off_t len
   const bool keep_size = mode & FALLOC_FL_KEEP_SIZE;
   const int kind = mode & ~FALLOC_FL_KEEP_SIZE;
   if (kind == 0) {
-    // Preallocation: every byte inside the export already exists on the server.
-    fuse_reply_err(request, keep_size || end <= export_.size ? 0 : EOPNOTSUPP);
+    // Preallocation: every byte inside the export already exists on the server. Past
+    // the end it would grow the file: ENOSPC, as for a write there. Not EOPNOTSUPP,
+    // which makes glibc's posix_fallocate emulate it by writing into every block.
+    fuse_reply_err(request, keep_size || end <= export_.size ? 0 : ENOSPC);
     return;
   }
   if (kind != FALLOC_FL_PUNCH_HOLE && kind != FALLOC_FL_ZERO_RANGE) {

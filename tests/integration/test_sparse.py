@@ -79,6 +79,11 @@ def test_punch_hole_and_zero_range():
             % [r["line"] for r in zeros])
 
 
+def _write_count(m):
+    with open(os.path.join(m.mountdir, ".stats")) as f:
+        return json.load(f)["operations"]["write"]["count"]
+
+
 def test_fallocate_modes():
     with h.Nbdkit(["memory", str(SMALL)]) as srv, h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
         fd = os.open(m.export, os.O_RDWR)
@@ -92,6 +97,14 @@ def test_fallocate_modes():
             h.check_eq(h.errno_name(e), "OK", "fallocate(KEEP_SIZE) across EOF")
             h.check_bytes(os.pread(fd, 7, 4096), b"keep me", "data after preallocation")
             h.check_eq(os.fstat(fd).st_size, SMALL, "st_size after preallocation")
+            # mode 0 past the end would grow the file: ENOSPC at once, as a write there gets.
+            # (EOPNOTSUPP would make glibc's posix_fallocate write into every block instead.)
+            writes = _write_count(m)
+            e = su.fallocate(fd, 0, SMALL - 10, MiB)
+            h.check_eq(h.errno_name(e), "ENOSPC", "fallocate(mode 0) across EOF")
+            e, _ = h.os_errno(os.posix_fallocate, fd, SMALL - 10, MiB)
+            h.check_eq(h.errno_name(e), "ENOSPC", "posix_fallocate across EOF")
+            h.check_eq(_write_count(m), writes, "writes sent for a refused preallocation")
             # collapse / insert range: EOPNOTSUPP (ctypes and CLI)
             for name, mode in (("collapse", su.FALLOC_FL_COLLAPSE_RANGE),
                                ("insert", su.FALLOC_FL_INSERT_RANGE)):

@@ -191,6 +191,31 @@ def test_size_is_fixed_truncate_and_o_trunc():
         h.check_bytes(data[len(small):], bytes(SIZE - len(small)), "the bytes past the copy")
 
 
+def test_mode_and_owner_are_fixed_but_may_be_set_to_themselves():
+    # chmod/chown to other values: EPERM. To the values they have: accepted, so that
+    # `cp -p` (which sets mode, owner and times) into the export works.
+    img, data = _random_image(SIZE // 4)
+    with h.Nbdkit(["memory", str(SIZE)]) as srv, h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
+        st = os.stat(m.export)
+        e, _ = h.os_errno(os.chmod, m.export, st.st_mode & 0o7777)
+        h.check_eq(h.errno_name(e), "OK", "chmod to the mode it has")
+        e, _ = h.os_errno(os.chown, m.export, st.st_uid, st.st_gid)
+        h.check_eq(h.errno_name(e), "OK", "chown to the owner it has")
+        e, _ = h.os_errno(os.chmod, m.export, (st.st_mode & 0o7777) ^ 0o040)
+        h.check_eq(h.errno_name(e), "EPERM", "chmod to another mode")
+        e, _ = h.os_errno(os.chown, m.export, st.st_uid + 1, -1)
+        h.check_eq(h.errno_name(e), "EPERM", "chown to another owner")
+        h.check_eq(os.stat(m.export).st_mode, st.st_mode, "mode after the refused chmod")
+        os.chmod(img, st.st_mode & 0o7777)
+        r = h.run(["cp", "-p", img, m.export], timeout=60)
+        h.check_eq(r.returncode, 0, "cp -p into the export (%s)" % r.stderr.strip())
+        with open(m.export, "rb") as f:
+            h.check_bytes(f.read(len(data)), data, "the bytes cp -p copied")
+        stats = os.path.join(m.mountdir, ".stats")
+        e, _ = h.os_errno(os.truncate, stats, 0)
+        h.check_eq(h.errno_name(e), "EPERM", "truncate of .stats (root passes its 0444)")
+
+
 def test_statfs_and_fixed_timestamps():
     # df shows the export's size, all used; the timestamps stay those of the mount.
     with h.Nbdkit(["memory", str(SIZE)]) as srv, h.Mount(h.tmpdir("mp"), [srv.uri]) as m:

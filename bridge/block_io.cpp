@@ -135,8 +135,8 @@ asio::awaitable<std::error_code> BlockIo::zero(std::uint64_t offset, std::uint64
   co_return std::error_code{};
 }
 
-asio::awaitable<std::error_code> BlockIo::flush(bool report_unknown_writes) {
-  if (!info_.can_flush || (!report_unknown_writes && !pool_.has_unflushed_writes())) co_return std::error_code{};
+asio::awaitable<std::error_code> BlockIo::flush(bool always) {
+  if (!info_.can_flush || (!always && !pool_.has_unflushed_writes())) co_return std::error_code{};
   std::uint64_t mark = 0;
   std::size_t flushed_on = 0;
   std::error_code error = co_await command(Operation::flush, [&](Connection& connection) {
@@ -147,7 +147,6 @@ asio::awaitable<std::error_code> BlockIo::flush(bool report_unknown_writes) {
   });
   if (error) co_return error;
   pool_.flush_succeeded(flushed_on, mark);
-  if (report_unknown_writes && pool_.take_unknown_writes()) co_return errno_code(EIO);
   co_return std::error_code{};
 }
 

@@ -62,11 +62,12 @@ class BlockIo {
   // Makes the range read as zeros. allow_unmap: the server may deallocate it.
   asio::awaitable<std::error_code> zero(std::uint64_t offset, std::uint64_t length, bool allow_unmap,
                                         Clock::time_point send_until = Clock::time_point::max());
-  // report_unknown_writes: fail with EIO, once, when writes acknowledged earlier went
-  // with a lost connection before any flush covered them (fsync). Without it (close's
-  // flush) nothing is sent when every acknowledged write is covered already: a close
+  // always: send the flush even when every acknowledged write is covered already
+  // (fsync, durable writes). Without it (close's flush) nothing is sent then: a close
   // after fsync, or with nothing written, costs no round trip, nor waits for a reconnect.
-  asio::awaitable<std::error_code> flush(bool report_unknown_writes = true);
+  asio::awaitable<std::error_code> flush(bool always = true);
+  // Losses of connections that left acknowledged writes' fate unknown (fsync tells of them).
+  std::uint64_t unknown_writes_events() const { return pool_.unknown_writes_events(); }
   // lseek SEEK_DATA (want_data) / SEEK_HOLE; ENXIO at or past EOF or with no data after offset.
   asio::awaitable<std::error_code> seek(std::uint64_t offset, bool want_data, std::uint64_t& result);
   // Bytes the server reports as allocated, scanning at most `max_commands` block-status

@@ -40,7 +40,11 @@ constexpr double attribute_timeout_seconds = 3600.0;
 // The file's st_blocks follows the server's allocation, so its attributes are
 // cached only briefly.
 constexpr double file_attribute_timeout_seconds = 1.0;
-constexpr std::uint64_t writable_handle = 1;  // fuse_file_info::fh of a handle opened for writing
+// fuse_file_info::fh: .stats handles count up from 2; the export's carry export_handle,
+// and writable_handle when opened for writing (libfuse passes FLUSH no open flags),
+// above a serial number.
+constexpr std::uint64_t export_handle = std::uint64_t(1) << 63;
+constexpr std::uint64_t writable_handle = std::uint64_t(1) << 62;
 constexpr std::uint32_t FOPEN_PARALLEL_DIRECT_WRITES = 1u << 6;  // linux/fuse.h; no field in libfuse 3.14
 constexpr std::size_t largest_request = 1u << 20;  // FUSE max_write/max_read on this kernel
 
@@ -348,9 +352,21 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
 }
 
 // fsync: close()'s flush is not where an application looks for lost writes; fsync is.
-asio::awaitable<void> FileSystem::serve_flush(fuse_req_t request, bool fsync) {
+// As Linux reports a writeback error, each open file is told once of writes whose fate
+// a lost connection left unknown since it was last told (or opened): one caller's
+// fsync (a reader's `sync FILE`, say) does not take the error from the writer's.
+asio::awaitable<void> FileSystem::serve_flush(fuse_req_t request, bool fsync, std::uint64_t handle) {
   Tracked tracked(*this, request, Operation::flush, fsync ? "FSYNC" : "FLUSH", 0, 0);
-  tracked.reply_error(to_application_errno(co_await io_.flush(/*report_unknown_writes=*/fsync)));
+  std::error_code error = co_await io_.flush(/*always=*/fsync);
+  if (!error && fsync) {
+    const std::uint64_t events = io_.unknown_writes_events();
+    if (auto told = unknown_writes_told_.find(handle); told != unknown_writes_told_.end() && told->second < events) {
+      told->second = events;
+      unknown_writes_reported_ = events;
+      error = std::error_code(EIO, std::generic_category());
+    }
+  }
+  tracked.reply_error(to_application_errno(error));
 }
 
 asio::awaitable<void> FileSystem::serve_zero(fuse_req_t request, std::uint64_t offset, std::uint64_t length,
@@ -504,8 +520,9 @@ void FileSystem::open(fuse_req_t request, fuse_ino_t inode, fuse_file_info* file
     return;
   }
   // O_TRUNC is ignored, as for a block device: the export cannot shrink.
-  // libfuse passes FLUSH no open flags, so the handle records whether it may write.
-  file->fh = (file->flags & O_ACCMODE) != O_RDONLY ? writable_handle : 0;
+  file->fh = export_handle | next_export_handle_++ | ((file->flags & O_ACCMODE) != O_RDONLY ? writable_handle : 0);
+  // A loss no open file was told of yet is told to this one too (as Linux does).
+  unknown_writes_told_[file->fh] = std::min(unknown_writes_reported_, io_.unknown_writes_events());
   file->direct_io = options_.cache == CacheMode::none;
   file->keep_cache = 0;  // page mode: drop cached pages at each open, as other clients may write
   // Direct writes need not take the inode lock exclusively: NBD orders nothing
@@ -515,8 +532,7 @@ void FileSystem::open(fuse_req_t request, fuse_ino_t inode, fuse_file_info* file
 }
 
 void FileSystem::read(fuse_req_t request, std::size_t size, off_t offset, const fuse_file_info* file) {
-  // Export handles are 0 or writable_handle; only .stats handles are larger.
-  if (auto snapshot = file->fh > writable_handle ? stats_snapshots_.find(file->fh) : stats_snapshots_.end();
+  if (auto snapshot = (file->fh & export_handle) ? stats_snapshots_.end() : stats_snapshots_.find(file->fh);
       snapshot != stats_snapshots_.end()) {
     const std::string& text = snapshot->second;
     std::size_t start = std::min<std::size_t>(std::size_t(offset), text.size());
@@ -551,19 +567,19 @@ void FileSystem::write(fuse_req_t request, const char* data, std::size_t size, o
 
 void FileSystem::flush(fuse_req_t request, const fuse_file_info* file) {
   // FLUSH comes with every close(); a reader's close has nothing to make durable.
-  if (file->fh != writable_handle || !export_.can_flush) {
+  if (!(file->fh & writable_handle) || !export_.can_flush) {
     fuse_reply_err(request, 0);
     return;
   }
-  asio::co_spawn(executor_, serve_flush(request, /*fsync=*/false), asio::detached);
+  asio::co_spawn(executor_, serve_flush(request, /*fsync=*/false, file->fh), asio::detached);
 }
 
-void FileSystem::fsync(fuse_req_t request, bool, const fuse_file_info*) {
+void FileSystem::fsync(fuse_req_t request, bool, const fuse_file_info* file) {
   if (!export_.can_flush || export_.read_only) {
     fuse_reply_err(request, 0);
     return;
   }
-  asio::co_spawn(executor_, serve_flush(request, /*fsync=*/true), asio::detached);
+  asio::co_spawn(executor_, serve_flush(request, /*fsync=*/true, file->fh), asio::detached);
 }
 
 void FileSystem::fallocate(fuse_req_t request, int mode, off_t offset, off_t length) {
@@ -621,6 +637,7 @@ void FileSystem::lseek(fuse_req_t request, off_t offset, int whence) {
 
 void FileSystem::release(fuse_req_t request, fuse_ino_t, const fuse_file_info* file) {
   stats_snapshots_.erase(file->fh);
+  unknown_writes_told_.erase(file->fh);
   fuse_reply_err(request, 0);
 }
 

@@ -149,7 +149,7 @@ class FileSystem final : public fuse_front::Handlers {
   void hand_over(Job job);
   asio::awaitable<void> request_server(RequestServer& self);
   void stop_request_servers();
-  asio::awaitable<void> serve_flush(fuse_req_t request, bool fsync);
+  asio::awaitable<void> serve_flush(fuse_req_t request, bool fsync, std::uint64_t handle);
   asio::awaitable<void> serve_zero(fuse_req_t request, std::uint64_t offset, std::uint64_t length, bool allow_unmap);
   asio::awaitable<void> serve_seek(fuse_req_t request, std::uint64_t offset, bool want_data);
   // st_blocks follows the server's allocation, re-counted in the background
@@ -175,6 +175,11 @@ class FileSystem final : public fuse_front::Handlers {
   // Open handles of the .stats file: each holds the JSON taken at its open.
   std::unordered_map<std::uint64_t, std::string> stats_snapshots_;
   std::uint64_t next_stats_handle_ = 2;
+  // Open handles of the export: how many losses of acknowledged writes (BlockIo::
+  // unknown_writes_events()) each was told of by fsync; and the most any was told of.
+  std::unordered_map<std::uint64_t, std::uint64_t> unknown_writes_told_;
+  std::uint64_t unknown_writes_reported_ = 0;
+  std::uint64_t next_export_handle_ = 1;
   std::uint64_t allocated_bytes_ = 0;
   bool allocation_stale_ = true;
   bool allocation_counting_ = false;

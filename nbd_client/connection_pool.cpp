@@ -139,7 +139,7 @@ void ConnectionPool::writes_went_with_a_connection(std::uint64_t epoch) {
   if (info_.can_multi_conn && any_connection_usable())
     orphaned_writes_ = std::max(orphaned_writes_, epoch);
   else
-    unknown_writes_ = true;
+    ++unknown_writes_events_;
 }
 
 void ConnectionPool::flush_succeeded(std::size_t index, std::uint64_t mark) {
@@ -175,7 +175,7 @@ void ConnectionPool::account_lost_writes(std::size_t index) {
     writes_went_with_a_connection(last_write_[index]);
   }
   if (orphaned_writes_ && !any_connection_usable()) {
-    unknown_writes_ = true;  // every connection went before a flush covered them
+    ++unknown_writes_events_;  // every connection went before a flush covered them
     orphaned_writes_ = 0;
   }
   if (index < last_write_.size()) last_write_[index] = flushed_[index] = 0;  // the slot's next connection starts clean

@@ -111,11 +111,12 @@ class ConnectionPool {
   // only once a flush sent after it has succeeded: on its own connection, or on any one
   // under multi-conn (one cache for all). A connection lost while holding such writes
   // leaves their fate unknown when the server may have gone with them (no connection
-  // left to it); the next fsync is told so once (take_unknown_writes()).
+  // left to it): unknown_writes_events() counts such losses, and each open file is told
+  // of them once, at its next fsync (FileSystem).
   void write_acknowledged(const Connection& connection);  // a write, zero or trim without FUA
   std::uint64_t flush_mark() const { return write_epoch_; }  // taken as a flush is sent
   void flush_succeeded(std::size_t index, std::uint64_t mark);
-  bool take_unknown_writes() { return std::exchange(unknown_writes_, false); }
+  std::uint64_t unknown_writes_events() const { return unknown_writes_events_; }
   // Whether a write acknowledged without FUA still waits for a flush to cover it
   // (close() flushes only then).
   bool has_unflushed_writes() const;
@@ -188,7 +189,7 @@ class ConnectionPool {
   // Writes of a connection lost while others still served: safe in the server's shared
   // cache unless every connection goes before a flush covers them.
   std::uint64_t orphaned_writes_ = 0;
-  bool unknown_writes_ = false;
+  std::uint64_t unknown_writes_events_ = 0;  // losses that left acknowledged writes' fate unknown
   // Writes went with a lost connection and no flush sent since has succeeded: one may
   // still cover them if the server survived, so close() sends one. The epoch of the
   // loss (counted as a write, so a flush sent before it does not clear it); 0: none.

@@ -926,6 +926,34 @@ def test_fsync_tells_of_writes_a_restarted_server_may_have_lost():
     h.check_eq(_write_then_restart(flush_first=False), ["EIO", "OK"], "fsyncs after the restart")
 
 
+def test_fsync_tells_every_open_file_of_writes_a_restarted_server_may_have_lost():
+    # As Linux reports a writeback error to each open file description: a reader's fsync
+    # (`sync FILE`) must not take the error away from the writer's. A file opened after the
+    # loss is told too while no open file has been told yet; one opened after that is not.
+    img = random_image(64 * MiB)
+    with h.Nbdkit(["file", img]) as srv, \
+            h.Mount(h.tmpdir("mp"), ["--unix", srv.sock], opts=["--retry-timeout", "2"]) as m:
+        writer = os.open(m.export, os.O_RDWR)
+        reader = os.open(m.export, os.O_RDONLY)
+        later = []
+        try:
+            h.check_eq(os.pwrite(writer, wdata(0, 65536), 0), 65536, "the write before the kill")
+            kill_server_rm_sock(srv)
+            h.wait_until(lambda: LOST_RE.search(m.stderr()), timeout=10, what="'lost' line on stderr")
+            srv.start()
+            h.check_eq(len(os.pread(reader, 4096, MiB)), 4096, "a read through the reconnect")
+            later.append(os.open(m.export, os.O_RDONLY))
+            results = [_fsync_errno(later[0]), _fsync_errno(reader), _fsync_errno(writer), _fsync_errno(writer)]
+            later.append(os.open(m.export, os.O_RDWR))
+            results.append(_fsync_errno(later[1]))
+            h.check_eq(results, ["EIO", "EIO", "EIO", "OK", "OK"],
+                       "fsyncs: a file opened after the loss, the reader, the writer twice, a file opened "
+                       "once all were told")
+        finally:
+            for fd in [writer, reader] + later:
+                os.close(fd)
+
+
 def test_fsync_after_a_restart_with_everything_flushed():
     h.check_eq(_write_then_restart(flush_first=True), ["OK", "OK"], "fsyncs after the restart")
 

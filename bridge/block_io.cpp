@@ -180,7 +180,14 @@ asio::awaitable<std::error_code> BlockIo::seek(std::uint64_t offset, bool want_d
       result = found;
       co_return std::error_code{};
     }
-    position = extents.back().offset + extents.back().length;
+    const std::uint64_t described_to = extents.back().offset + extents.back().length;
+    if (described_to <= position) {
+      // Extents that end before where we are (the spec forbids them): asking again
+      // would get the same, forever. Treat the rest as data, as for no extents at all.
+      result = want_data ? position : info_.size;
+      co_return std::error_code{};
+    }
+    position = described_to;
   }
   if (want_data) co_return errno_code(ENXIO);
   result = info_.size;  // the implicit hole at EOF

@@ -575,7 +575,7 @@ void FileSystem::flush(fuse_req_t request, const fuse_file_info* file) {
 }
 
 void FileSystem::fsync(fuse_req_t request, bool, const fuse_file_info* file) {
-  if (!export_.can_flush || export_.read_only) {
+  if (!export_.can_flush || export_.read_only || !(file->fh & export_handle)) {  // .stats: nothing to flush
     fuse_reply_err(request, 0);
     return;
   }
@@ -623,12 +623,13 @@ void FileSystem::fallocate(fuse_req_t request, int mode, off_t offset, off_t len
                  asio::detached);
 }
 
-void FileSystem::lseek(fuse_req_t request, off_t offset, int whence) {
+void FileSystem::lseek(fuse_req_t request, off_t offset, int whence, const fuse_file_info* file) {
   if (whence != SEEK_DATA && whence != SEEK_HOLE) {
     fuse_reply_err(request, EINVAL);  // the kernel handles SEEK_SET/CUR/END itself
     return;
   }
-  if (offset < 0) {
+  // .stats says st_size 0: every offset is at or past its end.
+  if (offset < 0 || !(file->fh & export_handle)) {
     fuse_reply_err(request, ENXIO);
     return;
   }

@@ -77,7 +77,7 @@ class FileSystem final : public fuse_front::Handlers {
   void readdir(fuse_req_t request, fuse_ino_t inode, std::size_t size, off_t offset) override;
   void statfs(fuse_req_t request) override;
   void fallocate(fuse_req_t request, int mode, off_t offset, off_t length) override;
-  void lseek(fuse_req_t request, off_t offset, int whence) override;
+  void lseek(fuse_req_t request, off_t offset, int whence, const fuse_file_info* file) override;
   void release(fuse_req_t request, fuse_ino_t inode, const fuse_file_info* file) override;
 
  private:

@@ -51,8 +51,8 @@ fuse_lowlevel_ops operations_table() {
   table.fallocate = [](fuse_req_t request, fuse_ino_t, int mode, off_t offset, off_t length, fuse_file_info*) {
     handlers_of(request).fallocate(request, mode, offset, length);
   };
-  table.lseek = [](fuse_req_t request, fuse_ino_t, off_t offset, int whence, fuse_file_info*) {
-    handlers_of(request).lseek(request, offset, whence);
+  table.lseek = [](fuse_req_t request, fuse_ino_t, off_t offset, int whence, fuse_file_info* file) {
+    handlers_of(request).lseek(request, offset, whence, file);
   };
   return table;
 }

@@ -26,7 +26,7 @@ class Handlers {
   virtual void readdir(fuse_req_t request, fuse_ino_t inode, std::size_t size, off_t offset) = 0;
   virtual void statfs(fuse_req_t request) = 0;
   virtual void fallocate(fuse_req_t request, int mode, off_t offset, off_t length) = 0;
-  virtual void lseek(fuse_req_t request, off_t offset, int whence) = 0;
+  virtual void lseek(fuse_req_t request, off_t offset, int whence, const fuse_file_info* file) = 0;
   virtual void release(fuse_req_t request, fuse_ino_t inode, const fuse_file_info* file) = 0;
 };
 

@@ -63,6 +63,18 @@ def test_counts_through_stats_file_and_command():
             lat = from_file["operations"]["read"][span]
             h.check(0 < lat["p50"] <= lat["p99"] <= lat["max"], "%s percentiles ordered: %r" % (span, lat))
         h.check(".stats" not in os.listdir(m.mountdir), ".stats is not listed")
+        # .stats is its own file (st_size 0): no data or hole of the export's, no flush.
+        fd = os.open(os.path.join(m.mountdir, ".stats"), os.O_RDONLY)
+        try:
+            for whence, name in ((os.SEEK_DATA, "SEEK_DATA"), (os.SEEK_HOLE, "SEEK_HOLE")):
+                e, _ = h.os_errno(os.lseek, fd, 0, whence)
+                h.check_eq(h.errno_name(e), "ENXIO", "lseek(.stats, 0, %s)" % name)
+            flushes = _stats_via_command(m.mountdir)["operations"]["flush"]["count"]
+            os.fsync(fd)
+            h.check_eq(_stats_via_command(m.mountdir)["operations"]["flush"]["count"], flushes,
+                       "flushes after an fsync of .stats")
+        finally:
+            os.close(fd)
         # The command finds the bridge from the directory and from the export file.
         for path in (m.mountdir, m.export):
             d = _stats_via_command(path)

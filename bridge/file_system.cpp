@@ -45,6 +45,7 @@ constexpr double file_attribute_timeout_seconds = 1.0;
 // above a serial number.
 constexpr std::uint64_t export_handle = std::uint64_t(1) << 63;
 constexpr std::uint64_t writable_handle = std::uint64_t(1) << 62;
+constexpr bool is_export_handle(const fuse_file_info* file) { return file->fh & export_handle; }
 constexpr std::uint32_t FOPEN_PARALLEL_DIRECT_WRITES = 1u << 6;  // linux/fuse.h; no field in libfuse 3.14
 constexpr std::size_t largest_request = 1u << 20;  // FUSE max_write/max_read on this kernel
 
@@ -532,7 +533,7 @@ void FileSystem::open(fuse_req_t request, fuse_ino_t inode, fuse_file_info* file
 }
 
 void FileSystem::read(fuse_req_t request, std::size_t size, off_t offset, const fuse_file_info* file) {
-  if (auto snapshot = (file->fh & export_handle) ? stats_snapshots_.end() : stats_snapshots_.find(file->fh);
+  if (auto snapshot = is_export_handle(file) ? stats_snapshots_.end() : stats_snapshots_.find(file->fh);
       snapshot != stats_snapshots_.end()) {
     const std::string& text = snapshot->second;
     std::size_t start = std::min<std::size_t>(std::size_t(offset), text.size());
@@ -575,7 +576,7 @@ void FileSystem::flush(fuse_req_t request, const fuse_file_info* file) {
 }
 
 void FileSystem::fsync(fuse_req_t request, bool, const fuse_file_info* file) {
-  if (!export_.can_flush || export_.read_only || !(file->fh & export_handle)) {  // .stats: nothing to flush
+  if (!export_.can_flush || export_.read_only || !is_export_handle(file)) {  // .stats: nothing to flush
     fuse_reply_err(request, 0);
     return;
   }
@@ -629,7 +630,7 @@ void FileSystem::lseek(fuse_req_t request, off_t offset, int whence, const fuse_
     return;
   }
   // .stats says st_size 0: every offset is at or past its end.
-  if (offset < 0 || !(file->fh & export_handle)) {
+  if (offset < 0 || !is_export_handle(file)) {
     fuse_reply_err(request, ENXIO);
     return;
   }

@@ -290,14 +290,13 @@ void ConnectionPool::watch(std::size_t index) {
 // most one drain per window, not one per refused command.
 void ConnectionPool::server_shutting_down(std::size_t index) {
   if (closed_ || !reconnectable()) return;
-  if (shutdown_drained_ && clock::now() - shutdown_drained_at_ < refusal_window) {
+  if (shutdown_drained_at_ && clock::now() - *shutdown_drained_at_ < refusal_window) {
     if (!refusal_reported_)
       say("the server refused a request as shutting down again right after the reconnect: "
           "taken for a refusal (EIO) for " + std::to_string(refusal_window.count()) + " s");
     refusal_reported_ = true;
     return;
   }
-  shutdown_drained_ = true;
   shutdown_drained_at_ = clock::now();
   refusal_reported_ = false;
   say("the server is shutting down (it told " + describe(index) +

@@ -21,6 +21,7 @@
 #include <functional>
 #include <list>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -176,10 +177,9 @@ class ConnectionPool {
   bool gave_up_ = false;
   bool export_changed_ = false;
   // server_shutting_down(): when every connection was last drained for it, or
-  // reconnected after that drain (not after a loss for any other reason).
-  bool shutdown_drained_ = false;
+  // reconnected after that drain (not after a loss for any other reason); none yet.
+  std::optional<std::chrono::steady_clock::time_point> shutdown_drained_at_;
   bool refusal_reported_ = false;
-  std::chrono::steady_clock::time_point shutdown_drained_at_{};
   static constexpr std::chrono::seconds refusal_window{5};
   // Durability bookkeeping (write_acknowledged()): epochs count acknowledged writes.
   std::uint64_t write_epoch_ = 0;

@@ -7,6 +7,7 @@
 #include <fstream>
 #include <sstream>
 #include <cstring>
+#include <dirent.h>
 #include <spawn.h>
 #include <sys/mount.h>
 #include <sys/wait.h>
@@ -103,6 +104,25 @@ std::string unescape_mountinfo(std::string_view field) {
   return out;
 }
 
+// The DIRECTORY/NAME form mounts on DIRECTORY: whatever else it holds disappears
+// while the bridge runs, and a shell whose working directory it is keeps seeing
+// the old directory (so NAME would seem missing there). Both are surprises the
+// user did not ask for; an existing file NAME (file mode) covers only itself.
+std::string check_directory_may_be_covered(const std::string& directory) {
+  struct stat directory_status {}, working_status {};
+  if (stat(directory.c_str(), &directory_status) == 0 && stat(".", &working_status) == 0 &&
+      directory_status.st_dev == working_status.st_dev && directory_status.st_ino == working_status.st_ino)
+    return "the working directory (a shell there would not see the export)";
+  DIR* listing = opendir(directory.c_str());
+  if (!listing) return {};  // mount() gives the real reason
+  std::size_t entries = 0;
+  while (dirent* entry = readdir(listing))
+    if (std::strcmp(entry->d_name, ".") != 0 && std::strcmp(entry->d_name, "..") != 0) ++entries;
+  closedir(listing);
+  if (entries == 0) return {};
+  return "hiding the " + std::to_string(entries) + (entries == 1 ? " entry" : " entries") + " in it";
+}
+
 }  // namespace
 
 bool has_fuse_mount(std::string_view mountinfo, std::string_view absolute_path) {
@@ -157,6 +177,12 @@ std::string resolve_mountpoint(const std::string& path, MountPlan& plan) {
   char resolved[PATH_MAX];
   if (!realpath(plan.mount_path.c_str(), resolved)) return "cannot resolve mountpoint " + plan.mount_path;
   plan.mount_path = resolved;
+  if (!plan.file_name.empty() && kind == PathKind::missing) {
+    problem = check_directory_may_be_covered(plan.mount_path);
+    if (!problem.empty())
+      return "mountpoint " + path + ": the mount would cover its directory " + plan.mount_path + ", " + problem +
+             "; create " + path + " first to mount over that file alone, or name an empty directory";
+  }
   std::ifstream mountinfo_file("/proc/self/mountinfo");
   std::stringstream mountinfo;
   mountinfo << mountinfo_file.rdbuf();

@@ -111,6 +111,10 @@ std::error_code ServerProcess::start(const std::vector<std::string>& argv, bool 
     listen_pid_variable[11 + length] = '\0';
     // The bridge ignores SIGPIPE; a server must get the default.
     signal(SIGPIPE, SIG_DFL);
+    // Out of the terminal's process group and session: Ctrl-C (or a hangup) is for
+    // the bridge, which lets the requests in flight finish before it stops the
+    // server itself. A server that got the SIGINT too would drop them.
+    setsid();
     // The server goes with the bridge, however it ends (kill -9, or --list's alarm): it
     // would otherwise serve a socket nobody knows of. The forking thread is the main
     // one, which lasts as long as the process. A parent gone before this: do not start.

@@ -20,6 +20,31 @@ std::string extract_server_command(std::vector<std::string>& args, std::vector<s
   return {};
 }
 
+namespace {
+
+// The timers count whole milliseconds: a non-zero value under 1 ms would quietly
+// become 0 (for --stats-interval: a line on every loop pass), and past 1e9 s the
+// count of milliseconds, added to a clock, could overflow.
+CLI::Validator seconds(bool zero_allowed) {
+  return CLI::Validator(
+      [zero_allowed](std::string& text) -> std::string {
+        double value = 0;
+        std::size_t used = 0;
+        try {
+          value = std::stod(text, &used);
+        } catch (const std::exception&) {
+          used = 0;
+        }
+        if (used == 0 || used != text.size()) return "expected a number of seconds";
+        if (zero_allowed && value == 0) return {};
+        if (value >= 0.001 && value <= 1e9) return {};
+        return zero_allowed ? "expected 0, or 0.001 to 1e9 seconds" : "expected 0.001 to 1e9 seconds";
+      },
+      zero_allowed ? "SECONDS (0 or 0.001..1e9)" : "SECONDS (0.001..1e9)");
+}
+
+}  // namespace
+
 void setup(CLI::App& app, Options& options) {
   app.description(
       "Mount a remote NBD export as one local file. Every read and write becomes a pipelined NBD command.\n"
@@ -28,7 +53,8 @@ void setup(CLI::App& app, Options& options) {
       "or one of --unix PATH, --tcp HOST PORT, --fd N.");
   app.add_option("MOUNTPOINT", options.mountpoint,
                  "an existing directory (the export appears as MOUNTPOINT/nbd), DIRECTORY/NAME "
-                 "(appears as NAME), or an existing regular file (mounted over)");
+                 "(appears as NAME; the mount covers DIRECTORY, which must be empty), or an existing "
+                 "regular file (mounted over)");
   app.add_option("TARGET", options.uri, "NBD URI of the export");
   app.add_option("--unix", options.unix_path, "connect to the NBD server's unix socket PATH");
   app.add_option("--tcp", options.tcp, "connect to HOST PORT over TCP")->expected(2)->type_name("HOST PORT");
@@ -54,7 +80,7 @@ void setup(CLI::App& app, Options& options) {
       });
   app.add_flag("--list", options.list, "print the server's exports with their sizes, then exit (no MOUNTPOINT)");
   app.add_option("--connect-timeout", options.connect_timeout_seconds, "seconds to wait for the server")
-      ->check(CLI::PositiveNumber);
+      ->check(seconds(false));
   app.add_option("--reply-thread", options.reply_thread,
                  "on: READ replies of 128 KiB and more are sent from a second thread, so the kernel's "
                  "copy into the reader's pages overlaps the next receives; off: not; auto (default): on "
@@ -99,17 +125,17 @@ void setup(CLI::App& app, Options& options) {
   app.add_option("--retry-timeout", options.retry_timeout_seconds,
                  "seconds to keep reconnecting to a lost or restarting server while requests wait (default 60; 0: fail "
                  "at once)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(seconds(true));
   app.add_option("--request-timeout", options.request_timeout_seconds,
                  "fail a request with EIO after this many seconds (default 0: no limit)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(seconds(true));
   app.add_flag("--force", options.force, "clear a stale mount (Transport endpoint is not connected) at MOUNTPOINT");
   app.add_option("--busy-poll", options.busy_poll_microseconds,
                  "microseconds to keep polling for work before sleeping (lower latency at depth 1, more CPU)")
       ->check(CLI::Range(0.0, 10000.0));
   app.add_option("--stats-interval", options.stats_interval_seconds,
                  "print a one-line statistics summary to stderr every S seconds (a summary is always printed at exit)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(seconds(true));
   app.add_option("--stats-file", options.stats_file, "write the final statistics as JSON to FILE at exit");
   app.add_option("--inject-delay", options.inject_delay,
                  "delay each NBD command: MEAN[:JITTER][:uniform|normal|exponential|constant], e.g. 2ms:0.5ms:normal");
@@ -118,11 +144,11 @@ void setup(CLI::App& app, Options& options) {
   app.add_option("--seed", options.seed, "seed for injected delays and errors (same seed, same sequence)");
   app.add_option("--shutdown-timeout", options.shutdown_timeout_seconds,
                  "seconds that requests in flight may take at unmount before they fail with EIO")
-      ->check(CLI::NonNegativeNumber);
+      ->check(seconds(true));
   app.footer(
       "Examples:\n"
       "  nbdbridge ./mnt [ nbdkit memory 1G ]          # ./mnt/nbd is a 1 GiB scratch disk\n"
-      "  nbdbridge ./mnt/disk.raw nbd://server/vmdisk  # appears as ./mnt/disk.raw\n"
+      "  nbdbridge ./mnt/disk.raw nbd://server/vmdisk  # appears as ./mnt/disk.raw (./mnt empty)\n"
       "  nbdbridge -r image.raw nbd+unix:///?socket=/run/nbd.sock   # mounted over a file\n"
       "  nbdbridge --pidfile /tmp/b.pid ./mnt --tcp 127.0.0.1 10809\n"
       "  nbdbridge ./mnt 'nbds+unix://alice@/?socket=/run/nbd.sock&tls-psk-file=keys.psk'   # TLS\n"
@@ -131,6 +157,29 @@ void setup(CLI::App& app, Options& options) {
       "  nbdbridge stats ./mnt                          # live statistics as JSON (--reset zeroes them)\n"
       "  fusermount3 -u ./mnt                           # unmount (or Ctrl-C)\n"
       "Writes cannot grow the file: a write past the end fails with ENOSPC. Use dd conv=notrunc.");
+}
+
+std::string check_option_combinations(const CLI::App& app, const Options& options) {
+  auto given = [&app](const char* name) { return app.count(name) > 0; };
+  if (options.socket_batching == "off") {
+    if (given("--spliced-reads") && options.spliced_reads == "on")
+      return "--spliced-reads on needs --socket-batching on";
+    if (given("--spliced-writes") && options.spliced_writes == "on")
+      return "--spliced-writes on needs --socket-batching on";
+  }
+  if (options.list) {
+    // --list mounts nothing: an option that only shapes a mount is a mistake to say, not to ignore.
+    static const char* const listing_options[] = {"--list", "MOUNTPOINT", "TARGET", "--unix", "--tcp", "--fd",
+                                                  "--export-name", "--connect-timeout", "--verbose",
+                                                  "--tcp-congestion", "--help"};
+    for (const CLI::Option* option : app.get_options()) {
+      if (option->count() == 0) continue;
+      bool allowed = false;
+      for (const char* name : listing_options) allowed = allowed || option->check_name(name);
+      if (!allowed) return option->get_name() + " does not apply to --list, which mounts nothing";
+    }
+  }
+  return {};
 }
 
 std::string build_target(Options options, nbd_client::Target& target) {

@@ -54,6 +54,10 @@ std::string extract_server_command(std::vector<std::string>& args, std::vector<s
 
 void setup(CLI::App& app, Options& options);
 
+// Options that contradict each other (given on the same command line). Returns a
+// one-line problem or "".
+std::string check_option_combinations(const CLI::App& app, const Options& options);
+
 // Exactly one target must be given. Returns a one-line problem or "".
 std::string build_target(Options options, nbd_client::Target& target);
 

@@ -30,6 +30,8 @@
 #include <fstream>
 #include <optional>
 #include <sstream>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <thread>
 #include <unistd.h>
@@ -69,9 +71,23 @@ bool write_pidfile(const std::string& path) {
   return std::rename(temporary.c_str(), path.c_str()) == 0;
 }
 
+// A file the bridge will write once mounted (pidfile) or at exit (statistics):
+// a directory it cannot write into is found now, before anything is mounted.
+std::string check_writable_place(const std::string& path) {
+  if (path.empty()) return {};
+  std::string directory, name;
+  bridge::split_parent(path, directory, name);
+  struct stat status {};
+  if (stat(directory.c_str(), &status) != 0) return "cannot use directory " + directory + ": " + std::strerror(errno);
+  if (!S_ISDIR(status.st_mode)) return directory + " is not a directory";
+  if (access(directory.c_str(), W_OK | X_OK) != 0) return "cannot write into " + directory + ": " + std::strerror(errno);
+  if (stat(path.c_str(), &status) == 0 && S_ISDIR(status.st_mode)) return "is a directory";
+  return {};
+}
+
 // --daemon: the parent waits until the child reports the mount live (one byte)
 // or fails (EOF), and exits accordingly. Returns the fd the child reports on.
-int become_daemon() {
+int become_daemon(int target_fd) {
   int report[2];
   if (pipe2(report, O_CLOEXEC) != 0) return -1;
   std::fflush(nullptr);
@@ -91,6 +107,14 @@ int become_daemon() {
   }
   close(report[0]);
   setsid();
+  // Nothing reads stdin or writes stdout, but a [ CMD ] server or fusermount3 would
+  // inherit them and hold a caller's pipe open for as long as they run. An --fd
+  // target given as 0 or 1 is the NBD socket itself and stays.
+  if (int null_device = open("/dev/null", O_RDWR | O_CLOEXEC); null_device >= 0) {
+    for (int stream : {STDIN_FILENO, STDOUT_FILENO})
+      if (stream != target_fd) dup2(null_device, stream);
+    close(null_device);
+  }
   return report[1];
 }
 
@@ -208,7 +232,30 @@ class Bridge {
     for (const auto& option : tools::split_mount_options(options_.mount_options)) mount_options.push_back(option);
     std::string problem;
     file_system_.on_live = [this] { on_live(); };
-    if (session_.mount(plan_.mount_path, mount_options, problem)) {
+    std::error_code mount_error;
+    if (daemon_report_ >= 0) {
+      // The fusermount3 that stays behind for auto_unmount inherits our stderr: a
+      // caller's pipe would then stay open as long as the mount. It gets a file of
+      // its own, whose text (any complaint of the mount's) is passed on here.
+      int own_stderr = memfd_create("nbdbridge-mount-stderr", MFD_CLOEXEC);
+      int saved_stderr = own_stderr >= 0 ? fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, 3) : -1;
+      if (saved_stderr >= 0) dup2(own_stderr, STDERR_FILENO);
+      mount_error = session_.mount(plan_.mount_path, mount_options, problem);
+      if (saved_stderr >= 0) {
+        dup2(saved_stderr, STDERR_FILENO);
+        close(saved_stderr);
+        char text[4096];
+        lseek(own_stderr, 0, SEEK_SET);
+        for (ssize_t got; (got = read(own_stderr, text, sizeof text)) > 0;) {
+          ssize_t ignored = write(STDERR_FILENO, text, std::size_t(got));
+          (void)ignored;
+        }
+      }
+      if (own_stderr >= 0) close(own_stderr);
+    } else {
+      mount_error = session_.mount(plan_.mount_path, mount_options, problem);
+    }
+    if (mount_error) {
       say(problem);
       pool_.close();
       co_return finish(1);
@@ -231,10 +278,10 @@ class Bridge {
     pool_.close();
     stats_ticker_.cancel();
     if (control_) control_->stop();
-    report_final_statistics();
-    if (!options_.pidfile.empty()) std::remove(options_.pidfile.c_str());
+    bool statistics_written = report_final_statistics();
+    if (!options_.pidfile.empty() && !pidfile_failed_) std::remove(options_.pidfile.c_str());
     if (options_.verbose) say("unmounted " + plan_.export_path());
-    finish(0);
+    finish(statistics_written && !pidfile_failed_ ? 0 : 1);
   }
 
   // `nbdbridge stats MOUNTPOINT` reaches us here; directory mounts also show .stats.
@@ -263,30 +310,47 @@ class Bridge {
     }
   }
 
-  void report_final_statistics() {
+  // False if --stats-file could not be written: the exit status says so.
+  bool report_final_statistics() {
     say("stats at exit: " + file_system_.statistics().summary_line());
-    if (options_.stats_file.empty()) return;
+    if (options_.stats_file.empty()) return true;
     std::ofstream file(options_.stats_file, std::ios::trunc);
     file << file_system_.statistics().to_json() << "\n";
-    if (!file.flush()) say("cannot write " + options_.stats_file);
+    if (file.flush()) return true;
+    say("cannot write the statistics file " + options_.stats_file);
+    return false;
   }
 
   void on_live() {
-    if (!options_.pidfile.empty() && !write_pidfile(options_.pidfile))
-      say("cannot write pidfile " + options_.pidfile + ": " + std::strerror(errno));
+    // A script waits for the pidfile: a mount it never learns of must not stay.
+    if (!options_.pidfile.empty() && !write_pidfile(options_.pidfile)) {
+      say("cannot write pidfile " + options_.pidfile + ": " + std::strerror(errno) + "; unmounting");
+      pidfile_failed_ = true;
+      if (daemon_report_ >= 0) close(daemon_report_);  // the parent sees EOF and waits for our status
+      daemon_report_ = -1;
+      end();
+      return;
+    }
     if (options_.verbose) say("mounted " + plan_.export_path());
     if (daemon_report_ >= 0) {
-      int null_device = open("/dev/null", O_RDWR | O_CLOEXEC);
-      if (null_device >= 0) {
-        dup2(null_device, STDIN_FILENO);
-        dup2(null_device, STDOUT_FILENO);
-        close(null_device);
-      }
+      detach_stderr();
       ssize_t ignored = write(daemon_report_, "1", 1);
       (void)ignored;
       close(daemon_report_);
       daemon_report_ = -1;
     }
+  }
+
+  // --daemon, once live: a caller reading our stderr until EOF ($(...), ssh, a
+  // pipe) must not wait for the unmount, so a pipe, socket or terminal gives way to
+  // /dev/null. A stderr redirected to a file stays: that is the daemon's log.
+  void detach_stderr() {
+    struct stat status {};
+    if (options_.fd == STDERR_FILENO || (fstat(STDERR_FILENO, &status) == 0 && S_ISREG(status.st_mode))) return;
+    int null_device = open("/dev/null", O_WRONLY | O_CLOEXEC);
+    if (null_device < 0) return;
+    dup2(null_device, STDERR_FILENO);
+    close(null_device);
   }
 
   void finish(int code) {
@@ -308,6 +372,7 @@ class Bridge {
   std::unique_ptr<bridge::ControlServer> control_;
   bool ended_flag_ = false;
   bool stop_requested_ = false;
+  bool pidfile_failed_ = false;
   int exit_code_ = 1;
 };
 
@@ -345,17 +410,7 @@ int run(const tools::Options& options) {
     return 2;
   }
   if (options.list) return list_exports(target, options.connect_timeout_seconds);
-  if (options.force) {
-    if (std::string problem = bridge::clear_stale_mount(options.mountpoint); !problem.empty()) {
-      say(problem);
-      return 1;
-    }
-  }
-  bridge::MountPlan plan;
-  if (std::string problem = bridge::resolve_mountpoint(options.mountpoint, plan); !problem.empty()) {
-    say(problem);
-    return 1;
-  }
+  // Everything that can be checked is checked before --force changes anything.
   if (std::string problem = tools::check_allow_other(tools::split_mount_options(options.mount_options),
                                                      geteuid() == 0, read_text_file("/etc/fuse.conf"));
       !problem.empty()) {
@@ -382,9 +437,25 @@ int run(const tools::Options& options) {
     }
     faults = std::make_unique<bridge::FaultInjector>(delay, error, options.seed);
   }
+  for (const auto& [option, path] : {std::pair{"--pidfile", options.pidfile}, {"--stats-file", options.stats_file}})
+    if (std::string problem = check_writable_place(path); !problem.empty()) {
+      say(std::string(option) + " " + path + ": " + problem);
+      return 1;
+    }
+  if (options.force) {
+    if (std::string problem = bridge::clear_stale_mount(options.mountpoint); !problem.empty()) {
+      say(problem);
+      return 1;
+    }
+  }
+  bridge::MountPlan plan;
+  if (std::string problem = bridge::resolve_mountpoint(options.mountpoint, plan); !problem.empty()) {
+    say(problem);
+    return 1;
+  }
   std::signal(SIGPIPE, SIG_IGN);
   int daemon_report = -1;
-  if (options.daemon && (daemon_report = become_daemon()) < 0) {
+  if (options.daemon && (daemon_report = become_daemon(options.fd)) < 0) {
     say(std::string("cannot go to the background: ") + std::strerror(errno));
     return 1;
   }
@@ -461,6 +532,10 @@ int main(int argc, char** argv) {
   }
   if (!bracket_problem.empty()) {
     say(bracket_problem);
+    return 2;
+  }
+  if (std::string problem = tools::check_option_combinations(app, options); !problem.empty()) {
+    say(problem);
     return 2;
   }
   return run(options);

@@ -176,5 +176,67 @@ def test_usage_errors():
             _expect_failure(args, mp, one_line=False, what="usage %r" % args)
 
 
+def test_contradictory_or_out_of_range_options():
+    # Each is refused before anything is connected or mounted, in one line naming it.
+    mp = h.tmpdir("mp")
+    with h.Nbdkit(["memory", "1M"]) as srv:
+        for args, named in (
+                (["--list", "--daemon", srv.uri], "--daemon"),
+                (["--list", "-P", os.path.join(h.tmpdir("p"), "pid"), srv.uri], "--pidfile"),
+                (["--list", "--cache=page", srv.uri], "--cache"),
+                (["--spliced-reads", "on", "--socket-batching", "off", mp, srv.uri], "--spliced-reads"),
+                (["--spliced-writes", "on", "--socket-batching", "off", mp, srv.uri], "--spliced-writes"),
+                (["--stats-interval", "0.0001", mp, srv.uri], "--stats-interval"),
+                (["--retry-timeout", "1e17", mp, srv.uri], "--retry-timeout"),
+                (["--shutdown-timeout", "nan", mp, srv.uri], "--shutdown-timeout"),
+                (["--connect-timeout", "0", mp, srv.uri], "--connect-timeout")):
+            _expect_failure(args, mp, what="options %r" % args[:-2], must_mention=[named])
+        # The same options alone are fine: --list prints the export, and a mount with
+        # batching off (splicing then off too) comes up.
+        r = h.run([h.NBDBRIDGE, "--list", "--connect-timeout", "5", srv.uri], timeout=h.DEADLINE)
+        h.check_eq(r.returncode, 0, "--list with --connect-timeout (stderr %r)" % r.stderr)
+        with h.Mount(mp, [srv.uri], opts=["--socket-batching", "off", "--retry-timeout", "0.5"]) as m:
+            h.check_eq(os.path.getsize(m.export), 1 << 20, "size through a mount without batching")
+
+
+def test_unwritable_pidfile_or_statistics_file():
+    # Found before --force or the mount touch anything: a script waiting for the pidfile
+    # would otherwise wait for ever.
+    mp = h.tmpdir("mp")
+    missing = os.path.join(h.tmpdir("p"), "no", "such")
+    with h.Nbdkit(["memory", "1M"]) as srv:
+        for option in ("-P", "--stats-file"):
+            _expect_failure([option, os.path.join(missing, "f"), mp, srv.uri], mp,
+                            what="%s in a missing directory" % option, must_mention=[missing])
+        _expect_failure(["-P", h.tmpdir("p"), mp, srv.uri], mp, what="pidfile is a directory",
+                        must_mention=["directory"])
+
+
+def test_dir_slash_name_refuses_to_hide_files():
+    # DIR/NAME mounts on DIR: with other files in DIR (or DIR the working directory, where
+    # a shell would not see the mount) that is refused, pointing at file mode instead.
+    base = h.tmpdir("mp")
+    keep = os.path.join(base, "keep.txt")
+    with open(keep, "w") as f:
+        f.write("still here")
+    with h.Nbdkit(["memory", "1M"]) as srv:
+        _expect_failure([os.path.join(base, "disk.raw"), srv.uri], base, what="DIR/NAME in a non-empty DIR",
+                        must_mention=["hiding the 1 entry"])
+        h.check_eq(sorted(os.listdir(base)), ["keep.txt"], "DIR after the refusal")
+        empty = h.tmpdir("mp")
+        cwd = os.getcwd()
+        os.chdir(empty)
+        try:
+            _expect_failure(["disk.raw", srv.uri], empty, what="NAME in the working directory",
+                            must_mention=["working directory"])
+        finally:
+            os.chdir(cwd)
+        # The way it points to: create the file, and the mount covers only that file.
+        open(os.path.join(base, "disk.raw"), "w").close()
+        with h.Mount(os.path.join(base, "disk.raw"), [srv.uri]) as m:
+            h.check_eq(os.path.getsize(m.export), 1 << 20, "size of the file-mode mount")
+            h.check_eq(open(keep).read(), "still here", "the other file beside the mount")
+
+
 if __name__ == "__main__":
     h.main(globals())

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Lifecycle: SIGINT / SIGTERM / fusermount3 -u, --pidfile and --daemon; an idle mount sleeps."""
 import errno
+import hashlib
 import json
 import os
 import signal
@@ -238,6 +239,9 @@ def _daemon_case(target, srv=None):
         for p in kids:
             h.wait_until(lambda: not h.pid_alive(p), timeout=10, what="server %d to exit" % p)
         h.check(not h.is_mounted(mountdir), "mount still present")
+        # A stderr redirected to a file is the daemon's log: it stays open after going
+        # to the background.
+        h.check("stats at exit" in open(errp).read(), "the daemon's exit line in its stderr file")
         return kids
     finally:
         if h.is_mounted(mountdir):
@@ -304,6 +308,90 @@ def test_idle_mount_uses_no_cpu():
             used = _cpu_seconds(m.pid) - before
             h.check(used < 0.3 * window,
                     "idle mount used %.2f s of CPU in %.1f s with --busy-poll %s" % (used, window, busy_poll))
+
+
+def test_daemon_with_captured_output_returns():
+    # $(nbdbridge --daemon ...), ssh, or a pipe: the caller reads until end of file, so
+    # the daemon must not keep the caller's pipes open once the mount is live.
+    mp = h.tmpdir("mp")
+    pidfile = os.path.join(h.tmpdir("d"), "pid")
+    with h.Nbdkit(["memory", str(SIZE)]) as srv:
+        try:
+            try:
+                r = subprocess.run([h.NBDBRIDGE, "--daemon", "-P", pidfile, mp, srv.uri],
+                                   stdin=subprocess.DEVNULL, capture_output=True, timeout=15)
+            except subprocess.TimeoutExpired:
+                raise h.TestFailure("nbdbridge --daemon with its output on pipes did not return in 15 s")
+            h.check_eq(r.returncode, 0, "--daemon exit status (stderr %r)" % r.stderr)
+            h.check(h.is_mounted(mp), "not mounted after --daemon returned")
+        finally:
+            daemon_pid = int(open(pidfile).read()) if os.path.exists(pidfile) else None
+            if h.is_mounted(mp):
+                h.run(["fusermount3", "-u", mp])
+            if daemon_pid:
+                h.wait_until(lambda: not h.pid_alive(daemon_pid), what="the daemon to exit")
+
+
+def test_daemon_with_the_nbd_socket_as_stdin():
+    # inetd style: --fd 0. Going to the background must not replace the socket with
+    # /dev/null (an --fd target is not reconnected: every request would fail).
+    mp = h.tmpdir("mp")
+    with h.Nbdkit(["memory", str(SIZE)]) as srv:
+        import socket
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(srv.sock)
+        errpath = os.path.join(h.tmpdir("d"), "stderr")
+        try:
+            with open(errpath, "wb") as err:
+                r = subprocess.run([h.NBDBRIDGE, "--daemon", mp, "--fd", "0"], stdin=sock.fileno(),
+                                   stdout=subprocess.DEVNULL, stderr=err, timeout=15)
+        except subprocess.TimeoutExpired:
+            raise h.TestFailure("nbdbridge --daemon --fd 0 did not return in 15 s")
+        finally:
+            sock.close()
+        try:
+            h.check_eq(r.returncode, 0, "--daemon --fd 0 exit status (stderr %r)" % h.read_text(errpath))
+            export = os.path.join(mp, "nbd")
+            rc = h.run(["dd", "if=/dev/urandom", "of=" + export, "bs=64k", "count=4", "conv=notrunc,fsync"],
+                       timeout=15)
+            h.check_eq(rc.returncode, 0, "dd through the daemon's --fd 0 mount (%s)" % rc.stderr)
+        finally:
+            if h.is_mounted(mp):
+                h.run(["fusermount3", "-u", mp])
+
+
+READ_ONE_BLOCK = r"""
+import hashlib, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+try:
+    print(hashlib.sha256(os.pread(fd, 65536, 0)).hexdigest())
+except OSError as e:
+    print("error", e.errno)
+"""
+
+
+def test_ctrl_c_lets_the_bracketed_servers_requests_finish():
+    # A terminal's Ctrl-C signals the whole foreground process group. The [ CMD ] server
+    # must not get it: it would drop the read in flight (a [ CMD ] target is not
+    # reconnected, so the reader would get EIO). The bridge lets the read finish, then
+    # stops the server itself.
+    mp = h.tmpdir("mp")
+    with h.Mount(mp, ["[", "nbdkit", "--filter=delay", "pattern", "1M", "rdelay=1", "]"]) as m:
+        reader = h.popen([sys.executable, "-c", READ_ONE_BLOCK, m.export], stdout=subprocess.PIPE, text=True)
+        try:
+            def read_in_flight():
+                r = h.run([h.NBDBRIDGE, "stats", m.mountdir], timeout=15)
+                return r.returncode == 0 and json.loads(r.stdout)["in_flight"]["now"] > 0
+            h.wait_until(read_in_flight, timeout=10, what="the read to be in flight")
+            os.killpg(m.pid, signal.SIGINT)      # as the terminal does: the bridge's process group
+            out, _ = reader.communicate(timeout=15)
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+        h.check_eq(out.split(), [hashlib.sha256(h.pattern_bytes(0, 65536)).hexdigest()],
+                   "the read in flight at Ctrl-C")
+        h.check_eq(m.wait_exit(), 0, "exit status after Ctrl-C")
+        h.check(not h.is_mounted(m.mountdir), "still mounted after Ctrl-C")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ std::string parse(std::vector<std::string> args, tools::Options& options, nbd_cl
   } catch (const CLI::ParseError& error) {
     return error.what();
   }
+  if (std::string problem = tools::check_option_combinations(app, options); !problem.empty()) return problem;
   return tools::build_target(options, target);
 }
 
@@ -118,4 +119,25 @@ TEST_CASE("-C: a number or auto, which follows the CPU count") {
   CHECK(tools::resolve_connections("0", 2) == 0);
   CHECK(tools::resolve_connections("65", 2) == 0);
   CHECK(tools::resolve_connections("x", 2) == 0);
+}
+
+TEST_CASE("options that contradict each other, and durations out of range") {
+  auto problem = [](std::vector<std::string> args) {
+    tools::Options options;
+    nbd_client::Target target;
+    return parse(std::move(args), options, target);
+  };
+  CHECK(problem({"--list", "--daemon", "nbd://h"}).find("--daemon does not apply to --list") == 0);
+  CHECK(problem({"--list", "-o", "allow_other", "nbd://h"}).find("does not apply to --list") != std::string::npos);
+  CHECK(problem({"--list", "-v", "--connect-timeout", "3", "nbd://h"}) == "");
+  CHECK(problem({"--spliced-writes", "on", "--socket-batching", "off", "m", "nbd://h"}) ==
+        "--spliced-writes on needs --socket-batching on");
+  CHECK(problem({"--socket-batching", "off", "m", "nbd://h"}) == "");  // the defaults give way
+  CHECK(problem({"--spliced-reads", "off", "--socket-batching", "off", "m", "nbd://h"}) == "");
+  CHECK(problem({"--stats-interval", "0.0005", "m", "nbd://h"}).find("0.001 to 1e9") != std::string::npos);
+  CHECK(problem({"--retry-timeout", "2e9", "m", "nbd://h"}).find("0.001 to 1e9") != std::string::npos);
+  CHECK(problem({"--retry-timeout", "inf", "m", "nbd://h"}) != "");
+  CHECK(problem({"--request-timeout", "5s", "m", "nbd://h"}).find("number of seconds") != std::string::npos);
+  CHECK(problem({"--connect-timeout", "0", "m", "nbd://h"}) != "");
+  CHECK(problem({"--retry-timeout", "0", "--shutdown-timeout", "0.25", "m", "nbd://h"}) == "");
 }

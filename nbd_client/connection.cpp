@@ -554,6 +554,19 @@ bool Connection::tune_socket(const ConnectOptions& options) {
   // sends a batch in one segment), but a lone small request must never wait.
   int one = 1;
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  if (options.tcp_keepalive.count() > 0) {
+    // Probes from half the budget on, three of them in the other half; TCP_USER_TIMEOUT
+    // bounds unacknowledged data (a sent request) by the same budget, and with
+    // keepalive on it also decides when the unanswered probes end the connection.
+    int budget = int(std::min<std::int64_t>(options.tcp_keepalive.count(), 86400));
+    int idle = std::max(1, budget / 2), interval = std::max(1, budget / 6), probes = 3;
+    unsigned user_timeout_ms = unsigned(budget) * 1000u;
+    setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one);
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof interval);
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof probes);
+    setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout_ms, sizeof user_timeout_ms);
+  }
   // Over loopback a pacing congestion control (bbr, the default on some systems)
   // only spaces our sends out with timers: tools/bench --tcp, 5 rounds, 1 MiB writes
   // at depth 8 at 2285 MiB/s with reno against 1805 with bbr (335 against 470 us of

@@ -80,6 +80,13 @@ struct ConnectOptions {
   bool hold_thread = false;
   // Fewer recv()/send() calls per command (--socket-batching); not with TLS.
   bool batch_socket = true;
+  // TCP only (--tcp-keepalive): a server that acknowledges nothing for this long,
+  // neither sent data nor keepalive probes, is taken as lost (the socket reports
+  // ETIMEDOUT), so the usual reconnect and replay follow. Without it a request sent
+  // to a host that died or a path that broke waits ~15 minutes (tcp_retries2), and
+  // an idle connection's loss is never noticed until the next request. 0: the
+  // system's behaviour.
+  std::chrono::seconds tcp_keepalive = std::chrono::seconds(30);
   // TCP congestion control (--tcp-congestion): "auto" sets reno on connections to
   // this machine's loopback and leaves others alone, "system" leaves all alone, any
   // other name is set on every TCP connection (a failure fails the connection).

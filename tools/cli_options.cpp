@@ -122,6 +122,23 @@ void setup(CLI::App& app, Options& options) {
                      name.find_first_not_of("abcdefghijklmnopqrstuvwxyz0123456789_-") == std::string::npos;
         return plain ? std::string() : std::string("expected auto, system or an algorithm's name");
       });
+  app.add_option("--tcp-keepalive", options.tcp_keepalive_seconds,
+                 "seconds after which a TCP server that acknowledges nothing (a request sent, or keepalive "
+                 "probes while idle) is taken as lost and reconnected (default 30; whole seconds, at least 2; "
+                 "0: the system's TCP behaviour, which waits ~15 min for a dead host and never notices an idle one)")
+      ->check(CLI::Validator(
+          [](std::string& text) -> std::string {
+            double value = -1;
+            try {
+              std::size_t used = 0;
+              value = std::stod(text, &used);
+              if (used != text.size()) value = -1;
+            } catch (const std::exception&) {
+            }
+            return value == 0 || (value >= 2 && value <= 86400) ? std::string()
+                                                                 : std::string("expected 0, or 2 to 86400 seconds");
+          },
+          "SECONDS (0 or 2..86400)"));
   app.add_option("--retry-timeout", options.retry_timeout_seconds,
                  "seconds to keep reconnecting to a lost or restarting server while requests wait (default 60; 0: fail "
                  "at once)")
@@ -171,7 +188,7 @@ std::string check_option_combinations(const CLI::App& app, const Options& option
     // --list mounts nothing: an option that only shapes a mount is a mistake to say, not to ignore.
     static const char* const listing_options[] = {"--list", "MOUNTPOINT", "TARGET", "--unix", "--tcp", "--fd",
                                                   "--export-name", "--connect-timeout", "--verbose",
-                                                  "--tcp-congestion", "--help"};
+                                                  "--tcp-congestion", "--tcp-keepalive", "--help"};
     for (const CLI::Option* option : app.get_options()) {
       if (option->count() == 0) continue;
       bool allowed = false;

@@ -179,6 +179,7 @@ class Bridge {
     pool_options.connect.timeout = to_duration(options_.connect_timeout_seconds);
     pool_options.connect.batch_socket = options_.socket_batching == "on";
     pool_options.connect.set_tcp_congestion(options_.tcp_congestion);
+    pool_options.connect.tcp_keepalive = std::chrono::seconds(static_cast<long long>(options_.tcp_keepalive_seconds));
     pool_options.hold_threads = true;  // until mounted: libfuse forks fusermount3
     pool_options.connect.on_progress = [this] { session_.note_activity(); };
     pool_options.threads = options_.connection_threads == "all"      ? nbd_client::ThreadMode::all

@@ -140,4 +140,7 @@ TEST_CASE("options that contradict each other, and durations out of range") {
   CHECK(problem({"--request-timeout", "5s", "m", "nbd://h"}).find("number of seconds") != std::string::npos);
   CHECK(problem({"--connect-timeout", "0", "m", "nbd://h"}) != "");
   CHECK(problem({"--retry-timeout", "0", "--shutdown-timeout", "0.25", "m", "nbd://h"}) == "");
+  CHECK(problem({"--tcp-keepalive", "1", "m", "nbd://h"}).find("2 to 86400") != std::string::npos);
+  CHECK(problem({"--tcp-keepalive", "0", "m", "nbd://h"}) == "");
+  CHECK(problem({"--tcp-keepalive", "2", "m", "nbd://h"}) == "");
 }

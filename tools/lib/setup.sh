@@ -9,7 +9,7 @@ required_packages=(
   libfuse3-dev fuse3 libnbd-dev libasio-dev libcli11-dev doctest-dev
   nbdkit libnbd-bin qemu-utils fio python3 e2fsprogs util-linux procps
   gnutls-bin parted openssl python3-matplotlib
-  qemu-system-common iproute2
+  qemu-system-common iproute2 nftables
 )
 
 ensure_packages() {

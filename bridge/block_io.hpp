@@ -104,8 +104,9 @@ class BlockIo {
         co_return std::error_code(error, std::generic_category());
       }
     }
-    const auto purpose =
-        operation == Operation::block_status ? nbd_client::Purpose::block_status : nbd_client::Purpose::data;
+    const auto purpose = operation == Operation::block_status ? nbd_client::Purpose::block_status
+                         : operation == Operation::flush      ? nbd_client::Purpose::flush
+                                                              : nbd_client::Purpose::data;
     // A command refused as "shutting down" is issued again after the reconnect; a
     // server refusing it once more is taken at its word.
     int shutdown_refusals = 0;

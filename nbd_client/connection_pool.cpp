@@ -116,6 +116,7 @@ asio::awaitable<std::error_code> ConnectionPool::async_connect(const Target& req
   }
   last_write_.assign(connections_.size(), 0);
   flushed_.assign(connections_.size(), 0);
+  made_.assign(connections_.size(), connections_made_);
   co_return std::error_code{};
 }
 
@@ -129,32 +130,43 @@ void ConnectionPool::write_acknowledged(const Connection& connection) {
   // Its reply came with the loss (delivered after the loss was accounted): the write
   // shares the lost connection's fate rather than the replacement's.
   lost_unflushed_ = write_epoch_;
-  writes_went_with_a_connection(write_epoch_);
+  writes_went_with_a_connection(write_epoch_, index < made_.size() ? made_[index] : 0);
 }
 
-// Writes up to `epoch` went with a lost connection before a flush covered them.
-void ConnectionPool::writes_went_with_a_connection(std::uint64_t epoch) {
-  // Under multi-conn, while another connection is served the server is alive and its
-  // cache holds the writes for a later flush on any connection.
-  if (info_.can_multi_conn && any_connection_usable())
+// Writes up to `epoch` went with a lost connection (made at `made`) before a flush
+// covered them.
+void ConnectionPool::writes_went_with_a_connection(std::uint64_t epoch, std::uint64_t made) {
+  // Under multi-conn, while a connection made no later than the lost one is served,
+  // the server it wrote to is alive with the writes in its cache, for a flush on that
+  // connection to cover (flush_succeeded()).
+  if (info_.can_multi_conn && usable_connection_made_by(made)) {
+    orphaned_made_ = orphaned_writes_ ? std::min(orphaned_made_, made) : made;
     orphaned_writes_ = std::max(orphaned_writes_, epoch);
-  else
+  } else {
     ++unknown_writes_events_;
-}
-
-void ConnectionPool::flush_succeeded(std::size_t index, std::uint64_t mark) {
-  if (mark >= lost_unflushed_) lost_unflushed_ = 0;  // sent after the losses: covers what the server kept
-  if (index < flushed_.size()) flushed_[index] = std::max(flushed_[index], mark);
-  if (info_.can_multi_conn) {
-    flushed_everywhere_ = std::max(flushed_everywhere_, mark);
-    if (orphaned_writes_ <= flushed_everywhere_) orphaned_writes_ = 0;
   }
 }
 
+// Under multi-conn a flush covers what every connection to the same server had
+// acknowledged. The one it went on is alive, so every connection made after it found
+// that same server and writes through it. One made before it may talk to a server that
+// has gone since (its host died without a reset, or the connection is not yet seen to
+// be lost) while this one reached its successor: those writes stay uncovered until a
+// flush on a connection as old covers them, or their connection's loss tells fsync.
+void ConnectionPool::flush_succeeded(std::size_t index, std::uint64_t mark) {
+  if (mark >= lost_unflushed_) lost_unflushed_ = 0;  // sent after the losses: covers what the server kept
+  if (index >= flushed_.size()) return;
+  if (!info_.can_multi_conn) {
+    flushed_[index] = std::max(flushed_[index], mark);
+    return;
+  }
+  for (std::size_t slot = 0; slot < flushed_.size(); ++slot)
+    if (made_[slot] >= made_[index]) flushed_[slot] = std::max(flushed_[slot], mark);
+  if (orphaned_writes_ && orphaned_writes_ <= mark && orphaned_made_ >= made_[index]) orphaned_writes_ = 0;
+}
+
 bool ConnectionPool::holds_unflushed_writes(std::size_t index) const {
-  if (index >= last_write_.size()) return false;
-  std::uint64_t covered = std::max(flushed_[index], info_.can_multi_conn ? flushed_everywhere_ : 0);
-  return last_write_[index] > covered;
+  return index < last_write_.size() && last_write_[index] > flushed_[index];
 }
 
 bool ConnectionPool::has_unflushed_writes() const {
@@ -164,18 +176,20 @@ bool ConnectionPool::has_unflushed_writes() const {
   return false;
 }
 
-bool ConnectionPool::any_connection_usable() const {
-  return std::any_of(connections_.begin(), connections_.end(), [](const auto& c) { return c->usable(); });
+bool ConnectionPool::usable_connection_made_by(std::uint64_t made) const {
+  for (std::size_t index = 0; index < connections_.size(); ++index)
+    if (index < made_.size() && made_[index] <= made && connections_[index]->usable()) return true;
+  return false;
 }
 
 // Called as connection `index` is lost, before it is replaced.
 void ConnectionPool::account_lost_writes(std::size_t index) {
   if (holds_unflushed_writes(index)) {
     lost_unflushed_ = ++write_epoch_;
-    writes_went_with_a_connection(last_write_[index]);
+    writes_went_with_a_connection(last_write_[index], made_[index]);
   }
-  if (orphaned_writes_ && !any_connection_usable()) {
-    ++unknown_writes_events_;  // every connection went before a flush covered them
+  if (orphaned_writes_ && !usable_connection_made_by(orphaned_made_)) {
+    ++unknown_writes_events_;  // every connection that could cover them went before a flush did
     orphaned_writes_ = 0;
   }
   if (index < last_write_.size()) last_write_[index] = flushed_[index] = 0;  // the slot's next connection starts clean
@@ -223,6 +237,7 @@ std::string ConnectionPool::describe(std::size_t index) const {
 }
 
 bool ConnectionPool::serves(std::size_t index, Purpose purpose) const {
+  if (purpose == Purpose::flush) return true;  // any connection reaches the server's cache
   switch (roles_[index]) {
     case Role::data_and_status:
       return true;
@@ -359,6 +374,7 @@ asio::awaitable<void> ConnectionPool::reconnect(std::size_t index) {
     if (!error) {
       watch(index);
       ++reconnects_;
+      if (index < made_.size()) made_[index] = ++connections_made_;
       if (after_shutdown_drain) shutdown_drained_at_ = clock::now();  // refusal_window runs from here
       if (on_connection_restored) on_connection_restored(index, clock::now() - started);
       say("reconnected " + describe(index) + " after " + std::to_string(milliseconds_since(started)) + " ms");
@@ -469,10 +485,17 @@ void ConnectionPool::wake_waiters() {
 
 Connection* ConnectionPool::least_loaded_usable(Purpose purpose) {
   Connection* best = nullptr;
+  std::uint64_t best_made = 0;
   for (std::size_t index = 0; index < connections_.size(); ++index) {
     Connection* connection = connections_[index].get();
     if (!serves(index, purpose) || !connection->usable()) continue;
-    if (!best || connection->in_flight() < best->in_flight()) best = connection;
+    // A flush goes to the connection made first: under multi-conn it then covers the
+    // writes of every connection (flush_succeeded()).
+    std::uint64_t made = purpose == Purpose::flush && index < made_.size() ? made_[index] : 0;
+    if (!best || made < best_made || (made == best_made && connection->in_flight() < best->in_flight())) {
+      best = connection;
+      best_made = made;
+    }
   }
   if (!best && fallback(purpose) != purpose) return least_loaded_usable(fallback(purpose));
   return best;

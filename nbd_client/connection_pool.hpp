@@ -40,7 +40,8 @@ enum class ReplyMode {
 // idle: a second socket halves how often a large payload waits for a socket
 // buffer to drain (the server's, for replies) or for the server's one reader of
 // the socket. Both fall back to data connections where those are all there is.
-enum class Purpose { data, block_status, large_write, large_read };
+// flush: the usable connection made first, whatever its role (see flush_succeeded()).
+enum class Purpose { data, block_status, large_write, large_read, flush };
 
 // Which connections a thread of their own drives (--connection-threads).
 enum class ThreadMode {
@@ -109,8 +110,9 @@ class ConnectionPool {
   std::function<void(std::size_t index, std::chrono::nanoseconds outage)> on_connection_restored;
 
   // Durability, loop thread only. A write acknowledged without FUA is on stable storage
-  // only once a flush sent after it has succeeded: on its own connection, or on any one
-  // under multi-conn (one cache for all). A connection lost while holding such writes
+  // only once a flush sent after it has succeeded: on its own connection, or under
+  // multi-conn (one cache for all) on one made no later than its own (see
+  // flush_succeeded(); flushes go to the oldest connection: Purpose::flush). A connection lost while holding such writes
   // leaves their fate unknown when the server may have gone with them (no connection
   // left to it): unknown_writes_events() counts such losses, and each open file is told
   // of them once, at its next fsync (FileSystem).
@@ -136,10 +138,11 @@ class ConnectionPool {
   }
   std::string describe(std::size_t index) const;
   bool any_usable(Purpose purpose = Purpose::data) const;
-  bool any_connection_usable() const;  // whatever its role: the server is there
+  // Whether a connection made no later than `made` (made_), whatever its role, is usable.
+  bool usable_connection_made_by(std::uint64_t made) const;
   bool holds_unflushed_writes(std::size_t index) const;
   void account_lost_writes(std::size_t index);
-  void writes_went_with_a_connection(std::uint64_t epoch);
+  void writes_went_with_a_connection(std::uint64_t epoch, std::uint64_t made);
   ConnectOptions options_for(Role role) const;
   asio::awaitable<void> open_connections(unsigned count, Role role);
   bool reconnectable() const;
@@ -185,10 +188,16 @@ class ConnectionPool {
   std::uint64_t write_epoch_ = 0;
   std::vector<std::uint64_t> last_write_;  // per slot: epoch of its last acknowledged write
   std::vector<std::uint64_t> flushed_;     // per slot: epoch its flushes have covered
-  std::uint64_t flushed_everywhere_ = 0;   // multi-conn: covered on every connection
+  // Per slot: when its connection was made, in the order of reconnects (every connection
+  // made at mount is 1). Under multi-conn a flush covers the writes of connections made
+  // no earlier than its own; see flush_succeeded().
+  std::vector<std::uint64_t> made_;
+  std::uint64_t connections_made_ = 1;
   // Writes of a connection lost while others still served: safe in the server's shared
-  // cache unless every connection goes before a flush covers them.
+  // cache unless every connection goes before a flush covers them. orphaned_made_: the
+  // earliest made_ of the lost connections they came from.
   std::uint64_t orphaned_writes_ = 0;
+  std::uint64_t orphaned_made_ = 0;
   std::uint64_t unknown_writes_events_ = 0;  // losses that left acknowledged writes' fate unknown
   // Writes went with a lost connection and no flush sent since has succeeded: one may
   // still cover them if the server survived, so close() sends one. The epoch of the

@@ -16,6 +16,9 @@ import mmap
 import os
 import random
 import re
+import signal
+import socket
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -290,6 +293,108 @@ def test_large_writes_on_their_own_connection():
         h.check_eq(sorted(su.log_connects(logfile + ".off")), [1, 2], "connections with --connection-threads off")
         h.check_eq(su.threads_named(m.proc.pid, "nbdbridge-conn"), 0, "connection threads with off")
 
+
+
+class HostCrashProxy(h.Proxy):
+    """crash(new_upstream): every connection open now goes silent and stays open, as
+    to a host that died without a reset; connections made later reach new_upstream.
+    end_silent() then closes the silent ones, as keepalive would find them dead."""
+
+    def __init__(self, upstream_sock):
+        super().__init__(upstream_sock)
+        self.silent = set()
+
+    def _pump(self, src, dst):
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                if src in self.silent or dst in self.silent:
+                    continue            # swallowed: nobody answers
+                dst.sendall(data)
+        except OSError:
+            pass
+        if src in self.silent or dst in self.silent:
+            return                      # stays open, silent
+        for x in (src, dst):
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def crash(self, new_upstream, close_now):
+        with self._lock:
+            self.silent = {x for pair in self.conns for x in pair}
+            self.upstream = new_upstream
+            closing = self.conns[close_now][0]
+        closing.shutdown(socket.SHUT_RDWR)     # this one's loss is seen at once
+
+    def end_silent(self):
+        with self._lock:
+            ending = [pair[0] for pair in self.conns if pair[0] in self.silent]
+        for c in ending:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+# Child: opens the file, writes 4 KiB at 0 without flushing, says "written", waits for a
+# line on stdin, then prints the result of one fsync and of another.
+FSYNC_CHILD = r"""
+import errno, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+os.pwrite(fd, b"x" * 4096, 0)
+print("written", flush=True)
+sys.stdin.readline()
+for _ in range(2):
+    try:
+        os.fsync(fd)
+        print("OK", flush=True)
+    except OSError as e:
+        print(errno.errorcode[e.errno], flush=True)
+"""
+
+
+def test_fsync_after_a_host_crash_that_idle_connections_have_not_noticed():
+    # Multi-conn (block status, data, large writes). The server's host dies without a
+    # reset and a new server (empty) comes up at the same address: the data connection,
+    # which held an unflushed write, is lost at once and reconnects to the new server;
+    # the other two, idle, still look alive. A flush that succeeds on the reconnected
+    # connection reaches only the new server, so it must not vouch for the write: fsync
+    # tells EIO once the old connections are found dead, and is not fooled meanwhile.
+    import select
+    with h.Nbdkit(["memory", str(SIZE)]) as first, h.Nbdkit(["memory", str(SIZE)]) as second, \
+            HostCrashProxy(first.sock) as proxy, \
+            h.Mount(h.tmpdir("mp"), [proxy.uri], opts=["-C", "1", "--retry-timeout", "10"]) as m:
+        h.check_eq(proxy.nconn, 3, "connections through the proxy (block status, data, large writes)")
+        child = h.popen([sys.executable, "-c", FSYNC_CHILD, m.export], stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE, text=True)
+        try:
+            def line(what, timeout=15):
+                ready, _, _ = select.select([child.stdout], [], [], timeout)
+                if not ready:
+                    raise h.TestFailure("no %s from the child within %s s" % (what, timeout))
+                return child.stdout.readline().strip()
+            h.check_eq(line("write"), "written", "the child's write")
+            proxy.crash(second.sock, close_now=1)
+            first.kill(signal.SIGKILL)          # the write dies with the old server
+            h.wait_until(lambda: re.search(r"reconnected the connection", m.stderr()),
+                         what="the data connection to reach the new server")
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            # The fsync must wait on an old connection (or fail), not succeed through the new one.
+            ready, _, _ = select.select([child.stdout], [], [], 1.0)
+            h.check(not ready or child.stdout.readline().strip() != "OK",
+                    "fsync succeeded through a connection to the new server")
+            proxy.end_silent()
+            h.check_eq([line("first fsync"), line("second fsync")], ["EIO", "OK"],
+                       "fsyncs once the old connections are found dead")
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait(timeout=10)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@
 
 #include <cerrno>
 #include <chrono>
+#include <optional>
 #include <cstdint>
 #include <system_error>
 #include <vector>
@@ -110,6 +111,10 @@ class BlockIo {
     // A command refused as "shutting down" is issued again after the reconnect; a
     // server refusing it once more is taken at its word.
     int shutdown_refusals = 0;
+    // A command whose connection breaks under it again and again (a server that
+    // crashes on it and is restarted each time: every outage is short, so the pool
+    // never gives up) is issued again for at most the retry timeout from the first break.
+    std::optional<Clock::time_point> first_break;
     for (;;) {
       nbd_client::Connection* connection = pool_.least_loaded_usable(purpose);
       if (!connection) connection = co_await pool_.usable_connection(purpose);  // waits through a reconnect
@@ -119,6 +124,11 @@ class BlockIo {
       auto [error] = co_await start(*connection);
       if (finished(operation, *connection, sent, error, options.durable)) co_return error;
       if (error.value() == ESHUTDOWN && ++shutdown_refusals >= 2) co_return error;
+      if (!first_break) {
+        first_break = Clock::now();
+      } else if (Clock::now() - *first_break >= pool_.retry_timeout()) {
+        co_return std::error_code(EIO, std::generic_category());
+      }
     }
   }
 

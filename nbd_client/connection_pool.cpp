@@ -110,13 +110,20 @@ asio::awaitable<std::error_code> ConnectionPool::async_connect(const Target& req
     co_await open_connections(wanted - 1, Role::data_and_status);
     if (large_write_connection && connections_.size() == wanted) co_await open_connections(1, Role::large_writes);
   }
+  last_write_.assign(connections_.size(), 0);
+  flushed_.assign(connections_.size(), 0);
+  made_.assign(connections_.size(), connections_made_);
   for (std::size_t index = 0; index < connections_.size(); ++index) {
     connections_[index]->set_index(index);
     watch(index);
   }
-  last_write_.assign(connections_.size(), 0);
-  flushed_.assign(connections_.size(), 0);
-  made_.assign(connections_.size(), connections_made_);
+  // A connection lost while the others were being made had no one to tell (a loop
+  // connection reports at once; a threaded one is not armed before the mount): tell
+  // now, so that the outage, and with it --retry-timeout, starts, and the reconnect.
+  for (std::size_t index = 0; index < connections_.size(); ++index)
+    if (connections_[index]->was_lost())
+      lost(index, connections_[index]->error_message().empty() ? "the server closed the connection"
+                                                                : connections_[index]->error_message());
   co_return std::error_code{};
 }
 
@@ -461,8 +468,15 @@ asio::awaitable<Connection*> ConnectionPool::usable_connection(Purpose purpose) 
       bool someone_reconnecting =
           std::find(reconnecting_.begin(), reconnecting_.end(), true) != reconnecting_.end() ||
           std::any_of(connections_.begin(), connections_.end(), [](const auto& c) { return c->draining(); });
-      // Lost before anyone noticed (e.g. a failed command raced the loss report).
-      if (!someone_reconnecting && !start_reconnect(first)) continue;
+      // Lost before anyone noticed (e.g. a failed command raced the loss report): the
+      // outage starts now, or the retry timeout would never bind this wait.
+      if (!someone_reconnecting) {
+        if (!in_outage_ && !any_usable()) {
+          in_outage_ = true;
+          outage_started_ = clock::now();
+        }
+        if (!start_reconnect(first)) continue;
+      }
       waited_for_the_retries = true;
     }
     // After giving up, a request's own attempt gets the whole retry timeout.

@@ -102,6 +102,7 @@ class ConnectionPool {
   // the server has not come back within the retry timeout (after that, each
   // call makes one reconnect attempt of its own).
   asio::awaitable<Connection*> usable_connection(Purpose purpose = Purpose::data);
+  std::chrono::milliseconds retry_timeout() const { return options_.retry_timeout; }
 
   // One line per event, for stderr: losses, reconnects, giving up.
   std::function<void(const std::string& line)> on_event;

@@ -1,7 +1,8 @@
 // Test helper, preloaded into nbdbridge (LD_PRELOAD): a name resolver that is slow to
 // answer. While the file SLOW_RESOLVER_FLAG names exists, getaddrinfo() first sleeps
-// SLOW_RESOLVER_SECONDS (default 3), between lines "slow <name>" and "done <name>"
-// appended to SLOW_RESOLVER_LOG.
+// SLOW_RESOLVER_SECONDS (default 3, fractions allowed), between lines "slow <name>" and
+// "done <name>" appended to SLOW_RESOLVER_LOG. The sleep is cut short (within 50 ms) when
+// the flag file is removed, so a test that is done with the slow resolver need not wait.
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <netdb.h>
@@ -9,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -37,7 +39,13 @@ extern "C" int getaddrinfo(const char* node, const char* service, const addrinfo
   if (flag && stat(flag, &status) == 0) {
     note("slow", node);
     const char* seconds = std::getenv("SLOW_RESOLVER_SECONDS");
-    sleep(seconds ? unsigned(std::atoi(seconds)) : 3u);
+    using clock = std::chrono::steady_clock;
+    const auto end = clock::now() + std::chrono::duration_cast<clock::duration>(
+                                        std::chrono::duration<double>(seconds ? std::atof(seconds) : 3.0));
+    while (clock::now() < end && stat(flag, &status) == 0) {
+      const auto left = std::chrono::duration_cast<std::chrono::microseconds>(end - clock::now()).count();
+      usleep(useconds_t(std::clamp<long long>(left, 0, 50000)));
+    }
     note("done", node);
   }
   return next(node, service, hints, result);

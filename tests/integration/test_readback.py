@@ -6,6 +6,7 @@ any read can be checked exactly, at any alignment.
 """
 import os
 import random
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -152,10 +153,24 @@ def test_verbose_traces_requests():
                 _check_read(fd, 100000 * i + 1, 999)
         finally:
             os.close(fd)
-        h.wait_until(lambda: len(m.stderr()) > before, timeout=5, what="-v trace output")
-        lines = [ln for ln in m.stderr()[before:].splitlines() if ln.strip()]
-        h.check(len(lines) >= 6, "-v: expected >= 6 trace lines for 6 reads, got %d: %r"
-                % (len(lines), lines[:20]))
+        # One "#N READ offset=O length=L" line per read, and its "#N READ done: L bytes".
+        wanted = [(4096 * 7, 4096)] + [(100000 * i + 1, 999) for i in range(5)]
+
+        def traced():
+            text = m.stderr()[before:]
+            found = []
+            for off, length in wanted:
+                started = re.search(r"#(\d+) READ offset=%d length=%d\b" % (off, length), text)
+                if not started or not re.search(r"#%s READ done: %d bytes\b" % (started.group(1), length), text):
+                    return None
+                found.append(started.group(1))
+            return found
+        try:
+            ids = h.wait_until(traced, timeout=5, what="-v trace lines for the 6 reads")
+        except h.TestFailure:
+            raise h.TestFailure("-v: no READ trace (offset, length, done) for each of the reads %r: %r"
+                                % (wanted, m.stderr()[before:].splitlines()[:20]))
+        h.check_eq(len(set(ids)), len(wanted), "-v: request numbers of the 6 reads (%r)" % ids)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ NO_RECONNECT = ["--retry-timeout", "0"]
 
 SIZE = 64 * 1024 * 1024
 PROMPT = 10          # seconds within which failing requests must return
-STDERR_RE = re.compile(r"clos|disconnect|eof|lost|reset|dead|died|server|connection|hang",
-                       re.IGNORECASE)
+# What the bridge prints when a connection it does not reconnect goes (one line per connection).
+LOST_RE = re.compile(r"lost .* to the server \(.+\); requests on it fail with EIO")
 
 WORKER = su.threaded_io_worker(0, SIZE)
 
@@ -61,10 +61,14 @@ def _check_new_requests_fail(m):
         h.check_eq(out, "pread EIO;pwrite EIO;fsync EIO", "new requests after server death")
 
 
-def _finish(m):
+def _finish(m, lost=True):
     # The bridge must report the lost connection on stderr.
-    h.wait_until(lambda: STDERR_RE.search(m.stderr()), timeout=PROMPT,
-                 what="a message about the lost connection on nbdbridge stderr")
+    if lost:
+        try:
+            h.wait_until(lambda: LOST_RE.search(m.stderr()), timeout=PROMPT,
+                         what="'lost ... to the server (...); requests on it fail with EIO' on stderr")
+        except h.TestFailure as e:
+            raise h.TestFailure("%s; nbdbridge stderr: %s" % (e, m.stderr()[-2000:]))
     h.check(m.mounted(), "mount vanished by itself (expected it to stay until unmounted)")
     r = m.unmount()
     h.check_eq(r.returncode, 0, "fusermount3 -u after server death (%s)" % r.stderr.strip())
@@ -153,21 +157,42 @@ def test_server_closes_connection_idle():
         _finish(m)
 
 
+def _signal_pending(pid, sig):
+    """Whether sig is still waiting to be handled by process pid (ShdPnd)."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("ShdPnd:"):
+                    return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
+    except OSError:
+        pass
+    return False
+
+
 def test_server_sigterm_idle():
-    # nbdkit asked to quit while a client is connected and idle; it may
-    # take its time, but once it is gone requests fail with EIO.
+    # nbdkit asked to quit (SIGTERM) while the bridge is connected and idle: nbdkit stays
+    # until its clients leave and refuses every new request as shutting down. Without
+    # reconnection that refusal is the request's EIO, at once; the connection is kept (no
+    # "lost" line), and the unmount's disconnect lets the server finish its stop.
     with h.Nbdkit(["memory", str(SIZE)]) as srv, \
             h.Mount(h.tmpdir("mp"), [srv.uri], opts=NO_RECONNECT) as m:
         with open(m.export, "rb") as f:
             f.read(10)
         srv.kill(signal.SIGTERM)
-        try:
-            srv.proc.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            srv.kill(signal.SIGKILL)
-            srv.proc.wait(timeout=10)
+        h.wait_until(lambda: not _signal_pending(srv.proc.pid, signal.SIGTERM), timeout=PROMPT,
+                     what="nbdkit to take the SIGTERM")
         _check_new_requests_fail(m)
-        _finish(m)
+        h.check(srv.proc.poll() is None, "test set-up: nbdkit left at SIGTERM with a client connected "
+                "(status %s), so this tests a dead server, not a stopping one" % srv.proc.poll())
+        h.check("lost" not in m.stderr(),
+                "a refusal by a stopping server was taken for a lost connection: %s" % m.stderr()[-2000:])
+        _finish(m, lost=False)
+        try:
+            status = srv.proc.wait(timeout=PROMPT)
+        except subprocess.TimeoutExpired:
+            raise h.TestFailure("nbdkit still waits for a client %ss after the unmount: the bridge did not "
+                                "disconnect" % PROMPT)
+        h.check_eq(status, 0, "nbdkit's exit status after its graceful stop")
 
 
 def test_subprocess_server_ends_with_a_killed_bridge():

@@ -7,8 +7,10 @@
 
 #include <cerrno>
 #include <cstdint>
+#include <csignal>
 #include <fcntl.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <vector>
@@ -17,7 +19,9 @@ namespace batching = nbd_client::socket_batching;
 
 namespace {
 
-// `ours` is attached and non-blocking, as libnbd leaves its socket; `peer` is the server.
+// `ours` is attached and non-blocking, as libnbd leaves its socket; `peer` is the server,
+// blocking, but its reads give up after 5 s (EAGAIN): bytes that never come fail the test
+// instead of hanging it.
 struct SocketPair {
   int ours = -1;
   int peer = -1;
@@ -26,6 +30,8 @@ struct SocketPair {
     REQUIRE(socketpair(AF_UNIX, SOCK_STREAM, 0, fds) == 0);
     ours = fds[0];
     peer = fds[1];
+    timeval timeout{5, 0};
+    REQUIRE(setsockopt(peer, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout) == 0);
     fcntl(ours, F_SETFL, fcntl(ours, F_GETFL) | O_NONBLOCK);
     REQUIRE(batching::attach(ours));
   }
@@ -71,9 +77,14 @@ pid_t write_from_child(int fd, const std::vector<std::uint8_t>& stream) {
   return child;
 }
 
+// Waits (at most 5 s) for the writing child; a child still blocked is killed.
 void check_child_done(pid_t child) {
   int status = -1;
-  waitpid(child, &status, 0);
+  for (int tries = 0; tries < 500 && waitpid(child, &status, WNOHANG) == 0; ++tries) usleep(10000);
+  if (status == -1) {
+    kill(child, SIGKILL);
+    waitpid(child, nullptr, 0);
+  }
   CHECK(status == 0);
 }
 
@@ -265,7 +276,7 @@ TEST_CASE("shutdown sends held bytes before closing the write side") {
   CHECK(shutdown(sockets.ours, SHUT_WR) == 0);
   CHECK(peer_reads(sockets.peer, 28) == goodbye);
   char byte;
-  CHECK(::read(sockets.peer, &byte, 1) == 0);  // then the end of the stream
+  CHECK(::read(sockets.peer, &byte, 1) == 0);  // then the end of the stream (-1 if SO_RCVTIMEO ran out)
 }
 
 TEST_CASE("close forgets a socket, so a new one with its number starts clean") {

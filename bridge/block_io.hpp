@@ -111,9 +111,11 @@ class BlockIo {
     // A command refused as "shutting down" is issued again after the reconnect; a
     // server refusing it once more is taken at its word.
     int shutdown_refusals = 0;
-    // A command whose connection breaks under it again and again (a server that
-    // crashes on it and is restarted each time: every outage is short, so the pool
-    // never gives up) is issued again for at most the retry timeout from the first break.
+    // A command whose connection breaks under it again and again, soon after it is
+    // sent (a server that crashes on it and is restarted each time: every outage is
+    // short, so the pool never gives up), is issued again for at most the retry timeout
+    // from the first such break. One that was in flight that long before breaking
+    // broke for a reason of its own: the count starts again.
     std::optional<Clock::time_point> first_break;
     for (;;) {
       nbd_client::Connection* connection = pool_.least_loaded_usable(purpose);
@@ -121,14 +123,15 @@ class BlockIo {
       if (!connection) co_return std::error_code(EIO, std::generic_category());
       if (options.send_until != Clock::time_point::max() && Clock::now() >= options.send_until)
         co_return std::error_code(EIO, std::generic_category());
+      const auto attempt_sent = Clock::now();
       auto [error] = co_await start(*connection);
       if (finished(operation, *connection, sent, error, options.durable)) co_return error;
       if (error.value() == ESHUTDOWN && ++shutdown_refusals >= 2) co_return error;
-      if (!first_break) {
-        first_break = Clock::now();
-      } else if (Clock::now() - *first_break >= pool_.retry_timeout()) {
+      const auto broke = Clock::now();
+      if (!first_break || broke - attempt_sent >= pool_.retry_timeout())
+        first_break = broke;
+      else if (broke - *first_break >= pool_.retry_timeout())
         co_return std::error_code(EIO, std::generic_category());
-      }
     }
   }
 

@@ -177,18 +177,18 @@ std::string resolve_mountpoint(const std::string& path, MountPlan& plan) {
   char resolved[PATH_MAX];
   if (!realpath(plan.mount_path.c_str(), resolved)) return "cannot resolve mountpoint " + plan.mount_path;
   plan.mount_path = resolved;
-  if (!plan.file_name.empty() && kind == PathKind::missing) {
-    problem = check_directory_may_be_covered(plan.mount_path);
-    if (!problem.empty())
-      return "mountpoint " + path + ": the mount would cover its directory " + plan.mount_path + ", " + problem +
-             "; create " + path + " first to mount over that file alone, or name an empty directory";
-  }
   std::ifstream mountinfo_file("/proc/self/mountinfo");
   std::stringstream mountinfo;
   mountinfo << mountinfo_file.rdbuf();
   if (has_fuse_mount(mountinfo.str(), plan.mount_path))
     return "mountpoint " + plan.mount_path + " is already a FUSE mount; unmount it first (fusermount3 -u " +
            plan.mount_path + ")";
+  if (!plan.file_name.empty() && kind == PathKind::missing) {
+    problem = check_directory_may_be_covered(plan.mount_path);
+    if (!problem.empty())
+      return "mountpoint " + path + ": the mount would cover its directory " + plan.mount_path + ", " + problem +
+             "; create " + path + " first to mount over that file alone, or name an empty directory";
+  }
   return {};
 }
 

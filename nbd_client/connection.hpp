@@ -86,7 +86,7 @@ struct ConnectOptions {
   // to a host that died or a path that broke waits ~15 minutes (tcp_retries2), and
   // an idle connection's loss is never noticed until the next request. 0: the
   // system's behaviour.
-  std::chrono::seconds tcp_keepalive = std::chrono::seconds(30);
+  std::chrono::seconds tcp_keepalive = std::chrono::seconds(60);
   // TCP congestion control (--tcp-congestion): "auto" sets reno on connections to
   // this machine's loopback and leaves others alone, "system" leaves all alone, any
   // other name is set on every TCP connection (a failure fails the connection).

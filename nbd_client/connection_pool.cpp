@@ -3,6 +3,7 @@
 
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
+#include <asio/post.hpp>
 #include <asio/redirect_error.hpp>
 #include <asio/use_awaitable.hpp>
 
@@ -118,12 +119,17 @@ asio::awaitable<std::error_code> ConnectionPool::async_connect(const Target& req
     watch(index);
   }
   // A connection lost while the others were being made had no one to tell (a loop
-  // connection reports at once; a threaded one is not armed before the mount): tell
-  // now, so that the outage, and with it --retry-timeout, starts, and the reconnect.
+  // connection reports at once; a threaded one is not armed before the mount). Told
+  // once the caller has resumed and set on_event and the statistics hooks (posted:
+  // it runs when the caller first waits), so that the outage, and with it
+  // --retry-timeout, starts, and the reconnect.
   for (std::size_t index = 0; index < connections_.size(); ++index)
     if (connections_[index]->was_lost())
-      lost(index, connections_[index]->error_message().empty() ? "the server closed the connection"
-                                                                : connections_[index]->error_message());
+      asio::post(executor_, [this, index, connection = connections_[index].get()] {
+        if (connections_[index].get() != connection || closed_) return;
+        lost(index, connection->error_message().empty() ? "the server closed the connection"
+                                                        : connection->error_message());
+      });
   co_return std::error_code{};
 }
 
@@ -189,8 +195,26 @@ bool ConnectionPool::usable_connection_made_by(std::uint64_t made) const {
   return false;
 }
 
+// Connections made together count as made at once, as those of the mount do: a
+// reconnect when none is usable starts such a wave, and later reconnects join it
+// until a loss ends it (a loss may mean the server changed, so a connection made after
+// it may reach another server than one made before). Otherwise every connection made
+// in one outage would be younger than the first, and a later drop of that one alone
+// would leave its writes with nothing old enough to vouch for them.
+std::uint64_t ConnectionPool::made_for_reconnect(std::size_t index) {
+  bool another_usable = false;
+  for (std::size_t slot = 0; slot < connections_.size(); ++slot)
+    if (slot != index && connections_[slot]->usable()) another_usable = true;
+  if (!another_usable) {
+    made_wave_open_ = true;
+    return ++connections_made_;
+  }
+  return made_wave_open_ ? connections_made_ : ++connections_made_;
+}
+
 // Called as connection `index` is lost, before it is replaced.
 void ConnectionPool::account_lost_writes(std::size_t index) {
+  made_wave_open_ = false;
   if (holds_unflushed_writes(index)) {
     lost_unflushed_ = ++write_epoch_;
     writes_went_with_a_connection(last_write_[index], made_[index]);
@@ -381,7 +405,7 @@ asio::awaitable<void> ConnectionPool::reconnect(std::size_t index) {
     if (!error) {
       watch(index);
       ++reconnects_;
-      if (index < made_.size()) made_[index] = ++connections_made_;
+      if (index < made_.size()) made_[index] = made_for_reconnect(index);
       if (after_shutdown_drain) shutdown_drained_at_ = clock::now();  // refusal_window runs from here
       if (on_connection_restored) on_connection_restored(index, clock::now() - started);
       say("reconnected " + describe(index) + " after " + std::to_string(milliseconds_since(started)) + " ms");
@@ -497,19 +521,30 @@ void ConnectionPool::wake_waiters() {
   for (asio::steady_timer* waiter : waiters_) waiter->cancel();
 }
 
-Connection* ConnectionPool::least_loaded_usable(Purpose purpose) {
+// A flush goes to the connection made first, whatever its role: under multi-conn it
+// then covers the writes of every connection (flush_succeeded()).
+Connection* ConnectionPool::first_made_usable() {
   Connection* best = nullptr;
   std::uint64_t best_made = 0;
+  for (std::size_t index = 0; index < connections_.size() && index < made_.size(); ++index) {
+    Connection* connection = connections_[index].get();
+    if (!connection->usable()) continue;
+    if (!best || made_[index] < best_made ||
+        (made_[index] == best_made && connection->in_flight() < best->in_flight())) {
+      best = connection;
+      best_made = made_[index];
+    }
+  }
+  return best;
+}
+
+Connection* ConnectionPool::least_loaded_usable(Purpose purpose) {
+  if (purpose == Purpose::flush) return first_made_usable();
+  Connection* best = nullptr;
   for (std::size_t index = 0; index < connections_.size(); ++index) {
     Connection* connection = connections_[index].get();
     if (!serves(index, purpose) || !connection->usable()) continue;
-    // A flush goes to the connection made first: under multi-conn it then covers the
-    // writes of every connection (flush_succeeded()).
-    std::uint64_t made = purpose == Purpose::flush && index < made_.size() ? made_[index] : 0;
-    if (!best || made < best_made || (made == best_made && connection->in_flight() < best->in_flight())) {
-      best = connection;
-      best_made = made;
-    }
+    if (!best || connection->in_flight() < best->in_flight()) best = connection;
   }
   if (!best && fallback(purpose) != purpose) return least_loaded_usable(fallback(purpose));
   return best;

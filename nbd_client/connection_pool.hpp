@@ -141,6 +141,8 @@ class ConnectionPool {
   bool any_usable(Purpose purpose = Purpose::data) const;
   // Whether a connection made no later than `made` (made_), whatever its role, is usable.
   bool usable_connection_made_by(std::uint64_t made) const;
+  Connection* first_made_usable();
+  std::uint64_t made_for_reconnect(std::size_t index);
   bool holds_unflushed_writes(std::size_t index) const;
   void account_lost_writes(std::size_t index);
   void writes_went_with_a_connection(std::uint64_t epoch, std::uint64_t made);
@@ -194,6 +196,7 @@ class ConnectionPool {
   // no earlier than its own; see flush_succeeded().
   std::vector<std::uint64_t> made_;
   std::uint64_t connections_made_ = 1;
+  bool made_wave_open_ = true;  // the mount's connections are one wave; see made_for_reconnect()
   // Writes of a connection lost while others still served: safe in the server's shared
   // cache unless every connection goes before a flush covers them. orphaned_made_: the
   // earliest made_ of the lost connections they came from.

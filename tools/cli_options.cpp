@@ -124,8 +124,9 @@ void setup(CLI::App& app, Options& options) {
       });
   app.add_option("--tcp-keepalive", options.tcp_keepalive_seconds,
                  "seconds after which a TCP server that acknowledges nothing (a request sent, or keepalive "
-                 "probes while idle) is taken as lost and reconnected (default 30; whole seconds, at least 2; "
-                 "0: the system's TCP behaviour, which waits ~15 min for a dead host and never notices an idle one)")
+                 "probes while idle), or reads nothing while requests wait to be sent, is taken as lost and "
+                 "reconnected (default 60; whole seconds, at least 2; 0: the system's TCP behaviour, which waits "
+                 "~15 min for a dead host and never notices an idle one)")
       ->check(CLI::Validator(
           [](std::string& text) -> std::string {
             double value = -1;

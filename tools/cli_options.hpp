@@ -40,7 +40,7 @@ struct Options {
   double busy_poll_microseconds = 50;        // keep polling this long before sleeping
   std::string connection_threads = "writes"; // which NBD connections get a thread of their own
   std::string tcp_congestion = "auto";       // auto (reno to loopback peers), system, or a name
-  double tcp_keepalive_seconds = 30;         // a silent TCP server is lost after this (0: system default)
+  double tcp_keepalive_seconds = 60;         // a silent TCP server is lost after this (0: system default)
   std::string reply_thread = "auto";         // READ replies of 128 KiB and more from a second thread
   double stats_interval_seconds = 0;         // print a summary line this often (0: only at exit)
   std::string stats_file;                    // write the final statistics JSON here

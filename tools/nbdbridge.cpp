@@ -34,6 +34,7 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <thread>
+#include <tuple>
 #include <unistd.h>
 
 namespace {
@@ -71,13 +72,18 @@ bool write_pidfile(const std::string& path) {
   return std::rename(temporary.c_str(), path.c_str()) == 0;
 }
 
-// A file the bridge will write once mounted (pidfile) or at exit (statistics):
-// a directory it cannot write into is found now, before anything is mounted.
-std::string check_writable_place(const std::string& path) {
+// A file the bridge will write once mounted (pidfile) or at exit (statistics): a
+// place it cannot write is found now, before anything is mounted. The statistics
+// are written in place, so an existing writable file will do (/dev/stdout, a file
+// made for us in a directory we cannot write); the pidfile is renamed into place.
+std::string check_writable_place(const std::string& path, bool written_in_place) {
   if (path.empty()) return {};
+  struct stat status {};
+  if (written_in_place && stat(path.c_str(), &status) == 0 && !S_ISDIR(status.st_mode) &&
+      access(path.c_str(), W_OK) == 0)
+    return {};
   std::string directory, name;
   bridge::split_parent(path, directory, name);
-  struct stat status {};
   if (stat(directory.c_str(), &status) != 0) return "cannot use directory " + directory + ": " + std::strerror(errno);
   if (!S_ISDIR(status.st_mode)) return directory + " is not a directory";
   if (access(directory.c_str(), W_OK | X_OK) != 0) return "cannot write into " + directory + ": " + std::strerror(errno);
@@ -186,7 +192,9 @@ class Bridge {
                            : options_.connection_threads == "writes" ? nbd_client::ThreadMode::large_writes
                                                                      : nbd_client::ThreadMode::none;
     pool_options.connections = tools::resolve_connections(options_.connections, std::thread::hardware_concurrency());
-    pool_options.pass_server_stderr = options_.verbose;
+    // Under --daemon the server would hold a caller's pipe for as long as it runs; its
+    // words then go only to a log file (see detach_stderr()).
+    pool_options.pass_server_stderr = options_.verbose && (daemon_report_ < 0 || stderr_is_kept());
     pool_options.retry_timeout = to_duration(options_.retry_timeout_seconds);
     pool_options.replies = options_.replies == "simple"       ? nbd_client::ReplyMode::simple
                            : options_.replies == "structured" ? nbd_client::ReplyMode::structured
@@ -234,7 +242,7 @@ class Bridge {
     std::string problem;
     file_system_.on_live = [this] { on_live(); };
     std::error_code mount_error;
-    if (daemon_report_ >= 0) {
+    if (daemon_report_ >= 0 && options_.fd != STDERR_FILENO) {
       // The fusermount3 that stays behind for auto_unmount inherits our stderr: a
       // caller's pipe would then stay open as long as the mount. It gets a file of
       // its own, whose text (any complaint of the mount's) is passed on here.
@@ -343,11 +351,14 @@ class Bridge {
   }
 
   // --daemon, once live: a caller reading our stderr until EOF ($(...), ssh, a
-  // pipe) must not wait for the unmount, so a pipe, socket or terminal gives way to
-  // /dev/null. A stderr redirected to a file stays: that is the daemon's log.
-  void detach_stderr() {
+  // pipe, a terminal) must not wait for the unmount, so those give way to /dev/null.
+  // A file (the daemon's log) or a socket (journald's, under systemd) stays.
+  static bool stderr_is_kept() {
     struct stat status {};
-    if (options_.fd == STDERR_FILENO || (fstat(STDERR_FILENO, &status) == 0 && S_ISREG(status.st_mode))) return;
+    return fstat(STDERR_FILENO, &status) == 0 && (S_ISREG(status.st_mode) || S_ISSOCK(status.st_mode));
+  }
+  void detach_stderr() {
+    if (options_.fd == STDERR_FILENO || stderr_is_kept()) return;
     int null_device = open("/dev/null", O_WRONLY | O_CLOEXEC);
     if (null_device < 0) return;
     dup2(null_device, STDERR_FILENO);
@@ -438,8 +449,9 @@ int run(const tools::Options& options) {
     }
     faults = std::make_unique<bridge::FaultInjector>(delay, error, options.seed);
   }
-  for (const auto& [option, path] : {std::pair{"--pidfile", options.pidfile}, {"--stats-file", options.stats_file}})
-    if (std::string problem = check_writable_place(path); !problem.empty()) {
+  for (const auto& [option, path, in_place] :
+       {std::tuple{"--pidfile", options.pidfile, false}, {"--stats-file", options.stats_file, true}})
+    if (std::string problem = check_writable_place(path, in_place); !problem.empty()) {
       say(std::string(option) + " " + path + ": " + problem);
       return 1;
     }

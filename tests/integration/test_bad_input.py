@@ -109,7 +109,7 @@ def test_mountpoint_already_fuse_mounted():
             h.check_bytes(f.read(4096), h.pattern_bytes(0, 4096), "first mount after 2nd attempt")
         # also in DIR/NAME form and file form on top of the existing mount
         _expect_failure([os.path.join(mp, "other"), srv.uri], None,
-                        what="DIR/NAME on already-mounted dir")
+                        what="DIR/NAME on already-mounted dir", must_mention=["already a FUSE mount"])
         n = sum(1 for e in h.fuse_mounts() if e["mountpoint"].startswith(m.mountdir))
         h.check_eq(n, 1, "FUSE mounts at/below %s" % mp)
 

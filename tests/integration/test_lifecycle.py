@@ -312,24 +312,27 @@ def test_idle_mount_uses_no_cpu():
 
 def test_daemon_with_captured_output_returns():
     # $(nbdbridge --daemon ...), ssh, or a pipe: the caller reads until end of file, so
-    # the daemon must not keep the caller's pipes open once the mount is live.
-    mp = h.tmpdir("mp")
-    pidfile = os.path.join(h.tmpdir("d"), "pid")
+    # neither the daemon nor what it starts (fusermount3's auto_unmount watcher, a
+    # [ CMD ] server, also with -v) may keep the caller's pipes open once the mount is live.
     with h.Nbdkit(["memory", str(SIZE)]) as srv:
-        try:
+        for target in ([srv.uri], ["-v", "[", "nbdkit", "memory", str(SIZE), "]"]):
+            mp = h.tmpdir("mp")
+            pidfile = os.path.join(h.tmpdir("d"), "pid")
             try:
-                r = subprocess.run([h.NBDBRIDGE, "--daemon", "-P", pidfile, mp, srv.uri],
-                                   stdin=subprocess.DEVNULL, capture_output=True, timeout=15)
-            except subprocess.TimeoutExpired:
-                raise h.TestFailure("nbdbridge --daemon with its output on pipes did not return in 15 s")
-            h.check_eq(r.returncode, 0, "--daemon exit status (stderr %r)" % r.stderr)
-            h.check(h.is_mounted(mp), "not mounted after --daemon returned")
-        finally:
-            daemon_pid = int(open(pidfile).read()) if os.path.exists(pidfile) else None
-            if h.is_mounted(mp):
-                h.run(["fusermount3", "-u", mp])
-            if daemon_pid:
-                h.wait_until(lambda: not h.pid_alive(daemon_pid), what="the daemon to exit")
+                try:
+                    r = subprocess.run([h.NBDBRIDGE, "--daemon", "-P", pidfile, mp] + target,
+                                       stdin=subprocess.DEVNULL, capture_output=True, timeout=15)
+                except subprocess.TimeoutExpired:
+                    raise h.TestFailure("nbdbridge --daemon %r with its output on pipes did not return in 15 s"
+                                        % target)
+                h.check_eq(r.returncode, 0, "--daemon exit status (stderr %r)" % r.stderr)
+                h.check(h.is_mounted(mp), "not mounted after --daemon returned")
+            finally:
+                daemon_pid = int(open(pidfile).read()) if os.path.exists(pidfile) else None
+                if h.is_mounted(mp):
+                    h.run(["fusermount3", "-u", mp])
+                if daemon_pid:
+                    h.wait_until(lambda: not h.pid_alive(daemon_pid), what="the daemon to exit")
 
 
 def test_daemon_with_the_nbd_socket_as_stdin():

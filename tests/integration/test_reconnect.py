@@ -1620,6 +1620,7 @@ def test_a_server_lost_while_the_mount_is_made_is_bound_by_the_retry_timeout():
         took = time.monotonic() - t0
         h.check(r.returncode != 0 and "Input/output error" in r.stderr, "read with the server gone: %s" % r.stderr)
         h.check(took < 8, "it failed after %.1f s (retry timeout 2 s)" % took)
+        h.check(LOST_RE.search(m.stderr()), "no 'lost' line for the connection lost at mount: %s" % m.stderr())
 
 
 if __name__ == "__main__":

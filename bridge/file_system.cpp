@@ -65,7 +65,8 @@ FileSystem::FileSystem(asio::any_io_executor executor, nbd_client::ConnectionPoo
       owner_uid_(getuid()),
       owner_gid_(getgid()),
       drained_(executor),
-      expiry_sweep_(executor) {
+      expiry_sweep_(executor),
+      live_deadline_(executor) {
   clock_gettime(CLOCK_REALTIME, &mounted_at_);
 }
 
@@ -220,6 +221,7 @@ asio::awaitable<void> FileSystem::expire_old_requests() {
 asio::awaitable<void> FileSystem::drain(std::chrono::milliseconds bound) {
   draining_ = true;
   expiry_sweep_.cancel();
+  live_deadline_.cancel();
   drained_.expires_after(bound);
   // The background allocation count is waited for too: closing the connection
   // under its block-status command would leave the server writing to a closed socket.
@@ -398,6 +400,7 @@ asio::awaitable<void> FileSystem::count_allocation() {
   allocation_stale_ = false;
   allocated_bytes_ = co_await io_.allocated_bytes(allocation_scan_limit);
   allocation_counting_ = false;
+  go_live();
   if (draining_ && in_flight_count_ == 0) drained_.cancel();
 }
 
@@ -413,7 +416,16 @@ void FileSystem::init(fuse_conn_info* connection) {
   if (connection->capable & FUSE_CAP_ASYNC_DIO) connection->want |= FUSE_CAP_ASYNC_DIO;
   asio::co_spawn(executor_, count_allocation(), asio::detached);
   if (options_.request_timeout.count() > 0) asio::co_spawn(executor_, expire_old_requests(), asio::detached);
-  // Posted: the mount counts as live once libfuse has sent the INIT reply.
+  live_deadline_.expires_after(live_wait_bound);
+  live_deadline_.async_wait([this](std::error_code cancelled) {
+    if (!cancelled) go_live();
+  });
+}
+
+// Posted: the mount counts as live once libfuse has sent the INIT reply (it does
+// after init() returns; the count and the deadline end later anyway).
+void FileSystem::go_live() {
+  live_deadline_.cancel();
   if (on_live) asio::post(executor_, std::exchange(on_live, nullptr));
 }
 
@@ -458,7 +470,7 @@ void FileSystem::lookup(fuse_req_t request, fuse_ino_t parent, const char* name)
   entry.ino = is_stats ? stats_inode : file_inode_in_directory;
   entry.generation = 1;
   entry.attr = attributes_of(entry.ino);
-  entry.attr_timeout = file_attribute_timeout_seconds;
+  entry.attr_timeout = allocation_counting_ ? 0.0 : file_attribute_timeout_seconds;
   entry.entry_timeout = attribute_timeout_seconds;
   fuse_reply_entry(request, &entry);
 }
@@ -475,7 +487,10 @@ void FileSystem::getattr(fuse_req_t request, fuse_ino_t inode) {
   if (is_file(inode) && allocation_stale_ && !allocation_counting_ && !draining_)
     asio::co_spawn(executor_, count_allocation(), asio::detached);
   struct stat attributes = attributes_of(inode);
-  fuse_reply_attr(request, &attributes, is_file(inode) ? file_attribute_timeout_seconds : attribute_timeout_seconds);
+  // While the allocation is being counted st_blocks is a guess: the kernel must not keep it.
+  fuse_reply_attr(request, &attributes,
+                  is_file(inode) ? (allocation_counting_ ? 0.0 : file_attribute_timeout_seconds)
+                                 : attribute_timeout_seconds);
 }
 
 void FileSystem::setattr(fuse_req_t request, fuse_ino_t inode, const struct stat& wanted, int to_set) {

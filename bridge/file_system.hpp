@@ -56,8 +56,12 @@ class FileSystem final : public fuse_front::Handlers {
   // Optional client-side fault injection (--inject-delay/--inject-error).
   void inject_faults(std::unique_ptr<FaultInjector> faults);
 
-  // Runs once, after the kernel's INIT has been answered: the mount is live.
+  // Runs once, after the kernel's INIT has been answered and the first count of the
+  // export's allocation (st_blocks) is in, or live_wait_bound has passed: the mount is
+  // live. A tool started then (cp --sparse=auto) must not see the whole export as
+  // allocated, or it reads every hole instead of seeking past them.
   std::function<void()> on_live;
+  static constexpr std::chrono::seconds live_wait_bound{2};
 
   // Waits up to `bound` for requests in flight, then answers the rest with EIO.
   asio::awaitable<void> drain(std::chrono::milliseconds bound);
@@ -193,6 +197,8 @@ class FileSystem final : public fuse_front::Handlers {
   std::vector<RequestServer*> idle_request_servers_;
   asio::steady_timer drained_;
   asio::steady_timer expiry_sweep_;
+  asio::steady_timer live_deadline_;
+  void go_live();
   bool draining_ = false;
 };
 

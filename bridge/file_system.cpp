@@ -221,7 +221,7 @@ asio::awaitable<void> FileSystem::expire_old_requests() {
 asio::awaitable<void> FileSystem::drain(std::chrono::milliseconds bound) {
   draining_ = true;
   expiry_sweep_.cancel();
-  live_deadline_.cancel();
+  go_live();  // (drops on_live now)
   drained_.expires_after(bound);
   // The background allocation count is waited for too: closing the connection
   // under its block-status command would leave the server writing to a closed socket.
@@ -400,6 +400,7 @@ asio::awaitable<void> FileSystem::count_allocation() {
   allocation_stale_ = false;
   allocated_bytes_ = co_await io_.allocated_bytes(allocation_scan_limit);
   allocation_counting_ = false;
+  allocation_counted_ = true;
   go_live();
   if (draining_ && in_flight_count_ == 0) drained_.cancel();
 }
@@ -426,7 +427,17 @@ void FileSystem::init(fuse_conn_info* connection) {
 // after init() returns; the count and the deadline end later anyway).
 void FileSystem::go_live() {
   live_deadline_.cancel();
-  if (on_live) asio::post(executor_, std::exchange(on_live, nullptr));
+  if (draining_) on_live = nullptr;  // stopping before it was live: no pidfile, no "1" to a --daemon parent
+  if (on_live)
+    asio::post(executor_, [this, live = std::exchange(on_live, nullptr)] {
+      if (!draining_) live();
+    });
+}
+
+// Until the first count of the allocation is in, st_blocks is a guess (the whole
+// export) the kernel must not keep; after it, one second, as st_blocks follows writes.
+double FileSystem::file_attribute_timeout() const {
+  return allocation_counted_ ? file_attribute_timeout_seconds : 0.0;
 }
 
 bool FileSystem::is_file(fuse_ino_t inode) const {
@@ -470,7 +481,7 @@ void FileSystem::lookup(fuse_req_t request, fuse_ino_t parent, const char* name)
   entry.ino = is_stats ? stats_inode : file_inode_in_directory;
   entry.generation = 1;
   entry.attr = attributes_of(entry.ino);
-  entry.attr_timeout = allocation_counting_ ? 0.0 : file_attribute_timeout_seconds;
+  entry.attr_timeout = file_attribute_timeout();
   entry.entry_timeout = attribute_timeout_seconds;
   fuse_reply_entry(request, &entry);
 }
@@ -489,8 +500,7 @@ void FileSystem::getattr(fuse_req_t request, fuse_ino_t inode) {
   struct stat attributes = attributes_of(inode);
   // While the allocation is being counted st_blocks is a guess: the kernel must not keep it.
   fuse_reply_attr(request, &attributes,
-                  is_file(inode) ? (allocation_counting_ ? 0.0 : file_attribute_timeout_seconds)
-                                 : attribute_timeout_seconds);
+                  is_file(inode) ? file_attribute_timeout() : attribute_timeout_seconds);
 }
 
 void FileSystem::setattr(fuse_req_t request, fuse_ino_t inode, const struct stat& wanted, int to_set) {
@@ -511,7 +521,7 @@ void FileSystem::setattr(fuse_req_t request, fuse_ino_t inode, const struct stat
     fuse_reply_err(request, EPERM);
     return;
   }
-  fuse_reply_attr(request, &attributes, is_file(inode) ? file_attribute_timeout_seconds : attribute_timeout_seconds);
+  fuse_reply_attr(request, &attributes, is_file(inode) ? file_attribute_timeout() : attribute_timeout_seconds);
 }
 
 void FileSystem::open(fuse_req_t request, fuse_ino_t inode, fuse_file_info* file) {

@@ -187,6 +187,8 @@ class FileSystem final : public fuse_front::Handlers {
   std::uint64_t allocated_bytes_ = 0;
   bool allocation_stale_ = true;
   bool allocation_counting_ = false;
+  bool allocation_counted_ = false;  // the first count is in: st_blocks is no longer a guess
+  double file_attribute_timeout() const;
   timespec mounted_at_{};
   uid_t owner_uid_;
   gid_t owner_gid_;

@@ -196,20 +196,28 @@ bool ConnectionPool::usable_connection_made_by(std::uint64_t made) const {
 }
 
 // Connections made together count as made at once, as those of the mount do: a
-// reconnect when none is usable starts such a wave, and later reconnects join it
-// until a loss ends it (a loss may mean the server changed, so a connection made after
-// it may reach another server than one made before). Otherwise every connection made
-// in one outage would be younger than the first, and a later drop of that one alone
-// would leave its writes with nothing old enough to vouch for them.
+// reconnect when none is usable starts such a wave, and reconnects within
+// made_wave_span join it, unless a loss has come in between (a loss may mean the
+// server changed, so a connection made after it may reach another server than one made
+// before; a loss a thread has seen and not yet posted counts too). Otherwise every
+// connection made in one outage would be younger than the first, and a later drop of
+// that one alone would leave its writes with nothing old enough to vouch for them.
 std::uint64_t ConnectionPool::made_for_reconnect(std::size_t index) {
-  bool another_usable = false;
-  for (std::size_t slot = 0; slot < connections_.size(); ++slot)
-    if (slot != index && connections_[slot]->usable()) another_usable = true;
+  bool another_usable = false, another_lost = false;
+  for (std::size_t slot = 0; slot < connections_.size(); ++slot) {
+    if (slot == index) continue;
+    if (connections_[slot]->usable()) another_usable = true;
+    if (connections_[slot]->was_lost() && !reconnecting_[slot]) another_lost = true;
+  }
   if (!another_usable) {
     made_wave_open_ = true;
+    made_wave_opened_at_ = clock::now();
     return ++connections_made_;
   }
-  return made_wave_open_ ? connections_made_ : ++connections_made_;
+  if (made_wave_open_ && !another_lost && clock::now() - made_wave_opened_at_ <= made_wave_span)
+    return connections_made_;
+  made_wave_open_ = false;
+  return ++connections_made_;
 }
 
 // Called as connection `index` is lost, before it is replaced.

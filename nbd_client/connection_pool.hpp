@@ -196,7 +196,9 @@ class ConnectionPool {
   // no earlier than its own; see flush_succeeded().
   std::vector<std::uint64_t> made_;
   std::uint64_t connections_made_ = 1;
-  bool made_wave_open_ = true;  // the mount's connections are one wave; see made_for_reconnect()
+  bool made_wave_open_ = false;  // see made_for_reconnect() (the mount's connections are made equal apart)
+  std::chrono::steady_clock::time_point made_wave_opened_at_{};
+  static constexpr std::chrono::seconds made_wave_span{1};  // the reconnect backoff's cap
   // Writes of a connection lost while others still served: safe in the server's shared
   // cache unless every connection goes before a flush covers them. orphaned_made_: the
   // earliest made_ of the lost connections they came from.

@@ -997,6 +997,7 @@ def format_value(v):
 # ---------------------------------------------------------------- main
 
 def parse_args():
+    global EXPORT_SIZE, EXPORT_BYTES  # --export-mib
     p = argparse.ArgumentParser(
         prog="tools/bench",
         description="Benchmark nbdbridge against its peers with fio. Every subject gets a fresh "
@@ -1051,7 +1052,13 @@ def parse_args():
                    help="another nbdbridge binary (subject bridge-other), e.g. an older commit's build, "
                         "to compare with bridge in one run; run it twice with the two binaries swapped, "
                         "since a subject's place in the round moves its numbers")
+    p.add_argument("--export-mib", type=int, default=1024,
+                   help="size of the nbdkit memory export in MiB (default 1024; tests use less, since "
+                        "--tcp writes it whole once per subject)")
     args = p.parse_args()
+    if not 64 <= args.export_mib <= 1 << 20:
+        p.error("--export-mib must be 64 to 1048576")
+    EXPORT_SIZE, EXPORT_BYTES = f"{args.export_mib}M", args.export_mib << 20
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.runtime = args.runtime or (2 if args.quick else 5)
     if args.rounds < 1 or args.runtime < 1:

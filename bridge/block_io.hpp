@@ -17,8 +17,8 @@
 
 #include <cerrno>
 #include <chrono>
-#include <optional>
 #include <cstdint>
+#include <optional>
 #include <system_error>
 #include <vector>
 

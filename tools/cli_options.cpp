@@ -22,12 +22,15 @@ std::string extract_server_command(std::vector<std::string>& args, std::vector<s
 
 namespace {
 
-// The timers count whole milliseconds: a non-zero value under 1 ms would quietly
-// become 0 (for --stats-interval: a line on every loop pass), and past 1e9 s the
-// count of milliseconds, added to a clock, could overflow.
-CLI::Validator seconds(bool zero_allowed) {
+// A number of seconds in [lowest, highest], or 0 when zero_allowed. The timers count
+// whole milliseconds: a non-zero value under 1 ms would quietly become 0 (for
+// --stats-interval: a line on every loop pass), and past 1e9 s the count of
+// milliseconds, added to a clock, could overflow.
+CLI::Validator seconds(bool zero_allowed, double lowest = 0.001, double highest = 1e9,
+                       const std::string& range = "0.001 to 1e9 seconds") {
+  std::string expected = "expected " + std::string(zero_allowed ? "0, or " : "") + range;
   return CLI::Validator(
-      [zero_allowed](std::string& text) -> std::string {
+      [=](std::string& text) -> std::string {
         double value = 0;
         std::size_t used = 0;
         try {
@@ -36,11 +39,10 @@ CLI::Validator seconds(bool zero_allowed) {
           used = 0;
         }
         if (used == 0 || used != text.size()) return "expected a number of seconds";
-        if (zero_allowed && value == 0) return {};
-        if (value >= 0.001 && value <= 1e9) return {};
-        return zero_allowed ? "expected 0, or 0.001 to 1e9 seconds" : "expected 0.001 to 1e9 seconds";
+        if ((zero_allowed && value == 0) || (value >= lowest && value <= highest)) return {};
+        return expected;
       },
-      zero_allowed ? "SECONDS (0 or 0.001..1e9)" : "SECONDS (0.001..1e9)");
+      "SECONDS (" + std::string(zero_allowed ? "0 or " : "") + range + ")");
 }
 
 }  // namespace
@@ -127,19 +129,7 @@ void setup(CLI::App& app, Options& options) {
                  "probes while idle), or reads nothing while requests wait to be sent, is taken as lost and "
                  "reconnected (default 60; whole seconds, at least 2; 0: the system's TCP behaviour, which waits "
                  "~15 min for a dead host and never notices an idle one)")
-      ->check(CLI::Validator(
-          [](std::string& text) -> std::string {
-            double value = -1;
-            try {
-              std::size_t used = 0;
-              value = std::stod(text, &used);
-              if (used != text.size()) value = -1;
-            } catch (const std::exception&) {
-            }
-            return value == 0 || (value >= 2 && value <= 86400) ? std::string()
-                                                                 : std::string("expected 0, or 2 to 86400 seconds");
-          },
-          "SECONDS (0 or 2..86400)"));
+      ->check(seconds(true, 2, 86400, "2 to 86400 seconds"));
   app.add_option("--retry-timeout", options.retry_timeout_seconds,
                  "seconds to keep reconnecting to a lost or restarting server while requests wait (default 60; 0: fail "
                  "at once)")

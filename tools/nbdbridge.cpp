@@ -91,6 +91,14 @@ std::string check_writable_place(const std::string& path, bool written_in_place)
   return {};
 }
 
+// Points each of the standard streams given at /dev/null.
+void point_at_null_device(std::initializer_list<int> streams) {
+  int null_device = open("/dev/null", O_RDWR | O_CLOEXEC);
+  if (null_device < 0) return;
+  for (int stream : streams) dup2(null_device, stream);
+  close(null_device);
+}
+
 // --daemon: the parent waits until the child reports the mount live (one byte)
 // or fails (EOF), and exits accordingly. Returns the fd the child reports on.
 int become_daemon(int target_fd) {
@@ -116,11 +124,8 @@ int become_daemon(int target_fd) {
   // Nothing reads stdin or writes stdout, but a [ CMD ] server or fusermount3 would
   // inherit them and hold a caller's pipe open for as long as they run. An --fd
   // target given as 0 or 1 is the NBD socket itself and stays.
-  if (int null_device = open("/dev/null", O_RDWR | O_CLOEXEC); null_device >= 0) {
-    for (int stream : {STDIN_FILENO, STDOUT_FILENO})
-      if (stream != target_fd) dup2(null_device, stream);
-    close(null_device);
-  }
+  if (target_fd != STDIN_FILENO) point_at_null_device({STDIN_FILENO});
+  if (target_fd != STDOUT_FILENO) point_at_null_device({STDOUT_FILENO});
   return report[1];
 }
 
@@ -241,30 +246,7 @@ class Bridge {
     for (const auto& option : tools::split_mount_options(options_.mount_options)) mount_options.push_back(option);
     std::string problem;
     file_system_.on_live = [this] { on_live(); };
-    std::error_code mount_error;
-    if (daemon_report_ >= 0 && options_.fd != STDERR_FILENO) {
-      // The fusermount3 that stays behind for auto_unmount inherits our stderr: a
-      // caller's pipe would then stay open as long as the mount. It gets a file of
-      // its own, whose text (any complaint of the mount's) is passed on here.
-      int own_stderr = memfd_create("nbdbridge-mount-stderr", MFD_CLOEXEC);
-      int saved_stderr = own_stderr >= 0 ? fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, 3) : -1;
-      if (saved_stderr >= 0) dup2(own_stderr, STDERR_FILENO);
-      mount_error = session_.mount(plan_.mount_path, mount_options, problem);
-      if (saved_stderr >= 0) {
-        dup2(saved_stderr, STDERR_FILENO);
-        close(saved_stderr);
-        char text[4096];
-        lseek(own_stderr, 0, SEEK_SET);
-        for (ssize_t got; (got = read(own_stderr, text, sizeof text)) > 0;) {
-          ssize_t ignored = write(STDERR_FILENO, text, std::size_t(got));
-          (void)ignored;
-        }
-      }
-      if (own_stderr >= 0) close(own_stderr);
-    } else {
-      mount_error = session_.mount(plan_.mount_path, mount_options, problem);
-    }
-    if (mount_error) {
+    if (mount(mount_options, problem)) {
       say(problem);
       pool_.close();
       co_return finish(1);
@@ -291,6 +273,30 @@ class Bridge {
     if (!options_.pidfile.empty() && !pidfile_failed_) std::remove(options_.pidfile.c_str());
     if (options_.verbose) say("unmounted " + plan_.export_path());
     finish(statistics_written && !pidfile_failed_ ? 0 : 1);
+  }
+
+  // Under --daemon the fusermount3 that stays behind for auto_unmount would inherit
+  // our stderr, and a caller's pipe would then stay open as long as the mount: it gets
+  // a file of its own, whose text (any complaint of the mount's) is passed on here.
+  std::error_code mount(const std::vector<std::string>& mount_options, std::string& problem) {
+    if (daemon_report_ < 0 || options_.fd == STDERR_FILENO)
+      return session_.mount(plan_.mount_path, mount_options, problem);
+    int own_stderr = memfd_create("nbdbridge-mount-stderr", MFD_CLOEXEC);
+    int saved_stderr = own_stderr >= 0 ? fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, 3) : -1;
+    if (saved_stderr >= 0) dup2(own_stderr, STDERR_FILENO);
+    std::error_code error = session_.mount(plan_.mount_path, mount_options, problem);
+    if (saved_stderr >= 0) {
+      dup2(saved_stderr, STDERR_FILENO);
+      close(saved_stderr);
+      char text[4096];
+      lseek(own_stderr, 0, SEEK_SET);
+      for (ssize_t got; (got = read(own_stderr, text, sizeof text)) > 0;) {
+        ssize_t ignored = write(STDERR_FILENO, text, std::size_t(got));
+        (void)ignored;
+      }
+    }
+    if (own_stderr >= 0) close(own_stderr);
+    return error;
   }
 
   // `nbdbridge stats MOUNTPOINT` reaches us here; directory mounts also show .stats.
@@ -358,11 +364,7 @@ class Bridge {
     return fstat(STDERR_FILENO, &status) == 0 && (S_ISREG(status.st_mode) || S_ISSOCK(status.st_mode));
   }
   void detach_stderr() {
-    if (options_.fd == STDERR_FILENO || stderr_is_kept()) return;
-    int null_device = open("/dev/null", O_WRONLY | O_CLOEXEC);
-    if (null_device < 0) return;
-    dup2(null_device, STDERR_FILENO);
-    close(null_device);
+    if (options_.fd != STDERR_FILENO && !stderr_is_kept()) point_at_null_device({STDERR_FILENO});
   }
 
   void finish(int code) {

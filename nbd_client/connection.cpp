@@ -653,6 +653,11 @@ void Connection::issue(PendingCommand* command, const CommandRequest& request) {
   if (hold_back) ready_.collecting = true;
   if (!usable()) {
     command->first_error = ENOTCONN;
+  } else if (request.kind == CommandKind::block_status && !info_.can_block_status) {
+    // A server that came back from a reconnect without base:allocation (an older or
+    // differently configured one): everything is data, as on a mount that never had
+    // block status. libnbd would refuse the command, and lseek would fail.
+    request.extents->push_back({request.offset, request.length, 0});
   } else {
     // Flush and block status are one command; the rest go out in chunks, back to
     // back, each a separate NBD command with its own reply.

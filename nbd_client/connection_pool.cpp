@@ -316,6 +316,12 @@ asio::awaitable<std::error_code> ConnectionPool::connect_slot(std::size_t index,
     connection.close();
     co_return std::error_code(ESTALE, std::generic_category());
   }
+  // Not a change that refuses the export: the data is the same, only its map is gone
+  // (Connection answers block status with "all data" from then on).
+  if (info_.can_block_status && options.structured_replies && roles_[index] != Role::large_writes &&
+      !connection.info().can_block_status)
+    say(describe(index) + " came back without block status (base:allocation): SEEK_DATA, SEEK_HOLE and st_blocks "
+        "now take all of the export as data");
   co_return std::error_code{};
 }
 

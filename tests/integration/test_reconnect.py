@@ -1183,6 +1183,42 @@ def test_export_without_fua_refused():
     _check_refused(lambda img: ["file", img], ["--filter=fua"], "export without FUA", "FUA dropped")
 
 
+def _server_back_without_block_status(opts):
+    """A server restarted without structured replies (so without base:allocation) is
+    the same export: the mount goes on, and lseek and st_blocks take it all as data."""
+    size = 4 * MiB
+    img = sparse_image(size)
+    data = random.Random(11).randbytes(64 * 1024)
+    with open(img, "r+b") as f:
+        f.seek(MiB)
+        f.write(data)
+    with h.Nbdkit(["file", img]) as srv, \
+            h.Mount(h.tmpdir("mp"), ["--unix", srv.sock], opts=opts) as m:
+        fd = os.open(m.export, os.O_RDONLY)
+        try:
+            h.check_eq(os.lseek(fd, 0, os.SEEK_DATA), MiB, "SEEK_DATA before the restart")
+            restart_server(srv, opts=["--no-sr"])
+            h.wait_until(lambda: RECONNECTED_RE.search(m.stderr()), timeout=10, what="the reconnect")
+            h.check_bytes(h.pread_full(fd, len(data), MiB), data, "read after the restart")
+            h.wait_until(lambda: "without block status" in m.stderr(), timeout=10,
+                         what="a line saying block status is gone")
+            h.check_eq(os.lseek(fd, 0, os.SEEK_DATA), 0, "SEEK_DATA after the restart (all data)")
+            h.check_eq(os.lseek(fd, 4096, os.SEEK_HOLE), size, "SEEK_HOLE after the restart (only EOF)")
+            h.check_eq(h.os_errno(os.lseek, fd, size, os.SEEK_DATA)[0], errno.ENXIO, "SEEK_DATA at EOF")
+        finally:
+            os.close(fd)
+        h.check(not REFUSE_RE.search(m.stderr()), "refused the server: %s" % m.stderr()[-2000:])
+
+
+def test_server_back_without_block_status():
+    _server_back_without_block_status([])
+
+
+def test_server_back_without_block_status_structured_replies():
+    # Every connection carries block status here, not a connection of its own.
+    _server_back_without_block_status(["--replies", "structured"])
+
+
 # ---------------------------------------------------------------------------
 # 4. faults under load
 

@@ -756,6 +756,36 @@ def test_server_shutdown_reply_is_carried_through_the_restart():
         h.check(RECONNECTED_RE.search(text), "no 'reconnected' line: %s" % text[-2000:])
 
 
+def test_a_graceful_stop_with_several_reads_held_is_not_taken_for_a_refusal():
+    # Each held read is answered with ESHUTDOWN. The second answer arrives while the
+    # first one's drain is under way: the same stop, not a server refusing right after
+    # a reconnect (the message said so before).
+    img = random_image(16 * MiB)
+    logfile = os.path.join(h.tmpdir("log"), "log")
+    with h.Nbdkit(["file", img, "logfile=" + logfile, "delay-read=60"],
+                  opts=["--filter=log", "--filter=delay"]) as srv, \
+            h.Mount(h.tmpdir("mp"), ["--unix", srv.sock],
+                    opts=["--retry-timeout", "20", "-C", "2", "--connection-threads", "all"]) as m:
+        offsets = [MiB, 2 * MiB, 3 * MiB, 4 * MiB]
+        children = [start_io(m.export, ["r:%d:4096" % offset]) for offset in offsets]
+        for offset in offsets:
+            h.wait_until(lambda: _log_has_pending_read(logfile, offset), what="the read at %d to reach the server"
+                         % offset)
+        srv.kill(signal.SIGTERM)
+        h.wait_until(lambda: srv.proc.poll() is not None, timeout=15,
+                     what="the stopped server to exit (the bridge to close every connection)")
+        h.check(h.read_text(logfile).count("ESHUTDOWN") >= 2,
+                "the server answered fewer than two reads with ESHUTDOWN: %s" % h.read_text(logfile)[-2000:])
+        kill_server_rm_sock(srv, already_dead=True)
+        srv.args = ["file", img]
+        srv.opts = []
+        srv.start()
+        for offset, child in zip(offsets, children):
+            res = finish_io(child, 30, "the read at %d across the server's restart" % offset, m)
+            h.check_eq([r[:2] for r in res], [("r", "OK:" + file_sha(img, offset, 4096))], "the read at %d" % offset)
+        h.check("taken for a refusal" not in m.stderr(), "the stop was taken for a refusal: %s" % m.stderr()[-2000:])
+
+
 def test_a_later_graceful_stop_right_after_an_unrelated_reconnect_is_carried_through():
     # The 5 s in which a second ESHUTDOWN is taken for a refusing server run from the
     # reconnect that followed a graceful stop, not from every later reconnect. Here the

@@ -68,6 +68,7 @@ FileSystem::FileSystem(asio::any_io_executor executor, nbd_client::ConnectionPoo
       expiry_sweep_(executor),
       live_deadline_(executor) {
   clock_gettime(CLOCK_REALTIME, &mounted_at_);
+  session_.on_interrupt([this](std::uint64_t unique) { interrupt(unique); });
 }
 
 void FileSystem::set_export(const nbd_client::ExportInfo& info) {
@@ -85,7 +86,7 @@ void FileSystem::inject_faults(std::unique_ptr<FaultInjector> faults) {
 // ---- request tracking -------------------------------------------------------
 
 FileSystem::Tracked::Tracked(FileSystem& owner, fuse_req_t request, Operation kind, const char* operation,
-                             std::uint64_t offset, std::size_t length)
+                             std::uint64_t offset, std::size_t length, std::uint64_t unique)
     : owner_(owner),
       request_(request),
       kind_(kind),
@@ -93,7 +94,8 @@ FileSystem::Tracked::Tracked(FileSystem& owner, fuse_req_t request, Operation ki
       id_(owner.next_request_id_++),
       offset_(offset),
       length_(length),
-      started_(std::chrono::steady_clock::now()) {
+      started_(std::chrono::steady_clock::now()),
+      unique_(unique) {
   next_ = owner_.in_flight_head_;
   if (next_) next_->previous_ = this;
   owner_.in_flight_head_ = this;
@@ -103,6 +105,7 @@ FileSystem::Tracked::Tracked(FileSystem& owner, fuse_req_t request, Operation ki
     std::fprintf(stderr, "nbdbridge: #%" PRIu64 " %s offset=%" PRIu64 " length=%zu\n", id_, operation_, offset_,
                  length_);
   }
+  if (unique_ != 0 && owner_.early_interrupts_seen_ != 0 && owner_.take_early_interrupt(unique_)) reply_error(EINTR);
 }
 
 FileSystem::Tracked::~Tracked() {
@@ -129,7 +132,7 @@ void FileSystem::Tracked::record(int error, std::size_t length) const {
   if constexpr (!statistics_compiled_in) return;
   auto span = std::chrono::steady_clock::now() - started_;
   owner_.statistics_->request_finished(
-      kind_, length, error != 0 && error != ENXIO,
+      kind_, length, error != 0 && error != ENXIO && error != EINTR,  // answers, not failures
       std::uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(span).count()));
 }
 
@@ -218,6 +221,29 @@ asio::awaitable<void> FileSystem::expire_old_requests() {
   }
 }
 
+// A signal for a thread waiting in read() or lseek() (Ctrl-C, kill -9): answered with
+// EINTR at once, so a stalled server never leaves a process unkillable. The command
+// runs on, and its answer is dropped (as after --request-timeout). Writes, flushes and
+// fallocate wait on: the server may still carry one out, after the application has
+// sent another in its place.
+void FileSystem::interrupt(std::uint64_t unique) {
+  for (Tracked* request = in_flight_head_; request; request = request->next_)
+    if (request->unique_ == unique) {
+      request->reply_error(EINTR);
+      return;
+    }
+  early_interrupts_[early_interrupts_seen_++ % early_interrupts_.size()] = unique;
+}
+
+bool FileSystem::take_early_interrupt(std::uint64_t unique) {
+  for (std::uint64_t& early : early_interrupts_)
+    if (early == unique) {
+      early = 0;
+      return true;
+    }
+  return false;
+}
+
 asio::awaitable<void> FileSystem::drain(std::chrono::milliseconds bound) {
   draining_ = true;
   expiry_sweep_.cancel();
@@ -269,7 +295,7 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
   while (!self.stop) {
     Job job = std::move(self.job);
     if (job.kind == Operation::read) {
-      Tracked tracked(*this, job.request, Operation::read, "READ", job.offset, job.length);
+      Tracked tracked(*this, job.request, Operation::read, "READ", job.offset, job.length, job.unique);
       // The buffer outlives the command: it is released only after the reply.
       BufferPool::Lease buffer = buffers_.acquire(job.length);
       std::error_code error;
@@ -381,8 +407,9 @@ asio::awaitable<void> FileSystem::serve_zero(fuse_req_t request, std::uint64_t o
   tracked.reply_error(to_application_errno(error));
 }
 
-asio::awaitable<void> FileSystem::serve_seek(fuse_req_t request, std::uint64_t offset, bool want_data) {
-  Tracked tracked(*this, request, Operation::block_status, want_data ? "SEEK-DATA" : "SEEK-HOLE", offset, 0);
+asio::awaitable<void> FileSystem::serve_seek(fuse_req_t request, std::uint64_t offset, bool want_data,
+                                             std::uint64_t unique) {
+  Tracked tracked(*this, request, Operation::block_status, want_data ? "SEEK-DATA" : "SEEK-HOLE", offset, 0, unique);
   std::uint64_t found = 0;
   if (auto error = co_await io_.seek(offset, want_data, found)) {
     // ENXIO is lseek's own answer ("no more data"), not an I/O failure.
@@ -659,7 +686,8 @@ void FileSystem::lseek(fuse_req_t request, off_t offset, int whence, const fuse_
     fuse_reply_err(request, ENXIO);
     return;
   }
-  asio::co_spawn(executor_, serve_seek(request, std::uint64_t(offset), whence == SEEK_DATA), asio::detached);
+  asio::co_spawn(executor_, serve_seek(request, std::uint64_t(offset), whence == SEEK_DATA, session_.current_unique()),
+                 asio::detached);
 }
 
 void FileSystem::release(fuse_req_t request, fuse_ino_t, const fuse_file_info* file) {

@@ -14,6 +14,7 @@
 #include <asio/use_awaitable.hpp>
 #include <asio/steady_timer.hpp>
 
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <ctime>
@@ -89,8 +90,10 @@ class FileSystem final : public fuse_front::Handlers {
   // into the in-flight list for as long as it exists.
   class Tracked {
    public:
+    // unique: the kernel's id of a READ or lseek, which a signal may interrupt (0: not
+    // interruptible).
     Tracked(FileSystem& owner, fuse_req_t request, Operation kind, const char* operation, std::uint64_t offset,
-            std::size_t length);
+            std::size_t length, std::uint64_t unique = 0);
     ~Tracked();
     Tracked(const Tracked&) = delete;
     Tracked& operator=(const Tracked&) = delete;
@@ -119,6 +122,7 @@ class FileSystem final : public fuse_front::Handlers {
     std::uint64_t offset_;
     std::size_t length_;
     std::chrono::steady_clock::time_point started_;
+    std::uint64_t unique_;
     bool replied_ = false;
     Tracked* previous_ = nullptr;
     Tracked* next_ = nullptr;
@@ -155,13 +159,15 @@ class FileSystem final : public fuse_front::Handlers {
   void stop_request_servers();
   asio::awaitable<void> serve_flush(fuse_req_t request, bool fsync, std::uint64_t handle);
   asio::awaitable<void> serve_zero(fuse_req_t request, std::uint64_t offset, std::uint64_t length, bool allow_unmap);
-  asio::awaitable<void> serve_seek(fuse_req_t request, std::uint64_t offset, bool want_data);
+  asio::awaitable<void> serve_seek(fuse_req_t request, std::uint64_t offset, bool want_data, std::uint64_t unique);
   // st_blocks follows the server's allocation, re-counted in the background
   // after writes when someone asks.
   asio::awaitable<void> count_allocation();
   // With a request timeout: answers requests older than it with EIO. One timer
   // for all requests, so nothing is allocated per request.
   asio::awaitable<void> expire_old_requests();
+  void interrupt(std::uint64_t unique);
+  bool take_early_interrupt(std::uint64_t unique);
   void note_allocation_changed() { allocation_stale_ = true; }
 
   bool is_file(fuse_ino_t inode) const;
@@ -195,6 +201,10 @@ class FileSystem final : public fuse_front::Handlers {
   std::uint64_t next_request_id_ = 1;
   std::size_t in_flight_count_ = 0;
   Tracked* in_flight_head_ = nullptr;
+  // Interrupts that found no request: one whose coroutine has yet to start meets its
+  // own here. A few slots suffice (signals are rare); the oldest is overwritten.
+  std::array<std::uint64_t, 8> early_interrupts_{};
+  std::size_t early_interrupts_seen_ = 0;
   std::vector<std::unique_ptr<RequestServer>> request_servers_;
   std::vector<RequestServer*> idle_request_servers_;
   asio::steady_timer drained_;

@@ -246,9 +246,16 @@ void Session::receive() {
       return;
     }
     if (handled == 0) note_activity();
+    const auto* header = reinterpret_cast<const fuse_in_header*>(buffer);
+    if (header->opcode == FUSE_INTERRUPT) {
+      // No reply is due; libfuse would only mark the request, which we never ask about.
+      if (on_interrupt_ && std::size_t(result) >= sizeof(fuse_in_header) + sizeof(fuse_interrupt_in))
+        on_interrupt_(reinterpret_cast<const fuse_interrupt_in*>(header + 1)->unique);
+      give_back(buffer, resident);
+      continue;
+    }
     current_buffer_ = buffer;
     current_resident_ = resident || std::size_t(result) > small_head;
-    const auto* header = reinterpret_cast<const fuse_in_header*>(buffer);
     current_unique_ = header->unique;
     if (header->opcode == FUSE_INIT) note_init_request(buffer, std::size_t(result));
     fuse_session_process_buf(session_, &request);

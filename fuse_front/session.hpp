@@ -69,6 +69,9 @@ class Session {
   // Starts reading requests; on_ended runs once when the kernel reports the
   // filesystem unmounted (fusermount3 -u, umount) or the connection aborted.
   void start(std::function<void()> on_ended);
+  // FUSE_INTERRUPT: a signal for the thread waiting on request `unique`. Taken here,
+  // not by libfuse; the handler may answer that request (at most once, as always).
+  void on_interrupt(std::function<void(std::uint64_t unique)> handler) { on_interrupt_ = std::move(handler); }
   void stop_receiving();
   void unmount();
   bool mounted() const { return mounted_; }
@@ -122,6 +125,7 @@ class Session {
   bool unmounted_ = false;
   bool receiving_ = false;
   std::function<void()> on_ended_;
+  std::function<void(std::uint64_t unique)> on_interrupt_;
   std::size_t buffer_size_ = 0;
   // Free receive buffers whose huge-page region is untouched, and those where a
   // large request left it resident (bounded, so a burst of large writes does

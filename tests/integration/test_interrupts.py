@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""Signals reach a process waiting on a stalled server.
+
+What is expected (README, "What the file promises"):
+  * A read() or lseek(SEEK_DATA/SEEK_HOLE) waiting for a server that does not answer
+    ends at a signal: kill -9 ends the process at once (before, it stayed in D state
+    until the server answered), and a caught signal makes the call fail with EINTR.
+  * The command the server still holds runs on and its answer is dropped; reads after
+    it get the right bytes (also the spliced path of 1 MiB reads).
+  * A write is not interrupted: it completes, since the server may still apply it.
+
+The servers are nbdkit's file plugin behind its log filter (to see a request arrive)
+and its delay filter (to hold it). Every child has a deadline.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness as h  # noqa: E402
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+
+# argv: PATH OP OFFSET LENGTH [catch]. Prints "ready", then the outcome of one call:
+# "OK <length> <first 32 bytes in hex>" (read), "OK <length>" (write), "OK <offset>"
+# (seek), or "ERR <errno name>". With "catch", SIGUSR1 has a handler: for a read it
+# raises, so an EINTR surfaces instead of being retried; for a write it does nothing.
+CHILD = r"""
+import errno, os, signal, sys
+path, op, offset, length = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+class Caught(Exception):
+    pass
+def on_signal(signum, frame):
+    raise Caught()
+if len(sys.argv) > 5:
+    signal.signal(signal.SIGUSR1, on_signal)
+fd = os.open(path, os.O_RDWR)
+print("ready", flush=True)
+try:
+    if op == "read":
+        data = os.pread(fd, length, offset)
+        print("OK", len(data), data.hex()[:64], flush=True)
+    elif op == "write":
+        # libc's pwrite, once: Python's would retry after an EINTR. The handler
+        # does nothing here (it would raise after a completed write otherwise).
+        import ctypes
+        signal.signal(signal.SIGUSR1, lambda signum, frame: None)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.pwrite.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_long]
+        done = libc.pwrite(fd, bytes([0x5a]) * length, length, offset)
+        if done < 0:
+            raise OSError(ctypes.get_errno(), "pwrite")
+        print("OK", done, flush=True)
+    elif op == "seek":
+        print("OK", os.lseek(fd, offset, os.SEEK_DATA), flush=True)
+except Caught:
+    print("ERR EINTR (the signal's handler ran while the call waited)", flush=True)
+except OSError as e:
+    print("ERR", errno.errorcode.get(e.errno, str(e.errno)), flush=True)
+"""
+
+
+def image():
+    path = os.path.join(h.tmpdir("img"), "disk.img")
+    h.fill_random_file(path, SIZE)
+    return path
+
+
+def pending_in_log(logfile, what, offset):
+    try:
+        with open(logfile) as f:
+            return any((" %s id=" % what) in ln and "offset=0x%x" % offset in ln for ln in f)
+    except OSError:
+        return False
+
+
+def start_child(path, op, offset, length, catch=False):
+    p = h.popen([sys.executable, "-c", CHILD, path, op, str(offset), str(length)] + (["catch"] if catch else []),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    h.check_eq(p.stdout.readline().strip(), "ready", "the child's first line")
+    return p
+
+
+def finish_child(p, timeout, what):
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise h.TestFailure("%s: the child did not end within %s s" % (what, timeout))
+    return p.returncode, out.strip(), err.strip()
+
+
+class HeldServer:
+    """A file export whose reads (or extents, or writes) nbdkit holds for `seconds`,
+    mounted with a short --shutdown-timeout (the held command outlives the test)."""
+
+    def __init__(self, hold, seconds, opts=()):
+        self.img = image()
+        self.logfile = os.path.join(h.tmpdir("log"), "log")
+        self.server = h.Nbdkit(["file", self.img, "logfile=" + self.logfile, "%s=%s" % (hold, seconds)],
+                               opts=["--filter=log", "--filter=delay"])
+        self.opts = ["--shutdown-timeout", "1"] + list(opts)
+
+    def __enter__(self):
+        self.server.start()
+        try:
+            self.mount = h.Mount(h.tmpdir("mp"), ["--unix", self.server.sock], opts=self.opts).__enter__()
+        except BaseException:
+            self.server.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.mount.__exit__(*exc)
+        finally:
+            self.server.stop()
+        return False
+
+    def wait_held(self, what, offset):
+        h.wait_until(lambda: pending_in_log(self.logfile, what, offset),
+                     what="the %s at %d to reach the server" % (what, offset))
+
+    def expected(self, offset, length):
+        with open(self.img, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+
+def _kill9_while_held(hold, op, offset, length, log_name):
+    with HeldServer(hold, 60) as held:
+        child = start_child(held.mount.export, op, offset, length)
+        held.wait_held(log_name, offset)
+        h.check(child.poll() is None, "the %s returned while the server held it" % op)
+        t0 = time.monotonic()
+        child.kill()
+        rc, out, _ = finish_child(child, 10, "the killed %s" % op)
+        took = time.monotonic() - t0
+        h.check_eq(rc, -signal.SIGKILL, "the child's exit status")
+        h.check(took < 3.0, "kill -9 took %.1f s to end a process waiting in %s (the server holds it 60 s)"
+                % (took, op))
+        return held.mount.stderr()
+
+
+def test_kill9_ends_a_read_the_server_holds():
+    _kill9_while_held("delay-read", "read", MiB, 4096, "Read")
+
+
+def test_kill9_ends_an_lseek_the_server_holds():
+    _kill9_while_held("delay-extents", "seek", MiB, 0, "Extents")
+
+
+def test_caught_signal_gives_eintr_to_a_held_read():
+    with HeldServer("delay-read", 60) as held:
+        child = start_child(held.mount.export, "read", 2 * MiB, 4096, catch=True)
+        held.wait_held("Read", 2 * MiB)
+        child.send_signal(signal.SIGUSR1)
+        rc, out, err = finish_child(child, 10, "the interrupted read")
+        h.check_eq(rc, 0, "the child's exit status (stderr: %s)" % err[-500:])
+        h.check(out.startswith("ERR EINTR"), "the read's outcome after SIGUSR1: %r" % out)
+        stats = h.run([h.NBDBRIDGE, "stats", held.mount.mountdir], timeout=10)
+        h.check_eq(stats.returncode, 0, "nbdbridge stats (%s)" % stats.stderr.strip())
+        read = json.loads(stats.stdout)["operations"]["read"]
+        h.check_eq((read["count"], read["errors"]), (1, 0), "reads answered, and errors among them")
+
+
+def test_interrupted_reads_leave_later_reads_right():
+    # Held 2 s: the interrupted read's answer comes back while the next reads wait
+    # (1 MiB reads go through a pipe, spliced; 4 KiB ones are copied).
+    with HeldServer("delay-read", 2) as held:
+        for offset, length in ((3 * MiB, MiB), (5 * MiB, 4096)):
+            child = start_child(held.mount.export, "read", offset, length)
+            held.wait_held("Read", offset)
+            t0 = time.monotonic()
+            child.kill()
+            finish_child(child, 10, "the killed read")
+            h.check(time.monotonic() - t0 < 1.5, "kill -9 did not end the read before the server answered")
+            later = [(offset + length, length), (offset - length, length)]
+            children = [start_child(held.mount.export, "read", o, n) for o, n in later]
+            for (o, n), p in zip(later, children):
+                rc, out, err = finish_child(p, 20, "a read after the interrupted one")
+                want = held.expected(o, n)
+                h.check_eq(out, "OK %d %s" % (n, want.hex()[:64]), "the read of %d bytes at %d" % (n, o))
+
+
+def test_a_write_the_server_holds_is_not_interrupted():
+    with HeldServer("delay-write", 2) as held:
+        child = start_child(held.mount.export, "write", 4 * MiB, 4096, catch=True)
+        held.wait_held("Write", 4 * MiB)
+        child.send_signal(signal.SIGUSR1)
+        rc, out, err = finish_child(child, 20, "the held write")
+        h.check_eq(rc, 0, "the child's exit status (stderr: %s)" % err[-500:])
+        h.check_eq(out, "OK 4096", "the signalled write's outcome")
+        with open(held.img, "rb") as f:
+            f.seek(4 * MiB)
+            got = f.read(4096)
+        h.check_eq(got, bytes([0x5a]) * 4096, "the bytes of the signalled write, on the server")
+
+
+if __name__ == "__main__":
+    h.main(globals())

@@ -256,8 +256,28 @@ asio::awaitable<void> FileSystem::drain(std::chrono::milliseconds bound) {
     co_await drained_.async_wait(asio::redirect_error(asio::use_awaitable, woken));
     if (!woken) break;  // deadline passed
   }
+  // A process that still holds the file open (the bridge was signalled, or unmounted
+  // lazily) sends no close's flush: one now, in the same bound. Nothing is sent when
+  // every acknowledged write is covered already.
+  if (in_flight_count_ == 0 && !allocation_counting_) {
+    flushing_at_stop_ = true;
+    asio::co_spawn(executor_, flush_at_stop(), asio::detached);
+    while (flushing_at_stop_) {
+      std::error_code woken;
+      co_await drained_.async_wait(asio::redirect_error(asio::use_awaitable, woken));
+      if (!woken) break;
+    }
+  }
   for (Tracked* request = in_flight_head_; request; request = request->next_) request->reply_error(EIO);
   stop_request_servers();
+}
+
+asio::awaitable<void> FileSystem::flush_at_stop() {
+  if (std::error_code error = co_await io_.flush(/*always=*/false))
+    std::fprintf(stderr, "nbdbridge: the flush at unmount failed (%s): writes no fsync covered may not be durable\n",
+                 error.message().c_str());
+  flushing_at_stop_ = false;
+  drained_.cancel();
 }
 
 // ---- request coroutines -----------------------------------------------------

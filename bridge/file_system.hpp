@@ -167,6 +167,7 @@ class FileSystem final : public fuse_front::Handlers {
   // for all requests, so nothing is allocated per request.
   asio::awaitable<void> expire_old_requests();
   void interrupt(std::uint64_t unique);
+  asio::awaitable<void> flush_at_stop();
   bool take_early_interrupt(std::uint64_t unique);
   void note_allocation_changed() { allocation_stale_ = true; }
 
@@ -201,6 +202,7 @@ class FileSystem final : public fuse_front::Handlers {
   std::uint64_t next_request_id_ = 1;
   std::size_t in_flight_count_ = 0;
   Tracked* in_flight_head_ = nullptr;
+  bool flushing_at_stop_ = false;
   // Interrupts that found no request: one whose coroutine has yet to start meets its
   // own here. A few slots suffice (signals are rare); the oldest is overwritten.
   std::array<std::uint64_t, 8> early_interrupts_{};

@@ -7,6 +7,8 @@ requests) is the witness.
 """
 import os
 import random
+import signal
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -96,6 +98,37 @@ def test_close_after_write_flushes():
         h.wait_until(flushes, timeout=3, what="NBD flush after the last close")
         h.check_eq(len(flushes()), 1, "flushes after the fsync (a close with every write flushed already "
                    "sent one?): %r" % [r["line"] for r in _new_requests(logfile, n2)])
+
+
+HOLDER = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+os.pwrite(fd, b"held open", int(sys.argv[2]))
+print("written", flush=True)
+sys.stdin.read()  # holds the descriptor until the test closes our stdin
+"""
+
+
+def test_stop_flushes_writes_of_a_file_still_open():
+    """A process that holds the file open when the bridge is stopped sends no close's
+    flush: the bridge sends one before it disconnects."""
+    logfile = os.path.join(h.tmpdir("log"), "nbdkit.log")
+    with _logged_server(logfile) as srv, h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
+        holder = h.popen([sys.executable, "-c", HOLDER, m.export, "20480"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+        try:
+            h.check_eq(holder.stdout.readline().strip(), "written", "the holder's first line")
+            n0 = len(su.log_requests(logfile))
+            writes = [r for r in su.log_requests(logfile) if r["act"] == "Write" and r.get("offset") == 20480]
+            h.check(writes, "the holder's write is not in the server's log")
+            m.signal(signal.SIGTERM)
+            h.check_eq(m.wait_exit(), 0, "nbdbridge exit status (stderr: %s)" % m.stderr()[-1500:])
+            flushes = [r for r in _new_requests(logfile, n0) if r["act"] == "Flush"]
+            h.check(flushes, "no NBD flush between the write and the disconnect: %r"
+                    % [r["line"] for r in _new_requests(logfile, n0)])
+        finally:
+            holder.stdin.close()
+            holder.wait(timeout=10)
 
 
 def _sync_write_case(flag, flagname, fua_server):

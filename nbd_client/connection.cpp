@@ -7,6 +7,7 @@
 #include "nbd_client/socket_peer.hpp"
 
 #include <asio/redirect_error.hpp>
+#include <asio/this_coro.hpp>
 #include <asio/use_awaitable.hpp>
 #include <libnbd.h>
 
@@ -375,24 +376,23 @@ void Connection::begin_draining() {
   });
 }
 
-int Connection::start_connect(const Target& target) {
+namespace {
+
+int start_connect_on(nbd_handle* handle, const Target& target) {
   switch (target.kind) {
     case Target::Kind::uri:
-      return nbd_aio_connect_uri(handle_, target.uri.c_str());
+      return nbd_aio_connect_uri(handle, target.uri.c_str());
     case Target::Kind::unix_socket:
-      return nbd_aio_connect_unix(handle_, target.unix_path.c_str());
+      return nbd_aio_connect_unix(handle, target.unix_path.c_str());
     case Target::Kind::tcp:
-      return nbd_aio_connect_tcp(handle_, target.host.c_str(), target.port.c_str());
+      return nbd_aio_connect_tcp(handle, target.host.c_str(), target.port.c_str());
     case Target::Kind::socket_fd:
-      return nbd_aio_connect_socket(handle_, target.fd);
+      return nbd_aio_connect_socket(handle, target.fd);
     case Target::Kind::command:
-      error_message_ = "a [ CMD ] target is started by the pool and connected as a unix socket";
-      return -1;
+      break;
   }
   return -1;
 }
-
-namespace {
 
 // Whether connecting may mean resolving a host name (TCP, or a URI naming a host).
 bool names_a_host(const Target& target) {
@@ -403,30 +403,78 @@ bool names_a_host(const Target& target) {
 
 }  // namespace
 
+int Connection::start_connect(const Target& target) {
+  if (target.kind == Target::Kind::command) {
+    error_message_ = "a [ CMD ] target is started by the pool and connected as a unix socket";
+    return -1;
+  }
+  return start_connect_on(handle_, target);
+}
+
+// Shared by the loop and a resolver thread, which may outlive its Connection: the
+// thread touches only this, its own copy of the target, and the handle it was given.
+struct Connection::NameResolution {
+  explicit NameResolution(const asio::any_io_executor& executor)
+      : finished(executor, asio::steady_timer::time_point::max()) {}
+  std::mutex mutex;
+  bool abandoned = false;        // guarded by mutex: the thread then closes the handle
+  bool returned = false;         // guarded by mutex: the handle is the Connection's again
+  asio::steady_timer finished;   // cancelled on the loop once the thread is done
+  int result = -1;               // written before finished is cancelled
+  std::string error;
+};
+
+namespace {
+std::atomic<int> resolver_threads{0};
+}  // namespace
+
+bool Connection::name_resolutions_running() { return resolver_threads.load() > 0; }
+
 asio::awaitable<int> Connection::start_connect_off_loop(const Target& target) {
-  struct Outcome {
-    int result;
-    std::string error;
-  };
-  Outcome outcome = co_await asio::async_initiate<decltype(asio::use_awaitable), void(Outcome)>(
-      [this, &target](auto handler) {
-        // The handle is this thread's alone until it posts back; close_here() joins it.
-        resolver_thread_ = std::thread([this, &target, handler = std::move(handler)]() mutable {
-          pthread_setname_np(pthread_self(), "nbdbridge-dns");
-          Outcome done{start_connect(target), {}};
-          // Also a handle that died inside the call (every address refused): the loop
-          // thread's libnbd error would be another call's.
-          if (done.result == -1 || nbd_aio_is_dead(handle_)) done.error = last_libnbd_error();
-          auto executor = asio::get_associated_executor(handler, executor_);
-          asio::post(executor, [handler = std::move(handler), done = std::move(done)]() mutable {
-            handler(std::move(done));
-          });
-        });
-      },
-      asio::use_awaitable);
-  if (resolver_thread_.joinable()) resolver_thread_.join();  // it has posted: it is ending
-  if (!outcome.error.empty()) error_message_ = outcome.error;
-  co_return outcome.result;
+  auto resolution = std::make_shared<NameResolution>(co_await asio::this_coro::executor);
+  name_resolution_ = resolution;
+  ++resolver_threads;
+  std::thread([resolution, handle = handle_, target]() {
+    pthread_setname_np(pthread_self(), "nbdbridge-dns");
+    struct Counted {
+      ~Counted() { --resolver_threads; }
+    } counted;
+    int result = start_connect_on(handle, target);
+    // Also a handle that died inside the call (every address refused): the loop
+    // thread's libnbd error would be another call's.
+    std::string error = result == -1 || nbd_aio_is_dead(handle) ? last_libnbd_error() : std::string();
+    {
+      std::lock_guard lock(resolution->mutex);
+      if (!resolution->abandoned) {
+        resolution->returned = true;
+        resolution->result = result;
+        resolution->error = std::move(error);
+        // Posted under the lock: once abandoned, nothing reaches the loop any more.
+        asio::post(resolution->finished.get_executor(), [resolution] { resolution->finished.cancel(); });
+        return;
+      }
+    }
+    nbd_close(handle);
+  }).detach();
+  std::error_code ignored;
+  co_await resolution->finished.async_wait(asio::redirect_error(asio::use_awaitable, ignored));
+  std::lock_guard lock(resolution->mutex);
+  if (resolution->abandoned) co_return -1;  // handle_ is already null: "closed while connecting"
+  name_resolution_.reset();
+  if (!resolution->error.empty()) error_message_ = resolution->error;
+  co_return resolution->result;
+}
+
+void Connection::abandon_name_resolution() {
+  if (!name_resolution_) return;
+  auto resolution = std::exchange(name_resolution_, nullptr);
+  std::lock_guard lock(resolution->mutex);
+  // Returned, its result not yet seen (or never to be: a loop that stopped before it
+  // ran): the handle is ours to close as usual.
+  if (resolution->returned) return;
+  resolution->abandoned = true;
+  handle_ = nullptr;  // the thread's to close
+  asio::post(resolution->finished.get_executor(), [resolution] { resolution->finished.cancel(); });
 }
 
 asio::awaitable<std::error_code> Connection::async_connect(const Target& target, ConnectOptions options) {
@@ -731,9 +779,7 @@ void Connection::close() {
 void Connection::close_here() {
   connect_wakeup_.cancel();
   drain_deadline_.reset();
-  // Waits out a name resolution in progress (bounded by the resolver's own timeout):
-  // that thread is using the handle.
-  if (resolver_thread_.joinable()) resolver_thread_.join();
+  abandon_name_resolution();
   if (handle_) {
     release_descriptor();
     // Queue NBD_CMD_DISC without waiting: nbd_shutdown would block on a dead server.

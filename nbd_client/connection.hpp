@@ -324,6 +324,10 @@ class Connection {
   std::size_t index() const { return index_; }
   void set_index(std::size_t index) { index_ = index; }
 
+  // Whether a name resolution that close() abandoned still runs: exit() must not then
+  // run libnbd's destructor (it frees the per-thread error key that thread uses).
+  static bool name_resolutions_running();
+
   // Makes a connect in progress give up now (e.g. on a signal).
   void cancel_connect() {
     connect_cancelled_ = true;
@@ -426,6 +430,10 @@ class Connection {
   // loop (every other connection, FUSE, timers) during a reconnect. On failure the
   // reason is in error_message_ (libnbd's errors are per thread).
   asio::awaitable<int> start_connect_off_loop(const Target& target);
+  // close() during a name resolution: the thread keeps the handle and closes it when
+  // the resolver returns, so a stop never waits for a slow name server.
+  void abandon_name_resolution();
+  struct NameResolution;
 
   asio::any_io_executor executor_;
   CommandMemory command_memory_;  // before handle_: outlives every command
@@ -448,8 +456,8 @@ class Connection {
   bool output_blocked_ = false;  // a flush found the socket full: wait for room
   asio::steady_timer connect_wakeup_;
   bool connect_cancelled_ = false;
-  // Runs start_connect_off_loop()'s call; joined before the handle is closed.
-  std::thread resolver_thread_;
+  // start_connect_off_loop()'s, while its thread holds handle_ (loop thread only).
+  std::shared_ptr<NameResolution> name_resolution_;
   ExportInfo info_;
   std::atomic<std::size_t> in_flight_{0};
   // Connection thread (ConnectOptions::own_thread): once connected, the socket,

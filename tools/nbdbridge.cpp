@@ -476,7 +476,15 @@ int run(const tools::Options& options) {
   }
   auto bridge = std::make_unique<Bridge>(options, std::move(target), std::move(plan), daemon_report);
   if (faults) bridge->inject_faults(std::move(faults));
-  return bridge->run();
+  const int status = bridge->run();
+  bridge.reset();
+  // Everything is done (unmounted, statistics written); a thread left resolving a
+  // name for an abandoned reconnect would abort in libnbd during exit().
+  if (nbd_client::Connection::name_resolutions_running()) {
+    std::fflush(nullptr);
+    _exit(status);
+  }
+  return status;
 }
 
 // `nbdbridge stats [--reset] MOUNTPOINT`: asks the bridge serving MOUNTPOINT

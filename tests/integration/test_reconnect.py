@@ -964,6 +964,26 @@ def test_request_after_giving_up_waits_for_its_slow_reconnect():
                 % (res[0][2], h.read_text(resolver.log)))
 
 
+def test_stop_during_a_slow_name_resolution_is_prompt():
+    # The reconnect is resolving the name (for 30 s) when the bridge is told to stop:
+    # it must unmount and exit at once, not wait for the name server.
+    resolver = SlowResolver(30)
+    try:
+        with _outage_with_a_slow_resolver(resolver, ["--retry-timeout", "60"]) as (srv, m):
+            resolver.wait_resolving()
+            t0 = time.monotonic()
+            m.signal(signal.SIGTERM)
+            status = m.wait_exit(timeout=20)
+            took = time.monotonic() - t0
+            h.check_eq(status, 0, "nbdbridge exit status (stderr: %s)" % m.stderr()[-2000:])
+            h.check(took < 3.0, "the stop took %.1f s: it waited for the name resolution" % took)
+            h.check(not m.mounted(), "mount still present after the stop")
+            h.check("done" not in h.read_text(resolver.log),
+                    "the slow resolution ended before the bridge did: the test proves nothing")
+    finally:
+        resolver.stop()
+
+
 def test_unmount_while_reconnecting_to_a_silent_server():
     # The connection drops and the next one is accepted but never answered, so the
     # reconnect waits in its handshake when the mount is stopped: the bridge must close

@@ -54,6 +54,21 @@ fuse_lowlevel_ops operations_table() {
   table.lseek = [](fuse_req_t request, fuse_ino_t, off_t offset, int whence, fuse_file_info* file) {
     handlers_of(request).lseek(request, offset, whence, file);
   };
+  // The directory holds the export alone: creating, removing or renaming entries is
+  // refused as not permitted (without these, libfuse's ENOSYS reached the application
+  // as "Function not implemented").
+  table.mknod = [](fuse_req_t request, fuse_ino_t, const char*, mode_t, dev_t) { fuse_reply_err(request, EPERM); };
+  table.mkdir = [](fuse_req_t request, fuse_ino_t, const char*, mode_t) { fuse_reply_err(request, EPERM); };
+  table.create = [](fuse_req_t request, fuse_ino_t, const char*, mode_t, fuse_file_info*) {
+    fuse_reply_err(request, EPERM);
+  };
+  table.unlink = [](fuse_req_t request, fuse_ino_t, const char*) { fuse_reply_err(request, EPERM); };
+  table.rmdir = [](fuse_req_t request, fuse_ino_t, const char*) { fuse_reply_err(request, EPERM); };
+  table.symlink = [](fuse_req_t request, const char*, fuse_ino_t, const char*) { fuse_reply_err(request, EPERM); };
+  table.link = [](fuse_req_t request, fuse_ino_t, fuse_ino_t, const char*) { fuse_reply_err(request, EPERM); };
+  table.rename = [](fuse_req_t request, fuse_ino_t, const char*, fuse_ino_t, const char*, unsigned int) {
+    fuse_reply_err(request, EPERM);
+  };
   return table;
 }
 

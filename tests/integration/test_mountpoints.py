@@ -57,8 +57,19 @@ def test_directory_mountpoint():
         _check_content(m.export, lambda o, n: bytes(n))
         # nothing else exists in the directory
         h.check(not os.path.exists(os.path.join(mp, "other")), "unexpected entry 'other'")
-        e, _ = h.os_errno(os.open, os.path.join(mp, "newfile"), os.O_CREAT | os.O_WRONLY, 0o644)
-        h.check(e != 0, "creating a new file in the mount succeeded")
+        # Changing the directory is not permitted (EPERM, as chmod and chown are), not
+        # "Function not implemented".
+        other = os.path.join(mp, "other")
+        attempts = [("open(O_CREAT)", lambda: os.open(other, os.O_CREAT | os.O_WRONLY, 0o644)),
+                    ("mknod", lambda: os.mknod(other, 0o644 | stat.S_IFREG)),
+                    ("mkdir", lambda: os.mkdir(other)),
+                    ("symlink", lambda: os.symlink("nbd", other)),
+                    ("link", lambda: os.link(m.export, other)),
+                    ("rename", lambda: os.rename(m.export, other)),
+                    ("unlink", lambda: os.unlink(m.export))]
+        for name, attempt in attempts:
+            h.check_eq(h.errno_name(h.os_errno(attempt)[0]), "EPERM", name + " in the mount's directory")
+        h.check_eq(sorted(os.listdir(mp)), ["nbd"], "directory listing after the refused changes")
     h.check_eq(os.listdir(mp), [], "mountpoint dir after unmount")
 
 

@@ -29,4 +29,12 @@ constexpr WritePlan plan_write(std::uint64_t export_size, std::uint64_t offset, 
   return {clamp_read(export_size, offset, length), 0};
 }
 
+// The file's size: the export's, down to a whole number of the server's minimum
+// blocks. The bytes past the last whole block cannot be read or written with aligned
+// requests, and a server that sets a minimum refuses unaligned ones (the NBD spec
+// asks servers for a size that is a multiple; qemu's client rounds down too).
+constexpr std::uint64_t reachable_size(std::uint64_t export_size, std::uint64_t minimum_block) {
+  return minimum_block > 1 ? export_size - export_size % minimum_block : export_size;
+}
+
 }  // namespace bridge

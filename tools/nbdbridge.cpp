@@ -4,6 +4,7 @@
 #include "bridge/control_socket.hpp"
 #include "bridge/fault_injection.hpp"
 #include "bridge/file_system.hpp"
+#include "bridge/geometry.hpp"
 #include "bridge/mountpoint.hpp"
 #include "fuse_front/operations.hpp"
 #include "fuse_front/session.hpp"
@@ -215,7 +216,13 @@ class Bridge {
       pool_.close();
       co_return finish(1);
     }
-    const nbd_client::ExportInfo& info = pool_.info();
+    nbd_client::ExportInfo info = pool_.info();
+    if (std::uint64_t reachable = bridge::reachable_size(info.size, info.minimum_block); reachable != info.size) {
+      say("note: the export's size, " + std::to_string(info.size) + " bytes, is not a multiple of its minimum block (" +
+          std::to_string(info.minimum_block) + " bytes): the file is " + std::to_string(reachable) +
+          " bytes, the last " + std::to_string(info.size - reachable) + " cannot be reached with aligned requests");
+      info.size = reachable;
+    }
     file_system_.set_export(info);
     if (options_.verbose) {
       say("connected: " + std::to_string(info.size) + " bytes, " + (info.read_only ? "read-only" : "read-write") +

@@ -93,6 +93,27 @@ def _random_io(minimum):
         srv.check_clean("minimum %d" % minimum)
 
 
+def test_export_size_not_a_multiple_of_the_minimum_block():
+    # 10000 bytes with a 4096-byte minimum: the last 1808 cannot be reached with aligned
+    # requests, so the file ends at 8192 (as qemu's client rounds down), with a note.
+    # Before, the last partial block's reads and writes failed with EINVAL.
+    with PolicyServer(4096, size=10000) as srv, h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
+        h.check_eq(os.stat(m.export).st_size, 8192, "the file's size")
+        h.check(re.search(r"not a multiple of its minimum block .*the file is 8192 bytes", m.stderr()),
+                "no note of the unreachable bytes: %r" % m.stderr()[-1000:])
+        fd = os.open(m.export, os.O_RDWR)
+        try:
+            data = random.Random(5).randbytes(100)
+            h.check_eq(os.pwrite(fd, data, 8092), 100, "a write that ends at the file's end")
+            h.check_eq(h.errno_name(h.os_errno(os.pwrite, fd, b"x", 8192)[0]), "ENOSPC", "a write at the end")
+            whole = os.pread(fd, 10000, 0)
+            h.check_eq(len(whole), 8192, "bytes read from 0 asking for 10000")
+            h.check_bytes(whole[8092:], data, "the last 100 bytes of the file")
+        finally:
+            os.close(fd)
+        srv.check_clean("the rounded-down export")
+
+
 def test_random_unaligned_io_min4096():
     _random_io(4096)
 

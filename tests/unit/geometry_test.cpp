@@ -34,6 +34,14 @@ TEST_CASE("writes never grow the export") {
   CHECK(plan_write(1000, 1000, 0).error == 0);
 }
 
+TEST_CASE("the file ends at the export's last whole minimum block") {
+  CHECK(bridge::reachable_size(10000, 4096) == 8192);
+  CHECK(bridge::reachable_size(8192, 4096) == 8192);
+  CHECK(bridge::reachable_size(10000, 1) == 10000);
+  CHECK(bridge::reachable_size(10000, 0) == 10000);  // no minimum advertised
+  CHECK(bridge::reachable_size(4095, 4096) == 0);
+}
+
 TEST_CASE("requests split into chunks no larger than the limit, covering every byte once") {
   auto chunks_of = [](std::size_t length, std::size_t limit) {
     std::vector<std::pair<std::size_t, std::size_t>> chunks;

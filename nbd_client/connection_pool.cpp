@@ -319,7 +319,7 @@ asio::awaitable<std::error_code> ConnectionPool::connect_slot(std::size_t index,
   // Not a change that refuses the export: the data is the same, only its map is gone
   // (Connection answers block status with "all data" from then on).
   if (info_.can_block_status && options.structured_replies && roles_[index] != Role::large_writes &&
-      !connection.info().can_block_status)
+      !connection.info().can_block_status && !std::exchange(block_status_loss_said_, true))
     say(describe(index) + " came back without block status (base:allocation): SEEK_DATA, SEEK_HOLE and st_blocks "
         "now take all of the export as data");
   co_return std::error_code{};
@@ -350,6 +350,11 @@ void ConnectionPool::watch(std::size_t index) {
 // most one drain per window, not one per refused command.
 void ConnectionPool::server_shutting_down(std::size_t index) {
   if (closed_ || !reconnectable()) return;
+  // Another connection's ESHUTDOWN during the drain this stop began (a connection
+  // thread can report before the drain reaches it): the same stop. A drained
+  // connection is replaced when it reconnects, so this holds until then.
+  if (std::any_of(connections_.begin(), connections_.end(), [](const auto& c) { return c->drain_requested(); }))
+    return;
   if (shutdown_drained_at_ && clock::now() - *shutdown_drained_at_ < refusal_window) {
     if (!refusal_reported_)
       say("the server refused a request as shutting down again right after the reconnect: "

@@ -103,6 +103,8 @@ class ConnectionPool {
   // call makes one reconnect attempt of its own).
   asio::awaitable<Connection*> usable_connection(Purpose purpose = Purpose::data);
   std::chrono::milliseconds retry_timeout() const { return options_.retry_timeout; }
+  // A connection serving purpose is usable now (no waiting for a reconnect).
+  bool any_usable(Purpose purpose = Purpose::data) const;
 
   // One line per event, for stderr: losses, reconnects, giving up.
   std::function<void(const std::string& line)> on_event;
@@ -138,7 +140,6 @@ class ConnectionPool {
     return purpose == Purpose::large_write || purpose == Purpose::large_read ? Purpose::data : purpose;
   }
   std::string describe(std::size_t index) const;
-  bool any_usable(Purpose purpose = Purpose::data) const;
   // Whether a connection made no later than `made` (made_), whatever its role, is usable.
   bool usable_connection_made_by(std::uint64_t made) const;
   Connection* first_made_usable();
@@ -186,6 +187,7 @@ class ConnectionPool {
   // reconnected after that drain (not after a loss for any other reason); none yet.
   std::optional<std::chrono::steady_clock::time_point> shutdown_drained_at_;
   bool refusal_reported_ = false;
+  bool block_status_loss_said_ = false;  // once per mount, not per reconnect
   static constexpr std::chrono::seconds refusal_window{5};
   // Durability bookkeeping (write_acknowledged()): epochs count acknowledged writes.
   std::uint64_t write_epoch_ = 0;

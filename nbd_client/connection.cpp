@@ -416,6 +416,7 @@ int Connection::start_connect(const Target& target) {
 struct Connection::NameResolution {
   explicit NameResolution(const asio::any_io_executor& executor)
       : finished(executor, asio::steady_timer::time_point::max()) {}
+  pthread_t thread{};
   std::mutex mutex;
   bool abandoned = false;        // guarded by mutex: the thread then closes the handle
   bool returned = false;         // guarded by mutex: the handle is the Connection's again
@@ -425,41 +426,82 @@ struct Connection::NameResolution {
 };
 
 namespace {
-std::atomic<int> resolver_threads{0};
+
+// Every resolver thread until it is joined: its own connect joins it once it has
+// answered; one that close() abandoned is joined when found finished (the next start,
+// or exit). Exit must not overlap a thread still inside libnbd: libnbd's library
+// destructor frees the per-thread error key it uses.
+std::mutex resolver_threads_mutex;
+std::vector<pthread_t> resolver_threads;
+
+void reap_finished_resolvers() {  // with resolver_threads_mutex held
+  std::erase_if(resolver_threads, [](pthread_t thread) { return pthread_tryjoin_np(thread, nullptr) == 0; });
+}
+
+struct ResolverJob {
+  std::shared_ptr<Connection::NameResolution> resolution;
+  nbd_handle* handle;
+  Target target;
+};
+
 }  // namespace
 
-bool Connection::name_resolutions_running() { return resolver_threads.load() > 0; }
+bool Connection::name_resolutions_running() {
+  std::lock_guard lock(resolver_threads_mutex);
+  reap_finished_resolvers();
+  return !resolver_threads.empty();
+}
+
+void* Connection::resolve_and_connect(void* raw_job) {
+  std::unique_ptr<ResolverJob> job(static_cast<ResolverJob*>(raw_job));
+  pthread_setname_np(pthread_self(), "nbdbridge-dns");
+  NameResolution& resolution = *job->resolution;
+  int result = start_connect_on(job->handle, job->target);
+  // Also a handle that died inside the call (every address refused): the loop
+  // thread's libnbd error would be another call's.
+  std::string error = result == -1 || nbd_aio_is_dead(job->handle) ? last_libnbd_error() : std::string();
+  {
+    std::lock_guard lock(resolution.mutex);
+    if (!resolution.abandoned) {
+      resolution.returned = true;
+      resolution.result = result;
+      resolution.error = std::move(error);
+      // Posted under the lock: once abandoned, nothing reaches the loop any more.
+      asio::post(resolution.finished.get_executor(), [resolution = job->resolution] { resolution->finished.cancel(); });
+      return nullptr;
+    }
+  }
+  nbd_close(job->handle);
+  return nullptr;
+}
 
 asio::awaitable<int> Connection::start_connect_off_loop(const Target& target) {
   auto resolution = std::make_shared<NameResolution>(co_await asio::this_coro::executor);
-  name_resolution_ = resolution;
-  ++resolver_threads;
-  std::thread([resolution, handle = handle_, target]() {
-    pthread_setname_np(pthread_self(), "nbdbridge-dns");
-    struct Counted {
-      ~Counted() { --resolver_threads; }
-    } counted;
-    int result = start_connect_on(handle, target);
-    // Also a handle that died inside the call (every address refused): the loop
-    // thread's libnbd error would be another call's.
-    std::string error = result == -1 || nbd_aio_is_dead(handle) ? last_libnbd_error() : std::string();
-    {
-      std::lock_guard lock(resolution->mutex);
-      if (!resolution->abandoned) {
-        resolution->returned = true;
-        resolution->result = result;
-        resolution->error = std::move(error);
-        // Posted under the lock: once abandoned, nothing reaches the loop any more.
-        asio::post(resolution->finished.get_executor(), [resolution] { resolution->finished.cancel(); });
-        return;
-      }
+  auto job = std::make_unique<ResolverJob>(ResolverJob{resolution, handle_, target});
+  {
+    std::lock_guard lock(resolver_threads_mutex);
+    reap_finished_resolvers();
+    if (int error = pthread_create(&resolution->thread, nullptr, &resolve_and_connect, job.get())) {
+      error_message_ = std::string("cannot start a thread to resolve the name: ") + std::strerror(error);
+      co_return -1;
     }
-    nbd_close(handle);
-  }).detach();
+    job.release();  // the thread's now
+    resolver_threads.push_back(resolution->thread);
+  }
+  name_resolution_ = resolution;
   std::error_code ignored;
   co_await resolution->finished.async_wait(asio::redirect_error(asio::use_awaitable, ignored));
-  std::lock_guard lock(resolution->mutex);
-  if (resolution->abandoned) co_return -1;  // handle_ is already null: "closed while connecting"
+  {
+    std::lock_guard lock(resolution->mutex);
+    if (resolution->abandoned) co_return -1;  // handle_ is already null: "closed while connecting"
+  }
+  // It has answered and is ending: join it now, so that no thread of ours is left
+  // running when libfuse forks fusermount3.
+  {
+    std::lock_guard lock(resolver_threads_mutex);
+    std::erase(resolver_threads, resolution->thread);
+  }
+  pthread_join(resolution->thread, nullptr);
   name_resolution_.reset();
   if (!resolution->error.empty()) error_message_ = resolution->error;
   co_return resolution->result;

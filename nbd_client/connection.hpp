@@ -324,14 +324,16 @@ class Connection {
   std::size_t index() const { return index_; }
   void set_index(std::size_t index) { index_ = index; }
 
-  // Whether a name resolution that close() abandoned still runs: exit() must not then
-  // run libnbd's destructor (it frees the per-thread error key that thread uses).
+  // Whether a name resolution that close() abandoned still runs (joins those that
+  // have ended): exit() must not then run libnbd's destructor, which frees the
+  // per-thread error key such a thread uses.
   static bool name_resolutions_running();
 
   // Makes a connect in progress give up now (e.g. on a signal).
   void cancel_connect() {
     connect_cancelled_ = true;
     connect_wakeup_.cancel();
+    abandon_name_resolution();  // a slow name server must not hold up a stop
   }
 
   // Starts the thread a connection made with hold_thread waits for. A command
@@ -433,7 +435,12 @@ class Connection {
   // close() during a name resolution: the thread keeps the handle and closes it when
   // the resolver returns, so a stop never waits for a slow name server.
   void abandon_name_resolution();
-  struct NameResolution;
+  static void* resolve_and_connect(void* job);  // the resolver thread's body
+
+ public:
+  struct NameResolution;  // (public only for the resolver thread's job)
+
+ private:
 
   asio::any_io_executor executor_;
   CommandMemory command_memory_;  // before handle_: outlives every command

@@ -883,7 +883,8 @@ class SlowResolver:
         open(self.flag, "w").close()
 
     def stop(self):
-        os.unlink(self.flag)
+        if os.path.exists(self.flag):
+            os.unlink(self.flag)
 
     def wait_idle(self):
         """Until every slow resolution begun has ended."""

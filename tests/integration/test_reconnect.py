@@ -985,6 +985,36 @@ def test_stop_during_a_slow_name_resolution_is_prompt():
         resolver.stop()
 
 
+def test_signal_during_a_slow_name_resolution_at_mount_is_prompt():
+    # Ctrl-C while the mount's first connect resolves the name (for 30 s): one line,
+    # a non-zero exit at once, nothing mounted.
+    resolver = SlowResolver(30)
+    mp = h.tmpdir("mp")
+    resolver.start()
+    p = h.popen([h.NBDBRIDGE, mp, "nbd://localhost:%d/" % h.free_tcp_port()], env=resolver.env,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        resolver.wait_resolving()
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        try:
+            _, err = p.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            raise h.TestFailure("nbdbridge still running 20 s after SIGINT during the name resolution")
+        took = time.monotonic() - t0
+        h.check(p.returncode not in (0, None), "exit status %r after SIGINT" % p.returncode)
+        h.check(took < 3.0, "the exit took %.1f s: it waited for the name resolution" % took)
+        h.check_eq(len(err.strip().splitlines()), 1, "lines on stderr: %r" % err)
+        h.check(not h.is_mounted(mp), "something is mounted on %s" % mp)
+        h.check("done" not in h.read_text(resolver.log),
+                "the slow resolution ended before the bridge did: the test proves nothing")
+    finally:
+        resolver.stop()
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=10)
+
+
 def test_unmount_while_reconnecting_to_a_silent_server():
     # The connection drops and the next one is accepted but never answered, so the
     # reconnect waits in its handshake when the mount is stopped: the bridge must close

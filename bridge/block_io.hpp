@@ -69,6 +69,10 @@ class BlockIo {
   asio::awaitable<std::error_code> flush(bool always = true);
   // Losses of connections that left acknowledged writes' fate unknown (fsync tells of them).
   std::uint64_t unknown_writes_events() const { return pool_.unknown_writes_events(); }
+  // Acknowledged writes that no flush has covered yet (always false without flush).
+  bool has_unflushed_writes() const { return info_.can_flush && pool_.has_unflushed_writes(); }
+  // A flush could go out now, without waiting for a reconnect.
+  bool can_flush_now() const { return pool_.any_usable(nbd_client::Purpose::flush); }
   // lseek SEEK_DATA (want_data) / SEEK_HOLE; ENXIO at or past EOF or with no data after offset.
   asio::awaitable<std::error_code> seek(std::uint64_t offset, bool want_data, std::uint64_t& result);
   // Bytes the server reports as allocated, scanning at most `max_commands` block-status

@@ -40,6 +40,8 @@ constexpr double attribute_timeout_seconds = 3600.0;
 // The file's st_blocks follows the server's allocation, so its attributes are
 // cached only briefly.
 constexpr double file_attribute_timeout_seconds = 1.0;
+// How long a read or lseek may go unanswered after a signal before it gets EINTR.
+constexpr std::chrono::seconds interrupt_grace{1};
 // fuse_file_info::fh: .stats handles count up from 2; the export's carry export_handle,
 // and writable_handle when opened for writing (libfuse passes FLUSH no open flags),
 // above a serial number.
@@ -66,7 +68,8 @@ FileSystem::FileSystem(asio::any_io_executor executor, nbd_client::ConnectionPoo
       owner_gid_(getgid()),
       drained_(executor),
       expiry_sweep_(executor),
-      live_deadline_(executor) {
+      live_deadline_(executor),
+      interrupt_timer_(executor) {
   clock_gettime(CLOCK_REALTIME, &mounted_at_);
   session_.on_interrupt([this](std::uint64_t unique) { interrupt(unique); });
 }
@@ -105,7 +108,10 @@ FileSystem::Tracked::Tracked(FileSystem& owner, fuse_req_t request, Operation ki
     std::fprintf(stderr, "nbdbridge: #%" PRIu64 " %s offset=%" PRIu64 " length=%zu\n", id_, operation_, offset_,
                  length_);
   }
-  if (unique_ != 0 && owner_.early_interrupts_seen_ != 0 && owner_.take_early_interrupt(unique_)) reply_error(EINTR);
+  if (unique_ != 0 && owner_.early_interrupts_seen_ != 0 && owner_.take_early_interrupt(unique_)) {
+    interrupted_at_ = started_;
+    owner_.answer_interrupts_later();
+  }
 }
 
 FileSystem::Tracked::~Tracked() {
@@ -221,18 +227,45 @@ asio::awaitable<void> FileSystem::expire_old_requests() {
   }
 }
 
-// A signal for a thread waiting in read() or lseek() (Ctrl-C, kill -9): answered with
-// EINTR at once, so a stalled server never leaves a process unkillable. The command
-// runs on, and its answer is dropped (as after --request-timeout). Writes, flushes and
+// A signal for a thread waiting in read() or lseek(). A request the server has not
+// answered within interrupt_grace of it is answered with EINTR, so a stalled server
+// never leaves a process unkillable (kill -9, Ctrl-C). Not at once: the kernel sends
+// FUSE_INTERRUPT for any signal a process catches (SIGCHLD, timers, profilers), and a
+// read of a regular file failing with EINTR would surprise most programs. The command
+// runs on and its answer is dropped (as after --request-timeout). Writes, flushes and
 // fallocate wait on: the server may still carry one out, after the application has
 // sent another in its place.
 void FileSystem::interrupt(std::uint64_t unique) {
   for (Tracked* request = in_flight_head_; request; request = request->next_)
     if (request->unique_ == unique) {
-      request->reply_error(EINTR);
+      if (!request->replied_ && request->interrupted_at_ == std::chrono::steady_clock::time_point{}) {
+        request->interrupted_at_ = std::chrono::steady_clock::now();
+        answer_interrupts_later();
+      }
       return;
     }
   early_interrupts_[early_interrupts_seen_++ % early_interrupts_.size()] = unique;
+}
+
+void FileSystem::answer_interrupts_later() {
+  if (interrupt_timer_armed_ || draining_) return;
+  using clock = std::chrono::steady_clock;
+  clock::time_point earliest = clock::time_point::max();
+  for (Tracked* request = in_flight_head_; request; request = request->next_)
+    if (request->interrupted_at_ != clock::time_point{} && !request->replied_)
+      earliest = std::min(earliest, request->interrupted_at_ + interrupt_grace);
+  if (earliest == clock::time_point::max()) return;
+  interrupt_timer_armed_ = true;
+  interrupt_timer_.expires_at(earliest);
+  interrupt_timer_.async_wait([this](std::error_code cancelled) {
+    interrupt_timer_armed_ = false;
+    if (cancelled || draining_) return;
+    const auto now = clock::now();
+    for (Tracked* request = in_flight_head_; request; request = request->next_)
+      if (request->interrupted_at_ != clock::time_point{} && now - request->interrupted_at_ >= interrupt_grace)
+        request->reply_error(EINTR);  // (no-op once replied)
+    answer_interrupts_later();  // those interrupted since
+  });
 }
 
 bool FileSystem::take_early_interrupt(std::uint64_t unique) {
@@ -247,6 +280,7 @@ bool FileSystem::take_early_interrupt(std::uint64_t unique) {
 asio::awaitable<void> FileSystem::drain(std::chrono::milliseconds bound) {
   draining_ = true;
   expiry_sweep_.cancel();
+  interrupt_timer_.cancel();
   go_live();  // (drops on_live now)
   drained_.expires_after(bound);
   // The background allocation count is waited for too: closing the connection
@@ -256,28 +290,43 @@ asio::awaitable<void> FileSystem::drain(std::chrono::milliseconds bound) {
     co_await drained_.async_wait(asio::redirect_error(asio::use_awaitable, woken));
     if (!woken) break;  // deadline passed
   }
-  // A process that still holds the file open (the bridge was signalled, or unmounted
-  // lazily) sends no close's flush: one now, in the same bound. Nothing is sent when
-  // every acknowledged write is covered already.
-  if (in_flight_count_ == 0 && !allocation_counting_) {
-    flushing_at_stop_ = true;
-    asio::co_spawn(executor_, flush_at_stop(), asio::detached);
-    while (flushing_at_stop_) {
-      std::error_code woken;
-      co_await drained_.async_wait(asio::redirect_error(asio::use_awaitable, woken));
-      if (!woken) break;
-    }
-  }
+  co_await flush_at_stop();
   for (Tracked* request = in_flight_head_; request; request = request->next_) request->reply_error(EIO);
   stop_request_servers();
 }
 
+// A process that still holds the file open (the bridge was signalled, or unmounted
+// lazily) sends no close's flush: one now, after the writes, in drain's bound (or a
+// second more if reads used it up). Not when the server is out of reach: a stop during
+// an outage must not wait for a reconnect. Any writes left uncovered are said.
 asio::awaitable<void> FileSystem::flush_at_stop() {
-  if (std::error_code error = co_await io_.flush(/*always=*/false))
-    std::fprintf(stderr, "nbdbridge: the flush at unmount failed (%s): writes no fsync covered may not be durable\n",
-                 error.message().c_str());
-  flushing_at_stop_ = false;
-  drained_.cancel();
+  if (!io_.has_unflushed_writes()) co_return;
+  std::string not_done;
+  bool writes_in_flight = false;
+  for (Tracked* request = in_flight_head_; request; request = request->next_)
+    writes_in_flight |= request->kind_ == Operation::write || request->kind_ == Operation::trim_zero;
+  if (writes_in_flight) {
+    not_done = "writes were still in flight";
+  } else if (!io_.can_flush_now()) {
+    not_done = "the server is not connected";
+  } else {
+    if (drained_.expiry() <= std::chrono::steady_clock::now()) drained_.expires_after(std::chrono::seconds(1));
+    auto flushed = std::make_shared<std::optional<std::error_code>>();  // set when done, even after we left
+    asio::co_spawn(executor_, [this, flushed]() -> asio::awaitable<void> {
+      *flushed = co_await io_.flush(/*always=*/false);
+      drained_.cancel();
+    }, asio::detached);
+    while (!*flushed) {
+      std::error_code woken;
+      co_await drained_.async_wait(asio::redirect_error(asio::use_awaitable, woken));
+      if (!woken) break;
+    }
+    if (!*flushed) not_done = "it did not finish in time";
+    else if (**flushed) not_done = "it failed: " + (*flushed)->message();
+  }
+  if (!not_done.empty())
+    std::fprintf(stderr, "nbdbridge: writes no fsync covered may not be durable: the flush at unmount was not done "
+                 "(%s)\n", not_done.c_str());
 }
 
 // ---- request coroutines -----------------------------------------------------

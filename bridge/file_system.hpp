@@ -123,6 +123,7 @@ class FileSystem final : public fuse_front::Handlers {
     std::size_t length_;
     std::chrono::steady_clock::time_point started_;
     std::uint64_t unique_;
+    std::chrono::steady_clock::time_point interrupted_at_{};  // the epoch: not interrupted
     bool replied_ = false;
     Tracked* previous_ = nullptr;
     Tracked* next_ = nullptr;
@@ -169,6 +170,7 @@ class FileSystem final : public fuse_front::Handlers {
   void interrupt(std::uint64_t unique);
   asio::awaitable<void> flush_at_stop();
   bool take_early_interrupt(std::uint64_t unique);
+  void answer_interrupts_later();
   void note_allocation_changed() { allocation_stale_ = true; }
 
   bool is_file(fuse_ino_t inode) const;
@@ -202,7 +204,6 @@ class FileSystem final : public fuse_front::Handlers {
   std::uint64_t next_request_id_ = 1;
   std::size_t in_flight_count_ = 0;
   Tracked* in_flight_head_ = nullptr;
-  bool flushing_at_stop_ = false;
   // Interrupts that found no request: one whose coroutine has yet to start meets its
   // own here. A few slots suffice (signals are rare); the oldest is overwritten.
   std::array<std::uint64_t, 8> early_interrupts_{};
@@ -212,6 +213,8 @@ class FileSystem final : public fuse_front::Handlers {
   asio::steady_timer drained_;
   asio::steady_timer expiry_sweep_;
   asio::steady_timer live_deadline_;
+  asio::steady_timer interrupt_timer_;
+  bool interrupt_timer_armed_ = false;
   void go_live();
   bool draining_ = false;
 };

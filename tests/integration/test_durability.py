@@ -5,11 +5,14 @@ server without flush support is reported once and fsync still succeeds.
 The nbdkit log filter (first in the chain, so it sees the client's own
 requests) is the witness.
 """
+import contextlib
 import os
 import random
+import selectors
 import signal
 import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
@@ -18,8 +21,8 @@ import semantics_util as su  # noqa: E402
 SIZE = 8 * 1024 * 1024
 
 
-def _logged_server(logfile, extra_filters=(), size=SIZE):
-    return h.Nbdkit(["memory", str(size), "logfile=" + logfile],
+def _logged_server(logfile, extra_filters=(), size=SIZE, extra_args=()):
+    return h.Nbdkit(["memory", str(size), "logfile=" + logfile] + list(extra_args),
                     opts=["--filter=log"] + list(extra_filters))
 
 
@@ -109,26 +112,74 @@ sys.stdin.read()  # holds the descriptor until the test closes our stdin
 """
 
 
+@contextlib.contextmanager
+def _holder(path, offset):
+    """A process that writes at offset and keeps the file open until the block ends."""
+    holder = h.popen([sys.executable, "-c", HOLDER, path, str(offset)], stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE, text=True)
+    try:
+        selector = selectors.DefaultSelector()
+        selector.register(holder.stdout, selectors.EVENT_READ)
+        h.check(selector.select(20), "the holder wrote nothing within 20 s")
+        h.check_eq(holder.stdout.readline().strip(), "written", "the holder's first line")
+        yield holder
+    finally:
+        holder.stdin.close()
+        try:
+            holder.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait(timeout=10)
+
+
+def _stop_and_check_flushed(m, logfile, before):
+    m.signal(signal.SIGTERM)
+    h.check_eq(m.wait_exit(), 0, "nbdbridge exit status (stderr: %s)" % m.stderr()[-1500:])
+    flushes = [r for r in _new_requests(logfile, before) if r["act"] == "Flush"]
+    h.check(flushes, "no NBD flush between the write and the disconnect: %r"
+            % [r["line"] for r in _new_requests(logfile, before)])
+    h.check("may not be durable" not in m.stderr(), "stderr: %s" % m.stderr()[-1500:])
+
+
 def test_stop_flushes_writes_of_a_file_still_open():
     """A process that holds the file open when the bridge is stopped sends no close's
     flush: the bridge sends one before it disconnects."""
     logfile = os.path.join(h.tmpdir("log"), "nbdkit.log")
-    with _logged_server(logfile) as srv, h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
-        holder = h.popen([sys.executable, "-c", HOLDER, m.export, "20480"], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
-        try:
-            h.check_eq(holder.stdout.readline().strip(), "written", "the holder's first line")
-            n0 = len(su.log_requests(logfile))
-            writes = [r for r in su.log_requests(logfile) if r["act"] == "Write" and r.get("offset") == 20480]
-            h.check(writes, "the holder's write is not in the server's log")
-            m.signal(signal.SIGTERM)
-            h.check_eq(m.wait_exit(), 0, "nbdbridge exit status (stderr: %s)" % m.stderr()[-1500:])
-            flushes = [r for r in _new_requests(logfile, n0) if r["act"] == "Flush"]
-            h.check(flushes, "no NBD flush between the write and the disconnect: %r"
-                    % [r["line"] for r in _new_requests(logfile, n0)])
-        finally:
-            holder.stdin.close()
-            holder.wait(timeout=10)
+    with _logged_server(logfile) as srv, h.Mount(h.tmpdir("mp"), [srv.uri]) as m, _holder(m.export, 20480):
+        writes = [r for r in su.log_requests(logfile) if r["act"] == "Write" and r.get("offset") == 20480]
+        h.check(writes, "the holder's write is not in the server's log")
+        _stop_and_check_flushed(m, logfile, len(su.log_requests(logfile)))
+
+
+def test_stop_flushes_though_a_read_is_held_by_the_server():
+    """A read the server still holds (its reader killed) does not cost the writes
+    their flush at stop."""
+    logfile = os.path.join(h.tmpdir("log"), "nbdkit.log")
+    with _logged_server(logfile, ["--filter=delay"], extra_args=["delay-read=60"]) as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--shutdown-timeout", "1"]) as m, _holder(m.export, 24576):
+        reader = h.popen(["dd", "if=" + m.export, "of=/dev/null", "bs=4096", "count=1", "iflag=direct"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        h.wait_until(lambda: [r for r in su.log_requests(logfile) if r["act"] == "Read"], what="the read to reach "
+                     "the server")
+        reader.kill()
+        reader.wait(timeout=10)
+        _stop_and_check_flushed(m, logfile, len(su.log_requests(logfile)))
+
+
+def test_stop_during_an_outage_is_prompt_and_says_what_was_not_flushed():
+    """With the server gone, the flush at stop is not waited for (no reconnect), and
+    stderr says the writes may not be durable."""
+    logfile = os.path.join(h.tmpdir("log"), "nbdkit.log")
+    with _logged_server(logfile) as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--retry-timeout", "30"]) as m, _holder(m.export, 28672):
+        srv.kill(signal.SIGKILL)
+        srv.proc.wait(timeout=10)
+        h.wait_until(lambda: "lost" in m.stderr(), what="the bridge to notice the server is gone")
+        t0 = time.monotonic()
+        m.signal(signal.SIGTERM)
+        h.check_eq(m.wait_exit(), 0, "nbdbridge exit status (stderr: %s)" % m.stderr()[-1500:])
+        h.check(time.monotonic() - t0 < 3.0, "the stop took %.1f s during an outage" % (time.monotonic() - t0))
+        h.check("may not be durable" in m.stderr(), "no word of the unflushed writes: %s" % m.stderr()[-1500:])
 
 
 def _sync_write_case(flag, flagname, fua_server):

@@ -338,7 +338,9 @@ bool ConnectionPool::reconnectable() const {
 
 void ConnectionPool::watch(std::size_t index) {
   connections_[index]->on_lost = [this, index](const std::string& reason) { lost(index, reason); };
-  connections_[index]->on_server_shutdown = [this, index] { server_shutting_down(index); };
+  connections_[index]->on_server_shutdown = [this, index, connection = connections_[index].get()] {
+    server_shutting_down(index, *connection);
+  };
 }
 
 // Every connection goes to the same server (multi-conn, or one server process), and
@@ -348,13 +350,12 @@ void ConnectionPool::watch(std::size_t index) {
 // server that says so again within refusal_window of the last such reconnect, which
 // refuses rather than leaves (a plugin failing with ESHUTDOWN, an error filter): at
 // most one drain per window, not one per refused command.
-void ConnectionPool::server_shutting_down(std::size_t index) {
+void ConnectionPool::server_shutting_down(std::size_t index, const Connection& reporter) {
   if (closed_ || !reconnectable()) return;
-  // Another connection's ESHUTDOWN during the drain this stop began (a connection
-  // thread can report before the drain reaches it): the same stop. A drained
-  // connection is replaced when it reconnects, so this holds until then.
-  if (std::any_of(connections_.begin(), connections_.end(), [](const auto& c) { return c->drain_requested(); }))
-    return;
+  // A report from a connection this stop has drained already (a connection thread
+  // checks before the drain reaches it, and posts), or from one replaced since: the
+  // same stop, said and handled. Only a connection made after it speaks of a new one.
+  if (connections_[index].get() != &reporter || reporter.drain_requested()) return;
   if (shutdown_drained_at_ && clock::now() - *shutdown_drained_at_ < refusal_window) {
     if (!refusal_reported_)
       say("the server refused a request as shutting down again right after the reconnect: "

@@ -152,7 +152,7 @@ class ConnectionPool {
   bool reconnectable() const;
   void watch(std::size_t index);  // hands the connection's events to lost() and server_shutting_down()
   void lost(std::size_t index, const std::string& reason);
-  void server_shutting_down(std::size_t index);
+  void server_shutting_down(std::size_t index, const Connection& reporter);
   asio::awaitable<void> reconnect(std::size_t index);
   bool start_reconnect(std::size_t index);
   // timeout: at most this long for the connect (0: the connect timeout alone).

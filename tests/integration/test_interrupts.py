@@ -192,23 +192,25 @@ def test_a_signal_during_a_read_the_server_answers_in_time_is_not_an_error():
 
 
 def test_interrupted_reads_leave_later_reads_right():
-    # Held 3 s: the interrupted read's answer (EINTR after the 1 s grace) comes before
-    # the server's, which then arrives while the next reads wait (1 MiB reads go
-    # through a pipe, spliced; 4 KiB ones are copied).
+    # Held 3 s: the interrupted reads' answers (EINTR after the 1 s grace) come before
+    # the server's, which then arrive while the next reads wait. A 1 MiB read goes
+    # through a pipe (spliced), a 4 KiB one is copied.
+    cases = ((3 * MiB, MiB), (5 * MiB, 4096))
     with HeldServer("delay-read", 3) as held:
-        for offset, length in ((3 * MiB, MiB), (5 * MiB, 4096)):
-            child = start_child(held.mount.export, "read", offset, length)
+        children = [start_child(held.mount.export, "read", offset, length) for offset, length in cases]
+        for offset, _ in cases:
             held.wait_held("Read", offset)
-            t0 = time.monotonic()
+        t0 = time.monotonic()
+        for child in children:
             child.kill()
-            finish_child(child, 10, "the killed read")
-            h.check(time.monotonic() - t0 < 2.5, "kill -9 did not end the read before the server answered")
-            later = [(offset + length, length), (offset - length, length)]
-            children = [start_child(held.mount.export, "read", o, n) for o, n in later]
-            for (o, n), p in zip(later, children):
-                rc, out, err = finish_child(p, 20, "a read after the interrupted one")
-                want = held.expected(o, n)
-                h.check_eq(out, "OK %d %s" % (n, want.hex()[:64]), "the read of %d bytes at %d" % (n, o))
+        for child in children:
+            finish_child(child, 10, "a killed read")
+        h.check(time.monotonic() - t0 < 2.5, "kill -9 did not end the reads before the server answered")
+        later = [(o + n, n) for o, n in cases] + [(o - n, n) for o, n in cases]
+        children = [start_child(held.mount.export, "read", o, n) for o, n in later]
+        for (o, n), p in zip(later, children):
+            rc, out, err = finish_child(p, 20, "a read after the interrupted ones")
+            h.check_eq(out, "OK %d %s" % (n, held.expected(o, n).hex()[:64]), "the read of %d bytes at %d" % (n, o))
 
 
 def test_a_write_the_server_holds_is_not_interrupted():

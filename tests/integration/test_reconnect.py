@@ -651,8 +651,8 @@ def test_fio_verify_mixed_sizes_survives_restarts():
         img = sparse_image(size)
         with h.Nbdkit(["file", img]) as srv, \
                 h.Mount(h.tmpdir("mp"), ["--unix", srv.sock], opts=opts) as m:
-            fio = Fio(m.export, FIO_VERIFY + ["--bsrange=4k-1m", "--size=192M"])
-            for target in (24 * MiB, 64 * MiB):
+            fio = Fio(m.export, FIO_VERIFY + ["--bsrange=4k-1m", "--size=128M"])
+            for target in (16 * MiB, 48 * MiB):
                 h.wait_until(lambda: fio.proc.poll() is not None or allocated(img) >= target,
                              timeout=60, what="fio to write %d MiB" % (target // MiB))
                 h.check(fio.proc.poll() is None,
@@ -662,7 +662,7 @@ def test_fio_verify_mixed_sizes_survives_restarts():
                 h.check(dt < 10.0, "test set-up: server restart took %.2fs (>= 10 s)" % dt)
                 h.log("  %r: kill -9 with %d MiB written" % (opts, written // MiB))
             rc, job, err = fio.wait(120, m)
-            check_fio_clean(rc, job, err, 192 * MiB, "fio across two server restarts %r" % opts)
+            check_fio_clean(rc, job, err, 128 * MiB, "fio across two server restarts %r" % opts)
             text = m.stderr()
             h.check(count(LOST_RE, text) >= 2, "%r: fewer than two 'lost' lines: %s" % (opts, text[-2000:]))
 

@@ -108,10 +108,6 @@ FileSystem::Tracked::Tracked(FileSystem& owner, fuse_req_t request, Operation ki
     std::fprintf(stderr, "nbdbridge: #%" PRIu64 " %s offset=%" PRIu64 " length=%zu\n", id_, operation_, offset_,
                  length_);
   }
-  if (unique_ != 0 && owner_.early_interrupts_seen_ != 0 && owner_.take_early_interrupt(unique_)) {
-    interrupted_at_ = started_;
-    owner_.answer_interrupts_later();
-  }
 }
 
 FileSystem::Tracked::~Tracked() {
@@ -235,6 +231,11 @@ asio::awaitable<void> FileSystem::expire_old_requests() {
 // runs on and its answer is dropped (as after --request-timeout). Writes, flushes and
 // fallocate wait on: the server may still carry one out, after the application has
 // sent another in its place.
+//
+// The request's Tracked exists by the time its interrupt is read: hand_over() resumes a
+// parked request server inline and co_spawn dispatches, so each runs up to its first
+// wait within the handler. An interrupt that finds none is for a request answered
+// already, or one that is not interruptible.
 void FileSystem::interrupt(std::uint64_t unique) {
   for (Tracked* request = in_flight_head_; request; request = request->next_)
     if (request->unique_ == unique) {
@@ -244,7 +245,6 @@ void FileSystem::interrupt(std::uint64_t unique) {
       }
       return;
     }
-  early_interrupts_[early_interrupts_seen_++ % early_interrupts_.size()] = unique;
 }
 
 void FileSystem::answer_interrupts_later() {
@@ -266,15 +266,6 @@ void FileSystem::answer_interrupts_later() {
         request->reply_error(EINTR);  // (no-op once replied)
     answer_interrupts_later();  // those interrupted since
   });
-}
-
-bool FileSystem::take_early_interrupt(std::uint64_t unique) {
-  for (std::uint64_t& early : early_interrupts_)
-    if (early == unique) {
-      early = 0;
-      return true;
-    }
-  return false;
 }
 
 asio::awaitable<void> FileSystem::drain(std::chrono::milliseconds bound) {

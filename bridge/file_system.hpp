@@ -14,7 +14,6 @@
 #include <asio/use_awaitable.hpp>
 #include <asio/steady_timer.hpp>
 
-#include <array>
 #include <chrono>
 #include <cstdint>
 #include <ctime>
@@ -169,7 +168,6 @@ class FileSystem final : public fuse_front::Handlers {
   asio::awaitable<void> expire_old_requests();
   void interrupt(std::uint64_t unique);
   asio::awaitable<void> flush_at_stop();
-  bool take_early_interrupt(std::uint64_t unique);
   void answer_interrupts_later();
   void note_allocation_changed() { allocation_stale_ = true; }
 
@@ -204,10 +202,6 @@ class FileSystem final : public fuse_front::Handlers {
   std::uint64_t next_request_id_ = 1;
   std::size_t in_flight_count_ = 0;
   Tracked* in_flight_head_ = nullptr;
-  // Interrupts that found no request: one whose coroutine has yet to start meets its
-  // own here. A few slots suffice (signals are rare); the oldest is overwritten.
-  std::array<std::uint64_t, 8> early_interrupts_{};
-  std::size_t early_interrupts_seen_ = 0;
   std::vector<std::unique_ptr<RequestServer>> request_servers_;
   std::vector<RequestServer*> idle_request_servers_;
   asio::steady_timer drained_;

@@ -287,8 +287,8 @@ asio::awaitable<void> FileSystem::drain(std::chrono::milliseconds bound) {
 }
 
 // A process that still holds the file open (the bridge was signalled, or unmounted
-// lazily) sends no close's flush: one now, after the writes, in drain's bound (or a
-// second more if reads used it up). Not when the server is out of reach: a stop during
+// lazily) sends no close's flush: one now, after the writes, in drain's bound (and at
+// least a second, though reads used it up). Not when the server is out of reach: a stop during
 // an outage must not wait for a reconnect. Any writes left uncovered are said.
 asio::awaitable<void> FileSystem::flush_at_stop() {
   if (!io_.has_unflushed_writes()) co_return;
@@ -301,7 +301,9 @@ asio::awaitable<void> FileSystem::flush_at_stop() {
   } else if (!io_.can_flush_now()) {
     not_done = "the server is not connected";
   } else {
-    if (drained_.expiry() <= std::chrono::steady_clock::now()) drained_.expires_after(std::chrono::seconds(1));
+    // At least a second, though reads the server holds used up the bound.
+    if (drained_.expiry() < std::chrono::steady_clock::now() + std::chrono::seconds(1))
+      drained_.expires_after(std::chrono::seconds(1));
     auto flushed = std::make_shared<std::optional<std::error_code>>();  // set when done, even after we left
     asio::co_spawn(executor_, [this, flushed]() -> asio::awaitable<void> {
       *flushed = co_await io_.flush(/*always=*/false);

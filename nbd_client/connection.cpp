@@ -427,10 +427,10 @@ struct Connection::NameResolution {
 
 namespace {
 
-// Every resolver thread until it is joined: its own connect joins it once it has
-// answered; one that close() abandoned is joined when found finished (the next start,
-// or exit). Exit must not overlap a thread still inside libnbd: libnbd's library
-// destructor frees the per-thread error key it uses.
+// The resolver threads close() abandoned, until joined when found finished (the next
+// start, or exit). Exit must not overlap a thread still inside libnbd: libnbd's library
+// destructor frees the per-thread error key it uses. A thread that answered is joined
+// by its own connect, never here (a pthread_t may be reused once joined).
 std::mutex resolver_threads_mutex;
 std::vector<pthread_t> resolver_threads;
 
@@ -486,7 +486,6 @@ asio::awaitable<int> Connection::start_connect_off_loop(const Target& target) {
       co_return -1;
     }
     job.release();  // the thread's now
-    resolver_threads.push_back(resolution->thread);
   }
   name_resolution_ = resolution;
   std::error_code ignored;
@@ -497,10 +496,6 @@ asio::awaitable<int> Connection::start_connect_off_loop(const Target& target) {
   }
   // It has answered and is ending: join it now, so that no thread of ours is left
   // running when libfuse forks fusermount3.
-  {
-    std::lock_guard lock(resolver_threads_mutex);
-    std::erase(resolver_threads, resolution->thread);
-  }
   pthread_join(resolution->thread, nullptr);
   name_resolution_.reset();
   if (!resolution->error.empty()) error_message_ = resolution->error;
@@ -516,6 +511,10 @@ void Connection::abandon_name_resolution() {
   if (resolution->returned) return;
   resolution->abandoned = true;
   handle_ = nullptr;  // the thread's to close
+  {
+    std::lock_guard registry(resolver_threads_mutex);
+    resolver_threads.push_back(resolution->thread);
+  }
   asio::post(resolution->finished.get_executor(), [resolution] { resolution->finished.cancel(); });
 }
 

@@ -326,7 +326,7 @@ class Connection {
 
   // Whether a name resolution that close() abandoned still runs (joins those that
   // have ended): exit() must not then run libnbd's destructor, which frees the
-  // per-thread error key such a thread uses.
+  // per-thread error key such a thread uses. Only abandoned threads are registered.
   static bool name_resolutions_running();
 
   // Makes a connect in progress give up now (e.g. on a signal).

@@ -324,15 +324,14 @@ void Connection::notice_state_change() {
     ready_.server_shutting_down = false;
     // Before the handlers queued in this notify call run (they are delivered, or
     // posted, after this): the one that got ESHUTDOWN must find this connection
-    // unusable if it drains, and so retry elsewhere.
-    if (!draining_) {
-      if (threaded_)
-        asio::post(executor_, [this] {
-          if (on_server_shutdown) on_server_shutdown();
-        });
-      else if (on_server_shutdown)
-        on_server_shutdown();
-    }
+    // unusable if it drains, and so retry elsewhere. Whether this is news (not a
+    // connection drained already) the pool decides, on the loop thread.
+    if (threaded_)
+      asio::post(executor_, [this] {
+        if (on_server_shutdown) on_server_shutdown();
+      });
+    else if (on_server_shutdown)
+      on_server_shutdown();
   }
   if (dead && !lost_)
     report_lost(error_message_.empty() ? "the server closed the connection" : error_message_);

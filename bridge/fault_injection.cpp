@@ -2,6 +2,8 @@
 // at start-up; draws run on the loop thread, per request, without allocating.
 #include "bridge/fault_injection.hpp"
 
+#include "bridge/errno_map.hpp"
+
 #include <array>
 #include <cerrno>
 #include <charconv>
@@ -53,6 +55,15 @@ bool parse_number(std::string_view text, double& value, std::string_view& rest) 
   if (error != std::errc() || !std::isfinite(value)) return false;
   rest = text.substr(std::size_t(end - text.data()));
   return true;
+}
+
+// "EPERM, EIO, ..." in errno_names' order: the errors to_application_errno() keeps.
+std::string passed_through_names() {
+  std::string names;
+  for (auto& known : errno_names)
+    if (to_application_errno(known.number) == known.number)
+      names += (names.empty() ? "" : ", ") + std::string(known.name);
+  return names;
 }
 
 std::optional<DelayDistribution> distribution_from_name(std::string_view name) {
@@ -128,7 +139,7 @@ std::string parse_delay_spec(std::string_view text, DelaySpec& spec) {
   std::size_t field_count = 0;
   for (std::string_view rest = text;;) {
     if (field_count == fields.size())
-      return "invalid delay '" + std::string(text) + "' (expected MEAN[:JITTER][:DISTRIBUTION])";
+      return "--inject-delay: invalid delay '" + std::string(text) + "' (expected MEAN[:JITTER][:DISTRIBUTION])";
     auto colon = rest.find(':');
     fields[field_count++] = rest.substr(0, colon);
     if (colon == std::string_view::npos) break;
@@ -137,7 +148,7 @@ std::string parse_delay_spec(std::string_view text, DelaySpec& spec) {
 
   for (std::size_t index = 0; index < field_count; ++index)
     if (fields[index].empty())
-      return "invalid delay '" + std::string(text) + "' (expected MEAN[:JITTER][:DISTRIBUTION])";
+      return "--inject-delay: invalid delay '" + std::string(text) + "' (expected MEAN[:JITTER][:DISTRIBUTION])";
 
   DelaySpec parsed;
   if (auto error = parse_duration(fields[0], parsed.mean); !error.empty()) return "--inject-delay: " + error;
@@ -200,6 +211,12 @@ std::string parse_error_spec(std::string_view text, ErrorSpec& spec) {
     } else {
       return "--inject-error: unknown errno '" + std::string(errno_text) + "' (expected a name such as EIO or a number)";
     }
+    // The injected error stands for the server's or the connection's, so the
+    // application would see it as it sees theirs: one that would arrive as EIO is
+    // refused rather than quietly turned into EIO.
+    if (to_application_errno(parsed.error_number) != parsed.error_number)
+      return "--inject-error: " + errno_name(parsed.error_number) +
+             " would reach the application as EIO; only " + passed_through_names() + " pass through";
   }
   spec = parsed;
   return {};

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <poll.h>
 #include <netinet/in.h>
@@ -26,6 +27,16 @@ namespace {
 
 // libnbd's own ceiling per command; servers may advertise less.
 constexpr std::uint64_t libnbd_request_limit = 64u << 20;
+
+// "30", "0.5", "2.25": a --connect-timeout as the user gave it (milliseconds at most).
+std::string seconds_text(std::chrono::milliseconds duration) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.3f", double(duration.count()) / 1000);
+  std::string result = text;
+  result.erase(result.find_last_not_of('0') + 1);
+  if (result.back() == '.') result.pop_back();
+  return result;
+}
 
 }  // namespace
 
@@ -571,7 +582,7 @@ asio::awaitable<std::error_code> Connection::async_connect(const Target& target,
     if (error_message_.empty()) {
       error_message_ = nbd_aio_is_dead(handle_) ? last_libnbd_error()
                                                 : "no answer from the server within " +
-                                                      std::to_string(options.timeout.count() / 1000) + " s";
+                                                      seconds_text(options.timeout) + " s";
     }
     co_return abandon_handle(ECONNREFUSED);
   }

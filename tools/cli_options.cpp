@@ -45,6 +45,28 @@ CLI::Validator seconds(bool zero_allowed, double lowest = 0.001, double highest 
       "SECONDS (" + std::string(zero_allowed ? "0 or " : "") + range + ")");
 }
 
+// A whole number in [lowest, highest] `unit`, or 0 when zero_allowed: a fraction is
+// refused, not truncated (--busy-poll 0.5 would otherwise quietly turn polling off).
+CLI::Validator whole_number(bool zero_allowed, long lowest, long highest, const std::string& unit) {
+  std::string range = std::string(zero_allowed ? "0 or " : "") + std::to_string(lowest) + " to " +
+                      std::to_string(highest);
+  return CLI::Validator(
+      [=](std::string& text) -> std::string {
+        long value = 0;
+        std::size_t used = 0;
+        try {
+          value = std::stol(text, &used);
+        } catch (const std::exception&) {
+          used = 0;
+        }
+        if (used != 0 && used == text.size() &&
+            ((zero_allowed && value == 0) || (value >= lowest && value <= highest)))
+          return {};
+        return "expected a whole number of " + unit + ": " + range;
+      },
+      "N (" + range + " " + unit + ")");
+}
+
 }  // namespace
 
 void setup(CLI::App& app, Options& options) {
@@ -81,7 +103,7 @@ void setup(CLI::App& app, Options& options) {
         return resolve_connections(text, 4) ? std::string() : std::string("expected 1..64 or auto");
       });
   app.add_flag("--list", options.list, "print the server's exports with their sizes, then exit (no MOUNTPOINT)");
-  app.add_option("--connect-timeout", options.connect_timeout_seconds, "seconds to wait for the server")
+  app.add_option("--connect-timeout", options.connect_timeout_seconds, "seconds to wait for the server (default 30)")
       ->check(seconds(false));
   app.add_option("--reply-thread", options.reply_thread,
                  "on: READ replies of 128 KiB and more are sent from a second thread, so the kernel's "
@@ -108,7 +130,7 @@ void setup(CLI::App& app, Options& options) {
   app.add_option("--spliced-reads", options.spliced_reads,
                  "on (default): READs of 128 KiB and more go from the NBD socket to the reader with "
                  "splice() through a pipe, never copied through the bridge's memory (needs "
-                 "--socket-batching on; 1 MiB reads need root for a large enough pipe); off: copied")
+                 "--socket-batching on); off: copied")
       ->check(CLI::IsMember({"on", "off"}));
   app.add_option("--spliced-writes", options.spliced_writes,
                  "on (default): WRITEs of 128 KiB and more hand their pages to the NBD socket "
@@ -127,9 +149,9 @@ void setup(CLI::App& app, Options& options) {
   app.add_option("--tcp-keepalive", options.tcp_keepalive_seconds,
                  "seconds after which a TCP server that acknowledges nothing (a request sent, or keepalive "
                  "probes while idle), or reads nothing while requests wait to be sent, is taken as lost and "
-                 "reconnected (default 60; whole seconds, at least 2; 0: the system's TCP behaviour, which waits "
+                 "reconnected (default 60; whole seconds, 2 to 86400; 0: the system's TCP behaviour, which waits "
                  "~15 min for a dead host and never notices an idle one)")
-      ->check(seconds(true, 2, 86400, "2 to 86400 seconds"));
+      ->check(whole_number(true, 2, 86400, "seconds"));
   app.add_option("--retry-timeout", options.retry_timeout_seconds,
                  "seconds to keep reconnecting to a lost or restarting server while requests wait (default 60; 0: fail "
                  "at once)")
@@ -139,8 +161,9 @@ void setup(CLI::App& app, Options& options) {
       ->check(seconds(true));
   app.add_flag("--force", options.force, "clear a stale mount (Transport endpoint is not connected) at MOUNTPOINT");
   app.add_option("--busy-poll", options.busy_poll_microseconds,
-                 "microseconds to keep polling for work before sleeping (lower latency at depth 1, more CPU)")
-      ->check(CLI::Range(0.0, 10000.0));
+                 "microseconds to keep polling for work before sleeping, 0 to 10000 (default 50; 0: off): lower "
+                 "latency at depth 1, more CPU")
+      ->check(whole_number(false, 0, 10000, "microseconds"));
   app.add_option("--stats-interval", options.stats_interval_seconds,
                  "print a one-line statistics summary to stderr every S seconds (a summary is always printed at exit)")
       ->check(seconds(true));
@@ -149,9 +172,11 @@ void setup(CLI::App& app, Options& options) {
                  "delay each NBD command: MEAN[:JITTER][:uniform|normal|exponential|constant], e.g. 2ms:0.5ms:normal");
   app.add_option("--inject-error", options.inject_error,
                  "fail a fraction of NBD commands before they reach the server: RATE[:ERRNO], e.g. 0.01:EIO or 1%");
-  app.add_option("--seed", options.seed, "seed for injected delays and errors (same seed, same sequence)");
+  app.add_option("--seed", options.seed,
+                 "seed for --inject-delay and --inject-error (same seed, same sequence; default 1)");
   app.add_option("--shutdown-timeout", options.shutdown_timeout_seconds,
-                 "seconds that requests in flight may take at unmount before they fail with EIO")
+                 "seconds that requests in flight may take at unmount before they fail with EIO (default 10; 0: "
+                 "they fail at once)")
       ->check(seconds(true));
   app.footer(
       "Examples:\n"
@@ -167,8 +192,25 @@ void setup(CLI::App& app, Options& options) {
       "Writes cannot grow the file: a write past the end fails with ENOSPC. Use dd conv=notrunc.");
 }
 
+std::string parse_command_line(CLI::App& app, std::vector<std::string> args, Options& options) {
+  // Before CLI11: an unmatched bracket left in args would otherwise be taken for a
+  // TARGET and reported as an unexpected argument.
+  if (std::string problem = extract_server_command(args, options.server_command); !problem.empty())
+    return problem;
+  try {
+    std::reverse(args.begin(), args.end());  // CLI11 takes a vector in reverse order
+    app.parse(args);
+  } catch (const CLI::ParseError& error) {
+    if (error.get_exit_code() == 0) throw;  // --help
+    return std::string(error.what()) + " (see nbdbridge --help)";
+  }
+  return check_option_combinations(app, options);
+}
+
 std::string check_option_combinations(const CLI::App& app, const Options& options) {
   auto given = [&app](const char* name) { return app.count(name) > 0; };
+  if (given("--seed") && options.inject_delay.empty() && options.inject_error.empty())
+    return "--seed applies only with --inject-delay or --inject-error";
   if (options.socket_batching == "off") {
     if (given("--spliced-reads") && options.spliced_reads == "on")
       return "--spliced-reads on needs --socket-batching on";
@@ -177,9 +219,8 @@ std::string check_option_combinations(const CLI::App& app, const Options& option
   }
   if (options.list) {
     // --list mounts nothing: an option that only shapes a mount is a mistake to say, not to ignore.
-    static const char* const listing_options[] = {"--list", "MOUNTPOINT", "TARGET", "--unix", "--tcp", "--fd",
-                                                  "--export-name", "--connect-timeout", "--verbose",
-                                                  "--tcp-congestion", "--tcp-keepalive", "--help"};
+    static const char* const listing_options[] = {"--list", "MOUNTPOINT", "TARGET", "--unix",
+                                                  "--tcp",  "--fd",       "--connect-timeout"};
     for (const CLI::Option* option : app.get_options()) {
       if (option->count() == 0) continue;
       bool allowed = false;

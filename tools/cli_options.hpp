@@ -37,10 +37,10 @@ struct Options {
   double retry_timeout_seconds = 60;         // 0: no reconnect, fail at once
   double request_timeout_seconds = 0;        // 0: unbounded
   bool force = false;                        // clear a stale mount at MOUNTPOINT first
-  double busy_poll_microseconds = 50;        // keep polling this long before sleeping
+  int busy_poll_microseconds = 50;           // keep polling this long before sleeping
   std::string connection_threads = "writes"; // which NBD connections get a thread of their own
   std::string tcp_congestion = "auto";       // auto (reno to loopback peers), system, or a name
-  double tcp_keepalive_seconds = 60;         // a silent TCP server is lost after this (0: system default)
+  int tcp_keepalive_seconds = 60;            // a silent TCP server is lost after this (0: system default)
   std::string reply_thread = "auto";         // READ replies of 128 KiB and more from a second thread
   double stats_interval_seconds = 0;         // print a summary line this often (0: only at exit)
   std::string stats_file;                    // write the final statistics JSON here
@@ -54,6 +54,11 @@ struct Options {
 std::string extract_server_command(std::vector<std::string>& args, std::vector<std::string>& command);
 
 void setup(CLI::App& app, Options& options);
+
+// The whole command line (without the program name) into options: the [ CMD ] group,
+// CLI11's parse, then check_option_combinations. Returns a one-line problem or "".
+// A request for help is rethrown (CLI::CallForHelp) for app.exit() to print.
+std::string parse_command_line(CLI::App& app, std::vector<std::string> args, Options& options);
 
 // Options that contradict each other (given on the same command line). Returns a
 // one-line problem or "".

@@ -80,9 +80,11 @@ bool write_pidfile(const std::string& path) {
 std::string check_writable_place(const std::string& path, bool written_in_place) {
   if (path.empty()) return {};
   struct stat status {};
-  if (written_in_place && stat(path.c_str(), &status) == 0 && !S_ISDIR(status.st_mode) &&
-      access(path.c_str(), W_OK) == 0)
-    return {};
+  if (written_in_place && stat(path.c_str(), &status) == 0 && !S_ISDIR(status.st_mode)) {
+    // Opened in place at exit: the file's own permission decides, not its directory's.
+    if (access(path.c_str(), W_OK) == 0) return {};
+    return std::string("cannot write it: ") + std::strerror(errno);
+  }
   std::string directory, name;
   bridge::split_parent(path, directory, name);
   if (stat(directory.c_str(), &status) != 0) return "cannot use directory " + directory + ": " + std::strerror(errno);
@@ -336,10 +338,16 @@ class Bridge {
   bool report_final_statistics() {
     say("stats at exit: " + file_system_.statistics().summary_line());
     if (options_.stats_file.empty()) return true;
-    std::ofstream file(options_.stats_file, std::ios::trunc);
-    file << file_system_.statistics().to_json() << "\n";
-    if (file.flush()) return true;
-    say("cannot write the statistics file " + options_.stats_file);
+    const std::string json = file_system_.statistics().to_json() + "\n";
+    std::FILE* file = std::fopen(options_.stats_file.c_str(), "w");
+    bool written = file && std::fwrite(json.data(), 1, json.size(), file) == json.size();
+    int error = errno;
+    if (file && std::fclose(file) != 0 && written) {
+      written = false;
+      error = errno;
+    }
+    if (written) return true;
+    say("cannot write the statistics file " + options_.stats_file + ": " + std::strerror(error));
     return false;
   }
 
@@ -445,14 +453,14 @@ int run(const tools::Options& options) {
     if (!options.inject_delay.empty()) {
       delay.emplace();
       if (std::string problem = bridge::parse_delay_spec(options.inject_delay, *delay); !problem.empty()) {
-        say("--inject-delay: " + problem);
+        say(problem);
         return 2;
       }
     }
     if (!options.inject_error.empty()) {
       error.emplace();
       if (std::string problem = bridge::parse_error_spec(options.inject_error, *error); !problem.empty()) {
-        say("--inject-error: " + problem);
+        say(problem);
         return 2;
       }
     }
@@ -544,29 +552,16 @@ int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   if (!args.empty() && args.front() == "stats") return stats_command({args.begin() + 1, args.end()});
   tools::Options options;
-  std::string bracket_problem = tools::extract_server_command(args, options.server_command);
-
   CLI::App app{"nbdbridge"};
   app.name("nbdbridge");
   tools::setup(app, options);
   try {
-    std::reverse(args.begin(), args.end());  // CLI11 takes a vector in reverse order
-    app.parse(args);
-  } catch (const CLI::CallForHelp& help) {
+    if (std::string problem = tools::parse_command_line(app, std::move(args), options); !problem.empty()) {
+      say(problem);
+      return 2;
+    }
+  } catch (const CLI::ParseError& help) {
     return app.exit(help);
-  } catch (const CLI::CallForAllHelp& help) {
-    return app.exit(help);
-  } catch (const CLI::ParseError& error) {
-    say(std::string(error.what()) + " (see nbdbridge --help)");
-    return 2;
-  }
-  if (!bracket_problem.empty()) {
-    say(bracket_problem);
-    return 2;
-  }
-  if (std::string problem = tools::check_option_combinations(app, options); !problem.empty()) {
-    say(problem);
-    return 2;
   }
   return run(options);
 }

@@ -7,18 +7,12 @@
 
 namespace {
 
+// As main() does it.
 std::string parse(std::vector<std::string> args, tools::Options& options, nbd_client::Target& target) {
-  std::string problem = tools::extract_server_command(args, options.server_command);
-  if (!problem.empty()) return problem;
   CLI::App app{"nbdbridge"};
   tools::setup(app, options);
-  std::reverse(args.begin(), args.end());
-  try {
-    app.parse(args);
-  } catch (const CLI::ParseError& error) {
-    return error.what();
-  }
-  if (std::string problem = tools::check_option_combinations(app, options); !problem.empty()) return problem;
+  if (std::string problem = tools::parse_command_line(app, std::move(args), options); !problem.empty())
+    return problem;
   return tools::build_target(options, target);
 }
 
@@ -129,7 +123,13 @@ TEST_CASE("options that contradict each other, and durations out of range") {
   };
   CHECK(problem({"--list", "--daemon", "nbd://h"}).find("--daemon does not apply to --list") == 0);
   CHECK(problem({"--list", "-o", "allow_other", "nbd://h"}).find("does not apply to --list") != std::string::npos);
-  CHECK(problem({"--list", "-v", "--connect-timeout", "3", "nbd://h"}) == "");
+  CHECK(problem({"--list", "--connect-timeout", "3", "nbd://h"}) == "");
+  // Options --list would ignore are said, not ignored.
+  CHECK(problem({"--list", "-v", "nbd://h"}).find("--verbose does not apply to --list") == 0);
+  CHECK(problem({"--list", "--tcp-congestion", "cubic", "nbd://h"}).find("does not apply to --list") !=
+        std::string::npos);
+  CHECK(problem({"--seed", "3", "m", "nbd://h"}) == "--seed applies only with --inject-delay or --inject-error");
+  CHECK(problem({"--seed", "3", "--inject-error", "1%", "m", "nbd://h"}) == "");
   CHECK(problem({"--spliced-writes", "on", "--socket-batching", "off", "m", "nbd://h"}) ==
         "--spliced-writes on needs --socket-batching on");
   CHECK(problem({"--socket-batching", "off", "m", "nbd://h"}) == "");  // the defaults give way
@@ -143,4 +143,22 @@ TEST_CASE("options that contradict each other, and durations out of range") {
   CHECK(problem({"--tcp-keepalive", "1", "m", "nbd://h"}).find("2 to 86400") != std::string::npos);
   CHECK(problem({"--tcp-keepalive", "0", "m", "nbd://h"}) == "");
   CHECK(problem({"--tcp-keepalive", "2", "m", "nbd://h"}) == "");
+  // Whole numbers: a fraction is refused, not truncated.
+  CHECK(problem({"--tcp-keepalive", "2.9", "m", "nbd://h"}).find("expected a whole number of seconds: 0 or 2 to 86400") != std::string::npos);
+  CHECK(problem({"--busy-poll", "0.5", "m", "nbd://h"}).find("expected a whole number of microseconds: 0 to 10000") != std::string::npos);
+  CHECK(problem({"--busy-poll", "10001", "m", "nbd://h"}).find("0 to 10000") != std::string::npos);
+  CHECK(problem({"--busy-poll", "0", "m", "nbd://h"}) == "");
+}
+
+TEST_CASE("an unmatched bracket is said as such, before CLI11 would call it an unexpected argument") {
+  auto problem = [](std::vector<std::string> args) {
+    tools::Options options;
+    nbd_client::Target target;
+    return parse(std::move(args), options, target);
+  };
+  CHECK(problem({"m", "[", "nbdkit", "memory", "1G"}) == "'[' without a matching ']' around the server command");
+  CHECK(problem({"m", "[", "nbdkit", "memory", "1G", "nbd://h"}) ==
+        "'[' without a matching ']' around the server command");
+  CHECK(problem({"m", "]", "nbd://h"}) == "']' without a matching '['");
+  CHECK(problem({"m", "[", "a", "]", "[", "b", "]"}) == "only one [ CMD ... ] server command is allowed");
 }

@@ -106,7 +106,7 @@ TEST_CASE("error specs: rate as a fraction or a percentage, errno by name or num
   CHECK(percent.rate == doctest::Approx(0.01));
   CHECK(error_of("0.5%:ENOSPC").error_number == ENOSPC);
   CHECK(error_of("1:eperm").error_number == EPERM);
-  CHECK(error_of("0.1:ETIMEDOUT").error_number == ETIMEDOUT);
+  CHECK(error_of("0.1:EFBIG").error_number == EFBIG);
   CHECK(error_of("0.1:28").error_number == 28);
   CHECK(error_of("0").rate == 0);
   CHECK(error_of("100%").rate == 1);
@@ -115,6 +115,17 @@ TEST_CASE("error specs: rate as a fraction or a percentage, errno by name or num
   for (std::string_view bad : {"", "1.5", "101%", "-0.1", "0.1:EBOGUS", "0.1:", "0.1:0", "0.1:-5", "x%", "5%%"}) {
     INFO(bad);
     CHECK_FALSE(bridge::parse_error_spec(bad, ignored).empty());
+  }
+}
+
+TEST_CASE("an injected errno the application would only see as EIO is refused, saying which pass") {
+  ErrorSpec ignored;
+  for (std::string_view lost : {"0.1:ETIMEDOUT", "0.1:EDQUOT", "0.1:ENXIO", "0.1:EINTR", "0.1:4000", "1:ECONNRESET"}) {
+    INFO(lost);
+    std::string problem = bridge::parse_error_spec(lost, ignored);
+    CHECK(problem.find("would reach the application as EIO") != std::string::npos);
+    CHECK(problem.find("ENOSPC") != std::string::npos);
+    CHECK(problem.find("ETIMEDOUT,") == std::string::npos);
   }
 }
 

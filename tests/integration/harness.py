@@ -84,6 +84,17 @@ def tmpdir(prefix="t"):
     return tempfile.mkdtemp(prefix=prefix + "-", dir=BASE)
 
 
+# A report of the sanitizer build (tools/test's second pass). Its exit status alone
+# would pass unseen in the tests that expect nbdbridge to fail.
+_SANITIZER_REPORT = re.compile(r"ERROR: (?:Address|Leak|Thread)Sanitizer|runtime error: |"
+                               r"UndefinedBehaviorSanitizer")
+
+
+def check_no_sanitizer_report(stderr, what):
+    if stderr and _SANITIZER_REPORT.search(stderr):
+        raise TestFailure("sanitizer report from %s:\n%s" % (what, stderr[-6000:]))
+
+
 def run(cmd, timeout=DEADLINE, check=False, input=None, **kw):
     """Run cmd to completion with a mandatory timeout; output captured as
     text.  On timeout the command is killed, but we never wait for it without
@@ -104,6 +115,8 @@ def run(cmd, timeout=DEADLINE, check=False, input=None, **kw):
             _track(p)        # still stuck: reaped by the cleanup later
         raise TestFailure("command timed out after %ss: %r" % (timeout, cmd))
     r = subprocess.CompletedProcess(cmd, p.returncode, out, err)
+    if isinstance(err, str):
+        check_no_sanitizer_report(err, cmd)
     if check and r.returncode != 0:
         raise TestFailure("command failed (%d): %r\nstdout: %s\nstderr: %s"
                           % (r.returncode, cmd, r.stdout, r.stderr))
@@ -114,6 +127,26 @@ def _track(p):
     with _lock:
         _live_procs.append(p)
     return p
+
+
+def readline_within(stream, timeout, what):
+    """One line from a child's pipe, waiting at most timeout seconds ("" at EOF).
+    Reads the file descriptor a byte at a time, never past the newline: a buffered
+    readline() could take in the next line too, which a later select() (or
+    communicate()) then never sees."""
+    import select
+    fd = stream.fileno()
+    line = b""
+    end = time.monotonic() + timeout
+    while not line.endswith(b"\n"):
+        left = end - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise TestFailure("%s: no line within %s s (so far %r)" % (what, timeout, line))
+        byte = os.read(fd, 1)
+        if not byte:
+            break
+        line += byte
+    return line.decode(errors="replace")
 
 
 def popen(cmd, **kw):
@@ -674,6 +707,7 @@ class Mount:
         if not self.mounted():
             rc = self.proc.wait(timeout=self.timeout)
             self.returncode = rc
+            check_no_sanitizer_report(self.stderr(), self.cmd)
             raise MountFailed("nbdbridge exited with %s before mounting: %r\nstderr: %s"
                               % (rc, self.cmd, self.stderr()), rc, self.stderr())
         return self
@@ -754,6 +788,8 @@ class Mount:
         if self.expect_exit is not None and self.returncode != self.expect_exit:
             problems.append("nbdbridge exit status %r, expected %r"
                             % (self.returncode, self.expect_exit))
+        if _SANITIZER_REPORT.search(self.stderr()):
+            problems.append("a sanitizer report on stderr")
         if problems and etype is None:
             raise TestFailure("; ".join(problems) + "\ncmd: %r\nstderr: %s"
                               % (self.cmd, self.stderr()[-4000:]))
@@ -779,7 +815,9 @@ def nbdbridge_run(args, timeout=DEADLINE, **kw):
             except (OSError, subprocess.TimeoutExpired):
                 pass
     with open(errpath, errors="replace") as f:
-        return rc, f.read()
+        err = f.read()
+    check_no_sanitizer_report(err, [NBDBRIDGE] + list(args))
+    return rc, err
 
 
 def ensure_binary():

@@ -12,6 +12,8 @@ import glob
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -36,8 +38,23 @@ def _bench_processes():
 
 def _run_bench(out, args, env_extra=None):
     env = dict(os.environ, **(env_extra or {}))
-    r = h.run([h.SYS_PYTHON, BENCH, "--bridge", h.NBDBRIDGE, "--out", out, *args],
-              timeout=RUN_DEADLINE, env=env)
+    cmd = [h.SYS_PYTHON, BENCH, "--bridge", h.NBDBRIDGE, "--out", out, *args]
+    p = h.popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=RUN_DEADLINE)
+    except subprocess.TimeoutExpired:
+        # SIGTERM first: the bench's own handler unmounts its subjects and stops their
+        # servers, which a SIGKILL (as h.run would send) leaves behind.
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate(timeout=5)
+        mounts, pids = _bench_processes()
+        raise h.TestFailure("the bench did not finish within %d s (left: mounts %r, pids %r): %r"
+                            % (RUN_DEADLINE, mounts, pids, cmd))
+    r = subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
     mounts, pids = _bench_processes()
     h.check_eq(mounts, [], "FUSE mounts the bench left (output:\n%s)" % r.stderr[-2000:])
     h.check_eq(pids, [], "processes the bench left")

@@ -194,8 +194,18 @@ def test_errors_with_concurrent_good_io():
             finally:
                 os.close(fd)
 
-        threads = [threading.Thread(target=bad, args=(i,), daemon=True) for i in range(3)]
-        threads += [threading.Thread(target=good, args=(i,), daemon=True) for i in range(3)]
+        finished = []
+
+        def counted(body, i):
+            # Any exception (an os.open failing, say) is a problem, not a silent thread end.
+            try:
+                body(i)
+                finished.append(i)
+            except Exception as e:  # noqa: BLE001
+                problems.append("%s %d raised %r" % (body.__name__, i, e))
+
+        threads = [threading.Thread(target=counted, args=(bad, i), daemon=True) for i in range(3)]
+        threads += [threading.Thread(target=counted, args=(good, i), daemon=True) for i in range(3)]
         for t in threads:
             t.start()
         end = time.monotonic() + 50          # one deadline for all
@@ -203,6 +213,7 @@ def test_errors_with_concurrent_good_io():
             t.join(timeout=max(0.0, end - time.monotonic()))
         h.check(not any(t.is_alive() for t in threads), "I/O threads hung")
         h.check(not problems, "; ".join(problems[:10]))
+        h.check_eq(len(finished), 6, "threads that did all their I/O")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ and its delay filter (to hold it). Every child has a deadline.
 """
 import json
 import os
-import selectors
 import signal
 import subprocess
 import sys
@@ -77,18 +76,10 @@ def pending_in_log(logfile, what, offset):
         return False
 
 
-def readline_within(stream, timeout, what):
-    selector = selectors.DefaultSelector()
-    selector.register(stream, selectors.EVENT_READ)
-    if not selector.select(timeout):
-        raise h.TestFailure("%s: no line within %s s" % (what, timeout))
-    return stream.readline()
-
-
 def start_child(path, op, offset, length, catch=False):
     p = h.popen([sys.executable, "-c", CHILD, path, op, str(offset), str(length)] + (["catch"] if catch else []),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    h.check_eq(readline_within(p.stdout, 20, "the child").strip(), "ready", "the child's first line")
+    h.check_eq(h.readline_within(p.stdout, 20, "the child").strip(), "ready", "the child's first line")
     return p
 
 

@@ -379,7 +379,9 @@ def test_ctrl_c_lets_the_bracketed_servers_requests_finish():
     # reconnected, so the reader would get EIO). The bridge lets the read finish, then
     # stops the server itself.
     mp = h.tmpdir("mp")
-    with h.Mount(mp, ["[", "nbdkit", "--filter=delay", "pattern", "1M", "rdelay=1", "]"]) as m:
+    # Held 3 s: long enough that the signal surely comes while the read waits (a slow
+    # `nbdbridge stats` under the sanitizers could otherwise see it in flight too late).
+    with h.Mount(mp, ["[", "nbdkit", "--filter=delay", "pattern", "1M", "rdelay=3", "]"]) as m:
         reader = h.popen([sys.executable, "-c", READ_ONE_BLOCK, m.export], stdout=subprocess.PIPE, text=True)
         try:
             def read_in_flight():
@@ -387,6 +389,7 @@ def test_ctrl_c_lets_the_bracketed_servers_requests_finish():
                 return r.returncode == 0 and json.loads(r.stdout)["in_flight"]["now"] > 0
             h.wait_until(read_in_flight, timeout=10, what="the read to be in flight")
             os.killpg(m.pid, signal.SIGINT)      # as the terminal does: the bridge's process group
+            h.check(reader.poll() is None, "the read ended before the Ctrl-C it was to outlive")
             out, _ = reader.communicate(timeout=15)
         finally:
             if reader.poll() is None:

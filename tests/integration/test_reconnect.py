@@ -197,16 +197,8 @@ def io_ops(path, ops, timeout=h.DEADLINE, what="I/O", mount=None):
 
 def wait_opened(p, timeout=h.DEADLINE):
     """Wait until an IO_CHILD has opened the file (its first line)."""
-    sel = selectors.DefaultSelector()
-    sel.register(p.stdout, selectors.EVENT_READ)
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if sel.select(timeout=0.1):
-            line = p.stdout.readline()
-            h.check_eq(line.strip(), "opened", "I/O child could not open the export")
-            return
-        h.check(p.poll() is None, "I/O child exited before opening the export")
-    raise h.TestFailure("I/O child did not open the export within %ss" % timeout)
+    line = h.readline_within(p.stdout, timeout, "the I/O child's first line")
+    h.check_eq(line.strip(), "opened", "I/O child could not open the export")
 
 
 # Child holding named descriptors, driven one command a line on stdin, one answer a
@@ -1434,16 +1426,6 @@ def test_error_filter_not_a_disconnect():
 WORKER = su.threaded_io_worker(1 * MiB, 32 * MiB, alignment=4096)
 
 
-def _readline(p, timeout):
-    sel = selectors.DefaultSelector()
-    sel.register(p.stdout, selectors.EVENT_READ)
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if sel.select(timeout=0.1) or p.poll() is not None:
-            return p.stdout.readline()
-    raise h.TestFailure("no output from the I/O workers within %ss" % timeout)
-
-
 def _helpers(pid):
     return [p for p in h.descendants(pid) if "fusermount" in " ".join(h.proc_cmdline(p))]
 
@@ -1462,7 +1444,8 @@ def test_kill9_bridge_auto_unmount_and_remount():
                 "helper without auto_unmount: %r" % [h.proc_cmdline(p) for p in helpers])
         worker = h.popen([sys.executable, "-c", WORKER, m1.export],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        h.check_eq(_readline(worker, h.DEADLINE).strip(), "progress", "I/O workers got going")
+        h.check_eq(h.readline_within(worker.stdout, h.DEADLINE, "the I/O workers").strip(), "progress",
+                   "I/O workers got going")
         os.kill(m1.pid, signal.SIGKILL)
         m1.proc.wait(timeout=10)
         t0 = time.monotonic()

@@ -96,7 +96,7 @@ def test_kill9_server_mid_io():
         child = h.popen([sys.executable, "-c", WORKER, m.export],
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         # wait (with deadline) for the workers to make progress
-        line = _readline_with_deadline(child, h.DEADLINE)
+        line = h.readline_within(child.stdout, h.DEADLINE, "the I/O workers")
         h.check_eq(line.strip(), "progress", "I/O workers did not get going")
         srv.kill(signal.SIGKILL)
         srv.proc.wait(timeout=10)
@@ -232,21 +232,6 @@ def test_subprocess_server_killed():
             os.kill(p, signal.SIGKILL)
         _check_new_requests_fail(m)
         _finish(m)
-
-
-def _readline_with_deadline(p, timeout):
-    import selectors
-    sel = selectors.DefaultSelector()
-    sel.register(p.stdout, selectors.EVENT_READ)
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if sel.select(timeout=0.1):
-            return p.stdout.readline()
-        if p.poll() is not None:
-            return p.stdout.readline()
-    p.kill()
-    p.communicate(timeout=10)
-    raise h.TestFailure("no output from I/O workers within %ss" % timeout)
 
 
 if __name__ == "__main__":

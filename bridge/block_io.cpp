@@ -34,12 +34,13 @@ bool find_in_extents(const std::vector<nbd_client::Extent>& extents, std::uint64
   return false;
 }
 
-asio::awaitable<std::error_code> BlockIo::read(std::byte* out, std::size_t length, std::uint64_t offset) {
+asio::awaitable<std::error_code> BlockIo::read(std::byte* out, std::size_t length, std::uint64_t offset,
+                                               RequestLimits limits) {
   const std::uint64_t unit = block();
   if (unit == 1 || (offset % unit == 0 && length % unit == 0)) {
     co_return co_await command(Operation::read, [&](Connection& connection) {
       return connection.async_pread(out, length, offset, use_result);
-    });
+    }, {.limits = limits});
   }
   // Widen to whole blocks, then copy out the part asked for.
   std::uint64_t start = align_down(offset, unit);
@@ -47,26 +48,26 @@ asio::awaitable<std::error_code> BlockIo::read(std::byte* out, std::size_t lengt
   BufferPool::Lease whole = buffers_.acquire(end - start);
   std::error_code error = co_await command(Operation::read, [&](Connection& connection) {
     return connection.async_pread(whole.data(), end - start, start, use_result);
-  });
+  }, {.limits = limits});
   if (!error) std::memcpy(out, whole.data() + (offset - start), length);
   co_return error;
 }
 
 asio::awaitable<std::error_code> BlockIo::write_aligned(const std::byte* data, std::size_t length,
                                                         std::uint64_t offset, bool durable,
-                                                        Clock::time_point send_until) {
+                                                        RequestLimits limits) {
   std::uint32_t flags = durable && info_.can_fua ? LIBNBD_CMD_FLAG_FUA : 0;
   std::error_code error = co_await command(Operation::write, [&](Connection& connection) {
     return connection.async_pwrite(data, length, offset, flags, use_result);
-  }, {.durable = flags != 0, .send_until = send_until});
-  if (!error && durable && !info_.can_fua) error = co_await flush();
+  }, {.durable = flags != 0, .limits = limits});
+  if (!error && durable && !info_.can_fua) error = co_await flush(true, limits);
   co_return error;
 }
 
 asio::awaitable<std::error_code> BlockIo::write(const std::byte* data, std::size_t length, std::uint64_t offset,
-                                                bool durable, Clock::time_point send_until) {
+                                                bool durable, RequestLimits limits) {
   const std::uint64_t unit = block();
-  if (unit == 1) co_return co_await write_aligned(data, length, offset, durable, send_until);
+  if (unit == 1) co_return co_await write_aligned(data, length, offset, durable, limits);
 
   std::uint64_t start = align_down(offset, unit);
   std::uint64_t end = std::min(align_up(offset + length, unit), info_.size);
@@ -75,7 +76,7 @@ asio::awaitable<std::error_code> BlockIo::write(const std::byte* data, std::size
   // block would otherwise be undone by the stale write-back.
   RangeLock::Guard guard = co_await rmw_lock_.acquire(start, end);
   if (offset == start && offset + length == end)
-    co_return co_await write_aligned(data, length, offset, durable, send_until);
+    co_return co_await write_aligned(data, length, offset, durable, limits);
 
   BufferPool::Lease whole = buffers_.acquire(end - start);
   // Read only the partial blocks at either end; the middle is overwritten anyway.
@@ -83,40 +84,40 @@ asio::awaitable<std::error_code> BlockIo::write(const std::byte* data, std::size
   if (offset != start || offset + length < head_end) {
     if (auto error = co_await command(Operation::read, [&](Connection& connection) {
           return connection.async_pread(whole.data(), head_end - start, start, use_result);
-        }))
+        }, {.limits = limits}))
       co_return error;
   }
   std::uint64_t tail_start = std::max(align_down(offset + length, unit), head_end);
   if (tail_start < end && offset + length != end) {
     if (auto error = co_await command(Operation::read, [&](Connection& connection) {
           return connection.async_pread(whole.data() + (tail_start - start), end - tail_start, tail_start, use_result);
-        }))
+        }, {.limits = limits}))
       co_return error;
   }
   std::memcpy(whole.data() + (offset - start), data, length);
-  co_return co_await write_aligned(whole.data(), end - start, start, durable, send_until);
+  co_return co_await write_aligned(whole.data(), end - start, start, durable, limits);
 }
 
 asio::awaitable<std::error_code> BlockIo::zero_aligned(std::uint64_t offset, std::uint64_t length, bool allow_unmap,
-                                                       Clock::time_point send_until) {
+                                                       RequestLimits limits) {
   if (length == 0) co_return std::error_code{};
   if (info_.can_zero) {
     std::uint32_t flags = allow_unmap ? 0 : LIBNBD_CMD_FLAG_NO_HOLE;
     co_return co_await command(Operation::trim_zero, [&](Connection& connection) {
       return connection.async_zero(length, offset, flags, use_result);
-    }, {.send_until = send_until});
+    }, {.limits = limits});
   }
   // No WRITE_ZEROES: write zero-filled buffers over the whole range. (TRIM alone
   // does not promise that the range reads back as zeros.)
   co_return co_await command(Operation::trim_zero, [&](Connection& connection) {
     return connection.async_write_zero_fill(length, offset, 0, use_result);
-  }, {.send_until = send_until});
+  }, {.limits = limits});
 }
 
 asio::awaitable<std::error_code> BlockIo::zero(std::uint64_t offset, std::uint64_t length, bool allow_unmap,
-                                               Clock::time_point send_until) {
+                                               RequestLimits limits) {
   const std::uint64_t unit = block();
-  if (unit == 1) co_return co_await zero_aligned(offset, length, allow_unmap, send_until);
+  if (unit == 1) co_return co_await zero_aligned(offset, length, allow_unmap, limits);
   std::uint64_t inner_start = align_up(offset, unit);
   std::uint64_t inner_end = align_down(offset + length, unit);
   if (inner_start >= inner_end) inner_start = inner_end = offset;  // no whole block inside
@@ -125,17 +126,17 @@ asio::awaitable<std::error_code> BlockIo::zero(std::uint64_t offset, std::uint64
     if (piece_start >= piece_end) continue;
     BufferPool::Lease zeros = buffers_.acquire(piece_end - piece_start);
     std::memset(zeros.data(), 0, piece_end - piece_start);
-    if (auto error = co_await write(zeros.data(), piece_end - piece_start, piece_start, false, send_until))
+    if (auto error = co_await write(zeros.data(), piece_end - piece_start, piece_start, false, limits))
       co_return error;
   }
   if (inner_start < inner_end) {
     RangeLock::Guard guard = co_await rmw_lock_.acquire(inner_start, inner_end);
-    co_return co_await zero_aligned(inner_start, inner_end - inner_start, allow_unmap, send_until);
+    co_return co_await zero_aligned(inner_start, inner_end - inner_start, allow_unmap, limits);
   }
   co_return std::error_code{};
 }
 
-asio::awaitable<std::error_code> BlockIo::flush(bool always) {
+asio::awaitable<std::error_code> BlockIo::flush(bool always, RequestLimits limits) {
   if (!info_.can_flush || (!always && !pool_.has_unflushed_writes())) co_return std::error_code{};
   std::uint64_t mark = 0;
   std::size_t flushed_on = 0;
@@ -144,13 +145,14 @@ asio::awaitable<std::error_code> BlockIo::flush(bool always) {
     mark = pool_.flush_mark();
     flushed_on = connection.index();
     return connection.async_flush(use_result);
-  });
+  }, {.limits = limits});
   if (error) co_return error;
   pool_.flush_succeeded(flushed_on, mark);
   co_return std::error_code{};
 }
 
-asio::awaitable<std::error_code> BlockIo::seek(std::uint64_t offset, bool want_data, std::uint64_t& result) {
+asio::awaitable<std::error_code> BlockIo::seek(std::uint64_t offset, bool want_data, std::uint64_t& result,
+                                               RequestLimits limits) {
   if (offset >= info_.size) co_return errno_code(ENXIO);
   if (!info_.can_block_status) {
     // Without block status everything is data, and the only hole is at EOF.
@@ -167,7 +169,7 @@ asio::awaitable<std::error_code> BlockIo::seek(std::uint64_t offset, bool want_d
           extents.clear();  // a retried command starts afresh
           return connection.async_block_status(std::size_t(std::min(info_.size - asked, status_span)), asked,
                                                extents, use_result);
-        }))
+        }, {.limits = limits}))
       co_return error;
     if (extents.empty()) {
       // A server that describes nothing: treat the rest as data.

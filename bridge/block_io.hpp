@@ -38,6 +38,21 @@ constexpr bool is_hole(std::uint32_t flags) { return (flags & 1u) && (flags & 2u
 bool find_in_extents(const std::vector<nbd_client::Extent>& extents, std::uint64_t offset, bool want_data,
                      std::uint64_t& found);
 
+// What ends a request's claim on the server before its commands finish.
+struct RequestLimits {
+  using Clock = std::chrono::steady_clock;
+  // The request was answered already (--request-timeout, a signal): nothing more is
+  // sent for it, nor waited for through a reconnect (its buffers are held meanwhile).
+  // Whoever sets it wakes the waits (BlockIo::release_answered()).
+  const bool* answered = nullptr;
+  // From then on no command of it is sent, not even again after a lost connection:
+  // the request has been answered with EIO (--request-timeout), and a late copy of a
+  // write could land after the application's next write to the range.
+  Clock::time_point send_until = Clock::time_point::max();
+
+  bool given_up(Clock::time_point now) const { return (answered && *answered) || now >= send_until; }
+};
+
 class BlockIo {
  public:
   using Clock = std::chrono::steady_clock;
@@ -52,21 +67,23 @@ class BlockIo {
   }
   const nbd_client::ExportInfo& info() const { return info_; }
 
+  // Every request's commands end with EIO once its limits say so (RequestLimits).
   // Exactly [offset, offset+length) into out; the caller keeps the range within the export.
-  asio::awaitable<std::error_code> read(std::byte* out, std::size_t length, std::uint64_t offset);
+  asio::awaitable<std::error_code> read(std::byte* out, std::size_t length, std::uint64_t offset,
+                                        RequestLimits limits = {});
   // durable: acknowledged only once on stable storage (O_SYNC/O_DSYNC writers).
-  // send_until: from then on no command of it is sent, not even again after a lost
-  // connection: the request has been answered with EIO (--request-timeout), and a late
-  // copy could land after the application's next write to the range.
   asio::awaitable<std::error_code> write(const std::byte* data, std::size_t length, std::uint64_t offset,
-                                         bool durable, Clock::time_point send_until = Clock::time_point::max());
+                                         bool durable, RequestLimits limits = {});
   // Makes the range read as zeros. allow_unmap: the server may deallocate it.
   asio::awaitable<std::error_code> zero(std::uint64_t offset, std::uint64_t length, bool allow_unmap,
-                                        Clock::time_point send_until = Clock::time_point::max());
+                                        RequestLimits limits = {});
   // always: send the flush even when every acknowledged write is covered already
   // (fsync, durable writes). Without it (close's flush) nothing is sent then: a close
   // after fsync, or with nothing written, costs no round trip, nor waits for a reconnect.
-  asio::awaitable<std::error_code> flush(bool always = true);
+  asio::awaitable<std::error_code> flush(bool always = true, RequestLimits limits = {});
+  // Some requests were answered early (RequestLimits::answered): their waits for a
+  // reconnect end now, and their buffers go back.
+  void release_answered() { pool_.wake_waiters(); }
   // Losses of connections that left acknowledged writes' fate unknown (fsync tells of them).
   std::uint64_t unknown_writes_events() const { return pool_.unknown_writes_events(); }
   // Acknowledged writes that no flush has covered yet (always false without flush).
@@ -74,7 +91,8 @@ class BlockIo {
   // A flush could go out now, without waiting for a reconnect.
   bool can_flush_now() const { return pool_.any_usable(nbd_client::Purpose::flush); }
   // lseek SEEK_DATA (want_data) / SEEK_HOLE; ENXIO at or past EOF or with no data after offset.
-  asio::awaitable<std::error_code> seek(std::uint64_t offset, bool want_data, std::uint64_t& result);
+  asio::awaitable<std::error_code> seek(std::uint64_t offset, bool want_data, std::uint64_t& result,
+                                        RequestLimits limits = {});
   // Bytes the server reports as allocated, scanning at most `max_commands` block-status
   // replies; the rest counts as allocated.
   asio::awaitable<std::uint64_t> allocated_bytes(unsigned max_commands);
@@ -89,7 +107,7 @@ class BlockIo {
     // sequence seen by the application depends only on the seed.
     bool inject = true;
     bool durable = false;  // a write sent with FUA: on stable storage once acknowledged
-    Clock::time_point send_until = Clock::time_point::max();  // see write()
+    RequestLimits limits;
   };
   template <typename Start>
   asio::awaitable<std::error_code> command(Operation operation, Start start, CommandOptions options = {}) {
@@ -123,10 +141,11 @@ class BlockIo {
     std::optional<Clock::time_point> first_break;
     for (;;) {
       nbd_client::Connection* connection = pool_.least_loaded_usable(purpose);
-      if (!connection) connection = co_await pool_.usable_connection(purpose);  // waits through a reconnect
-      if (!connection) co_return std::error_code(EIO, std::generic_category());
-      if (options.send_until != Clock::time_point::max() && Clock::now() >= options.send_until)
-        co_return std::error_code(EIO, std::generic_category());
+      if (!connection) {
+        if (options.limits.given_up(Clock::now())) co_return std::error_code(EIO, std::generic_category());
+        connection = co_await pool_.usable_connection(purpose, options.limits.answered);  // through a reconnect
+      }
+      if (!connection || options.limits.given_up(Clock::now())) co_return std::error_code(EIO, std::generic_category());
       const auto attempt_sent = Clock::now();
       auto [error] = co_await start(*connection);
       if (finished(operation, *connection, sent, error, options.durable)) co_return error;
@@ -193,9 +212,9 @@ class BlockIo {
  private:
   std::uint64_t block() const { return info_.minimum_block > 1 ? info_.minimum_block : 1; }
   asio::awaitable<std::error_code> write_aligned(const std::byte* data, std::size_t length, std::uint64_t offset,
-                                                 bool durable, Clock::time_point send_until);
+                                                 bool durable, RequestLimits limits);
   asio::awaitable<std::error_code> zero_aligned(std::uint64_t offset, std::uint64_t length, bool allow_unmap,
-                                                Clock::time_point send_until);
+                                                RequestLimits limits);
 
   asio::any_io_executor executor_;
   nbd_client::ConnectionPool& pool_;

@@ -112,6 +112,8 @@ FileSystem::Tracked::Tracked(FileSystem& owner, fuse_req_t request, Operation ki
 
 FileSystem::Tracked::~Tracked() {
   if (!replied_) reply_error(EIO);  // never leave the application waiting
+  if constexpr (statistics_compiled_in)
+    if (answered_early_) owner_.statistics_->answered_early(/*finished=*/true);
   if (previous_) previous_->next_ = next_;
   else owner_.in_flight_head_ = next_;
   if (next_) next_->previous_ = previous_;
@@ -154,6 +156,14 @@ void FileSystem::Tracked::reply_error(int error) {
   if (!begin_reply()) return;
   trace_reply(error, 0);
   fuse_reply_err(request_, error);
+}
+
+bool FileSystem::Tracked::answer_early(int error) {
+  if (replied_) return false;
+  reply_error(error);
+  answered_early_ = true;
+  if constexpr (statistics_compiled_in) owner_.statistics_->answered_early(/*finished=*/false);
+  return true;
 }
 
 void FileSystem::Tracked::reply_data(const std::byte* data, std::size_t length) {
@@ -216,10 +226,12 @@ asio::awaitable<void> FileSystem::expire_old_requests() {
     co_await expiry_sweep_.async_wait(asio::redirect_error(asio::use_awaitable, cancelled));
     if (cancelled) break;
     const auto now = std::chrono::steady_clock::now();
-    // The command itself cannot be recalled: its coroutine still owns the
-    // buffers and finishes quietly when the server answers.
+    // A command sent cannot be recalled: its coroutine still owns the buffers and
+    // finishes quietly when the server answers. One waiting for a reconnect gives up.
+    bool answered = false;
     for (Tracked* request = in_flight_head_; request; request = request->next_)
-      if (now - request->started_ >= timeout) request->reply_error(EIO);
+      if (now - request->started_ >= timeout) answered |= request->answer_early(EIO);
+    if (answered) io_.release_answered();
   }
 }
 
@@ -261,9 +273,11 @@ void FileSystem::answer_interrupts_later() {
     interrupt_timer_armed_ = false;
     if (cancelled || draining_) return;
     const auto now = clock::now();
+    bool answered = false;
     for (Tracked* request = in_flight_head_; request; request = request->next_)
       if (request->interrupted_at_ != clock::time_point{} && now - request->interrupted_at_ >= interrupt_grace)
-        request->reply_error(EINTR);  // (no-op once replied)
+        answered |= request->answer_early(EINTR);
+    if (answered) io_.release_answered();
     answer_interrupts_later();  // those interrupted since
   });
 }
@@ -282,7 +296,8 @@ asio::awaitable<void> FileSystem::drain(std::chrono::milliseconds bound) {
     if (!woken) break;  // deadline passed
   }
   co_await flush_at_stop();
-  for (Tracked* request = in_flight_head_; request; request = request->next_) request->reply_error(EIO);
+  for (Tracked* request = in_flight_head_; request; request = request->next_) request->answer_early(EIO);
+  io_.release_answered();  // those waiting for a reconnect end now
   stop_request_servers();
 }
 
@@ -377,7 +392,7 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
         if (!io_.finished(Operation::read, *connection, sent, error)) connection = nullptr;  // broke: go the long way
       }
       if (pipe && !keep_pipe(pipe, piped, error)) connection = nullptr;  // the pipe failed: read it again
-      if (!connection) error = co_await io_.read(buffer.data(), job.length, job.offset);
+      if (!connection) error = co_await io_.read(buffer.data(), job.length, job.offset, tracked.limits());
       if (pipe) {
         co_await tracked.reply_piped(*pipe, job.length);
         session_.reply_pipes().give_back(pipe);  // drains a reply that was not sent (timed out)
@@ -426,7 +441,7 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
         if (!io_.finished(Operation::write, *connection, sent, error, job.durable)) connection = nullptr;
       }
       blocks_held.reset();  // write() takes it again: the lock is not reentrant
-      if (!connection) error = co_await io_.write(job.data, job.length, job.offset, job.durable, tracked.expires());
+      if (!connection) error = co_await io_.write(job.data, job.length, job.offset, job.durable, tracked.limits());
       note_allocation_changed();
       if (error) tracked.reply_error(to_application_errno(error));
       else tracked.reply_written(job.length);
@@ -448,7 +463,7 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
 // fsync (a reader's `sync FILE`, say) does not take the error from the writer's.
 asio::awaitable<void> FileSystem::serve_flush(fuse_req_t request, bool fsync, std::uint64_t handle) {
   Tracked tracked(*this, request, Operation::flush, fsync ? "FSYNC" : "FLUSH", 0, 0);
-  std::error_code error = co_await io_.flush(/*always=*/fsync);
+  std::error_code error = co_await io_.flush(/*always=*/fsync, tracked.limits());
   if (!error && fsync) {
     const std::uint64_t events = io_.unknown_writes_events();
     if (auto told = unknown_writes_told_.find(handle); told != unknown_writes_told_.end() && told->second < events) {
@@ -464,7 +479,7 @@ asio::awaitable<void> FileSystem::serve_zero(fuse_req_t request, std::uint64_t o
                                              bool allow_unmap) {
   Tracked tracked(*this, request, Operation::trim_zero, allow_unmap ? "PUNCH-HOLE" : "ZERO-RANGE", offset,
                   std::size_t(length));
-  std::error_code error = co_await io_.zero(offset, length, allow_unmap, tracked.expires());
+  std::error_code error = co_await io_.zero(offset, length, allow_unmap, tracked.limits());
   note_allocation_changed();
   tracked.reply_error(to_application_errno(error));
 }
@@ -473,7 +488,7 @@ asio::awaitable<void> FileSystem::serve_seek(fuse_req_t request, std::uint64_t o
                                              std::uint64_t unique) {
   Tracked tracked(*this, request, Operation::block_status, want_data ? "SEEK-DATA" : "SEEK-HOLE", offset, 0, unique);
   std::uint64_t found = 0;
-  if (auto error = co_await io_.seek(offset, want_data, found)) {
+  if (auto error = co_await io_.seek(offset, want_data, found, tracked.limits())) {
     // ENXIO is lseek's own answer ("no more data"), not an I/O failure.
     tracked.reply_error(error.value() == ENXIO ? ENXIO : to_application_errno(error));
     co_return;

@@ -98,6 +98,10 @@ class FileSystem final : public fuse_front::Handlers {
     Tracked& operator=(const Tracked&) = delete;
 
     void reply_error(int error);  // 0 means success for FLUSH/FSYNC
+    // Answers before the commands finish (a timeout, a signal, a stop): they end
+    // without sending more (limits()), or run on until the server answers. Returns
+    // whether this answered it.
+    bool answer_early(int error);
     void reply_data(const std::byte* data, std::size_t length);
     void reply_written(std::size_t length);
     // Sends the READ reply waiting in pipe (header and length bytes), from the
@@ -106,6 +110,9 @@ class FileSystem final : public fuse_front::Handlers {
     // When --request-timeout answers it with EIO: no write or zero of it may be
     // sent from then on (BlockIo::write). The far future without a timeout.
     std::chrono::steady_clock::time_point expires() const;
+    // For BlockIo: answered (a timeout, a signal, a stop) means nothing more is sent
+    // for it, and a write is not sent past its expiry.
+    RequestLimits limits() const { return {.answered = &replied_, .send_until = expires()}; }
 
    private:
     friend class FileSystem;
@@ -124,6 +131,7 @@ class FileSystem final : public fuse_front::Handlers {
     std::uint64_t unique_;
     std::chrono::steady_clock::time_point interrupted_at_{};  // the epoch: not interrupted
     bool replied_ = false;
+    bool answered_early_ = false;
     Tracked* previous_ = nullptr;
     Tracked* next_ = nullptr;
   };

@@ -237,7 +237,10 @@ std::string Statistics::to_json() const {
         append_latency(counters.member("nbd_latency_us"), kind.nbd_latency);
       }
     }
-    JsonScope(top.member("in_flight"), '{').number("now", in_flight_).number("peak", in_flight_peak_);
+    JsonScope(top.member("in_flight"), '{')
+        .number("now", in_flight_)
+        .number("peak", in_flight_peak_)
+        .number("answered_running", answered_running_);
     {
       JsonScope connections(top.member("connections"), '[');
       for (std::size_t index = 0; index < connections_.size(); ++index) {

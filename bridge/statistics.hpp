@@ -78,6 +78,10 @@ class Statistics {
   void injected_delay(std::uint64_t nanoseconds);
   void injected_error();
 
+  // A request answered before its commands finished (--request-timeout, a signal, a
+  // stop), and such a request's end: a gauge of what stalled servers still hold.
+  void answered_early(bool finished) { finished ? --answered_running_ : ++answered_running_; }
+
   // A READ started as a spliced reply: whole (sent from the pipe) or fell back to a copy.
   void spliced_read(bool whole);
   // A WRITE whose payload pages went to the socket by reference; retired: it
@@ -113,6 +117,7 @@ class Statistics {
   const std::vector<ConnectionCounters>& connections() const { return connections_; }
   std::uint64_t in_flight() const { return in_flight_; }
   std::uint64_t in_flight_peak() const { return in_flight_peak_; }
+  std::uint64_t answered_running() const { return answered_running_; }
   std::uint64_t disconnects() const { return disconnects_; }
   std::uint64_t reconnects() const { return reconnects_; }
   std::uint64_t injected_delays() const { return injected_delays_; }
@@ -135,6 +140,7 @@ class Statistics {
   std::vector<ConnectionCounters> connections_;
   std::uint64_t in_flight_ = 0;
   std::uint64_t in_flight_peak_ = 0;
+  std::uint64_t answered_running_ = 0;  // a gauge: reset() keeps it
   std::uint64_t disconnects_ = 0;
   std::uint64_t reconnects_ = 0;
   std::uint64_t injected_delays_ = 0;

@@ -475,7 +475,7 @@ bool ConnectionPool::start_reconnect(std::size_t index) {
   return reconnecting_[index];
 }
 
-asio::awaitable<Connection*> ConnectionPool::usable_connection(Purpose purpose) {
+asio::awaitable<Connection*> ConnectionPool::usable_connection(Purpose purpose, const bool* abandoned) {
   constexpr auto grace = std::chrono::seconds(1);  // for the reconnect's own give-up to come first
   purpose = fallback(purpose);  // waiting: any data connection will do
   bool tried_once = false;
@@ -484,6 +484,7 @@ asio::awaitable<Connection*> ConnectionPool::usable_connection(Purpose purpose) 
   std::size_t first = 0;  // the first connection serving purpose: the one to revive
   while (first + 1 < connections_.size() && !serves(first, purpose)) ++first;
   for (;;) {
+    if (abandoned && *abandoned) co_return nullptr;
     if (any_usable(purpose)) co_return &pick(purpose);
     if (closed_ || export_changed_ || !reconnectable()) co_return nullptr;
     // Only this purpose's connection is down (the outage logic watches data

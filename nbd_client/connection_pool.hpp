@@ -100,8 +100,12 @@ class ConnectionPool {
 
   // A usable connection, waiting through a reconnect if need be; nullptr once
   // the server has not come back within the retry timeout (after that, each
-  // call makes one reconnect attempt of its own).
-  asio::awaitable<Connection*> usable_connection(Purpose purpose = Purpose::data);
+  // call makes one reconnect attempt of its own), or once *abandoned is true: the
+  // request was answered meanwhile (a timeout, a signal). Whoever sets it calls
+  // wake_waiters(), so the wait ends then and not at the reconnect.
+  asio::awaitable<Connection*> usable_connection(Purpose purpose = Purpose::data,
+                                                 const bool* abandoned = nullptr);
+  void wake_waiters();
   std::chrono::milliseconds retry_timeout() const { return options_.retry_timeout; }
   // A connection serving purpose is usable now (no waiting for a reconnect).
   bool any_usable(Purpose purpose = Purpose::data) const;
@@ -158,7 +162,6 @@ class ConnectionPool {
   // timeout: at most this long for the connect (0: the connect timeout alone).
   asio::awaitable<std::error_code> connect_slot(std::size_t index,
                                                 std::chrono::milliseconds timeout = std::chrono::milliseconds(0));
-  void wake_waiters();
   asio::awaitable<void> wait_for_change(std::chrono::steady_clock::time_point deadline);
   void say(const std::string& line) {
     if (on_event) on_event(line);

@@ -168,6 +168,41 @@ def test_caught_signal_gives_eintr_to_a_held_read():
         h.check_eq(stats.returncode, 0, "nbdbridge stats (%s)" % stats.stderr.strip())
         read = json.loads(stats.stdout)["operations"]["read"]
         h.check_eq((read["count"], read["errors"]), (1, 0), "reads answered, and errors among them")
+        # The server still holds the command: it is answered, and still running.
+        h.check_eq(json.loads(stats.stdout)["in_flight"]["answered_running"], 1, "answered, still running")
+
+
+def _stats(mount):
+    r = h.run([h.NBDBRIDGE, "stats", mount.mountdir], timeout=10)
+    h.check_eq(r.returncode, 0, "nbdbridge stats (%s)" % r.stderr.strip())
+    return json.loads(r.stdout)
+
+
+def test_a_read_interrupted_during_an_outage_lets_go_at_once():
+    # A read waiting for a reconnect that a signal answers stops waiting (and gives its
+    # buffer back) then, not when the server comes back: against a server that stays
+    # away, reads given up one after another would otherwise pile up.
+    img = image()
+    with h.Nbdkit(["file", img]) as srv, \
+            h.Mount(h.tmpdir("mp"), ["--unix", srv.sock], opts=["--retry-timeout", "30"]) as m:
+        srv.kill(signal.SIGKILL)
+        srv.proc.wait(timeout=10)
+        os.unlink(srv.sock)
+        h.wait_until(lambda: "reconnecting for up to" in m.stderr(), what="the loss to be seen")
+        child = start_child(m.export, "read", 2 * MiB, 4096, catch=True)
+        h.wait_until(lambda: _stats(m)["in_flight"]["now"] == 1, what="the read to wait for the reconnect")
+        child.send_signal(signal.SIGUSR1)
+        rc, out, err = finish_child(child, 10, "the interrupted read")
+        h.check_eq((rc, out), (0, "ERR EINTR"), "the read's outcome after SIGUSR1 (stderr: %s)" % err[-500:])
+        h.wait_until(lambda: _stats(m)["in_flight"]["answered_running"] == 0, timeout=3,
+                     what="the answered read to stop waiting for the reconnect")
+        srv.start()
+        child = start_child(m.export, "read", 2 * MiB, 4096)
+        rc, out, err = finish_child(child, 20, "the read after the reconnect")
+        with open(img, "rb") as f:
+            f.seek(2 * MiB)
+            expected = f.read(4096)
+        h.check_eq(out, "OK 4096 %s" % expected.hex()[:64], "the read after the reconnect")
 
 
 def test_a_signal_during_a_read_the_server_answers_in_time_is_not_an_error():

@@ -1573,8 +1573,13 @@ def test_timed_out_write_is_never_sent_later():
                     opts=["--request-timeout", "1", "--retry-timeout", "20"]) as m:
         kill_server_rm_sock(srv)
         h.wait_until(lambda: LOST_RE.search(m.stderr()), timeout=10, what="'lost' line on stderr")
-        res = io_ops(m.export, ["w:0:65536"], timeout=15, what="a write while the server is away", mount=m)
-        h.check_eq(res[0][:2], ("w", "EIO"), "the write, answered by the request timeout")
+        res = io_ops(m.export, ["w:0:65536", "r:0:65536"], timeout=15, what="a write and a read while the server "
+                     "is away", mount=m)
+        h.check_eq([r[:2] for r in res], [("w", "EIO"), ("r", "EIO")], "the write and read, answered by the timeout")
+        # Answered, they stop waiting for the reconnect (their buffers go back) at once.
+        h.wait_until(lambda: json.loads(h.run([h.NBDBRIDGE, "stats", m.mountdir], check=True).stdout)
+                     ["in_flight"]["answered_running"] == 0, timeout=3,
+                     what="the answered requests to stop waiting for the reconnect")
         srv.start()
         h.wait_until(lambda: RECONNECTED_RE.search(m.stderr()), timeout=15, what="the reconnect")
         res = io_ops(m.export, ["r:0:65536", "f"], timeout=15, what="read and fsync after the reconnect", mount=m)

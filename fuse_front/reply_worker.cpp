@@ -6,6 +6,9 @@
 #include <asio/io_context.hpp>
 #include <asio/post.hpp>
 
+#include <system_error>
+#include <utility>
+
 namespace fuse_front {
 
 void ReplyWorker::JobList::push(Job& job) {
@@ -80,7 +83,26 @@ void ReplyWorker::send_to_device(fuse_req_t request, const std::byte* data, std:
 }
 
 void ReplyWorker::submit(Job& job) {
-  if (!thread_.joinable()) thread_ = std::thread([this] { run(); });
+  if (!thread_.joinable() && !thread_refused_) {
+    try {
+      thread_ = std::thread([this] { run(); });
+    } catch (const std::system_error&) {
+      thread_refused_ = true;  // a pids or RLIMIT_NPROC limit: asking again per reply would cost a clone each
+    }
+  }
+  if (thread_refused_) {
+    // Sent here, on the loop, and finished as the thread would: the caller awaits
+    // a resumption, and an exception would leave its request unanswered.
+    sender_(job.request, job.data, job.length, job.pipe, job.device);
+    bool resume = false;
+    {
+      std::lock_guard lock(mutex_);
+      finished_.push(job);
+      resume = !std::exchange(resume_posted_, true);
+    }
+    if (resume) post_resume();
+    return;
+  }
   {
     std::lock_guard lock(mutex_);
     queue_.push(job);

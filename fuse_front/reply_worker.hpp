@@ -175,6 +175,7 @@ class ReplyWorker {
   bool resume_posted_ = false;  // guarded by mutex_
   bool stopping_ = false;       // guarded by mutex_
   std::thread thread_;          // started and joined on the loop thread only
+  bool thread_refused_ = false;  // the system would not start it: replies go out from the loop
   ResumeMemory resume_memory_;
 };
 

@@ -623,16 +623,28 @@ std::error_code Connection::abandon_handle(int error) {
 // From here on the socket belongs to the thread: libnbd's handle is used only there.
 void Connection::start_thread() {
   release_descriptor();
-  thread_context_ = std::make_unique<asio::io_context>(1);
+  auto context = std::make_unique<asio::io_context>(1);
+  std::thread thread;
+  try {
+    thread = std::thread([&running = *context] {
+      pthread_setname_np(pthread_self(), "nbdbridge-conn");
+      auto work = asio::make_work_guard(running);
+      running.run();
+    });
+  } catch (const std::system_error&) {
+    // No thread to be had (a pids or RLIMIT_NPROC limit): the loop drives this
+    // connection, as with --connection-threads off. Nothing was moved yet: a command
+    // posted to a context no thread runs would never be answered.
+    arm();
+    return;
+  }
+  // The thread runs only what is posted to it, and nothing is before this point.
+  thread_context_ = std::move(context);
   descriptor_ = asio::posix::stream_descriptor(thread_context_->get_executor());
   command_memory_.share_between_threads();
   threaded_ = true;
+  thread_ = std::move(thread);
   asio::post(thread_context_->get_executor(), [this] { arm(); });
-  thread_ = std::thread([this] {
-    pthread_setname_np(pthread_self(), "nbdbridge-conn");
-    auto work = asio::make_work_guard(*thread_context_);
-    thread_context_->run();
-  });
 }
 
 // 1 MiB requests through default-sized socket buffers (about 200 KiB here) cost

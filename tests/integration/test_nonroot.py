@@ -6,6 +6,7 @@ Runs nbdbridge as the system user nbdbridge-test (created if missing) with
 world-connectable.  All I/O on the mount is done as the unprivileged user
 (without allow_other, nobody else, not even root, may access the mount).
 """
+import hashlib
 import os
 import pwd
 import shutil
@@ -241,6 +242,38 @@ def test_user_unwritable_stats_file():
         h.check_eq(len(lines), 1, "one error line (%r)" % r.stderr)
         h.check(stats in r.stderr and "Permission denied" in r.stderr, "says which file and why: %r" % r.stderr)
         h.check(not h.is_mounted(mp), "mount left behind")
+
+
+def test_user_thread_limit_never_hangs():
+    # Under a limit on processes (RLIMIT_NPROC, which counts threads; root is exempt,
+    # so as the user), each thread the bridge wants may be refused: every connection's
+    # own (--connection-threads all), the reply thread, fusermount3's fork. Whatever
+    # the limit, the mount either fails with a message and leaves nothing mounted, or
+    # serves the right bytes; it never hangs (a connection whose thread could not start
+    # used to be left with commands no thread would run).
+    pw, d, binary = _setup()
+    code = ("import hashlib,os,sys\nfd=os.open(sys.argv[1],os.O_RDONLY|os.O_DIRECT)\n"
+            "import mmap\nb=mmap.mmap(-1,1<<22)\nos.preadv(fd,[b],0)\n"
+            "print(hashlib.sha256(b).hexdigest())\n")
+    expected = hashlib.sha256(h.pattern_bytes(0, 1 << 22)).hexdigest()
+    outcomes = []
+    with _server(d, ["pattern", str(SIZE)]) as srv:
+        for limit in range(1, 13):
+            mp = _user_mountpoint(pw, d, "mp%d" % limit)
+            mount = h.Mount(mp, [srv.uri], user=USER, binary=shutil.which("prlimit"),
+                            opts=["--nproc=%d" % limit, binary, "--connection-threads", "all", "-C", "3"])
+            try:
+                with mount as m:
+                    r = h.run_python(code, user=USER, args=[m.export])
+                    h.check_eq(r.stdout.strip(), expected, "4 MiB read under --nproc=%d (%s)" % (limit, r.stderr))
+                    outcomes.append("served")
+            except h.MountFailed as failed:
+                h.check(failed.returncode not in (0, None) and failed.stderr.strip(),
+                        "under --nproc=%d: exit %r, stderr %r" % (limit, failed.returncode, failed.stderr))
+                h.check(not h.is_mounted(mp), "left mounted under --nproc=%d" % limit)
+                outcomes.append("refused")
+    h.log("  outcomes by limit 1..12: %s" % outcomes)
+    h.check_eq(outcomes[-1], "served", "the mount under the largest limit")
 
 
 if __name__ == "__main__":

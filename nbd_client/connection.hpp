@@ -231,8 +231,9 @@ class Connection {
   bool usable() const;
   // Negotiated once (and maybe lost since): commands may have been issued on it.
   bool was_established() const { return established_; }
-  // Lost (the server closed it, or it broke); stays true.
-  bool was_lost() const { return lost_.load(std::memory_order_relaxed); }
+  // Lost (the server closed it, or it broke); stays true. Acquire: a connection
+  // thread wrote error_message_ before, and the loop may read it after.
+  bool was_lost() const { return lost_.load(std::memory_order_acquire); }
 
   // Called once, on the executor, when an established connection is lost.
   std::function<void(const std::string& reason)> on_lost;

@@ -306,8 +306,12 @@ TEST_CASE("reset zeroes everything but what is in flight now") {
   statistics.injected_error();
   statistics.spliced_read(false);
   statistics.spliced_write(true);
+  statistics.answered_early(false);
+  statistics.answered_early(false);
+  statistics.answered_early(true);
   statistics.reset();
 
+  CHECK(statistics.answered_running() == 1);  // a gauge, like in_flight
   const auto& write = statistics.operation(Operation::write);
   CHECK(write.count == 0);
   CHECK(write.bytes == 0);
@@ -352,7 +356,7 @@ TEST_CASE("the JSON is well formed and carries counts, percentiles and histogram
   for (std::string_view key : {"\"version\":1", "\"uptime_seconds\":", "\"operations\":{\"read\":{\"count\":1000,",
                                "\"bytes\":4096000", "\"max\":1000.0,\"mean\":500.5,\"count\":1000}",
                                "\"trim_zero\":{\"count\":0",
-                               "\"block_status\":", "\"in_flight\":{\"now\":1,\"peak\":1}",
+                               "\"block_status\":", "\"in_flight\":{\"now\":1,\"peak\":1,\"answered_running\":0}",
                                "\"connections\":[{\"index\":0,\"role\":\"data\",\"commands\":500,",
                                "{\"index\":1,\"role\":\"data\",\"commands\":500,",
                                "\"disconnects\":0,\"reconnects\":0",

@@ -69,6 +69,7 @@ CommandMemory::~CommandMemory() {
 void* CommandMemory::take(std::size_t size) {
   std::unique_lock<std::mutex> lock(mutex_, std::defer_lock);
   if (shared_) lock.lock();
+  ++outstanding_;
   if (size > block_size || free_blocks_.empty()) return ::operator new(std::max(size, block_size));
   void* block = free_blocks_.back();
   free_blocks_.pop_back();
@@ -78,6 +79,7 @@ void* CommandMemory::take(std::size_t size) {
 void CommandMemory::give(void* block, std::size_t size) {
   std::unique_lock<std::mutex> lock(mutex_, std::defer_lock);
   if (shared_) lock.lock();
+  --outstanding_;
   if (size > block_size) ::operator delete(block);
   else free_blocks_.push_back(block);
 }

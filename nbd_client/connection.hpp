@@ -123,6 +123,12 @@ class CommandMemory : public std::pmr::memory_resource {
   void* take(std::size_t size);
   void give(void* block, std::size_t size);
   std::size_t kept() const { return free_blocks_.size(); }
+  // Nothing taken is still out: no command, and no post made with allocator().
+  bool all_given_back() {
+    std::unique_lock<std::mutex> lock(mutex_, std::defer_lock);
+    if (shared_) lock.lock();
+    return outstanding_ == 0;
+  }
   // With a connection thread, commands are taken on the loop thread and may be
   // given back on either.
   void share_between_threads() { shared_ = true; }
@@ -139,6 +145,7 @@ class CommandMemory : public std::pmr::memory_resource {
   bool do_is_equal(const std::pmr::memory_resource& other) const noexcept override { return this == &other; }
 
   std::vector<void*> free_blocks_;  // grows to the peak number in flight, then stays
+  std::size_t outstanding_ = 0;     // taken and not yet given back
   std::mutex mutex_;
   bool shared_ = false;
 };
@@ -231,6 +238,9 @@ class Connection {
   bool usable() const;
   // Negotiated once (and maybe lost since): commands may have been issued on it.
   bool was_established() const { return established_; }
+  // Closed, and no command of it or post made with its memory is left: nothing the
+  // loop will still run refers to it (loop thread, after close()).
+  bool can_be_freed() { return !handle_ && !thread_.joinable() && command_memory_.all_given_back(); }
   // Lost (the server closed it, or it broke); stays true. Acquire: a connection
   // thread wrote error_message_ before, and the loop may read it after.
   bool was_lost() const { return lost_.load(std::memory_order_acquire); }

@@ -256,7 +256,7 @@ asio::awaitable<void> ConnectionPool::open_connections(unsigned count, Role role
       std::string why = export_changed_ ? error_message_ : connections_.back()->error_message();
       export_changed_ = false;  // the mount goes on with the connections that agree
       note_ = "connection " + std::to_string(index + 1) + " failed (" + why + "): using " + std::to_string(index);
-      retired_.push_back(std::move(connections_.back()));
+      retire(std::move(connections_.back()));
       connections_.pop_back();
       reconnecting_.pop_back();
       roles_.pop_back();
@@ -409,7 +409,7 @@ asio::awaitable<void> ConnectionPool::reconnect(std::size_t index) {
       // Closed at once (its thread joined, its dead handle freed: a link that keeps
       // dropping must not pile up threads); the object itself stays for the handlers.
       connections_[index]->close();
-      retired_.push_back(std::move(connections_[index]));
+      retire(std::move(connections_[index]));
       connections_[index] = std::make_unique<Connection>(executor_);
     }
     // A server that accepts and never answers must not hold requests past the retry
@@ -583,6 +583,25 @@ void ConnectionPool::cancel_connect() {
   for (auto& connection : connections_) connection->cancel_connect();
 }
 
+// A link that keeps dropping must not pile up replaced connections, yet one may be
+// freed only once nothing the loop will run names it. Its close() cancelled its waits:
+// their handlers sit in this thread's private queue, which joins the loop's queue only
+// after the current handler, so a post made now could run before them, and one posted
+// from that post runs after them. A thread posts before close() joins it. Commands
+// still out (a server that never answered) keep it until a later settling finds them
+// given back.
+void ConnectionPool::retire(std::unique_ptr<Connection> connection) {
+  Connection* retiring = connection.get();
+  retired_.push_back({std::move(connection)});
+  asio::post(executor_, [this, retiring] {
+    asio::post(executor_, [this, retiring] {
+      for (auto& retired : retired_)
+        if (retired.connection.get() == retiring) retired.settled = true;
+      std::erase_if(retired_, [](Retired& retired) { return retired.settled && retired.connection->can_be_freed(); });
+    });
+  });
+}
+
 void ConnectionPool::start_held_threads() {
   threads_released_ = true;
   for (auto& connection : connections_) connection->start_held_thread();
@@ -591,7 +610,7 @@ void ConnectionPool::start_held_threads() {
 void ConnectionPool::close() {
   closed_ = true;
   for (auto& connection : connections_) connection->close();
-  for (auto& connection : retired_) connection->close();
+  for (auto& retired : retired_) retired.connection->close();
   server_.stop();
   wake_waiters();
 }

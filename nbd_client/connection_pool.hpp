@@ -174,8 +174,13 @@ class ConnectionPool {
   bool threads_released_ = false;
   ExportInfo info_;
   std::vector<std::unique_ptr<Connection>> connections_;
-  // Replaced connections stay alive until close(): callbacks may still name them.
-  std::vector<std::unique_ptr<Connection>> retired_;
+  // Replaced connections, alive while handlers may still name them (retire()).
+  struct Retired {
+    std::unique_ptr<Connection> connection;
+    bool settled = false;  // the handlers its close() queued have run
+  };
+  std::vector<Retired> retired_;
+  void retire(std::unique_ptr<Connection> connection);
   std::vector<bool> reconnecting_;
   std::vector<Role> roles_;  // parallel to connections_; a block-status connection goes last
   ServerProcess server_;

@@ -419,8 +419,9 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
       std::optional<RangeLock::Guard> blocks_held;
       if (connection && io_.writes_hold_blocks()) {
         blocks_held.emplace(co_await io_.hold_blocks(job.offset, job.length));
-        // The wait may have outlived that connection, or the request (then io_.write() sends nothing).
-        connection = std::chrono::steady_clock::now() < tracked.expires() ? direct() : nullptr;
+        // The wait may have outlived that connection, or the request: answered (a timeout,
+        // a stop), it is not sent (then io_.write() sends nothing either).
+        connection = tracked.limits().given_up(std::chrono::steady_clock::now()) ? nullptr : direct();
       }
       if (connection) {
         auto sent = clock::now();

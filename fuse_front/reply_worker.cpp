@@ -6,6 +6,7 @@
 #include <asio/io_context.hpp>
 #include <asio/post.hpp>
 
+#include <cstdio>
 #include <system_error>
 #include <utility>
 
@@ -86,8 +87,10 @@ void ReplyWorker::submit(Job& job) {
   if (!thread_.joinable() && !thread_refused_) {
     try {
       thread_ = std::thread([this] { run(); });
-    } catch (const std::system_error&) {
+    } catch (const std::system_error& refusal) {
       thread_refused_ = true;  // a pids or RLIMIT_NPROC limit: asking again per reply would cost a clone each
+      std::fprintf(stderr, "nbdbridge: the system refused the reply thread (%s): replies go out from the event loop\n",
+                   refusal.code().message().c_str());
     }
   }
   if (thread_refused_) {

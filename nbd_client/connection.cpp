@@ -633,10 +633,11 @@ void Connection::start_thread() {
       auto work = asio::make_work_guard(running);
       running.run();
     });
-  } catch (const std::system_error&) {
+  } catch (const std::system_error& refusal) {
     // No thread to be had (a pids or RLIMIT_NPROC limit): the loop drives this
     // connection, as with --connection-threads off. Nothing was moved yet: a command
     // posted to a context no thread runs would never be answered.
+    thread_refused_ = refusal.code().message();
     arm();
     return;
   }

@@ -241,6 +241,9 @@ class Connection {
   // Closed, and no command of it or post made with its memory is left: nothing the
   // loop will still run refers to it (loop thread, after close()).
   bool can_be_freed() { return !handle_ && !thread_.joinable() && command_memory_.all_given_back(); }
+  // Why the system refused the thread of its own it was to have ("": it did not);
+  // the loop drives it then.
+  const std::string& thread_refused() const { return thread_refused_; }
   // Lost (the server closed it, or it broke); stays true. Acquire: a connection
   // thread wrote error_message_ before, and the loop may read it after.
   bool was_lost() const { return lost_.load(std::memory_order_acquire); }
@@ -485,6 +488,7 @@ class Connection {
   std::function<void()> on_progress_;  // ConnectOptions::on_progress
   std::unique_ptr<asio::io_context> thread_context_;
   std::thread thread_;
+  std::string thread_refused_;
   ReadyList ready_;
   std::size_t index_ = 0;
   std::string error_message_;

@@ -424,6 +424,7 @@ asio::awaitable<void> ConnectionPool::reconnect(std::size_t index) {
     if (closed_) break;
     if (!error) {
       watch(index);
+      say_if_thread_refused(index);
       ++reconnects_;
       if (index < made_.size()) made_[index] = made_for_reconnect(index);
       if (after_shutdown_drain) shutdown_drained_at_ = clock::now();  // refusal_window runs from here
@@ -584,12 +585,15 @@ void ConnectionPool::cancel_connect() {
 }
 
 // A link that keeps dropping must not pile up replaced connections, yet one may be
-// freed only once nothing the loop will run names it. Its close() cancelled its waits:
-// their handlers sit in this thread's private queue, which joins the loop's queue only
-// after the current handler, so a post made now could run before them, and one posted
-// from that post runs after them. A thread posts before close() joins it. Commands
-// still out (a server that never answered) keep it until a later settling finds them
-// given back.
+// freed only once nothing the loop will run names it: not in the handler that retired
+// it (several connections lost in one notify are retired in one handler, and a sweep
+// there freed one whose cancelled waits were still queued: ASan, test_reconnect), and
+// only by its own settling (a later one's would not be behind its handlers). Its
+// close() cancelled its waits and a thread posts before close() joins it, so their
+// handlers are queued already. The loop's io_context is single-threaded (one queue, in
+// order): one post would run after them. The second keeps that true with a concurrency
+// hint, where this thread's completions join the queue only after the current
+// handler. A connection with memory not yet given back waits for a later settling.
 void ConnectionPool::retire(std::unique_ptr<Connection> connection) {
   Connection* retiring = connection.get();
   retired_.push_back({std::move(connection)});
@@ -604,7 +608,18 @@ void ConnectionPool::retire(std::unique_ptr<Connection> connection) {
 
 void ConnectionPool::start_held_threads() {
   threads_released_ = true;
-  for (auto& connection : connections_) connection->start_held_thread();
+  for (std::size_t index = 0; index < connections_.size(); ++index) {
+    connections_[index]->start_held_thread();
+    say_if_thread_refused(index);
+  }
+}
+
+// Once per mount: --connection-threads is not what the user asked for then.
+void ConnectionPool::say_if_thread_refused(std::size_t index) {
+  if (thread_refusal_said_ || connections_[index]->thread_refused().empty()) return;
+  thread_refusal_said_ = true;
+  say("the system refused a thread for " + describe(index) + " (" + connections_[index]->thread_refused() +
+      "): the event loop drives it");
 }
 
 void ConnectionPool::close() {

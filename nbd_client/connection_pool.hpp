@@ -181,6 +181,8 @@ class ConnectionPool {
   };
   std::vector<Retired> retired_;
   void retire(std::unique_ptr<Connection> connection);
+  void say_if_thread_refused(std::size_t index);
+  bool thread_refusal_said_ = false;
   std::vector<bool> reconnecting_;
   std::vector<Role> roles_;  // parallel to connections_; a block-status connection goes last
   ServerProcess server_;

@@ -195,7 +195,10 @@ void setup(CLI::App& app, Options& options) {
 std::string parse_command_line(CLI::App& app, std::vector<std::string> args, Options& options) {
   // Before CLI11: an unmatched bracket left in args would otherwise be taken for a
   // TARGET and reported as an unexpected argument.
-  if (std::string problem = extract_server_command(args, options.server_command); !problem.empty())
+  const bool help = std::find_if(args.begin(), args.end(), [](const std::string& word) {
+                      return word == "-h" || word == "--help";
+                    }) != args.end();
+  if (std::string problem = extract_server_command(args, options.server_command); !problem.empty() && !help)
     return problem;
   try {
     std::reverse(args.begin(), args.end());  // CLI11 takes a vector in reverse order

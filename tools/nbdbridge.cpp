@@ -15,6 +15,7 @@
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
 #include <asio/io_context.hpp>
+#include <asio/post.hpp>
 #include <asio/redirect_error.hpp>
 #include <asio/signal_set.hpp>
 #include <asio/steady_timer.hpp>
@@ -276,6 +277,10 @@ class Bridge {
     co_await file_system_.drain(to_duration(options_.shutdown_timeout_seconds));
     session_.unmount();
     pool_.close();
+    // The requests drain() answered end with their commands, which close() has just
+    // failed: their completions, queued before this, run first, so the final
+    // statistics show nothing still running.
+    co_await asio::post(io_, asio::use_awaitable);
     stats_ticker_.cancel();
     if (control_) control_->stop();
     bool statistics_written = report_final_statistics();

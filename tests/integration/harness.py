@@ -87,7 +87,7 @@ def tmpdir(prefix="t"):
 # A report of the sanitizer build (tools/test's second pass). Its exit status alone
 # would pass unseen in the tests that expect nbdbridge to fail.
 _SANITIZER_REPORT = re.compile(r"ERROR: (?:Address|Leak|Thread)Sanitizer|runtime error: |"
-                               r"UndefinedBehaviorSanitizer")
+                               r"UndefinedBehaviorSanitizer|Sanitizer has encountered a fatal error")
 
 
 def check_no_sanitizer_report(stderr, what):

@@ -2,6 +2,7 @@
 #include "tools/cli_options.hpp"
 
 #include <algorithm>
+#include <optional>
 #include <sstream>
 
 namespace tools {
@@ -22,6 +23,19 @@ std::string extract_server_command(std::vector<std::string>& args, std::vector<s
 
 namespace {
 
+// All of text as a number (parse: std::stod or std::stol), or nothing: "5s" and "0.5"
+// (for stol) are not numbers here.
+template <typename Parse>
+auto parse_exactly(const std::string& text, Parse parse) -> std::optional<decltype(parse(text, nullptr))> {
+  std::size_t used = 0;
+  try {
+    auto value = parse(text, &used);
+    if (used == text.size()) return value;
+  } catch (const std::exception&) {
+  }
+  return std::nullopt;
+}
+
 // A number of seconds in [lowest, highest], or 0 when zero_allowed. The timers count
 // whole milliseconds: a non-zero value under 1 ms would quietly become 0 (for
 // --stats-interval: a line on every loop pass), and past 1e9 s the count of
@@ -31,15 +45,10 @@ CLI::Validator seconds(bool zero_allowed, double lowest = 0.001, double highest 
   std::string expected = "expected " + std::string(zero_allowed ? "0, or " : "") + range;
   return CLI::Validator(
       [=](std::string& text) -> std::string {
-        double value = 0;
-        std::size_t used = 0;
-        try {
-          value = std::stod(text, &used);
-        } catch (const std::exception&) {
-          used = 0;
-        }
-        if (used == 0 || used != text.size()) return "expected a number of seconds";
-        if ((zero_allowed && value == 0) || (value >= lowest && value <= highest)) return {};
+        auto value =
+            parse_exactly(text, [](const std::string& whole, std::size_t* used) { return std::stod(whole, used); });
+        if (!value) return "expected a number of seconds";
+        if ((zero_allowed && *value == 0) || (*value >= lowest && *value <= highest)) return {};
         return expected;
       },
       "SECONDS (" + std::string(zero_allowed ? "0 or " : "") + range + ")");
@@ -52,16 +61,9 @@ CLI::Validator whole_number(bool zero_allowed, long lowest, long highest, const 
                       std::to_string(highest);
   return CLI::Validator(
       [=](std::string& text) -> std::string {
-        long value = 0;
-        std::size_t used = 0;
-        try {
-          value = std::stol(text, &used);
-        } catch (const std::exception&) {
-          used = 0;
-        }
-        if (used != 0 && used == text.size() &&
-            ((zero_allowed && value == 0) || (value >= lowest && value <= highest)))
-          return {};
+        auto value =
+            parse_exactly(text, [](const std::string& whole, std::size_t* used) { return std::stol(whole, used); });
+        if (value && ((zero_allowed && *value == 0) || (*value >= lowest && *value <= highest))) return {};
         return "expected a whole number of " + unit + ": " + range;
       },
       "N (" + range + " " + unit + ")");

@@ -74,7 +74,8 @@ asio::awaitable<std::error_code> BlockIo::write(const std::byte* data, std::size
   // Every write to a server with a minimum block takes the lock over the whole
   // blocks it touches: an aligned write racing a read-modify-write of the same
   // block would otherwise be undone by the stale write-back.
-  RangeLock::Guard guard = co_await rmw_lock_.acquire(start, end);
+  RangeLock::Guard guard = co_await rmw_lock_.acquire(start, end, limits.answered);
+  if (limits.given_up(Clock::now())) co_return errno_code(EIO);  // answered while it waited: holds nothing
   if (offset == start && offset + length == end)
     co_return co_await write_aligned(data, length, offset, durable, limits);
 
@@ -130,7 +131,8 @@ asio::awaitable<std::error_code> BlockIo::zero(std::uint64_t offset, std::uint64
       co_return error;
   }
   if (inner_start < inner_end) {
-    RangeLock::Guard guard = co_await rmw_lock_.acquire(inner_start, inner_end);
+    RangeLock::Guard guard = co_await rmw_lock_.acquire(inner_start, inner_end, limits.answered);
+    if (limits.given_up(Clock::now())) co_return errno_code(EIO);  // answered while it waited: holds nothing
     co_return co_await zero_aligned(inner_start, inner_end - inner_start, allow_unmap, limits);
   }
   co_return std::error_code{};

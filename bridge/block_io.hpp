@@ -82,8 +82,11 @@ class BlockIo {
   // after fsync, or with nothing written, costs no round trip, nor waits for a reconnect.
   asio::awaitable<std::error_code> flush(bool always = true, RequestLimits limits = {});
   // Some requests were answered early (RequestLimits::answered): their waits for a
-  // reconnect end now, and their buffers go back.
-  void release_answered() { pool_.wake_waiters(); }
+  // reconnect or for blocks another write holds end now, and their buffers go back.
+  void release_answered() {
+    pool_.wake_waiters();
+    rmw_lock_.wake_all();
+  }
   // Losses of connections that left acknowledged writes' fate unknown (fsync tells of them).
   std::uint64_t unknown_writes_events() const { return pool_.unknown_writes_events(); }
   // Acknowledged writes that no flush has covered yet (always false without flush).
@@ -176,9 +179,12 @@ class BlockIo {
   // and cannot write older bytes back over it. write() takes the hold itself; a caller of
   // direct_connection() must take it around its own command, and drop it before write().
   bool writes_hold_blocks() const { return block() > 1; }
-  asio::awaitable<RangeLock::Guard> hold_blocks(std::uint64_t offset, std::size_t length) {
+  // A request answered while it waits holds nothing (see RangeLock::acquire()); its
+  // limits then stop anything being sent.
+  asio::awaitable<RangeLock::Guard> hold_blocks(std::uint64_t offset, std::size_t length, RequestLimits limits) {
     const std::uint64_t unit = block();
-    return rmw_lock_.acquire(align_down(offset, unit), std::min(align_up(offset + length, unit), info_.size));
+    return rmw_lock_.acquire(align_down(offset, unit), std::min(align_up(offset + length, unit), info_.size),
+                             limits.answered);
   }
   // Writes this long go to the large-write connection when there is one
   // (--connection-threads writes): their copy into the socket then overlaps the

@@ -418,7 +418,7 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
       nbd_client::Connection* connection = direct();
       std::optional<RangeLock::Guard> blocks_held;
       if (connection && io_.writes_hold_blocks()) {
-        blocks_held.emplace(co_await io_.hold_blocks(job.offset, job.length));
+        blocks_held.emplace(co_await io_.hold_blocks(job.offset, job.length, tracked.limits()));
         // The wait may have outlived that connection, or the request: answered (a timeout,
         // a stop), it is not sent (then io_.write() sends nothing either).
         connection = tracked.limits().given_up(std::chrono::steady_clock::now()) ? nullptr : direct();

@@ -38,9 +38,12 @@ class RangeLock {
 
   // Holds [begin, end) once no holder and no earlier waiter overlaps it: first come,
   // first served among overlapping ranges, so a read-modify-write is not starved by
-  // aligned writes to the same block that keep arriving.
-  asio::awaitable<Guard> acquire(std::uint64_t begin, std::uint64_t end) {
+  // aligned writes to the same block that keep arriving. Gives up, holding nothing (an
+  // empty Guard), once *abandoned is true after a wake_all(): the caller's request was
+  // answered meanwhile and sends nothing more.
+  asio::awaitable<Guard> acquire(std::uint64_t begin, std::uint64_t end, const bool* abandoned = nullptr) {
     if (overlaps(begin, end) || waiter_overlaps(waiters_.end(), begin, end)) {
+      if (abandoned && *abandoned) co_return Guard();
       asio::steady_timer wake(executor_, asio::steady_timer::time_point::max());
       auto waiting = waiters_.insert(waiters_.end(), {begin, end, &wake});
       // Also when the coroutine is destroyed while it waits (the loop shutting down).
@@ -52,9 +55,15 @@ class RangeLock {
       do {
         std::error_code ignored;
         co_await wake.async_wait(asio::redirect_error(asio::use_awaitable, ignored));
+        if (abandoned && *abandoned) co_return Guard();
       } while (overlaps(begin, end) || waiter_overlaps(waiting, begin, end));
     }
     co_return Guard(this, held_.insert(held_.end(), {begin, end}));
+  }
+
+  // Every waiter looks again (see acquire()'s abandoned).
+  void wake_all() {
+    for (const Waiter& waiter : waiters_) waiter.wake->cancel();
   }
 
   bool overlaps(std::uint64_t begin, std::uint64_t end) const {
@@ -78,8 +87,7 @@ class RangeLock {
 
   void release(std::list<std::pair<std::uint64_t, std::uint64_t>>::iterator held) {
     held_.erase(held);
-    // Everyone re-checks, in queue order; the ranges are few (one per write in flight).
-    for (const Waiter& waiter : waiters_) waiter.wake->cancel();
+    wake_all();  // everyone re-checks, in queue order; the ranges are few (one per write in flight)
   }
 
   asio::any_io_executor executor_;

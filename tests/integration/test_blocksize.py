@@ -7,6 +7,8 @@ the maximum), concurrent unaligned writes into the same blocks must not lose
 each other's bytes, and the server must never see a badly formed request.
 The log filter sits outside the policy filter, so it sees what the bridge sent.
 """
+import errno
+import json
 import os
 import random
 import re
@@ -242,6 +244,41 @@ def test_read_modify_write_waits_for_an_aligned_write_in_flight():
     block, got = result
     # The one-byte write came second, so its byte is on top of the aligned block.
     h.check_bytes(got, block[:10] + b"\x01" + block[11:], "block 0 after both writes")
+
+
+def test_a_write_answered_while_waiting_for_its_block_lets_go():
+    """--request-timeout answers a read-modify-write waiting for a block that a write the
+    server holds has: it stops waiting (and gives its receive buffer back) then, not when
+    the held write ends."""
+    with PolicyServer(4096, delay_write="6") as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--request-timeout", "1", "--shutdown-timeout", "1"]) as m:
+        fd = os.open(m.export, os.O_RDWR)
+        try:
+            results = {}
+
+            def write(name, data, offset):
+                try:
+                    results[name] = os.pwrite(fd, data, offset)
+                except OSError as e:
+                    results[name] = errno.errorcode[e.errno]
+            held = threading.Thread(target=write, args=("held", b"\xaa" * 4096, 0))
+            held.start()
+            h.wait_until(lambda: _log_write_at_zero(srv.logfile), timeout=10,
+                         what="the aligned write to reach the server")
+            waiting = threading.Thread(target=write, args=("waiting", b"\x01", 10))
+            waiting.start()
+            for thread in (held, waiting):
+                thread.join(timeout=10)
+            h.check_eq(results, {"held": "EIO", "waiting": "EIO"}, "both writes, answered by the timeout")
+
+            def answered_running():
+                r = h.run([h.NBDBRIDGE, "stats", m.mountdir], check=True)
+                return json.loads(r.stdout)["in_flight"]["answered_running"]
+            # The held write is still at the server (6 s); the one that waited for its block is gone.
+            h.wait_until(lambda: answered_running() == 1, timeout=2,
+                         what="the write that waited for the block to let go")
+        finally:
+            os.close(fd)
 
 
 def test_seek_from_unaligned_offsets():

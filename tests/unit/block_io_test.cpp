@@ -7,6 +7,9 @@
 #include <asio/detached.hpp>
 #include <asio/io_context.hpp>
 #include <asio/post.hpp>
+#include <asio/redirect_error.hpp>
+#include <asio/steady_timer.hpp>
+#include <asio/use_awaitable.hpp>
 #include <doctest/doctest.h>
 
 #include <string>
@@ -63,6 +66,40 @@ TEST_CASE("the range lock serialises overlapping holders only") {
   CHECK(order.find('B') > order.find('a'));
   CHECK(order.find('C') < order.find('a'));
   CHECK(order.size() == 6);
+  CHECK_FALSE(lock.overlaps(0, 1 << 20));
+}
+
+TEST_CASE("a range lock waiter whose request was answered leaves at wake_all(), holding nothing") {
+  asio::io_context io;
+  bridge::RangeLock lock(io.get_executor());
+  bool answered = false;
+  std::string order;
+  asio::steady_timer hold(io, std::chrono::hours(1));  // the first holder: a write the server holds
+  asio::co_spawn(io, [&]() -> asio::awaitable<void> {
+    auto guard = co_await lock.acquire(0, 4096);
+    std::error_code ignored;
+    co_await hold.async_wait(asio::redirect_error(asio::use_awaitable, ignored));
+    order += 'a';
+  }, asio::detached);
+  asio::co_spawn(io, [&]() -> asio::awaitable<void> {
+    auto guard = co_await lock.acquire(0, 4096, &answered);
+    order += 'b';  // before 'a': it left while the first holder still had the block
+  }, asio::detached);
+  asio::co_spawn(io, [&]() -> asio::awaitable<void> {
+    co_await asio::post(io, asio::use_awaitable);
+    lock.wake_all();  // not answered yet: it waits on
+    co_await asio::post(io, asio::use_awaitable);
+    co_await asio::post(io, asio::use_awaitable);
+    CHECK(order.empty());
+    answered = true;  // as Tracked::answer_early() does, then BlockIo::release_answered()
+    lock.wake_all();
+  }, asio::detached);
+  io.run_for(std::chrono::milliseconds(200));
+  CHECK(order == "b");
+  CHECK(lock.overlaps(0, 4096));  // the first holder still has it
+  hold.cancel();
+  io.run_for(std::chrono::milliseconds(200));
+  CHECK(order == "ba");
   CHECK_FALSE(lock.overlaps(0, 1 << 20));
 }
 

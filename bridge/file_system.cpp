@@ -417,11 +417,13 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
       };
       nbd_client::Connection* connection = direct();
       std::optional<RangeLock::Guard> blocks_held;
+      bool given_up = false;
       if (connection && io_.writes_hold_blocks()) {
         blocks_held.emplace(co_await io_.hold_blocks(job.offset, job.length, tracked.limits()));
-        // The wait may have outlived that connection, or the request: answered (a timeout,
-        // a stop), it is not sent (then io_.write() sends nothing either).
-        connection = tracked.limits().given_up(std::chrono::steady_clock::now()) ? nullptr : direct();
+        // The wait may have outlived that connection, or the request: answered or past its
+        // expiry, it is not sent, nor queued for the blocks again.
+        given_up = tracked.limits().given_up(std::chrono::steady_clock::now());
+        connection = given_up ? nullptr : direct();
       }
       if (connection) {
         auto sent = clock::now();
@@ -442,7 +444,8 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
         if (!io_.finished(Operation::write, *connection, sent, error, job.durable)) connection = nullptr;
       }
       blocks_held.reset();  // write() takes it again: the lock is not reentrant
-      if (!connection) error = co_await io_.write(job.data, job.length, job.offset, job.durable, tracked.limits());
+      if (given_up) error = std::error_code(EIO, std::generic_category());
+      else if (!connection) error = co_await io_.write(job.data, job.length, job.offset, job.durable, tracked.limits());
       note_allocation_changed();
       if (error) tracked.reply_error(to_application_errno(error));
       else tracked.reply_written(job.length);

@@ -1,7 +1,7 @@
 // Exclusive locks on byte ranges, for read-modify-write of partial blocks: two
 // writes touching the same server block must not interleave their read and
-// write-back. Loop thread only; waiters sleep on a timer that release() cancels,
-// and are served in arrival order where their ranges overlap.
+// write-back. Loop thread only; waiters sleep on a timer that release() and
+// wake_all() cancel, and are served in arrival order where their ranges overlap.
 #pragma once
 
 #include <asio/any_io_executor.hpp>

@@ -197,9 +197,11 @@ void setup(CLI::App& app, Options& options) {
 std::string parse_command_line(CLI::App& app, std::vector<std::string> args, Options& options) {
   // Before CLI11: an unmatched bracket left in args would otherwise be taken for a
   // TARGET and reported as an unexpected argument.
-  const bool help = std::find_if(args.begin(), args.end(), [](const std::string& word) {
+  // --help among nbdbridge's own words (before any '['; a server command's are its own).
+  const auto own_words_end = std::find(args.begin(), args.end(), "[");
+  const bool help = std::find_if(args.begin(), own_words_end, [](const std::string& word) {
                       return word == "-h" || word == "--help";
-                    }) != args.end();
+                    }) != own_words_end;
   if (std::string problem = extract_server_command(args, options.server_command); !problem.empty() && !help)
     return problem;
   try {

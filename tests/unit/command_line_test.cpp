@@ -161,4 +161,15 @@ TEST_CASE("an unmatched bracket is said as such, before CLI11 would call it an u
         "'[' without a matching ']' around the server command");
   CHECK(problem({"m", "]", "nbd://h"}) == "']' without a matching '['");
   CHECK(problem({"m", "[", "a", "]", "[", "b", "]"}) == "only one [ CMD ... ] server command is allowed");
+  // A server command's own --help is its own: the bracket problems are still said.
+  CHECK(problem({"m", "[", "nbdkit", "--help", "]", "[", "b", "]"}) ==
+        "only one [ CMD ... ] server command is allowed");
+  CHECK(problem({"m", "[", "nbdkit", "--help"}) == "'[' without a matching ']' around the server command");
+}
+
+TEST_CASE("--help is help, unmatched bracket or not") {
+  tools::Options options;
+  CLI::App app{"nbdbridge"};
+  tools::setup(app, options);
+  CHECK_THROWS_AS(tools::parse_command_line(app, {"--help", "]"}, options), CLI::CallForHelp);
 }

@@ -54,6 +54,10 @@ constexpr std::size_t largest_request = 1u << 20;  // FUSE max_write/max_read on
 // Block-status replies spent on one count of allocated bytes; past it, the rest
 // of a huge export counts as allocated.
 constexpr unsigned allocation_scan_limit = 256;
+// Other clients of the export write too: a stat counts again once the last count is
+// this old, though this mount wrote nothing (at most one count per period, and only
+// while someone asks).
+constexpr std::chrono::seconds allocation_recount_period{5};
 
 }  // namespace
 
@@ -506,6 +510,7 @@ asio::awaitable<void> FileSystem::serve_seek(fuse_req_t request, std::uint64_t o
 asio::awaitable<void> FileSystem::count_allocation() {
   allocation_counting_ = true;
   allocation_stale_ = false;
+  allocation_counted_at_ = std::chrono::steady_clock::now();
   allocated_bytes_ = co_await io_.allocated_bytes(allocation_scan_limit);
   allocation_counting_ = false;
   allocation_counted_ = true;
@@ -603,7 +608,8 @@ void FileSystem::getattr(fuse_req_t request, fuse_ino_t inode) {
     fuse_reply_err(request, ENOENT);
     return;
   }
-  if (is_file(inode) && allocation_stale_ && !allocation_counting_ && !draining_)
+  if (is_file(inode) && !allocation_counting_ && !draining_ &&
+      (allocation_stale_ || std::chrono::steady_clock::now() - allocation_counted_at_ >= allocation_recount_period))
     asio::co_spawn(executor_, count_allocation(), asio::detached);
   struct stat attributes = attributes_of(inode);
   // While the allocation is being counted st_blocks is a guess: the kernel must not keep it.

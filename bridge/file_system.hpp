@@ -169,7 +169,8 @@ class FileSystem final : public fuse_front::Handlers {
   asio::awaitable<void> serve_zero(fuse_req_t request, std::uint64_t offset, std::uint64_t length, bool allow_unmap);
   asio::awaitable<void> serve_seek(fuse_req_t request, std::uint64_t offset, bool want_data, std::uint64_t unique);
   // st_blocks follows the server's allocation, re-counted in the background
-  // after writes when someone asks.
+  // when someone asks after this mount's writes, or once the last count is a few
+  // seconds old (other clients write too).
   asio::awaitable<void> count_allocation();
   // With a request timeout: answers requests older than it with EIO. One timer
   // for all requests, so nothing is allocated per request.
@@ -203,6 +204,7 @@ class FileSystem final : public fuse_front::Handlers {
   bool allocation_stale_ = true;
   bool allocation_counting_ = false;
   bool allocation_counted_ = false;  // the first count is in: st_blocks is no longer a guess
+  std::chrono::steady_clock::time_point allocation_counted_at_{};  // when the last count began
   double file_attribute_timeout() const;
   timespec mounted_at_{};
   uid_t owner_uid_;

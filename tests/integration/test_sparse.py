@@ -264,6 +264,23 @@ def test_st_blocks_follow_allocation():
                      what="st_blocks to drop after punching everything")
 
 
+def test_st_blocks_follow_another_clients_writes():
+    # Another client of the export (here a second mount) writes: this mount, which wrote
+    # nothing, counts again at a stat once its last count is 5 s old.
+    with h.Nbdkit(["memory", str(GiB)]) as srv, h.Mount(h.tmpdir("mp"), [srv.uri]) as watcher, \
+            h.Mount(h.tmpdir("mp"), [srv.uri]) as writer:
+        h.wait_until(lambda: su.st_alloc(watcher.export) < MiB, timeout=10,
+                     what="st_blocks of an empty 1 GiB export to become small")
+        fd = os.open(writer.export, os.O_RDWR)
+        try:
+            os.pwrite(fd, os.urandom(4 * MiB), 300 * MiB)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        h.wait_until(lambda: 4 * MiB <= su.st_alloc(watcher.export) < SPARSE_LIMIT, timeout=10,
+                     what="the other mount's st_blocks to show the 4 MiB written through this one")
+
+
 def test_st_blocks_counted_when_the_mount_is_live():
     # "Live" (the pidfile, --daemon returning) waits for the first count of the allocation
     # (bounded by 2 s), so a cp started then sees a sparse file and seeks past the holes.

@@ -41,7 +41,7 @@ bool find_in_extents(const std::vector<nbd_client::Extent>& extents, std::uint64
 // What ends a request's claim on the server before its commands finish.
 struct RequestLimits {
   using Clock = std::chrono::steady_clock;
-  // The request was answered already (--request-timeout, a signal): nothing more is
+  // The request was answered already (--request-timeout, a signal, a stop): nothing more is
   // sent for it, nor waited for through a reconnect (its buffers are held meanwhile).
   // Whoever sets it wakes the waits (BlockIo::release_answered()).
   const bool* answered = nullptr;

@@ -124,9 +124,11 @@ FileSystem::Tracked::~Tracked() {
   if (--owner_.in_flight_count_ == 0 && owner_.draining_) owner_.drained_.cancel();
 }
 
-std::chrono::steady_clock::time_point FileSystem::Tracked::expires() const {
+RequestLimits FileSystem::Tracked::limits() const {
+  // --request-timeout answers it with EIO then: no write or zero of it may be sent after.
   const auto timeout = owner_.options_.request_timeout;
-  return timeout.count() > 0 ? started_ + timeout : std::chrono::steady_clock::time_point::max();
+  return {.answered = &replied_,
+          .send_until = timeout.count() > 0 ? started_ + timeout : std::chrono::steady_clock::time_point::max()};
 }
 
 bool FileSystem::Tracked::begin_reply() {

@@ -107,12 +107,9 @@ class FileSystem final : public fuse_front::Handlers {
     // Sends the READ reply waiting in pipe (header and length bytes), from the
     // reply thread when other requests are in flight.
     asio::awaitable<void> reply_piped(fuse_front::ReplyPipe& pipe, std::size_t length);
-    // When --request-timeout answers it with EIO: no write or zero of it may be
-    // sent from then on (BlockIo::write). The far future without a timeout.
-    std::chrono::steady_clock::time_point expires() const;
-    // For BlockIo: answered (a timeout, a signal, a stop) means nothing more is sent
-    // for it, and a write is not sent past its expiry.
-    RequestLimits limits() const { return {.answered = &replied_, .send_until = expires()}; }
+    // For BlockIo: answered (a timeout, a signal, a stop), nothing more is sent for it;
+    // and with --request-timeout, no write or zero of it past its expiry.
+    RequestLimits limits() const;
 
    private:
     friend class FileSystem;

@@ -8,7 +8,6 @@
 
 #include <cstdio>
 #include <system_error>
-#include <utility>
 
 namespace fuse_front {
 
@@ -97,13 +96,8 @@ void ReplyWorker::submit(Job& job) {
     // Sent here, on the loop, and finished as the thread would: the caller awaits
     // a resumption, and an exception would leave its request unanswered.
     sender_(job.request, job.data, job.length, job.pipe, job.device);
-    bool resume = false;
-    {
-      std::lock_guard lock(mutex_);
-      finished_.push(job);
-      resume = !std::exchange(resume_posted_, true);
-    }
-    if (resume) post_resume();
+    std::unique_lock lock(mutex_);
+    hand_back(job, lock);
     return;
   }
   {
@@ -122,13 +116,19 @@ void ReplyWorker::run() {
     lock.unlock();
     sender_(job->request, job->data, job->length, job->pipe, job->device);
     lock.lock();
-    finished_.push(*job);
-    if (resume_posted_) continue;  // the pending resumption takes this one too
-    resume_posted_ = true;
-    lock.unlock();
-    post_resume();
-    lock.lock();
+    hand_back(*job, lock);
   }
+}
+
+// A sent job to the loop's finished list; one resumption takes every job handed back
+// before it runs. The lock is held on entry and on return, not while posting.
+void ReplyWorker::hand_back(Job& job, std::unique_lock<std::mutex>& lock) {
+  finished_.push(job);
+  if (resume_posted_) return;  // the pending resumption takes this one too
+  resume_posted_ = true;
+  lock.unlock();
+  post_resume();
+  lock.lock();
 }
 
 void ReplyWorker::post_resume() {

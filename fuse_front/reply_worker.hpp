@@ -140,6 +140,7 @@ class ReplyWorker {
   void run();
   // Worker thread: asks the loop to resume the finished jobs' callers. At most
   // one such request is pending, so its memory is one block kept here.
+  void hand_back(Job& job, std::unique_lock<std::mutex>& lock);
   void post_resume();
   void resume_finished();  // loop thread
   // Loop thread: finishes a chain of sent jobs, running their callers' handlers

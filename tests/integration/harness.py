@@ -15,6 +15,7 @@ Main pieces:
 
 import atexit
 import errno
+import json
 import os
 import re
 import shutil
@@ -838,6 +839,13 @@ def nbdcopy_to_file(uri, path, timeout=60):
     run(["nbdcopy", uri, path], timeout=timeout, check=True)
     with open(path, "rb") as f:
         return f.read()
+
+
+def live_stats(mountdir, timeout=15):
+    """`nbdbridge stats MOUNTDIR` as parsed JSON (the bridge must answer)."""
+    r = run([NBDBRIDGE, "stats", mountdir], timeout=timeout)
+    check_eq(r.returncode, 0, "nbdbridge stats %s (%s)" % (mountdir, r.stderr.strip()))
+    return json.loads(r.stdout)
 
 
 def run_python(code, timeout=DEADLINE, user=None, args=()):

@@ -8,7 +8,6 @@ each other's bytes, and the server must never see a badly formed request.
 The log filter sits outside the policy filter, so it sees what the bridge sent.
 """
 import errno
-import json
 import os
 import random
 import re
@@ -270,12 +269,8 @@ def test_a_write_answered_while_waiting_for_its_block_lets_go():
             for thread in (held, waiting):
                 thread.join(timeout=10)
             h.check_eq(results, {"held": "EIO", "waiting": "EIO"}, "both writes, answered by the timeout")
-
-            def answered_running():
-                r = h.run([h.NBDBRIDGE, "stats", m.mountdir], check=True)
-                return json.loads(r.stdout)["in_flight"]["answered_running"]
             # The held write is still at the server (6 s); the one that waited for its block is gone.
-            h.wait_until(lambda: answered_running() == 1, timeout=2,
+            h.wait_until(lambda: h.live_stats(m.mountdir)["in_flight"]["answered_running"] == 1, timeout=2,
                          what="the write that waited for the block to let go")
         finally:
             os.close(fd)

@@ -13,7 +13,6 @@ What is expected (README, "What the file promises"):
 The servers are nbdkit's file plugin behind its log filter (to see a request arrive)
 and its delay filter (to hold it). Every child has a deadline.
 """
-import json
 import os
 import signal
 import subprocess
@@ -164,18 +163,11 @@ def test_caught_signal_gives_eintr_to_a_held_read():
         h.check_eq(rc, 0, "the child's exit status (stderr: %s)" % err[-500:])
         h.check_eq(out, "ERR EINTR", "the read's outcome after SIGUSR1")
         h.check(GRACE * 0.9 <= took < GRACE + 3, "EINTR came %.2f s after the signal (grace %.1f s)" % (took, GRACE))
-        stats = h.run([h.NBDBRIDGE, "stats", held.mount.mountdir], timeout=10)
-        h.check_eq(stats.returncode, 0, "nbdbridge stats (%s)" % stats.stderr.strip())
-        read = json.loads(stats.stdout)["operations"]["read"]
+        stats = h.live_stats(held.mount.mountdir)
+        read = stats["operations"]["read"]
         h.check_eq((read["count"], read["errors"]), (1, 0), "reads answered, and errors among them")
         # The server still holds the command: it is answered, and still running.
-        h.check_eq(json.loads(stats.stdout)["in_flight"]["answered_running"], 1, "answered, still running")
-
-
-def _stats(mount):
-    r = h.run([h.NBDBRIDGE, "stats", mount.mountdir], timeout=10)
-    h.check_eq(r.returncode, 0, "nbdbridge stats (%s)" % r.stderr.strip())
-    return json.loads(r.stdout)
+        h.check_eq(stats["in_flight"]["answered_running"], 1, "answered, still running")
 
 
 def test_a_read_interrupted_during_an_outage_lets_go_at_once():
@@ -190,11 +182,11 @@ def test_a_read_interrupted_during_an_outage_lets_go_at_once():
         os.unlink(srv.sock)
         h.wait_until(lambda: "reconnecting for up to" in m.stderr(), what="the loss to be seen")
         child = start_child(m.export, "read", 2 * MiB, 4096, catch=True)
-        h.wait_until(lambda: _stats(m)["in_flight"]["now"] == 1, what="the read to wait for the reconnect")
+        h.wait_until(lambda: h.live_stats(m.mountdir)["in_flight"]["now"] == 1, what="the read to wait for the reconnect")
         child.send_signal(signal.SIGUSR1)
         rc, out, err = finish_child(child, 10, "the interrupted read")
         h.check_eq((rc, out), (0, "ERR EINTR"), "the read's outcome after SIGUSR1 (stderr: %s)" % err[-500:])
-        h.wait_until(lambda: _stats(m)["in_flight"]["answered_running"] == 0, timeout=3,
+        h.wait_until(lambda: h.live_stats(m.mountdir)["in_flight"]["answered_running"] == 0, timeout=3,
                      what="the answered read to stop waiting for the reconnect")
         srv.start()
         child = start_child(m.export, "read", 2 * MiB, 4096)

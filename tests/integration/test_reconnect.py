@@ -1577,8 +1577,7 @@ def test_timed_out_write_is_never_sent_later():
                      "is away", mount=m)
         h.check_eq([r[:2] for r in res], [("w", "EIO"), ("r", "EIO")], "the write and read, answered by the timeout")
         # Answered, they stop waiting for the reconnect (their buffers go back) at once.
-        h.wait_until(lambda: json.loads(h.run([h.NBDBRIDGE, "stats", m.mountdir], check=True).stdout)
-                     ["in_flight"]["answered_running"] == 0, timeout=3,
+        h.wait_until(lambda: h.live_stats(m.mountdir)["in_flight"]["answered_running"] == 0, timeout=3,
                      what="the answered requests to stop waiting for the reconnect")
         srv.start()
         h.wait_until(lambda: RECONNECTED_RE.search(m.stderr()), timeout=15, what="the reconnect")

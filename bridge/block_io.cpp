@@ -19,6 +19,9 @@ std::error_code errno_code(int value) { return {value, std::generic_category()};
 
 // Block status is asked for in pieces of at most this much; servers may answer less.
 constexpr std::uint64_t status_span = std::uint64_t(1) << 30;
+// An O_SYNC write (on a server without FUA) that keeps seeing a connection lost
+// between its write and its flush gets EIO after this many tries, not a loop.
+constexpr int durable_write_attempts = 3;
 
 }  // namespace
 
@@ -57,11 +60,20 @@ asio::awaitable<std::error_code> BlockIo::write_aligned(const std::byte* data, s
                                                         std::uint64_t offset, bool durable,
                                                         RequestLimits limits) {
   std::uint32_t flags = durable && info_.can_fua ? LIBNBD_CMD_FLAG_FUA : 0;
-  std::error_code error = co_await command(Operation::write, [&](Connection& connection) {
-    return connection.async_pwrite(data, length, offset, flags, use_result);
-  }, {.durable = flags != 0, .limits = limits});
-  if (!error && durable && !info_.can_fua) error = co_await flush(true, limits);
-  co_return error;
+  const bool flush_after = durable && !info_.can_fua;
+  for (int attempt = 1;; ++attempt) {
+    const std::uint64_t losses_before = pool_.disconnects();
+    std::error_code error = co_await command(Operation::write, [&](Connection& connection) {
+      return connection.async_pwrite(data, length, offset, flags, use_result);
+    }, {.durable = flags != 0, .limits = limits});
+    if (error || !flush_after) co_return error;
+    if ((error = co_await flush(true, limits))) co_return error;
+    // A connection lost between the write and the flush's success may have taken the
+    // write with the server's cache, and a flush retried on the next connection does
+    // not cover it. The request is not answered yet: it writes again.
+    if (pool_.disconnects() == losses_before) co_return std::error_code{};
+    if (attempt == durable_write_attempts || limits.given_up(Clock::now())) co_return errno_code(EIO);
+  }
 }
 
 asio::awaitable<std::error_code> BlockIo::write(const std::byte* data, std::size_t length, std::uint64_t offset,

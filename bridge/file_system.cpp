@@ -4,6 +4,7 @@
 
 #include "bridge/errno_map.hpp"
 #include "bridge/geometry.hpp"
+#include "bridge/pending_signals.hpp"
 #include "nbd_client/socket_batching.hpp"
 
 #include <asio/experimental/as_tuple.hpp>
@@ -28,6 +29,23 @@
 namespace bridge {
 
 namespace {
+
+// Whether the thread that sent the request has a signal pending that ends its wait
+// (pending_signals.hpp). What cannot be read counts as yes: the process may be gone,
+// or in another pid namespace (pid 0), and then EINTR is as before.
+bool requester_has_ending_signal(fuse_req_t request) {
+  const fuse_ctx* context = fuse_req_ctx(request);
+  if (!context || context->pid <= 0) return true;
+  char path[48];
+  std::snprintf(path, sizeof path, "/proc/%d/status", int(context->pid));
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return true;
+  char text[4096];
+  ssize_t got = read(fd, text, sizeof text);
+  close(fd);
+  if (got <= 0) return true;
+  return signal_ends_wait(std::string_view(text, std::size_t(got))).value_or(true);
+}
 
 constexpr fuse_ino_t root_inode = FUSE_ROOT_ID;
 constexpr fuse_ino_t file_inode_in_directory = 2;
@@ -245,7 +263,9 @@ asio::awaitable<void> FileSystem::expire_old_requests() {
 // answered within interrupt_grace of it is answered with EINTR, so a stalled server
 // never leaves a process unkillable (kill -9, Ctrl-C). Not at once: the kernel sends
 // FUSE_INTERRUPT for any signal a process catches (SIGCHLD, timers, profilers), and a
-// read of a regular file failing with EINTR would surprise most programs. The command
+// read of a regular file failing with EINTR would surprise most programs. Nor when the
+// signal does not end the wait (a stop, ptrace, the freezer: the call goes on after
+// them), which the thread's pending signals tell. The command
 // runs on and its answer is dropped (as after --request-timeout). Writes, flushes and
 // fallocate wait on: the server may still carry one out, after the application has
 // sent another in its place.
@@ -280,9 +300,15 @@ void FileSystem::answer_interrupts_later() {
     if (cancelled || draining_) return;
     const auto now = clock::now();
     bool answered = false;
-    for (Tracked* request = in_flight_head_; request; request = request->next_)
-      if (request->interrupted_at_ != clock::time_point{} && now - request->interrupted_at_ >= interrupt_grace)
+    for (Tracked* request = in_flight_head_; request; request = request->next_) {
+      if (request->interrupted_at_ == clock::time_point{} || now - request->interrupted_at_ < interrupt_grace ||
+          request->replied_)
+        continue;
+      if (requester_has_ending_signal(request->request_))
         answered |= request->answer_early(EINTR);
+      else
+        request->interrupted_at_ = now;  // stopped (Ctrl-Z), traced or frozen: it goes on; look again later
+    }
     if (answered) io_.release_answered();
     answer_interrupts_later();  // those interrupted since
   });
@@ -311,15 +337,12 @@ asio::awaitable<void> FileSystem::drain(std::chrono::milliseconds bound) {
 // lazily) sends no close's flush: one now, after the writes, in drain's bound (and at
 // least a second, though reads used it up). Not when the server is out of reach: a stop during
 // an outage must not wait for a reconnect. Any writes left uncovered are said.
+// Writes still in flight do not hold it back: the flush covers every write
+// acknowledged before it is sent, and those in flight are answered EIO after it.
 asio::awaitable<void> FileSystem::flush_at_stop() {
   if (!io_.has_unflushed_writes()) co_return;
   std::string not_done;
-  bool writes_in_flight = false;
-  for (Tracked* request = in_flight_head_; request; request = request->next_)
-    writes_in_flight |= request->kind_ == Operation::write || request->kind_ == Operation::trim_zero;
-  if (writes_in_flight) {
-    not_done = "writes were still in flight";
-  } else if (!io_.can_flush_now()) {
+  if (!io_.can_flush_now()) {
     not_done = "the server is not connected";
   } else {
     // At least a second, though reads the server holds used up the bound.
@@ -491,7 +514,12 @@ asio::awaitable<void> FileSystem::serve_zero(fuse_req_t request, std::uint64_t o
                   std::size_t(length));
   std::error_code error = co_await io_.zero(offset, length, allow_unmap, tracked.limits());
   note_allocation_changed();
-  tracked.reply_error(to_application_errno(error));
+  if (error) {
+    tracked.reply_error(to_application_errno(error));
+  } else if (tracked.begin_reply()) {
+    tracked.trace_reply(0, std::size_t(length));  // the bytes zeroed count in the statistics
+    fuse_reply_err(request, 0);
+  }
 }
 
 asio::awaitable<void> FileSystem::serve_seek(fuse_req_t request, std::uint64_t offset, bool want_data,
@@ -524,6 +552,7 @@ asio::awaitable<void> FileSystem::count_allocation() {
 
 void FileSystem::init(fuse_conn_info* connection) {
   connection->max_write = largest_request;
+  connection->max_read = session_.requested_max_read();  // libfuse wants the mount option's value
   // Room for a deep queue of asynchronous direct I/O (the kernel default is 12).
   connection->max_background = 256;
   connection->congestion_threshold = 192;

@@ -67,6 +67,8 @@ std::string plan_mount(std::string_view path, PathKind path_kind, PathKind paren
   }
   if (parent_kind != PathKind::directory || name.empty() || name == "." || name == "..")
     return "mountpoint " + text + " does not exist (give an existing directory, DIRECTORY/NAME, or a regular file)";
+  if (name == ".stats")  // the statistics file of a directory mount has that name
+    return "mountpoint " + text + ": .stats is the name of the statistics file beside the export; choose another NAME";
   plan = {parent, name};
   return {};
 }

@@ -19,6 +19,7 @@ import harness as h  # noqa: E402
 import semantics_util as su  # noqa: E402
 
 SIZE = 8 * 1024 * 1024
+MiB = 1024 * 1024
 
 
 def _logged_server(logfile, extra_filters=(), size=SIZE, extra_args=()):
@@ -164,6 +165,25 @@ def test_stop_flushes_though_a_read_is_held_by_the_server():
         reader.kill()
         reader.wait(timeout=10)
         _stop_and_check_flushed(m, logfile, len(su.log_requests(logfile)))
+
+
+def test_stop_flushes_though_a_write_is_held_by_the_server():
+    """A write still in flight (a punch-hole the server holds) does not cost the
+    writes acknowledged before it their flush at stop: the flush covers those."""
+    logfile = os.path.join(h.tmpdir("log"), "nbdkit.log")
+    with _logged_server(logfile, ["--filter=delay"], extra_args=["delay-zero=60"]) as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--shutdown-timeout", "1"]) as m, _holder(m.export, 32768):
+        puncher = h.popen(["fallocate", "--punch-hole", "--offset", str(MiB), "--length", "65536", m.export],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            h.wait_until(lambda: [r for r in su.log_requests(logfile) if r["act"] == "Zero"],
+                         what="the punch-hole to reach the server")
+            _stop_and_check_flushed(m, logfile, len(su.log_requests(logfile)))
+            h.check(puncher.wait(timeout=10) != 0, "the punch-hole the server held succeeded")
+        finally:
+            if puncher.poll() is None:
+                puncher.kill()
+                puncher.wait(timeout=10)
 
 
 def test_stop_during_an_outage_is_prompt_and_says_what_was_not_flushed():

@@ -9,6 +9,7 @@ What is expected (README, "What the file promises"):
   * The command the server still holds runs on and its answer is dropped; reads after
     it get the right bytes (also the spliced path of 1 MiB reads).
   * A write is not interrupted: it completes, since the server may still apply it.
+  * A stop (Ctrl-Z) is not a signal that ends the call: the read completes.
 
 The servers are nbdkit's file plugin behind its log filter (to see a request arrive)
 and its delay filter (to hold it). Every child has a deadline.
@@ -168,6 +169,21 @@ def test_caught_signal_gives_eintr_to_a_held_read():
         h.check_eq((read["count"], read["errors"]), (1, 0), "reads answered, and errors among them")
         # The server still holds the command: it is answered, and still running.
         h.check_eq(stats["in_flight"]["answered_running"], 1, "answered, still running")
+
+
+def test_ctrl_z_during_a_held_read_is_not_an_error():
+    # Ctrl-Z (SIGTSTP, left at its default) also makes the kernel send FUSE_INTERRUPT,
+    # but the read goes on once the process is continued: stopped for longer than the
+    # grace, it still gets its bytes when the server answers, not EINTR.
+    with HeldServer("delay-read", 4) as held:
+        child = start_child(held.mount.export, "read", 3 * MiB, 4096)
+        held.wait_held("Read", 3 * MiB)
+        child.send_signal(signal.SIGTSTP)
+        time.sleep(GRACE + 1.0)  # how long it stays stopped: past the grace
+        child.send_signal(signal.SIGCONT)
+        rc, out, err = finish_child(child, 15, "the stopped read")
+        h.check_eq(rc, 0, "the child's exit status (stderr: %s)" % err[-500:])
+        h.check_eq(out, "OK 4096 " + held.expected(3 * MiB, 32).hex(), "the read's outcome after Ctrl-Z and fg")
 
 
 def test_a_read_interrupted_during_an_outage_lets_go_at_once():

@@ -373,7 +373,7 @@ FIO_VERIFY = ["--rw=randwrite", "--ioengine=libaio", "--iodepth=64", "--direct=1
 IHAVEOPT = 0x49484156454F5054
 REQUEST_MAGIC = 0x25609513
 NBD_OPT_EXPORT_NAME, NBD_OPT_GO = 1, 7
-NBD_CMD_WRITE, NBD_CMD_DISC = 1, 2
+NBD_CMD_WRITE, NBD_CMD_DISC, NBD_CMD_FLUSH = 1, 2, 3
 QUIET = 0.5          # upstream silence that counts as "no replies outstanding"
 
 
@@ -415,6 +415,7 @@ class DropProxy(h.Proxy):
         self.desync = 0              # streams we could not parse
         self.client_discs = 0        # NBD_CMD_DISC requests the client sent
         self.drop_next_after = None  # one-shot: drop after K more requests
+        self.drop_at_flush = None    # one-shot: called, then drop before forwarding a flush
 
     def total_drops(self):
         with self.lock:
@@ -513,6 +514,10 @@ class DropProxy(h.Proxy):
                 total = 28 + (ln if typ == NBD_CMD_WRITE else 0)
                 if len(buf) - p < total:
                     return p, False
+                if typ == NBD_CMD_FLUSH and self.drop_at_flush:
+                    hook, self.drop_at_flush = self.drop_at_flush, None
+                    hook()
+                    return p, True
                 p += total
                 with self.lock:
                     self.requests += 1
@@ -1167,6 +1172,30 @@ def test_fsync_after_one_of_several_connections_dropped():
                 h.wait_until(lambda: count(RECONNECTED_RE, m.stderr()) >= 1 + connection, timeout=10,
                              what="the bridge to reconnect connection %d" % connection)
                 h.check_eq(_fsync_errno(fd), "OK", "fsync after dropping connection %d" % connection)
+        finally:
+            os.close(fd)
+
+
+def test_odsync_write_lost_with_the_servers_cache_is_written_again():
+    # A server without FUA: an O_DSYNC write is a write, then a flush. The connection
+    # drops as the flush is sent and the server loses the write with its cache (the
+    # hook puts the old bytes back); the flush, retried on the next connection,
+    # succeeds. The write must not be reported durable: it is written again.
+    img = random_image(4 * MiB)
+    with open(img, "rb") as f:
+        old = f.read(65536)
+    def lose_the_cache():
+        with open(img, "r+b") as f:
+            f.write(old)
+    with h.Nbdkit(["file", img], opts=["--filter=fua"]) as srv, DropProxy(srv.sock) as proxy, \
+            h.Mount(h.tmpdir("mp"), [proxy.uri], opts=FSYNC_RETRY + ["-C", "1"]) as m:
+        fd = os.open(m.export, os.O_RDWR | os.O_DSYNC)
+        try:
+            proxy.drop_at_flush = lose_the_cache
+            h.check_eq(os.pwrite(fd, wdata(0, 65536), 0), 65536, "the O_DSYNC write")
+            h.check(proxy.drop_at_flush is None, "test set-up: the proxy saw no flush")
+            h.check_eq(file_sha(img, 0, 65536), hashlib.sha256(wdata(0, 65536)).hexdigest(),
+                       "the O_DSYNC write is on the server after it returned")
         finally:
             os.close(fd)
 

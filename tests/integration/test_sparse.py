@@ -56,6 +56,8 @@ def test_punch_hole_and_zero_range():
                 r = _fallocate_cli(["--zero-range", "-o", str(off2), "-l", str(ln2)], m.export)
                 h.check_eq(r.returncode, 0, "fallocate --zero-range rc (%s)" % r.stderr.strip())
                 shadow[off2:off2 + ln2] = bytes(ln2)
+                zeroed = h.live_stats(m.mountdir)["operations"]["trim_zero"]
+                h.check_eq((zeroed["count"], zeroed["bytes"]), (2, ln + ln2), "trim_zero in the statistics")
                 # zero range with KEEP_SIZE crossing EOF: zeroes up to EOF only
                 off3 = SMALL - 5000
                 e = su.fallocate(fd, su.FALLOC_FL_ZERO_RANGE | su.FALLOC_FL_KEEP_SIZE, off3, 20000)

@@ -38,6 +38,9 @@ TEST_CASE("refusals") {
   CHECK(inside.find("disk.img") == std::string::npos);
   CHECK(bridge::plan_mount("/mnt/disk.img", PathKind::disconnected, PathKind::directory, plan)
             .find("fusermount3 -u /mnt/disk.img") != std::string::npos);
+  // The statistics file beside the export has that name: the export would be hidden.
+  CHECK(bridge::plan_mount("/mnt/.stats", PathKind::missing, PathKind::directory, plan).find(".stats is the name") !=
+        std::string::npos);
 }
 
 TEST_CASE("split_parent") {

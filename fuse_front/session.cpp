@@ -8,14 +8,18 @@
 #include <sys/uio.h>
 
 #include <cerrno>
+#include <charconv>
+#include <csignal>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <cstdio>
 #include <fcntl.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <unistd.h>
+#include <string_view>
 #include <utility>
 
 namespace fuse_front {
@@ -165,6 +169,14 @@ std::error_code Session::mount(const std::string& mountpoint, const std::vector<
   for (auto& word : words) argv.push_back(word.data());
   fuse_args args = FUSE_ARGS_INIT(int(argv.size()), argv.data());
 
+  for (const auto& option : mount_options) {
+    constexpr std::string_view key = "max_read=";
+    if (!std::string_view(option).starts_with(key)) continue;
+    unsigned value = 0;
+    auto [end, error] = std::from_chars(option.data() + key.size(), option.data() + option.size(), value);
+    if (error == std::errc{} && end == option.data() + option.size()) requested_max_read_ = value;
+  }
+
   StderrCapture capture;
   session_ = fuse_session_new(&args, &operations_, sizeof operations_, user_data_);
   fuse_opt_free_args(&args);  // libfuse may have copied argv into it
@@ -172,7 +184,16 @@ std::error_code Session::mount(const std::string& mountpoint, const std::vector<
     error_message = "invalid mount options '" + joined + "': " + capture.finish();
     return std::make_error_code(std::errc::invalid_argument);
   }
-  if (fuse_session_mount(session_, mountpoint.c_str()) != 0) {
+  // fusermount3 runs in our process group until it has passed the /dev/fuse fd back:
+  // a Ctrl-C killing it after its mount(2) would leave a dead mount. It inherits the
+  // mask; ours comes back after, and Asio then takes a signal that came meanwhile.
+  sigset_t stop_signals, previous;
+  sigemptyset(&stop_signals);
+  for (int signal_number : {SIGINT, SIGTERM, SIGHUP}) sigaddset(&stop_signals, signal_number);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, &previous);
+  const int mounted = fuse_session_mount(session_, mountpoint.c_str());
+  pthread_sigmask(SIG_SETMASK, &previous, nullptr);
+  if (mounted != 0) {
     error_message = "cannot mount on " + mountpoint + ": " + capture.finish();
     return std::make_error_code(std::errc::operation_not_permitted);
   }
@@ -257,8 +278,19 @@ void Session::receive() {
     current_buffer_ = buffer;
     current_resident_ = resident || std::size_t(result) > small_head;
     current_unique_ = header->unique;
-    if (header->opcode == FUSE_INIT) note_init_request(buffer, std::size_t(result));
-    fuse_session_process_buf(session_, &request);
+    if (header->opcode == FUSE_INIT) {
+      note_init_request(buffer, std::size_t(result));
+      // libfuse says on stderr why it refuses an INIT, and ends the session.
+      StderrCapture capture;
+      fuse_session_process_buf(session_, &request);
+      std::string said = capture.finish();
+      if (fuse_session_exited(session_)) {
+        init_refused_ = true;
+        init_failure_ = said.empty() ? "libfuse refused the kernel's INIT" : said;
+      }
+    } else {
+      fuse_session_process_buf(session_, &request);
+    }
     if (current_buffer_) give_back(std::exchange(current_buffer_, nullptr), current_resident_);
   }
   wait_readable();

@@ -75,6 +75,11 @@ class Session {
   void stop_receiving();
   void unmount();
   bool mounted() const { return mounted_; }
+  // -o max_read=N as given (0: none): libfuse refuses INIT unless init() sets the same.
+  unsigned requested_max_read() const { return requested_max_read_; }
+  // libfuse refused the kernel's INIT (the mount never served a request); why, in one line.
+  bool init_refused() const { return init_refused_; }
+  const std::string& init_failure() const { return init_failure_; }
 
   // fuse_reply_open, plus open flags libfuse 3.14 cannot express (e.g.
   // FOPEN_PARALLEL_DIRECT_WRITES, 1 << 6).
@@ -123,6 +128,9 @@ class Session {
   fuse_session* session_ = nullptr;
   bool mounted_ = false;
   bool unmounted_ = false;
+  unsigned requested_max_read_ = 0;
+  bool init_refused_ = false;
+  std::string init_failure_;
   bool receiving_ = false;
   std::function<void()> on_ended_;
   std::function<void(std::uint64_t unique)> on_interrupt_;

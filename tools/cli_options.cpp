@@ -224,6 +224,15 @@ std::string check_option_combinations(const CLI::App& app, const Options& option
     if (given("--spliced-writes") && options.spliced_writes == "on")
       return "--spliced-writes on needs --socket-batching on";
   }
+  // The kernel and libfuse each read max_read their own way (a sign, blanks, a hex
+  // prefix); only a plain number is sure to mean the same to both and to the mount.
+  for (const std::string& option : split_mount_options(options.mount_options)) {
+    if (!option.starts_with("max_read=")) continue;
+    const std::string value = option.substr(std::string_view("max_read=").size());
+    if (value.empty() || value.size() > 10 || value.find_first_not_of("0123456789") != std::string::npos ||
+        std::stoull(value) > 0xffffffffULL)
+      return "-o " + option + ": expected a whole number of bytes (at most 4294967295)";
+  }
   if (options.list) {
     // --list mounts nothing: an option that only shapes a mount is a mistake to say, not to ignore.
     static const char* const listing_options[] = {"--list", "MOUNTPOINT", "TARGET", "--unix",

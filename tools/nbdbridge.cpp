@@ -103,6 +103,8 @@ void point_at_null_device(std::initializer_list<int> streams) {
   close(null_device);
 }
 
+volatile pid_t daemon_child = 0;
+
 // --daemon: the parent waits until the child reports the mount live (one byte)
 // or fails (EOF), and exits accordingly. Returns the fd the child reports on.
 int become_daemon(int target_fd) {
@@ -113,6 +115,13 @@ int become_daemon(int target_fd) {
   if (child < 0) return -1;
   if (child > 0) {
     close(report[1]);
+    // Until the child reports, a stop signal for us (Ctrl-C, timeout(1)) is for it:
+    // after setsid() the terminal's and the process group's no longer reach it.
+    daemon_child = child;
+    struct sigaction forward {};
+    forward.sa_handler = [](int signal_number) { kill(daemon_child, signal_number); };
+    sigemptyset(&forward.sa_mask);
+    for (int signal_number : {SIGINT, SIGTERM, SIGHUP}) sigaction(signal_number, &forward, nullptr);
     char byte = 0;
     ssize_t got;
     do {
@@ -285,8 +294,9 @@ class Bridge {
     if (control_) control_->stop();
     bool statistics_written = report_final_statistics();
     if (!options_.pidfile.empty() && !pidfile_failed_) std::remove(options_.pidfile.c_str());
+    if (session_.init_refused()) say("the kernel's FUSE INIT failed: " + session_.init_failure());
     if (options_.verbose) say("unmounted " + plan_.export_path());
-    finish(statistics_written && !pidfile_failed_ ? 0 : 1);
+    finish(statistics_written && !pidfile_failed_ && !caller_gone_ && !session_.init_refused() ? 0 : 1);
   }
 
   // Under --daemon the fusermount3 that stays behind for auto_unmount would inherit
@@ -357,6 +367,7 @@ class Bridge {
   }
 
   void on_live() {
+    if (session_.init_refused()) return;  // the session has ended: not live, and never was
     // A script waits for the pidfile: a mount it never learns of must not stay.
     if (!options_.pidfile.empty() && !write_pidfile(options_.pidfile)) {
       say("cannot write pidfile " + options_.pidfile + ": " + std::strerror(errno) + "; unmounting");
@@ -368,11 +379,21 @@ class Bridge {
     }
     if (options_.verbose) say("mounted " + plan_.export_path());
     if (daemon_report_ >= 0) {
-      detach_stderr();
-      ssize_t ignored = write(daemon_report_, "1", 1);
-      (void)ignored;
+      ssize_t written;
+      do {
+        written = write(daemon_report_, "1", 1);
+      } while (written < 0 && errno == EINTR);
       close(daemon_report_);
       daemon_report_ = -1;
+      if (written != 1) {
+        // The caller that started us has gone (killed, say, while we connected): it was
+        // told nothing of a mount, so none stays.
+        say("the process that started --daemon is gone; unmounting");
+        caller_gone_ = true;
+        end();
+        return;
+      }
+      detach_stderr();
     }
   }
 
@@ -407,6 +428,7 @@ class Bridge {
   bool ended_flag_ = false;
   bool stop_requested_ = false;
   bool pidfile_failed_ = false;
+  bool caller_gone_ = false;
   int exit_code_ = 1;
 };
 

@@ -271,6 +271,49 @@ def test_daemon_failure_reported_by_parent():
     h.check(err.strip(), "--daemon failure printed nothing on stderr")
 
 
+def _bridges_for(mountpoint):
+    """Live nbdbridge processes whose command line names mountpoint."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and h.pid_alive(int(entry)):
+            words = h.proc_cmdline(int(entry))
+            if words and os.path.basename(words[0]) == "nbdbridge" and mountpoint in words:
+                found.append(int(entry))
+    return found
+
+
+def test_daemon_caller_gone_while_it_connects():
+    # The server takes 2 s to open the export. Ctrl-C (SIGINT) or timeout(1)'s SIGTERM
+    # for the --daemon parent ends the start: it no longer reaches the detached child
+    # by itself. A parent killed outright (SIGKILL) hears of no mount, so none stays.
+    with h.Nbdkit(["memory", str(SIZE), "delay-open=2"], opts=["--filter=delay"]) as srv:
+        for how in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+            mp = h.tmpdir("mp")
+            d = h.tmpdir("daemon")
+            pidfile, errp = os.path.join(d, "pid"), os.path.join(d, "err")
+            try:
+                with open(errp, "wb") as err:
+                    parent = h.popen([h.NBDBRIDGE, "--daemon", "-P", pidfile, mp, srv.uri], stderr=err)
+                h.wait_until(lambda: len(_bridges_for(mp)) == 2, timeout=10, what="the daemon child to start")
+                parent.send_signal(how)
+                try:
+                    rc = parent.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    raise h.TestFailure("the --daemon parent did not end within 15 s of %s" % how.name)
+                h.check(rc != 0, "the --daemon parent's exit status after %s: %r" % (how.name, rc))
+                h.wait_until(lambda: not _bridges_for(mp), timeout=20,
+                             what="the daemon child to end after its caller's %s" % how.name)
+                h.check(not h.is_mounted(mp), "mounted after the caller's %s" % how.name)
+                h.check(not os.path.exists(pidfile), "a pidfile after the caller's %s" % how.name)
+                if how == signal.SIGKILL:
+                    h.check("is gone" in open(errp).read(), "the child's stderr: %s" % open(errp).read())
+            finally:
+                for pid in _bridges_for(mp):
+                    os.kill(pid, signal.SIGKILL)
+                if h.is_mounted(mp):
+                    h.force_unmount(mp)
+
+
 def test_repeated_mount_unmount():
     # The same server and mountpoint can be mounted again and again.
     mp = h.tmpdir("mp")

@@ -39,6 +39,21 @@ def test_aligned_and_unaligned_reads():
             os.close(fd)
 
 
+def test_max_read_mount_option():
+    # -o max_read=N: libfuse refuses the kernel's INIT unless the filesystem asks for
+    # the same; the kernel then splits reads to N bytes (each READ is counted).
+    with h.Nbdkit(["pattern", str(SIZE)]) as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri], opts=["-o", "max_read=65536"]) as m:
+        fd = os.open(m.export, os.O_RDONLY)
+        try:
+            before = h.live_stats(m.mountdir)["operations"]["read"]["count"]
+            _check_read(fd, 12345, 1 << 20)
+            reads = h.live_stats(m.mountdir)["operations"]["read"]["count"] - before
+            h.check(reads >= 16, "a 1 MiB read under max_read=65536 came as %d READs" % reads)
+        finally:
+            os.close(fd)
+
+
 def test_random_reads():
     rnd = random.Random(1234)
     with h.Nbdkit(["pattern", str(SIZE)]) as srv, \

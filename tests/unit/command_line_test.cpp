@@ -148,6 +148,13 @@ TEST_CASE("options that contradict each other, and durations out of range") {
   CHECK(problem({"--busy-poll", "0.5", "m", "nbd://h"}).find("expected a whole number of microseconds: 0 to 10000") != std::string::npos);
   CHECK(problem({"--busy-poll", "10001", "m", "nbd://h"}).find("0 to 10000") != std::string::npos);
   CHECK(problem({"--busy-poll", "0", "m", "nbd://h"}) == "");
+  // -o max_read: a plain number, which libfuse and the kernel read alike.
+  CHECK(problem({"-o", "ro,max_read=65536", "m", "nbd://h"}) == "");
+  CHECK(problem({"-o", "max_read=+4096", "m", "nbd://h"}) ==
+        "-o max_read=+4096: expected a whole number of bytes (at most 4294967295)");
+  CHECK(problem({"-o", "max_read=0x1000", "m", "nbd://h"}) != "");
+  CHECK(problem({"-o", "max_read=", "m", "nbd://h"}) != "");
+  CHECK(problem({"-o", "max_read=4294967296", "m", "nbd://h"}) != "");
 }
 
 TEST_CASE("an unmatched bracket is said as such, before CLI11 would call it an unexpected argument") {

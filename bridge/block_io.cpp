@@ -60,7 +60,7 @@ asio::awaitable<std::error_code> BlockIo::write_aligned(const std::byte* data, s
                                                         std::uint64_t offset, bool durable,
                                                         RequestLimits limits) {
   std::uint32_t flags = durable && info_.can_fua ? LIBNBD_CMD_FLAG_FUA : 0;
-  const bool flush_after = durable && !info_.can_fua;
+  const bool flush_after = durable && !info_.can_fua && info_.can_flush;  // without flush, acknowledged is durable
   for (int attempt = 1;; ++attempt) {
     const std::uint64_t losses_before = pool_.disconnects();
     std::error_code error = co_await command(Operation::write, [&](Connection& connection) {
@@ -79,7 +79,12 @@ asio::awaitable<std::error_code> BlockIo::write_aligned(const std::byte* data, s
 asio::awaitable<std::error_code> BlockIo::write(const std::byte* data, std::size_t length, std::uint64_t offset,
                                                 bool durable, RequestLimits limits) {
   const std::uint64_t unit = block();
-  if (unit == 1) co_return co_await write_aligned(data, length, offset, durable, limits);
+  if (unit == 1 && rmw_lock_.idle()) co_return co_await write_aligned(data, length, offset, durable, limits);
+  if (unit == 1) {  // a write answered early holds part of the export (hold_after_answer())
+    RangeLock::Guard guard = co_await rmw_lock_.acquire(offset, offset + length, limits.answered);
+    if (limits.given_up(Clock::now())) co_return errno_code(EIO);
+    co_return co_await write_aligned(data, length, offset, durable, limits);
+  }
 
   std::uint64_t start = align_down(offset, unit);
   std::uint64_t end = std::min(align_up(offset + length, unit), info_.size);
@@ -130,7 +135,12 @@ asio::awaitable<std::error_code> BlockIo::zero_aligned(std::uint64_t offset, std
 asio::awaitable<std::error_code> BlockIo::zero(std::uint64_t offset, std::uint64_t length, bool allow_unmap,
                                                RequestLimits limits) {
   const std::uint64_t unit = block();
-  if (unit == 1) co_return co_await zero_aligned(offset, length, allow_unmap, limits);
+  if (unit == 1 && rmw_lock_.idle()) co_return co_await zero_aligned(offset, length, allow_unmap, limits);
+  if (unit == 1) {  // a write answered early holds part of the export (hold_after_answer())
+    RangeLock::Guard guard = co_await rmw_lock_.acquire(offset, offset + length, limits.answered);
+    if (limits.given_up(Clock::now())) co_return errno_code(EIO);
+    co_return co_await zero_aligned(offset, length, allow_unmap, limits);
+  }
   std::uint64_t inner_start = align_up(offset, unit);
   std::uint64_t inner_end = align_down(offset + length, unit);
   if (inner_start >= inner_end) inner_start = inner_end = offset;  // no whole block inside
@@ -160,7 +170,13 @@ asio::awaitable<std::error_code> BlockIo::flush(bool always, RequestLimits limit
     flushed_on = connection.index();
     return connection.async_flush(use_result);
   }, {.limits = limits});
-  if (error) co_return error;
+  if (error) {
+    // The server failed it (not a timeout, a signal or a lost server: those are
+    // accounted elsewhere): what it was to cover may be gone, as Linux drops pages whose
+    // writeback failed, so every open file's next fsync is told (unknown_writes_events()).
+    if (!limits.given_up(Clock::now()) && pool_.any_usable(nbd_client::Purpose::flush)) pool_.flush_failed();
+    co_return error;
+  }
   pool_.flush_succeeded(flushed_on, mark);
   co_return std::error_code{};
 }

@@ -133,8 +133,11 @@ class BlockIo {
     const auto purpose = operation == Operation::block_status ? nbd_client::Purpose::block_status
                          : operation == Operation::flush      ? nbd_client::Purpose::flush
                                                               : nbd_client::Purpose::data;
-    // A command refused as "shutting down" is issued again after the reconnect; a
-    // server refusing it once more is taken at its word.
+    // A command refused as "shutting down" is issued again after the reconnect. A
+    // refusal that made the pool close its connections for a stop (drain) does not
+    // count: a server restarted again and again stops each time. A server that refuses
+    // while it stays (the pool took it for a refusal: no drain) is taken at its word
+    // the second time.
     int shutdown_refusals = 0;
     // A command whose connection breaks under it again and again, soon after it is
     // sent (a server that crashes on it and is restarted each time: every outage is
@@ -152,7 +155,8 @@ class BlockIo {
       const auto attempt_sent = Clock::now();
       auto [error] = co_await start(*connection);
       if (finished(operation, *connection, sent, error, options.durable)) co_return error;
-      if (error.value() == ESHUTDOWN && ++shutdown_refusals >= 2) co_return error;
+      if (error.value() == ESHUTDOWN && !connection->drain_requested() && ++shutdown_refusals >= 2)
+        co_return error;
       const auto broke = Clock::now();
       if (!first_break || broke - attempt_sent >= pool_.retry_timeout())
         first_break = broke;
@@ -178,9 +182,17 @@ class BlockIo {
   // flight, so a read-modify-write of a partial block among them (write()) reads after it
   // and cannot write older bytes back over it. write() takes the hold itself; a caller of
   // direct_connection() must take it around its own command, and drop it before write().
-  bool writes_hold_blocks() const { return block() > 1; }
+  // Also while a range is held for a write answered early (hold_after_answer()).
+  bool writes_hold_blocks() const { return block() > 1 || !rmw_lock_.idle(); }
   // A request answered while it waits holds nothing (see RangeLock::acquire()); its
   // limits then stop anything being sent.
+  // A write or zero answered early (--request-timeout, a stop) may still reach the server
+  // after the application has written the same place again: until its commands end, later
+  // writes there wait (bounded by their own limits), so that it cannot undo them.
+  RangeLock::Guard hold_after_answer(std::uint64_t offset, std::uint64_t length) {
+    const std::uint64_t unit = block();
+    return rmw_lock_.hold_now(align_down(offset, unit), std::min(align_up(offset + length, unit), info_.size));
+  }
   asio::awaitable<RangeLock::Guard> hold_blocks(std::uint64_t offset, std::size_t length, RequestLimits limits) {
     const std::uint64_t unit = block();
     return rmw_lock_.acquire(align_down(offset, unit), std::min(align_up(offset + length, unit), info_.size),

@@ -186,6 +186,8 @@ bool FileSystem::Tracked::answer_early(int error) {
   if (replied_) return false;
   reply_error(error);
   answered_early_ = true;
+  if (kind_ == Operation::write || kind_ == Operation::trim_zero)
+    held_after_answer_.emplace(owner_.io_.hold_after_answer(offset_, length_));
   if constexpr (statistics_compiled_in) owner_.statistics_->answered_early(/*finished=*/false);
   return true;
 }
@@ -265,10 +267,9 @@ asio::awaitable<void> FileSystem::expire_old_requests() {
 // FUSE_INTERRUPT for any signal a process catches (SIGCHLD, timers, profilers), and a
 // read of a regular file failing with EINTR would surprise most programs. Nor when the
 // signal does not end the wait (a stop, ptrace, the freezer: the call goes on after
-// them), which the thread's pending signals tell. The command
-// runs on and its answer is dropped (as after --request-timeout). Writes, flushes and
-// fallocate wait on: the server may still carry one out, after the application has
-// sent another in its place.
+// them), which the thread's pending signals tell. The command runs on and its answer
+// is dropped (as after --request-timeout). Writes, flushes and fallocate wait on: the
+// server may still carry one out, after the application has sent another in its place.
 //
 // The request's Tracked exists by the time its interrupt is read: hand_over() resumes a
 // parked request server inline and co_spawn dispatches, so each runs up to its first
@@ -327,6 +328,10 @@ asio::awaitable<void> FileSystem::drain(std::chrono::milliseconds bound) {
     co_await drained_.async_wait(asio::redirect_error(asio::use_awaitable, woken));
     if (!woken) break;  // deadline passed
   }
+  // Writes still running are answered now, before the flush at stop is sent: one the
+  // server acknowledged after it would be covered by nothing, yet told success.
+  for (Tracked* request = in_flight_head_; request; request = request->next_)
+    if (request->kind_ == Operation::write || request->kind_ == Operation::trim_zero) request->answer_early(EIO);
   co_await flush_at_stop();
   for (Tracked* request = in_flight_head_; request; request = request->next_) request->answer_early(EIO);
   io_.release_answered();  // those waiting for a reconnect end now
@@ -337,8 +342,8 @@ asio::awaitable<void> FileSystem::drain(std::chrono::milliseconds bound) {
 // lazily) sends no close's flush: one now, after the writes, in drain's bound (and at
 // least a second, though reads used it up). Not when the server is out of reach: a stop during
 // an outage must not wait for a reconnect. Any writes left uncovered are said.
-// Writes still in flight do not hold it back: the flush covers every write
-// acknowledged before it is sent, and those in flight are answered EIO after it.
+// Writes still in flight do not hold it back: drain() has answered them EIO, and the
+// flush covers every write acknowledged before it is sent.
 asio::awaitable<void> FileSystem::flush_at_stop() {
   if (!io_.has_unflushed_writes()) co_return;
   std::string not_done;
@@ -497,12 +502,13 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
 asio::awaitable<void> FileSystem::serve_flush(fuse_req_t request, bool fsync, std::uint64_t handle) {
   Tracked tracked(*this, request, Operation::flush, fsync ? "FSYNC" : "FLUSH", 0, 0);
   std::error_code error = co_await io_.flush(/*always=*/fsync, tracked.limits());
-  if (!error && fsync) {
+  if (fsync) {
+    // A failed flush tells its own caller (and counts for the others: BlockIo::flush()).
     const std::uint64_t events = io_.unknown_writes_events();
     if (auto told = unknown_writes_told_.find(handle); told != unknown_writes_told_.end() && told->second < events) {
       told->second = events;
       unknown_writes_reported_ = events;
-      error = std::error_code(EIO, std::generic_category());
+      if (!error) error = std::error_code(EIO, std::generic_category());
     }
   }
   tracked.reply_error(to_application_errno(error));

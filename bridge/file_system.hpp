@@ -129,6 +129,7 @@ class FileSystem final : public fuse_front::Handlers {
     std::chrono::steady_clock::time_point interrupted_at_{};  // the epoch: not interrupted
     bool replied_ = false;
     bool answered_early_ = false;
+    std::optional<RangeLock::Guard> held_after_answer_;  // a write's range, until its commands end
     Tracked* previous_ = nullptr;
     Tracked* next_ = nullptr;
   };

@@ -61,6 +61,13 @@ class RangeLock {
     co_return Guard(this, held_.insert(held_.end(), {begin, end}));
   }
 
+  // Holds [begin, end) at once, whoever else holds part of it: for a write already sent
+  // (answered early while its command runs on), which later writes must not overtake.
+  Guard hold_now(std::uint64_t begin, std::uint64_t end) { return Guard(this, held_.insert(held_.end(), {begin, end})); }
+
+  // Nothing held, nobody waiting.
+  bool idle() const { return held_.empty() && waiters_.empty(); }
+
   // Every waiter looks again (see acquire()'s abandoned).
   void wake_all() {
     for (const Waiter& waiter : waiters_) waiter.wake->cancel();

@@ -400,6 +400,12 @@ asio::awaitable<void> ConnectionPool::reconnect(std::size_t index) {
   const bool after_shutdown_drain = connections_[index]->drain_requested();
   auto started = clock::now();
   auto delay = std::chrono::milliseconds(50);
+  // Each attempt's handshake gets first_attempt_limit, doubling up to the connect
+  // timeout: a listener that takes the connection and never answers (a hung server, or
+  // one stopping with its socket still open) must not hold the slot for the whole
+  // connect timeout while a working server may have taken its place.
+  auto attempt_limit = first_attempt_limit;
+  int attempts = 0;
   asio::steady_timer pause(executor_);
   for (;;) {
     // A connection that was established may still have commands and handlers referring
@@ -419,15 +425,30 @@ asio::awaitable<void> ConnectionPool::reconnect(std::size_t index) {
     if (in_outage_ && !gave_up_)
       budget = std::chrono::duration_cast<std::chrono::milliseconds>(outage_started_ + options_.retry_timeout -
                                                                      clock::now());
-    std::error_code error =
-        co_await connect_slot(index, std::max(budget, std::chrono::milliseconds(100)));
+    budget = std::max(budget, std::chrono::milliseconds(100));
+    if (!gave_up_) budget = std::min(budget, attempt_limit);  // after giving up, one attempt with all of it
+    ++attempts;
+    const auto attempt_started = clock::now();
+    std::error_code error = co_await connect_slot(index, budget);
+    // Only an attempt that used all of its time doubles the next one's: quick refusals
+    // while the server is away leave it short for when a hung listener appears.
+    if (error && clock::now() - attempt_started >= attempt_limit)
+      attempt_limit = std::min(attempt_limit * 2, std::chrono::milliseconds(std::chrono::hours(1)));
     if (closed_) break;
     if (!error) {
       watch(index);
       say_if_thread_refused(index);
       ++reconnects_;
       if (index < made_.size()) made_[index] = made_for_reconnect(index);
-      if (after_shutdown_drain) shutdown_drained_at_ = clock::now();  // refusal_window runs from here
+      // refusal_window runs from here, but only when the server was back at the first
+      // attempt: one that stopped for real was gone a while, and what answers after that
+      // is a new server, whose own stop (an admin restarting twice) is a stop again.
+      if (after_shutdown_drain) {
+        if (attempts == 1)
+          shutdown_drained_at_ = clock::now();
+        else
+          shutdown_drained_at_.reset();
+      }
       if (on_connection_restored) on_connection_restored(index, clock::now() - started);
       say("reconnected " + describe(index) + " after " + std::to_string(milliseconds_since(started)) + " ms");
       // The outage (no data connection at all) ends with a data connection, not with the

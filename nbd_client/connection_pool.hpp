@@ -127,6 +127,8 @@ class ConnectionPool {
   std::uint64_t flush_mark() const { return write_epoch_; }  // taken as a flush is sent
   void flush_succeeded(std::size_t index, std::uint64_t mark);
   std::uint64_t unknown_writes_events() const { return unknown_writes_events_; }
+  // A flush the server answered with an error: its writes' fate is unknown too.
+  void flush_failed() { ++unknown_writes_events_; }
   // Whether a write acknowledged without FUA still waits for a flush to cover it
   // (close() flushes only then).
   bool has_unflushed_writes() const;
@@ -199,6 +201,7 @@ class ConnectionPool {
   bool refusal_reported_ = false;
   bool block_status_loss_said_ = false;  // once per mount, not per reconnect
   static constexpr std::chrono::seconds refusal_window{5};
+  static constexpr std::chrono::milliseconds first_attempt_limit{3000};  // see reconnect()
   // Durability bookkeeping (write_acknowledged()): epochs count acknowledged writes.
   std::uint64_t write_epoch_ = 0;
   std::vector<std::uint64_t> last_write_;  // per slot: epoch of its last acknowledged write

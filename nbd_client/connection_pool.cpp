@@ -467,7 +467,8 @@ asio::awaitable<void> ConnectionPool::reconnect(std::size_t index) {
       break;
     }
     if (export_changed_) {
-      say("refusing to reconnect: " + error_message_ + "; every request now fails with EIO");
+      if (!std::exchange(export_change_said_, true))  // once, not once per connection
+        say("refusing to reconnect: " + error_message_ + "; every request now fails with EIO");
       gave_up_ = true;
       break;
     }

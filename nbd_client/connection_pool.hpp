@@ -195,6 +195,7 @@ class ConnectionPool {
   bool in_outage_ = false;
   bool gave_up_ = false;
   bool export_changed_ = false;
+  bool export_change_said_ = false;
   // server_shutting_down(): when every connection was last drained for it, or
   // reconnected after that drain (not after a loss for any other reason); none yet.
   std::optional<std::chrono::steady_clock::time_point> shutdown_drained_at_;

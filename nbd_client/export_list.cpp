@@ -44,7 +44,12 @@ std::string list_exports(const Target& target, std::vector<ExportListing>& expor
       break;
     }
   }
-  if (connected == -1) return last_libnbd_error();
+  if (connected == -1) {
+    // A server command that died says why better than the socket it never served.
+    std::string how;
+    if (target.kind == Target::Kind::command && server.exited(how)) return "the server command failed to start (" + how + ")";
+    return last_libnbd_error();
+  }
   nbd_list_callback list{&collect_name, &exports, nullptr};
   if (nbd_opt_list(h, list) == -1) return last_libnbd_error();
   for (auto& listing : exports) {

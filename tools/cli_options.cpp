@@ -211,6 +211,13 @@ std::string parse_command_line(CLI::App& app, std::vector<std::string> args, Opt
     if (error.get_exit_code() == 0) throw;  // --help
     return std::string(error.what()) + " (see nbdbridge --help)";
   }
+  // -o ro is --readonly said the FUSE way: the file's mode and the NBD connection follow it.
+  const auto mount_options = split_mount_options(options.mount_options);
+  if (std::find(mount_options.begin(), mount_options.end(), "ro") != mount_options.end()) {
+    if (std::find(mount_options.begin(), mount_options.end(), "rw") != mount_options.end())
+      return "-o ro and -o rw contradict each other";
+    options.readonly = true;
+  }
   return check_option_combinations(app, options);
 }
 
@@ -223,6 +230,11 @@ std::string check_option_combinations(const CLI::App& app, const Options& option
       return "--spliced-reads on needs --socket-batching on";
     if (given("--spliced-writes") && options.spliced_writes == "on")
       return "--spliced-writes on needs --socket-batching on";
+  }
+  if (options.readonly) {
+    const auto mount_options = split_mount_options(options.mount_options);
+    if (std::find(mount_options.begin(), mount_options.end(), "rw") != mount_options.end())
+      return "-o rw contradicts --readonly";
   }
   // The kernel and libfuse each read max_read their own way (a sign, blanks, a hex
   // prefix); only a plain number is sure to mean the same to both and to the mount.

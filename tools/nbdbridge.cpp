@@ -262,7 +262,14 @@ class Bridge {
     std::vector<std::string> mount_options{"fsname=nbdbridge", "subtype=nbdbridge", "default_permissions",
                                            "auto_unmount"};
     if (info.read_only) mount_options.push_back("ro");
-    for (const auto& option : tools::split_mount_options(options_.mount_options)) mount_options.push_back(option);
+    for (const auto& option : tools::split_mount_options(options_.mount_options)) {
+      if (option == "rw" && info.read_only) {
+        say("-o rw: the server's export is read-only");
+        pool_.close();
+        co_return finish(1);
+      }
+      mount_options.push_back(option);
+    }
     std::string problem;
     file_system_.on_live = [this] { on_live(); };
     if (mount(mount_options, problem)) {

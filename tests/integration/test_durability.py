@@ -6,6 +6,7 @@ The nbdkit log filter (first in the chain, so it sees the client's own
 requests) is the witness.
 """
 import contextlib
+import json
 import os
 import random
 import selectors
@@ -146,10 +147,15 @@ def test_stop_flushes_writes_of_a_file_still_open():
     """A process that holds the file open when the bridge is stopped sends no close's
     flush: the bridge sends one before it disconnects."""
     logfile = os.path.join(h.tmpdir("log"), "nbdkit.log")
-    with _logged_server(logfile) as srv, h.Mount(h.tmpdir("mp"), [srv.uri]) as m, _holder(m.export, 20480):
+    stats_file = os.path.join(h.tmpdir("stats"), "stats.json")
+    with _logged_server(logfile) as srv, h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--stats-file", stats_file]) as m, \
+            _holder(m.export, 20480):
         writes = [r for r in su.log_requests(logfile) if r["act"] == "Write" and r.get("offset") == 20480]
         h.check(writes, "the holder's write is not in the server's log")
         _stop_and_check_flushed(m, logfile, len(su.log_requests(logfile)))
+    with open(stats_file) as f:
+        flush = json.load(f)["operations"]["flush"]
+    h.check_eq((flush["count"], flush["errors"]), (1, 0), "the flush at stop in the statistics")
 
 
 def test_stop_flushes_though_a_read_is_held_by_the_server():

@@ -98,6 +98,9 @@ def test_list_bad_targets():
     _expect_list_failure(["nbd://[bad"], "unparsable URI")
     _expect_list_failure(["--tcp", "127.0.0.1", str(h.free_tcp_port())], "closed TCP port")
     _expect_list_failure(["[", "false", "]"], "server command that exits")
+    # The server's own reason, as when mounting, not the socket it never served.
+    r = _expect_list_failure(["[", "nbdkit", "no-such-plugin", "]"], "server command that fails to start")
+    h.check("failed to start" in r.stderr and "no-such-plugin" in r.stderr, "stderr: %r" % r.stderr)
     with h.Nbdkit(["memory", str(MiB), "exportname-list=error"], opts=["--filter=exportname"]) as srv:
         _expect_list_failure([srv.uri], "server refusing to list")
     h.check_eq(h.mounts_under(), [], "mounts after failed --list")

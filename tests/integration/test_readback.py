@@ -72,6 +72,9 @@ def test_eof_behaviour():
         fd = os.open(m.export, os.O_RDONLY)
         try:
             h.check_eq(os.fstat(fd).st_size, SIZE, "st_size")
+            # The preferred I/O size (cmp, stdio): 128 KiB, not the server's 4 KiB block,
+            # since every request is a round trip.
+            h.check_eq(os.fstat(fd).st_blksize, 128 * 1024, "st_blksize")
             # read exactly at EOF -> 0 bytes
             h.check_eq(os.pread(fd, 4096, SIZE), b"", "read at EOF")
             # read past EOF -> 0 bytes

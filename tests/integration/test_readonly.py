@@ -80,6 +80,21 @@ def test_client_readonly_long_option():
         _check_readonly(m, bytes(SIZE))
 
 
+def test_mount_option_ro_is_readonly_and_rw_is_refused_on_a_readonly_server():
+    # -o ro is --readonly said the FUSE way: the file is 0444 too. -o rw cannot make a
+    # read-only export writable: refused with one line, nothing mounted.
+    with h.Nbdkit(["memory", str(SIZE)], opts=["-r"]) as srv:
+        with h.Nbdkit(["memory", str(SIZE)]) as writable, \
+                h.Mount(h.tmpdir("mp"), [writable.uri], opts=["-o", "ro"]) as m:
+            h.check_eq(os.stat(m.export).st_mode & 0o777, 0o444, "mode of the file under -o ro")
+            _check_readonly(m, bytes(SIZE))
+        mp = h.tmpdir("mp")
+        rc, err = h.nbdbridge_run(["-o", "rw", mp, srv.uri])
+        h.check(rc not in (0, "timeout"), "-o rw on a read-only export: rc %r" % rc)
+        h.check("read-only" in err and len(err.strip().splitlines()) <= 2, "stderr: %r" % err)
+        h.check(not h.is_mounted(mp), "mounted after -o rw was refused")
+
+
 def test_readonly_file_mode_mountpoint():
     d = h.tmpdir("fm")
     f = os.path.join(d, "disk.img")

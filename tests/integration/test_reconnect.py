@@ -1289,6 +1289,8 @@ def _check_refused(restart_args, restart_opts, what, change):
         h.check(not RECONNECTED_RE.search(m.stderr()),
                 "stderr says 'reconnected' to the %s: %s" % (what, m.stderr()[-2000:]))
         h.check(m.mounted(), "mount vanished")
+        # Said once, not once for each connection that finds the change.
+        h.check_eq(len([ln for ln in m.stderr().splitlines() if REFUSE_RE.search(ln)]), 1, "refusal lines")
 
 
 def test_different_size_refused():

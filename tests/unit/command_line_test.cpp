@@ -148,6 +148,16 @@ TEST_CASE("options that contradict each other, and durations out of range") {
   CHECK(problem({"--busy-poll", "0.5", "m", "nbd://h"}).find("expected a whole number of microseconds: 0 to 10000") != std::string::npos);
   CHECK(problem({"--busy-poll", "10001", "m", "nbd://h"}).find("0 to 10000") != std::string::npos);
   CHECK(problem({"--busy-poll", "0", "m", "nbd://h"}) == "");
+  // -o ro is --readonly; rw against it is a contradiction.
+  CHECK(problem({"-o", "ro,rw", "m", "nbd://h"}) == "-o ro and -o rw contradict each other");
+  CHECK(problem({"-r", "-o", "rw", "m", "nbd://h"}) == "-o rw contradicts --readonly");
+  CHECK(problem({"-o", "rw", "m", "nbd://h"}) == "");
+  {
+    tools::Options options;
+    nbd_client::Target target;
+    CHECK(parse({"-o", "allow_other,ro", "m", "nbd://h"}, options, target) == "");
+    CHECK(options.readonly);
+  }
   // -o max_read: a plain number, which libfuse and the kernel read alike.
   CHECK(problem({"-o", "ro,max_read=65536", "m", "nbd://h"}) == "");
   CHECK(problem({"-o", "max_read=+4096", "m", "nbd://h"}) ==

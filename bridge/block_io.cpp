@@ -62,16 +62,22 @@ asio::awaitable<std::error_code> BlockIo::write_aligned(const std::byte* data, s
   std::uint32_t flags = durable && info_.can_fua ? LIBNBD_CMD_FLAG_FUA : 0;
   const bool flush_after = durable && !info_.can_fua && info_.can_flush;  // without flush, acknowledged is durable
   for (int attempt = 1;; ++attempt) {
-    const std::uint64_t losses_before = pool_.disconnects();
+    std::uint64_t losses_mark = 0;
+    std::size_t written_on = 0;
     std::error_code error = co_await command(Operation::write, [&](Connection& connection) {
+      losses_mark = pool_.disconnects();  // as the write is sent (again, if retried)
+      written_on = connection.index();
       return connection.async_pwrite(data, length, offset, flags, use_result);
     }, {.durable = flags != 0, .limits = limits});
     if (error || !flush_after) co_return error;
-    if ((error = co_await flush(true, limits))) co_return error;
-    // A connection lost between the write and the flush's success may have taken the
-    // write with the server's cache, and a flush retried on the next connection does
-    // not cover it. The request is not answered yet: it writes again.
-    if (pool_.disconnects() == losses_before) co_return std::error_code{};
+    std::size_t flushed_on = 0;
+    if ((error = co_await flush(true, limits, &flushed_on))) co_return error;
+    // The write's connection lost before the flush succeeded may have taken the write
+    // with the server's cache, and the flush's own, lost and made again, may have gone
+    // to a server that never had it. The request is not answered yet: it writes again.
+    // (Other connections' losses, a block-status one say, do not count.)
+    if (!pool_.lost_since(written_on, losses_mark) && !pool_.lost_since(flushed_on, losses_mark))
+      co_return std::error_code{};
     if (attempt == durable_write_attempts || limits.given_up(Clock::now())) co_return errno_code(EIO);
   }
 }
@@ -160,7 +166,7 @@ asio::awaitable<std::error_code> BlockIo::zero(std::uint64_t offset, std::uint64
   co_return std::error_code{};
 }
 
-asio::awaitable<std::error_code> BlockIo::flush(bool always, RequestLimits limits) {
+asio::awaitable<std::error_code> BlockIo::flush(bool always, RequestLimits limits, std::size_t* flushed_slot) {
   if (!info_.can_flush || (!always && !pool_.has_unflushed_writes())) co_return std::error_code{};
   std::uint64_t mark = 0;
   std::size_t flushed_on = 0;
@@ -178,6 +184,7 @@ asio::awaitable<std::error_code> BlockIo::flush(bool always, RequestLimits limit
     co_return error;
   }
   pool_.flush_succeeded(flushed_on, mark);
+  if (flushed_slot) *flushed_slot = flushed_on;
   co_return std::error_code{};
 }
 

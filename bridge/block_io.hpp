@@ -80,7 +80,9 @@ class BlockIo {
   // always: send the flush even when every acknowledged write is covered already
   // (fsync, durable writes). Without it (close's flush) nothing is sent then: a close
   // after fsync, or with nothing written, costs no round trip, nor waits for a reconnect.
-  asio::awaitable<std::error_code> flush(bool always = true, RequestLimits limits = {});
+  // flushed_slot: set to the connection slot the flush succeeded on.
+  asio::awaitable<std::error_code> flush(bool always = true, RequestLimits limits = {},
+                                         std::size_t* flushed_slot = nullptr);
   // Some requests were answered early (RequestLimits::answered): their waits for a
   // reconnect or for blocks another write holds end now, and their buffers go back.
   void release_answered() {
@@ -184,8 +186,6 @@ class BlockIo {
   // direct_connection() must take it around its own command, and drop it before write().
   // Also while a range is held for a write answered early (hold_after_answer()).
   bool writes_hold_blocks() const { return block() > 1 || !rmw_lock_.idle(); }
-  // A request answered while it waits holds nothing (see RangeLock::acquire()); its
-  // limits then stop anything being sent.
   // A write or zero answered early (--request-timeout, a stop) may still reach the server
   // after the application has written the same place again: until its commands end, later
   // writes there wait (bounded by their own limits), so that it cannot undo them.
@@ -193,6 +193,8 @@ class BlockIo {
     const std::uint64_t unit = block();
     return rmw_lock_.hold_now(align_down(offset, unit), std::min(align_up(offset + length, unit), info_.size));
   }
+  // A request answered while it waits holds nothing (see RangeLock::acquire()); its
+  // limits then stop anything being sent.
   asio::awaitable<RangeLock::Guard> hold_blocks(std::uint64_t offset, std::size_t length, RequestLimits limits) {
     const std::uint64_t unit = block();
     return rmw_lock_.acquire(align_down(offset, unit), std::min(align_up(offset + length, unit), info_.size),

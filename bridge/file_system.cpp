@@ -362,6 +362,7 @@ asio::awaitable<void> FileSystem::flush_at_stop() {
     auto flushed = std::make_shared<std::optional<std::error_code>>();  // set when done, even after we left
     asio::co_spawn(executor_, [this, flushed]() -> asio::awaitable<void> {
       const auto started = std::chrono::steady_clock::now();
+      if constexpr (statistics_compiled_in) statistics_->request_started(Operation::flush);
       *flushed = co_await io_.flush(/*always=*/false);
       if constexpr (statistics_compiled_in)  // counted as an fsync would be
         statistics_->request_finished(Operation::flush, 0, bool(**flushed),

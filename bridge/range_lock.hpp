@@ -1,6 +1,7 @@
 // Exclusive locks on byte ranges, for read-modify-write of partial blocks: two
 // writes touching the same server block must not interleave their read and
-// write-back. Loop thread only; waiters sleep on a timer that release() and
+// write-back; also the range of a write answered early, still running at the server
+// (hold_now()). Loop thread only; waiters sleep on a timer that release() and
 // wake_all() cancel, and are served in arrival order where their ranges overlap.
 #pragma once
 

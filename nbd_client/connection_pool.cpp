@@ -73,7 +73,7 @@ asio::awaitable<std::error_code> ConnectionPool::async_connect(const Target& req
   std::error_code error = co_await connections_.front()->async_connect(target_, options_for(Role::data_and_status));
   if (error) {
     std::string how;
-    if (target_was_command_ && server_.exited(how))
+    if (target_was_command_ && server_.exited(how, std::chrono::seconds(1)))
       error_message_ = "the server command failed to start (" + how + ")";
     else
       error_message_ = connections_.front()->error_message();
@@ -114,6 +114,7 @@ asio::awaitable<std::error_code> ConnectionPool::async_connect(const Target& req
   last_write_.assign(connections_.size(), 0);
   flushed_.assign(connections_.size(), 0);
   made_.assign(connections_.size(), connections_made_);
+  last_loss_.assign(connections_.size(), 0);
   for (std::size_t index = 0; index < connections_.size(); ++index) {
     connections_[index]->set_index(index);
     watch(index);
@@ -364,6 +365,7 @@ void ConnectionPool::server_shutting_down(std::size_t index, const Connection& r
     return;
   }
   shutdown_drained_at_ = clock::now();
+  drain_found_server_gone_ = false;
   refusal_reported_ = false;
   say("the server is shutting down (it told " + describe(index) +
       "): closing every connection once its requests are answered");
@@ -373,6 +375,7 @@ void ConnectionPool::server_shutting_down(std::size_t index, const Connection& r
 void ConnectionPool::lost(std::size_t index, const std::string& reason) {
   if (closed_) return;
   ++disconnects_;
+  if (index < last_loss_.size()) last_loss_[index] = disconnects_;
   account_lost_writes(index);
   if (on_connection_lost) on_connection_lost(index);
   if (!in_outage_ && !any_usable()) {
@@ -441,13 +444,15 @@ asio::awaitable<void> ConnectionPool::reconnect(std::size_t index) {
       ++reconnects_;
       if (index < made_.size()) made_[index] = made_for_reconnect(index);
       // refusal_window runs from here, but only when the server was back at the first
-      // attempt: one that stopped for real was gone a while, and what answers after that
-      // is a new server, whose own stop (an admin restarting twice) is a stop again.
+      // attempt of every reconnect after the drain: one that stopped for real was gone
+      // a while, and what answers after that is a new server, whose own stop (an admin
+      // restarting twice) is a stop again. Whichever connection finds that decides.
       if (after_shutdown_drain) {
-        if (attempts == 1)
-          shutdown_drained_at_ = clock::now();
-        else
+        if (attempts > 1) drain_found_server_gone_ = true;
+        if (drain_found_server_gone_)
           shutdown_drained_at_.reset();
+        else
+          shutdown_drained_at_ = clock::now();
       }
       if (on_connection_restored) on_connection_restored(index, clock::now() - started);
       say("reconnected " + describe(index) + " after " + std::to_string(milliseconds_since(started)) + " ms");

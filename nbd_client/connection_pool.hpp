@@ -89,6 +89,10 @@ class ConnectionPool {
   // A note on why fewer connections were opened than asked for (empty if none).
   const std::string& note() const { return note_; }
   std::uint64_t disconnects() const { return disconnects_; }
+  // Whether connection slot `index` was lost after disconnects() read `mark`.
+  bool lost_since(std::size_t index, std::uint64_t mark) const {
+    return index < last_loss_.size() && last_loss_[index] > mark;
+  }
   std::uint64_t reconnects() const { return reconnects_; }
 
   // The usable connection for purpose with the fewest commands in flight (the
@@ -197,9 +201,11 @@ class ConnectionPool {
   bool export_changed_ = false;
   bool export_change_said_ = false;
   // server_shutting_down(): when every connection was last drained for it, or
-  // reconnected after that drain (not after a loss for any other reason); none yet.
+  // reconnected after that drain at the first attempt (not after a loss for any other
+  // reason); none yet, or once a reconnect after a drain needed more attempts.
   std::optional<std::chrono::steady_clock::time_point> shutdown_drained_at_;
   bool refusal_reported_ = false;
+  bool drain_found_server_gone_ = false;  // a reconnect after the last drain needed more than one attempt
   bool block_status_loss_said_ = false;  // once per mount, not per reconnect
   static constexpr std::chrono::seconds refusal_window{5};
   static constexpr std::chrono::milliseconds first_attempt_limit{3000};  // see reconnect()
@@ -227,6 +233,7 @@ class ConnectionPool {
   std::uint64_t lost_unflushed_ = 0;
   bool closed_ = false;
   std::uint64_t disconnects_ = 0;
+  std::vector<std::uint64_t> last_loss_;  // per slot: disconnects_ as of its latest loss
   std::uint64_t reconnects_ = 0;
 };
 

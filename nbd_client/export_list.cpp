@@ -47,7 +47,8 @@ std::string list_exports(const Target& target, std::vector<ExportListing>& expor
   if (connected == -1) {
     // A server command that died says why better than the socket it never served.
     std::string how;
-    if (target.kind == Target::Kind::command && server.exited(how)) return "the server command failed to start (" + how + ")";
+    if (target.kind == Target::Kind::command && server.exited(how, std::chrono::seconds(1)))
+      return "the server command failed to start (" + how + ")";
     return last_libnbd_error();
   }
   nbd_list_callback list{&collect_name, &exports, nullptr};

@@ -144,10 +144,14 @@ std::error_code ServerProcess::start(const std::vector<std::string>& argv, bool 
   return {};
 }
 
-bool ServerProcess::exited(std::string& how) {
+bool ServerProcess::exited(std::string& how, std::chrono::milliseconds grace) {
   if (pid_ <= 0) return false;
   int status = 0;
-  if (waitpid(pid_, &status, WNOHANG) != pid_) return false;
+  const auto give_up_at = std::chrono::steady_clock::now() + grace;
+  while (waitpid(pid_, &status, WNOHANG) != pid_) {
+    if (std::chrono::steady_clock::now() >= give_up_at) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
   pid_ = -1;
   how = describe_status(status);
   std::string said = last_words();

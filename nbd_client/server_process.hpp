@@ -3,6 +3,7 @@
 // bounded, and runs from the destructor too, so the server never outlives us.
 #pragma once
 
+#include <chrono>
 #include <string>
 #include <sys/types.h>
 #include <system_error>
@@ -25,9 +26,10 @@ class ServerProcess {
   std::error_code start(const std::vector<std::string>& argv, bool pass_stderr, std::string& socket_path,
                         std::string& error_message);
 
-  // If the child has already exited, describes how and what it said last
-  // (for "failed to start" messages).
-  bool exited(std::string& how);
+  // If the child has exited (waiting up to `grace` for it: a server closes its socket
+  // as it exits, a moment before it can be reaped), describes how and what it said
+  // last (for "failed to start" messages).
+  bool exited(std::string& how, std::chrono::milliseconds grace = std::chrono::milliseconds(0));
 
   // SIGTERM, then SIGKILL after a bounded wait; reaps the child, removes the socket.
   void stop();

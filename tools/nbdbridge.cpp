@@ -121,7 +121,11 @@ int become_daemon(int target_fd) {
     struct sigaction forward {};
     forward.sa_handler = [](int signal_number) { kill(daemon_child, signal_number); };
     sigemptyset(&forward.sa_mask);
-    for (int signal_number : {SIGINT, SIGTERM, SIGHUP}) sigaction(signal_number, &forward, nullptr);
+    for (int signal_number : {SIGINT, SIGTERM, SIGHUP}) {
+      struct sigaction inherited {};
+      sigaction(signal_number, nullptr, &inherited);
+      if (inherited.sa_handler != SIG_IGN) sigaction(signal_number, &forward, nullptr);  // nohup stays nohup
+    }
     char byte = 0;
     ssize_t got;
     do {

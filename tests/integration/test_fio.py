@@ -148,9 +148,9 @@ def test_connection_threads_verify():
 def test_socket_batching_on_and_off_agree():
     # Data written with libnbd's socket calls batched (the default) reads back
     # right without batching, and the other way round; over a unix socket and TCP,
-    # small and 1 MiB commands mixed at depth 64. (16 MiB per run: eight runs.)
+    # small and 1 MiB commands mixed at depth 64. (8 MiB per run: twelve runs.)
     mixed = ["--ioengine=libaio", "--rw=randrw", "--bsrange=4k-1M"]
-    size = FIO_SIZE // 2
+    size = FIO_SIZE // 4
     for tcp in (False, True):
         with h.Nbdkit(["memory", str(EXPORT_SIZE)], tcp=tcp) as srv:
             for writer, reader in (("on", "off"), ("off", "on")):

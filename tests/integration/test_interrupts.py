@@ -175,7 +175,7 @@ def test_ctrl_z_during_a_held_read_is_not_an_error():
     # Ctrl-Z (SIGTSTP, left at its default) also makes the kernel send FUSE_INTERRUPT,
     # but the read goes on once the process is continued: stopped for longer than the
     # grace, it still gets its bytes when the server answers, not EINTR.
-    with HeldServer("delay-read", 4) as held:
+    with HeldServer("delay-read", 3) as held:
         child = start_child(held.mount.export, "read", 3 * MiB, 4096)
         held.wait_held("Read", 3 * MiB)
         child.send_signal(signal.SIGTSTP)
@@ -184,6 +184,22 @@ def test_ctrl_z_during_a_held_read_is_not_an_error():
         rc, out, err = finish_child(child, 15, "the stopped read")
         h.check_eq(rc, 0, "the child's exit status (stderr: %s)" % err[-500:])
         h.check_eq(out, "OK 4096 " + held.expected(3 * MiB, 32).hex(), "the read's outcome after Ctrl-Z and fg")
+
+
+def test_a_stopped_reader_still_ends_on_a_fatal_signal():
+    # Ctrl-Z, then SIGTERM left at its default: with a stop already pending, the kernel
+    # does not turn SIGTERM into SIGKILL, but it ends the process all the same once the
+    # read returns: the read is answered after the grace.
+    with HeldServer("delay-read", 60) as held:
+        child = start_child(held.mount.export, "read", 4 * MiB, 4096)
+        held.wait_held("Read", 4 * MiB)
+        t0 = time.monotonic()
+        child.send_signal(signal.SIGTSTP)
+        child.send_signal(signal.SIGTERM)
+        rc, _, _ = finish_child(child, 10, "the stopped, then terminated reader")
+        took = time.monotonic() - t0
+        h.check_eq(rc, -signal.SIGTERM, "the child's exit status")
+        h.check(took < GRACE + 3, "the reader ended %.2f s after SIGTERM (grace %.1f s)" % (took, GRACE))
 
 
 def test_a_read_interrupted_during_an_outage_lets_go_at_once():

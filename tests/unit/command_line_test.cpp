@@ -163,6 +163,8 @@ TEST_CASE("options that contradict each other, and durations out of range") {
   CHECK(problem({"-o", "max_read=+4096", "m", "nbd://h"}) ==
         "-o max_read=+4096: expected a whole number of bytes (at most 4294967295)");
   CHECK(problem({"-o", "max_read=0x1000", "m", "nbd://h"}) != "");
+  CHECK(problem({"-o", "max_read=010", "m", "nbd://h"}) != "");  // octal to the kernel
+  CHECK(problem({"-o", "max_read=0", "m", "nbd://h"}) == "");
   CHECK(problem({"-o", "max_read=", "m", "nbd://h"}) != "");
   CHECK(problem({"-o", "max_read=4294967296", "m", "nbd://h"}) != "");
 }

@@ -286,6 +286,9 @@ void FileSystem::interrupt(std::uint64_t unique) {
     if (request->unique_ == unique) {
       if (!request->replied_ && request->interrupted_at_ == std::chrono::steady_clock::time_point{}) {
         request->interrupted_at_ = std::chrono::steady_clock::now();
+        if (options_.verbose)
+          std::fprintf(stderr, "nbdbridge: #%" PRIu64 " %s interrupted by a signal\n", request->id_,
+                       request->operation_);
         answer_interrupts_later();
       }
       return;

@@ -187,14 +187,17 @@ def test_ctrl_z_during_a_held_read_is_not_an_error():
 
 
 def test_a_stopped_reader_still_ends_on_a_fatal_signal():
-    # Ctrl-Z, then SIGTERM left at its default: with a stop already pending, the kernel
-    # does not turn SIGTERM into SIGKILL, but it ends the process all the same once the
-    # read returns: the read is answered after the grace.
-    with HeldServer("delay-read", 60) as held:
+    # Ctrl-Z, then SIGTERM left at its default: with a stop already pending and the
+    # reader asleep again (its interrupt sent), the kernel does not turn SIGTERM into
+    # SIGKILL, but it ends the process all the same once the read returns: the read is
+    # answered after the grace. (-v says when the interrupt came.)
+    with HeldServer("delay-read", 60, opts=["-v"]) as held:
         child = start_child(held.mount.export, "read", 4 * MiB, 4096)
         held.wait_held("Read", 4 * MiB)
-        t0 = time.monotonic()
         child.send_signal(signal.SIGTSTP)
+        h.wait_until(lambda: "READ interrupted by a signal" in held.mount.stderr(), timeout=10,
+                     what="the bridge to receive the read's interrupt")
+        t0 = time.monotonic()
         child.send_signal(signal.SIGTERM)
         rc, _, _ = finish_child(child, 10, "the stopped, then terminated reader")
         took = time.monotonic() - t0

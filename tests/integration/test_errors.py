@@ -49,7 +49,7 @@ case "$1" in
       cat >/dev/null; echo "ENOSPC injected write error" >&2; exit 1
     fi
     if [ -e "$dir/slow-write" ]; then
-      sleep 3
+      sleep 4.5
       dd of="$disk" bs=65536 iflag=count_bytes,fullblock oflag=seek_bytes conv=notrunc seek="$4" count="$3" status=none
       touch "$dir/slow-write-done"; exit 0
     fi
@@ -178,10 +178,10 @@ def test_flush_error_reaches_fsync():
 
 def test_a_timed_out_write_does_not_undo_a_later_one():
     # A write answered EIO by --request-timeout cannot be recalled: the server still
-    # carries it out (3 s after it came). The application writes the same place again
-    # and fsyncs; that write must land after the late one, not be undone by it (it waits
-    # for it, within its own 2 s).
-    with ErrServer() as srv, h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--request-timeout", "2"]) as m:
+    # carries it out (4.5 s after it came; the timeout answers it at 3-3.75 s). The
+    # application writes the same place again and fsyncs; that write must land after the
+    # late one, not be undone by it (it waits for it, within its own 3 s).
+    with ErrServer() as srv, h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--request-timeout", "3"]) as m:
         slow = os.path.join(srv.flagdir, "slow-write")
         fd = os.open(m.export, os.O_RDWR)
         try:

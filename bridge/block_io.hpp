@@ -12,6 +12,7 @@
 
 #include <asio/awaitable.hpp>
 #include <asio/redirect_error.hpp>
+#include <asio/post.hpp>
 #include <asio/steady_timer.hpp>
 #include <asio/use_awaitable.hpp>
 
@@ -114,6 +115,21 @@ class BlockIo {
     bool durable = false;  // a write sent with FUA: on stable storage once acknowledged
     RequestLimits limits;
   };
+  // An injected delay. A timer alone woke 50-150 us late here (timer slack, the wake-up
+  // itself): it sleeps until shortly before the moment and yields to the loop from
+  // there. Returns the delay taken, for the statistics.
+  asio::awaitable<std::chrono::nanoseconds> wait_precisely(std::chrono::nanoseconds delay) {
+    constexpr auto yielding = std::chrono::microseconds(150);
+    const auto began = std::chrono::steady_clock::now();
+    const auto deadline = began + delay;
+    if (delay > yielding) {
+      asio::steady_timer wait(executor_, deadline - yielding);
+      std::error_code ignored;
+      co_await wait.async_wait(asio::redirect_error(asio::use_awaitable, ignored));
+    }
+    while (std::chrono::steady_clock::now() < deadline) co_await asio::post(executor_, asio::use_awaitable);
+    co_return std::chrono::steady_clock::now() - began;
+  }
   template <typename Start>
   asio::awaitable<std::error_code> command(Operation operation, Start start, CommandOptions options = {}) {
     // The NBD span starts before an injected delay: that delay stands for the network.
@@ -122,10 +138,8 @@ class BlockIo {
       // Injected faults act before the command reaches the server, as a slow or
       // failing network would.
       if (auto delay = faults_->next_delay(); delay.count() > 0) {
-        asio::steady_timer wait(executor_, delay);
-        std::error_code ignored;
-        co_await wait.async_wait(asio::redirect_error(asio::use_awaitable, ignored));
-        if (statistics_) statistics_->injected_delay(std::uint64_t(delay.count()));
+        const auto taken = co_await wait_precisely(delay);
+        if (statistics_) statistics_->injected_delay(std::uint64_t(taken.count()));
       }
       if (int error = faults_->next_error()) {
         if (statistics_) statistics_->injected_error();

@@ -33,6 +33,7 @@
 #include <optional>
 #include <sstream>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <thread>
@@ -503,6 +504,9 @@ int run(const tools::Options& options) {
       }
     }
     faults = std::make_unique<bridge::FaultInjector>(delay, error, options.seed);
+    // Injected delays end on a timer: without the default 50 us of slack (this thread's,
+    // and the threads started later inherit it), a delay asked is a delay added.
+    if (delay) prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
   }
   for (const auto& [option, path, in_place] :
        {std::tuple{"--pidfile", options.pidfile, false}, {"--stats-file", options.stats_file, true}})

@@ -504,8 +504,8 @@ int run(const tools::Options& options) {
       }
     }
     faults = std::make_unique<bridge::FaultInjector>(delay, error, options.seed);
-    // Injected delays end on a timer: without the default 50 us of slack (this thread's,
-    // and the threads started later inherit it), a delay asked is a delay added.
+    // Injected delays end on a timer (BlockIo::wait_precisely): without the default 50 us
+    // of slack (this thread's; the threads started later inherit it) it fires when asked.
     if (delay) prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
   }
   for (const auto& [option, path, in_place] :

@@ -85,12 +85,9 @@ asio::awaitable<std::error_code> BlockIo::write_aligned(const std::byte* data, s
 asio::awaitable<std::error_code> BlockIo::write(const std::byte* data, std::size_t length, std::uint64_t offset,
                                                 bool durable, RequestLimits limits) {
   const std::uint64_t unit = block();
+  // Without a minimum block the lock matters only while a write answered early holds a
+  // range (hold_after_answer()); then the path below takes it, its blocks being bytes.
   if (unit == 1 && rmw_lock_.idle()) co_return co_await write_aligned(data, length, offset, durable, limits);
-  if (unit == 1) {  // a write answered early holds part of the export (hold_after_answer())
-    RangeLock::Guard guard = co_await rmw_lock_.acquire(offset, offset + length, limits.answered);
-    if (limits.given_up(Clock::now())) co_return errno_code(EIO);
-    co_return co_await write_aligned(data, length, offset, durable, limits);
-  }
 
   std::uint64_t start = align_down(offset, unit);
   std::uint64_t end = std::min(align_up(offset + length, unit), info_.size);
@@ -141,12 +138,8 @@ asio::awaitable<std::error_code> BlockIo::zero_aligned(std::uint64_t offset, std
 asio::awaitable<std::error_code> BlockIo::zero(std::uint64_t offset, std::uint64_t length, bool allow_unmap,
                                                RequestLimits limits) {
   const std::uint64_t unit = block();
+  // As in write(): with unit 1 the path below only takes the lock, over [offset, offset+length).
   if (unit == 1 && rmw_lock_.idle()) co_return co_await zero_aligned(offset, length, allow_unmap, limits);
-  if (unit == 1) {  // a write answered early holds part of the export (hold_after_answer())
-    RangeLock::Guard guard = co_await rmw_lock_.acquire(offset, offset + length, limits.answered);
-    if (limits.given_up(Clock::now())) co_return errno_code(EIO);
-    co_return co_await zero_aligned(offset, length, allow_unmap, limits);
-  }
   std::uint64_t inner_start = align_up(offset, unit);
   std::uint64_t inner_end = align_down(offset + length, unit);
   if (inner_start >= inner_end) inner_start = inner_end = offset;  // no whole block inside

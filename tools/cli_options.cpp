@@ -231,14 +231,10 @@ std::string check_option_combinations(const CLI::App& app, const Options& option
     if (given("--spliced-writes") && options.spliced_writes == "on")
       return "--spliced-writes on needs --socket-batching on";
   }
-  if (options.readonly) {
-    const auto mount_options = split_mount_options(options.mount_options);
-    if (std::find(mount_options.begin(), mount_options.end(), "rw") != mount_options.end())
-      return "-o rw contradicts --readonly";
-  }
-  // The kernel and libfuse each read max_read their own way (a sign, blanks, a hex or
-  // octal prefix); only a plain decimal number is sure to mean the same to both.
   for (const std::string& option : split_mount_options(options.mount_options)) {
+    if (option == "rw" && options.readonly) return "-o rw contradicts --readonly";
+    // The kernel and libfuse each read max_read their own way (a sign, blanks, a hex or
+    // octal prefix); only a plain decimal number is sure to mean the same to both.
     if (!option.starts_with("max_read=")) continue;
     const std::string value = option.substr(std::string_view("max_read=").size());
     if (value.empty() || value.size() > 10 || value.find_first_not_of("0123456789") != std::string::npos ||

@@ -3,7 +3,8 @@
 // Buffers of 256 KiB and more live until the pool dies (they are carved from
 // shared chunks), but past kept_resident_bytes per size class a returned one
 // gives its memory back to the kernel; smaller ones beyond keep_per_class go
-// back to the heap.
+// back to the heap. release_idle() gives every free buffer's memory back (an idle
+// mount should not keep a burst's working set).
 #pragma once
 
 #include <algorithm>
@@ -88,6 +89,22 @@ class BufferPool {
     }
     if (chunked(capacity)) return Lease(this, carve(index), capacity);
     return Lease(this, allocate(capacity), capacity);
+  }
+
+  // After a while without requests: the memory of every free buffer goes back to
+  // the kernel or the heap; the next burst faults in what it uses again.
+  void release_idle() {
+    for (std::size_t index = 0; index < class_count; ++index) {
+      const std::size_t capacity = smallest << index;
+      auto& list = free_[index];
+      if (!chunked(capacity)) {
+        for (std::byte* buffer : list) std::free(buffer);
+      } else {
+        for (std::byte* buffer : list) madvise(buffer, capacity, MADV_DONTNEED);
+        released_[index].insert(released_[index].end(), list.begin(), list.end());
+      }
+      list.clear();
+    }
   }
 
   // Bytes of free large buffers that still hold memory (for tests).

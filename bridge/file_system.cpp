@@ -23,6 +23,7 @@
 #include <fcntl.h>
 #include <libnbd.h>
 #include <linux/falloc.h>
+#include <malloc.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
@@ -97,7 +98,8 @@ FileSystem::FileSystem(asio::any_io_executor executor, nbd_client::ConnectionPoo
       drained_(executor),
       expiry_sweep_(executor),
       live_deadline_(executor),
-      interrupt_timer_(executor) {
+      interrupt_timer_(executor),
+      idle_release_timer_(executor) {
   clock_gettime(CLOCK_REALTIME, &mounted_at_);
   session_.on_interrupt([this](std::uint64_t unique) { interrupt(unique); });
 }
@@ -131,6 +133,7 @@ FileSystem::Tracked::Tracked(FileSystem& owner, fuse_req_t request, Operation ki
   if (next_) next_->previous_ = this;
   owner_.in_flight_head_ = this;
   ++owner_.in_flight_count_;
+  if (!owner_.idle_release_armed_) owner_.arm_idle_release();
   if constexpr (statistics_compiled_in) owner_.statistics_->request_started(kind_);
   if (owner_.options_.verbose) {
     std::fprintf(stderr, "nbdbridge: #%" PRIu64 " %s offset=%" PRIu64 " length=%zu\n", id_, operation_, offset_,
@@ -324,10 +327,37 @@ void FileSystem::answer_interrupts_later() {
   });
 }
 
+void FileSystem::arm_idle_release() {
+  if (draining_ || options_.idle_release.count() <= 0) return;
+  idle_release_armed_ = true;
+  request_id_at_idle_check_ = next_request_id_;
+  idle_release_timer_.expires_after(options_.idle_release);
+  idle_release_timer_.async_wait([this](std::error_code cancelled) {
+    if (cancelled || draining_) return;  // stopping: stays armed, so nothing arms it again
+    if (next_request_id_ != request_id_at_idle_check_ || in_flight_count_ > 0) {
+      arm_idle_release();  // not idle for the whole period: look again a period later
+      return;
+    }
+    release_idle_memory();
+    idle_release_armed_ = false;
+  });
+}
+
+// A burst of 1 MiB requests leaves tens of MiB resident in free buffers (kept so
+// that the next burst does not fault its memory in again); a mount idle for a while
+// gives them back, and the heap's free memory too.
+void FileSystem::release_idle_memory() {
+  buffers_.release_idle();
+  session_.release_idle_buffers();
+  malloc_trim(0);
+  if (options_.verbose) std::fprintf(stderr, "nbdbridge: idle: buffer memory given back\n");
+}
+
 asio::awaitable<void> FileSystem::drain(std::chrono::milliseconds bound) {
   draining_ = true;
   expiry_sweep_.cancel();
   interrupt_timer_.cancel();
+  idle_release_timer_.cancel();
   go_live();  // (drops on_live now)
   drained_.expires_after(bound);
   // The background allocation count is waited for too: closing the connection

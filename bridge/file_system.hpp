@@ -42,6 +42,9 @@ struct FileSystemOptions {
   // instead of a copy (socket_batching::SentByReference) when the connection
   // allows (0: never).
   std::size_t spliced_write_minimum = 128 * 1024;
+  // After this long without a READ, WRITE or other data request, the buffers' memory
+  // goes back to the system (0: kept for the next burst).
+  std::chrono::milliseconds idle_release{10000};
 };
 
 class FileSystem final : public fuse_front::Handlers {
@@ -177,6 +180,10 @@ class FileSystem final : public fuse_front::Handlers {
   asio::awaitable<void> flush_at_stop();
   void answer_interrupts_later();
   void note_allocation_changed() { allocation_stale_ = true; }
+  // The idle check: armed by the first request after a release, so that a busy
+  // mount pays one flag test per request and an idle one no wake-ups.
+  void arm_idle_release();
+  void release_idle_memory();
 
   bool is_file(fuse_ino_t inode) const;
   bool exists(fuse_ino_t inode) const;
@@ -217,6 +224,9 @@ class FileSystem final : public fuse_front::Handlers {
   asio::steady_timer live_deadline_;
   asio::steady_timer interrupt_timer_;
   bool interrupt_timer_armed_ = false;
+  asio::steady_timer idle_release_timer_;
+  bool idle_release_armed_ = false;
+  std::uint64_t request_id_at_idle_check_ = 0;
   void go_live();
   bool draining_ = false;
 };

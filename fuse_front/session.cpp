@@ -403,6 +403,19 @@ void Session::give_back(std::byte* buffer, bool payload_resident) {
   }
 }
 
+void Session::release_idle_buffers() {
+  constexpr std::size_t kept_when_idle = 8;
+  for (std::byte* buffer : free_resident_buffers_) {
+    release_payload_region(buffer);
+    free_buffers_.push_back(buffer);
+  }
+  free_resident_buffers_.clear();
+  while (free_buffers_.size() > kept_when_idle) {
+    unmap_receive_slot(free_buffers_.back());
+    free_buffers_.pop_back();
+  }
+}
+
 void Session::stop_receiving() {
   receiving_ = false;
   if (descriptor_.is_open()) descriptor_.cancel();

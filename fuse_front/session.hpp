@@ -108,6 +108,10 @@ class Session {
   // reply header (only valid inside a handler), and the device to send them to.
   ReplyPipes& reply_pipes() { return reply_pipes_; }
   std::uint64_t current_unique() const { return current_unique_; }
+
+  // After a while without requests: the free receive buffers give their memory
+  // back (a few stay mapped, their huge pages released). Loop thread only.
+  void release_idle_buffers();
   int device() const { return fuse_session_fd(session_); }
 
  private:

@@ -161,6 +161,10 @@ void setup(CLI::App& app, Options& options) {
   app.add_option("--request-timeout", options.request_timeout_seconds,
                  "fail a request with EIO after this many seconds (default 0: no limit)")
       ->check(seconds(true));
+  app.add_option("--idle-release", options.idle_release_seconds,
+                 "seconds without reads or writes after which the memory of the buffers a burst of large "
+                 "requests left behind goes back to the system (default 10; 0: kept for the next burst)")
+      ->check(seconds(true));
   app.add_flag("--force", options.force, "clear a stale mount (Transport endpoint is not connected) at MOUNTPOINT");
   app.add_option("--busy-poll", options.busy_poll_microseconds,
                  "microseconds to keep polling for work before sleeping, 0 to 10000 (default 50; 0: off): lower "

@@ -36,6 +36,7 @@ struct Options {
   bool list = false;                         // --list TARGET: print exports and exit
   double retry_timeout_seconds = 60;         // 0: no reconnect, fail at once
   double request_timeout_seconds = 0;        // 0: unbounded
+  double idle_release_seconds = 10;          // give buffer memory back after this long idle (0: never)
   bool force = false;                        // clear a stale mount at MOUNTPOINT first
   int busy_poll_microseconds = 50;           // keep polling this long before sleeping
   std::string connection_threads = "writes"; // which NBD connections get a thread of their own

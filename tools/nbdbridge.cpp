@@ -161,7 +161,8 @@ class Bridge {
                       options.verbose, to_duration(options.request_timeout_seconds),
                       reply_thread_wanted(options) ? bridge::FileSystemOptions{}.reply_thread_minimum : 0,
                       options.spliced_reads == "on" ? bridge::FileSystemOptions{}.spliced_read_minimum : 0,
-                      options.spliced_writes == "on" ? bridge::FileSystemOptions{}.spliced_write_minimum : 0}),
+                      options.spliced_writes == "on" ? bridge::FileSystemOptions{}.spliced_write_minimum : 0,
+                      to_duration(options.idle_release_seconds)}),
         signals_(io_, SIGINT, SIGTERM, SIGHUP),
         ended_(io_),
         stats_ticker_(io_) {}

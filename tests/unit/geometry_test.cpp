@@ -96,6 +96,25 @@ TEST_CASE("buffer pool carves large buffers from huge-page-sized chunks") {
   std::memset(larger.data(), 1, larger.capacity());
 }
 
+TEST_CASE("buffer pool gives every free buffer's memory back when idle, and stays usable") {
+  bridge::BufferPool pool;
+  std::vector<bridge::BufferPool::Lease> leases;
+  for (std::size_t i = 0; i < 8; ++i) {
+    leases.push_back(pool.acquire(1 << 20));
+    std::memset(leases.back().data(), 5, 1 << 20);
+    leases.push_back(pool.acquire(4096));
+  }
+  leases.clear();
+  CHECK(pool.resident_free_bytes() == 8u << 20);
+  pool.release_idle();
+  CHECK(pool.resident_free_bytes() == 0);
+  auto reused = pool.acquire(1 << 20);
+  CHECK(reused.data()[0] == std::byte{0});  // a released one, zero-filled by the kernel
+  std::memset(reused.data(), 9, 1 << 20);
+  auto small = pool.acquire(4096);
+  std::memset(small.data(), 9, 4096);
+}
+
 TEST_CASE("buffer pool keeps the memory of a bounded number of free large buffers") {
   bridge::BufferPool pool;
   constexpr std::size_t count = 40;

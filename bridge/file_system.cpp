@@ -525,7 +525,7 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
       blocks_held.reset();  // write() takes it again: the lock is not reentrant
       if (given_up) error = std::error_code(EIO, std::generic_category());
       else if (!connection) error = co_await io_.write(job.data, job.length, job.offset, job.durable, tracked.limits());
-      note_allocation_changed();
+      note_allocation_changed(job.length);
       if (error) tracked.reply_error(to_application_errno(error));
       else tracked.reply_written(job.length);
     }
@@ -564,7 +564,7 @@ asio::awaitable<void> FileSystem::serve_zero(fuse_req_t request, std::uint64_t o
   Tracked tracked(*this, request, Operation::trim_zero, allow_unmap ? "PUNCH-HOLE" : "ZERO-RANGE", offset,
                   std::size_t(length));
   std::error_code error = co_await io_.zero(offset, length, allow_unmap, tracked.limits());
-  note_allocation_changed();
+  note_allocation_changed(allow_unmap ? 0 : length);
   if (error) {
     tracked.reply_error(to_application_errno(error));
   } else if (tracked.begin_reply()) {
@@ -592,7 +592,9 @@ asio::awaitable<void> FileSystem::count_allocation() {
   allocation_counting_ = true;
   allocation_stale_ = false;
   allocation_counted_at_ = std::chrono::steady_clock::now();
+  written_before_count_began_ += std::exchange(written_since_count_began_, 0);
   allocated_bytes_ = co_await io_.allocated_bytes(allocation_scan_limit);
+  written_before_count_began_ = 0;  // this count saw them
   allocation_counting_ = false;
   allocation_counted_ = true;
   go_live();
@@ -629,10 +631,18 @@ void FileSystem::go_live() {
     });
 }
 
-// Until the first count of the allocation is in, st_blocks is a guess (the whole
-// export) the kernel must not keep; after it, one second, as st_blocks follows writes.
+// While st_blocks is a guess (before the first count: the whole export; after this
+// mount's writes, until a count that saw them is in: an estimate) the kernel must
+// not keep it; otherwise one second, as st_blocks follows other clients' writes.
 double FileSystem::file_attribute_timeout() const {
-  return allocation_counted_ ? file_attribute_timeout_seconds : 0.0;
+  bool exact = allocation_counted_ && !allocation_stale_ && !allocation_counting_ &&
+               written_since_count_began_ == 0 && written_before_count_began_ == 0;
+  return exact ? file_attribute_timeout_seconds : 0.0;
+}
+
+std::uint64_t FileSystem::allocation_estimate() const {
+  std::uint64_t since = written_before_count_began_ + written_since_count_began_;
+  return allocated_bytes_ + std::min(since, export_.size - std::min(allocated_bytes_, export_.size));
 }
 
 bool FileSystem::is_file(fuse_ino_t inode) const {
@@ -655,7 +665,7 @@ struct stat FileSystem::attributes_of(fuse_ino_t inode) const {
     attributes.st_nlink = 1;
     attributes.st_size = off_t(export_.size);
     attributes.st_blksize = blksize_t(std::max<std::uint64_t>(export_.preferred_block, preferred_io_size));
-    attributes.st_blocks = blkcnt_t((allocated_bytes_ + 511) / 512);
+    attributes.st_blocks = blkcnt_t((allocation_estimate() + 511) / 512);
   } else {
     attributes.st_mode = S_IFDIR | (export_.read_only ? 0555 : 0755);
     attributes.st_nlink = 2;
@@ -694,7 +704,6 @@ void FileSystem::getattr(fuse_req_t request, fuse_ino_t inode) {
       (allocation_stale_ || std::chrono::steady_clock::now() - allocation_counted_at_ >= allocation_recount_period))
     asio::co_spawn(executor_, count_allocation(), asio::detached);
   struct stat attributes = attributes_of(inode);
-  // While the allocation is being counted st_blocks is a guess: the kernel must not keep it.
   fuse_reply_attr(request, &attributes,
                   is_file(inode) ? file_attribute_timeout() : attribute_timeout_seconds);
 }

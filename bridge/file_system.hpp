@@ -179,7 +179,16 @@ class FileSystem final : public fuse_front::Handlers {
   void interrupt(std::uint64_t unique);
   asio::awaitable<void> flush_at_stop();
   void answer_interrupts_later();
-  void note_allocation_changed() { allocation_stale_ = true; }
+  // After a write or zero of `allocating` bytes (0 for a punched hole) by this mount.
+  void note_allocation_changed(std::uint64_t allocating) {
+    allocation_stale_ = true;
+    written_since_count_began_ += allocating;
+  }
+  // st_blocks' bytes: the last count, plus what this mount wrote since that count
+  // began (a write may fill a hole the count saw), until a count that began after
+  // them is in. Never less than this mount's own writes allocated: tar -S takes
+  // st_blocks == 0 for a file of holes and archives none of its data.
+  std::uint64_t allocation_estimate() const;
   // The idle check: armed by the first request after a release, so that a busy
   // mount pays one flag test per request and an idle one no wake-ups.
   void arm_idle_release();
@@ -206,6 +215,8 @@ class FileSystem final : public fuse_front::Handlers {
   std::uint64_t unknown_writes_reported_ = 0;
   std::uint64_t next_export_handle_ = 1;
   std::uint64_t allocated_bytes_ = 0;
+  std::uint64_t written_since_count_began_ = 0;  // since the latest count (running or done) began
+  std::uint64_t written_before_count_began_ = 0;  // from allocated_bytes_' count's start to the latest's
   bool allocation_stale_ = true;
   bool allocation_counting_ = false;
   bool allocation_counted_ = false;  // the first count is in: st_blocks is no longer a guess

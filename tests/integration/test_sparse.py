@@ -266,6 +266,32 @@ def test_st_blocks_follow_allocation():
                      what="st_blocks to drop after punching everything")
 
 
+def test_st_blocks_cover_writes_at_the_first_stat():
+    # The first stat after this mount's writes must already count them (the count
+    # from the server comes later): tar -S takes st_blocks == 0 for a file that is all
+    # holes and archives none of its data.
+    with h.Nbdkit(["memory", str(64 * MiB)]) as srv, h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
+        h.wait_until(lambda: su.st_alloc(m.export) < MiB, timeout=10,
+                     what="st_blocks of an empty export to become small")
+        data = os.urandom(MiB)
+        fd = os.open(m.export, os.O_RDWR)
+        try:
+            for i in range(1, 4):
+                os.pwrite(fd, data, i * 8 * MiB)
+                os.fsync(fd)
+                h.check(su.st_alloc(m.export) >= i * MiB,
+                        "st_blocks*512 at the first stat after writing %d MiB: %d" % (i, su.st_alloc(m.export)))
+        finally:
+            os.close(fd)
+        d = h.tmpdir("tar")
+        archive = os.path.join(d, "export.tar")
+        h.run(["tar", "-S", "-cf", archive, "-C", m.mountdir, os.path.basename(m.export)], timeout=30, check=True)
+        h.run(["tar", "-xf", archive, "-C", d], timeout=30, check=True)
+        with open(os.path.join(d, os.path.basename(m.export)), "rb") as f:
+            f.seek(8 * MiB)
+            h.check_bytes(f.read(MiB), data, "the written MiB in tar -S's archive")
+
+
 def test_st_blocks_follow_another_clients_writes():
     # Another client of the export (here a second mount) writes: this mount, which wrote
     # nothing, counts again at a stat once its last count is 5 s old.

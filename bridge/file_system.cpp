@@ -69,9 +69,10 @@ constexpr double file_attribute_timeout_seconds = 1.0;
 constexpr std::chrono::seconds interrupt_grace{1};
 // fuse_file_info::fh: .stats handles count up from 2; the export's carry export_handle,
 // and writable_handle when opened for writing (libfuse passes FLUSH no open flags),
-// above a serial number.
+// truncating_handle when opened with O_TRUNC, above a serial number.
 constexpr std::uint64_t export_handle = std::uint64_t(1) << 63;
 constexpr std::uint64_t writable_handle = std::uint64_t(1) << 62;
+constexpr std::uint64_t truncating_handle = std::uint64_t(1) << 61;
 constexpr bool is_export_handle(const fuse_file_info* file) { return file->fh & export_handle; }
 constexpr std::uint32_t FOPEN_PARALLEL_DIRECT_WRITES = 1u << 6;  // linux/fuse.h; no field in libfuse 3.14
 constexpr std::size_t largest_request = 1u << 20;  // FUSE max_write/max_read on this kernel
@@ -708,7 +709,8 @@ void FileSystem::getattr(fuse_req_t request, fuse_ino_t inode) {
                   is_file(inode) ? file_attribute_timeout() : attribute_timeout_seconds);
 }
 
-void FileSystem::setattr(fuse_req_t request, fuse_ino_t inode, const struct stat& wanted, int to_set) {
+void FileSystem::setattr(fuse_req_t request, fuse_ino_t inode, const struct stat& wanted, int to_set,
+                         const fuse_file_info* file) {
   if (!exists(inode)) {
     fuse_reply_err(request, ENOENT);
     return;
@@ -716,7 +718,13 @@ void FileSystem::setattr(fuse_req_t request, fuse_ino_t inode, const struct stat
   // The export has a fixed size, mode and ownership. Setting them to what they are,
   // and any timestamps (left stable), is accepted so that `touch` and `cp -p` work.
   struct stat attributes = attributes_of(inode);
-  if ((to_set & FUSE_SET_ATTR_SIZE) && (!is_file(inode) || std::uint64_t(wanted.st_size) != export_.size)) {
+  // A descriptor opened with O_TRUNC (ignored) takes the file for as long as it has
+  // written: cp of a sparse image that ends in a hole sets the size it expects with
+  // ftruncate. Within the export that changes nothing, and is not refused.
+  bool truncating = file && is_export_handle(file) && (file->fh & truncating_handle) &&
+                    wanted.st_size >= 0 && std::uint64_t(wanted.st_size) <= export_.size;
+  if ((to_set & FUSE_SET_ATTR_SIZE) && (!is_file(inode) || std::uint64_t(wanted.st_size) != export_.size) &&
+      !truncating) {
     fuse_reply_err(request, is_file(inode) ? EINVAL : inode == stats_inode ? EPERM : EISDIR);
     return;
   }
@@ -751,7 +759,9 @@ void FileSystem::open(fuse_req_t request, fuse_ino_t inode, fuse_file_info* file
     return;
   }
   // O_TRUNC is ignored, as for a block device: the export cannot shrink.
-  file->fh = export_handle | next_export_handle_++ | ((file->flags & O_ACCMODE) != O_RDONLY ? writable_handle : 0);
+  const bool writable = (file->flags & O_ACCMODE) != O_RDONLY;
+  file->fh = export_handle | next_export_handle_++ | (writable ? writable_handle : 0) |
+             (writable && (file->flags & O_TRUNC) ? truncating_handle : 0);
   // A loss no open file was told of yet is told to this one too (as Linux does).
   unknown_writes_told_[file->fh] = std::min(unknown_writes_reported_, io_.unknown_writes_events());
   file->direct_io = options_.cache == CacheMode::none;

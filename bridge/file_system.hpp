@@ -73,7 +73,8 @@ class FileSystem final : public fuse_front::Handlers {
   void init(fuse_conn_info* connection) override;
   void lookup(fuse_req_t request, fuse_ino_t parent, const char* name) override;
   void getattr(fuse_req_t request, fuse_ino_t inode) override;
-  void setattr(fuse_req_t request, fuse_ino_t inode, const struct stat& attributes, int to_set) override;
+  void setattr(fuse_req_t request, fuse_ino_t inode, const struct stat& attributes, int to_set,
+               const fuse_file_info* file) override;
   void open(fuse_req_t request, fuse_ino_t inode, fuse_file_info* file) override;
   void read(fuse_req_t request, std::size_t size, off_t offset, const fuse_file_info* file) override;
   void write(fuse_req_t request, const char* data, std::size_t size, off_t offset,

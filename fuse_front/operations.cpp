@@ -22,9 +22,8 @@ fuse_lowlevel_ops operations_table() {
   table.getattr = [](fuse_req_t request, fuse_ino_t inode, fuse_file_info*) {
     handlers_of(request).getattr(request, inode);
   };
-  table.setattr = [](fuse_req_t request, fuse_ino_t inode, struct stat* attributes, int to_set, fuse_file_info*) {
-    handlers_of(request).setattr(request, inode, *attributes, to_set);
-  };
+  table.setattr = [](fuse_req_t request, fuse_ino_t inode, struct stat* attributes, int to_set,
+                     fuse_file_info* file) { handlers_of(request).setattr(request, inode, *attributes, to_set, file); };
   table.open = [](fuse_req_t request, fuse_ino_t inode, fuse_file_info* file) {
     handlers_of(request).open(request, inode, file);
   };

@@ -15,7 +15,9 @@ class Handlers {
   virtual void init(fuse_conn_info* connection) = 0;
   virtual void lookup(fuse_req_t request, fuse_ino_t parent, const char* name) = 0;
   virtual void getattr(fuse_req_t request, fuse_ino_t inode) = 0;
-  virtual void setattr(fuse_req_t request, fuse_ino_t inode, const struct stat& attributes, int to_set) = 0;
+  // file: the open file of an ftruncate/futimens, else null.
+  virtual void setattr(fuse_req_t request, fuse_ino_t inode, const struct stat& attributes, int to_set,
+                       const fuse_file_info* file) = 0;
   virtual void open(fuse_req_t request, fuse_ino_t inode, fuse_file_info* file) = 0;
   virtual void read(fuse_req_t request, std::size_t size, off_t offset, const fuse_file_info* file) = 0;
   virtual void write(fuse_req_t request, const char* data, std::size_t size, off_t offset,

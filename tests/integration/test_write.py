@@ -191,6 +191,33 @@ def test_size_is_fixed_truncate_and_o_trunc():
         h.check_bytes(data[len(small):], bytes(SIZE - len(small)), "the bytes past the copy")
 
 
+def test_cp_of_a_sparse_image_that_ends_in_a_hole():
+    # cp opens with O_TRUNC (ignored), skips the holes and sets the size it expects
+    # with ftruncate at the end: on that descriptor a size within the export is
+    # accepted (nothing changes); on any other, truncation is still refused.
+    d = h.tmpdir("img")
+    img = os.path.join(d, "sparse.img")
+    data = os.urandom(65536)
+    with open(img, "wb") as f:
+        f.truncate(SIZE // 2)
+        f.seek(SIZE // 8)
+        f.write(data)
+    with h.Nbdkit(["memory", str(SIZE)]) as srv, h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
+        for sparse in ("--sparse=auto", "--sparse=always"):
+            r = h.run(["cp", sparse, img, m.export], timeout=60)
+            h.check_eq(r.returncode, 0, "cp %s of an image that ends in a hole (%s)" % (sparse, r.stderr.strip()))
+        h.check_eq(os.stat(m.export).st_size, SIZE, "size after cp")
+        with open(m.export, "rb") as f:
+            f.seek(SIZE // 8)
+            h.check_bytes(f.read(len(data)), data, "the copied data")
+        fd = os.open(m.export, os.O_WRONLY)
+        try:
+            e, _ = h.os_errno(os.ftruncate, fd, SIZE // 2)
+            h.check_eq(h.errno_name(e), "EINVAL", "ftruncate on a descriptor opened without O_TRUNC")
+        finally:
+            os.close(fd)
+
+
 def test_mode_and_owner_are_fixed_but_may_be_set_to_themselves():
     # chmod/chown to other values: EPERM. To the values they have: accepted, so that
     # `cp -p` (which sets mode, owner and times) into the export works.

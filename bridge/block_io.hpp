@@ -117,18 +117,23 @@ class BlockIo {
   };
   // An injected delay. A timer alone woke 50-150 us late here (timer slack, the wake-up
   // itself): it sleeps until shortly before the moment and yields to the loop from
-  // there. Returns the delay taken, for the statistics.
-  asio::awaitable<std::chrono::nanoseconds> wait_precisely(std::chrono::nanoseconds delay) {
+  // there. A request answered meanwhile (a stop, --request-timeout) ends it within
+  // a slice: a long delay must not keep a stopped bridge alive. Returns the delay
+  // taken, for the statistics.
+  asio::awaitable<std::chrono::nanoseconds> wait_precisely(std::chrono::nanoseconds delay, RequestLimits limits) {
     constexpr auto yielding = std::chrono::microseconds(150);
-    const auto began = std::chrono::steady_clock::now();
+    constexpr auto slice = std::chrono::milliseconds(100);
+    const auto began = Clock::now();
     const auto deadline = began + delay;
-    if (delay > yielding) {
-      asio::steady_timer wait(executor_, deadline - yielding);
+    asio::steady_timer wait(executor_);
+    for (auto now = began; deadline - now > yielding && !limits.given_up(now); now = Clock::now()) {
+      wait.expires_at(std::min<Clock::time_point>(deadline - yielding, now + slice));
       std::error_code ignored;
       co_await wait.async_wait(asio::redirect_error(asio::use_awaitable, ignored));
     }
-    while (std::chrono::steady_clock::now() < deadline) co_await asio::post(executor_, asio::use_awaitable);
-    co_return std::chrono::steady_clock::now() - began;
+    while (Clock::now() < deadline && !limits.given_up(Clock::now()))
+      co_await asio::post(executor_, asio::use_awaitable);
+    co_return Clock::now() - began;
   }
   template <typename Start>
   asio::awaitable<std::error_code> command(Operation operation, Start start, CommandOptions options = {}) {
@@ -138,7 +143,7 @@ class BlockIo {
       // Injected faults act before the command reaches the server, as a slow or
       // failing network would.
       if (auto delay = faults_->next_delay(); delay.count() > 0) {
-        const auto taken = co_await wait_precisely(delay);
+        const auto taken = co_await wait_precisely(delay, options.limits);
         if (statistics_) statistics_->injected_delay(std::uint64_t(taken.count()));
       }
       if (int error = faults_->next_error()) {

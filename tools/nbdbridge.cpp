@@ -421,9 +421,13 @@ class Bridge {
     if (options_.fd != STDERR_FILENO && !stderr_is_kept()) point_at_null_device({STDERR_FILENO});
   }
 
+  // Unmounted and reported: a signal from now on has its default effect (what is
+  // left to end is bounded, but a second Ctrl-C should not wait for it).
   void finish(int code) {
     exit_code_ = code;
     signals_.cancel();
+    std::error_code ignored;
+    signals_.clear(ignored);
   }
 
   const tools::Options& options_;

@@ -102,6 +102,43 @@ def test_signal_while_file_open():
                     pass
 
 
+def test_stop_during_a_long_injected_delay():
+    # A read held by --inject-delay 30 s when SIGTERM comes: it is answered EIO after
+    # --shutdown-timeout, and the bridge must exit then, not when the delay would end.
+    import threading
+    with h.Nbdkit(["memory", str(SIZE)]) as srv:
+        m = h.Mount(h.tmpdir("mp"), [srv.uri], expect_exit=None,
+                    opts=["-v", "--inject-delay", "30s:constant", "--shutdown-timeout", "1"])
+        with m:
+            outcome = []
+
+            def reader():
+                fd = os.open(m.export, os.O_RDONLY | os.O_DIRECT)
+                try:
+                    buf = mmap_buffer(4096)
+                    os.preadv(fd, [buf], 0)
+                    outcome.append("read")
+                except OSError as e:
+                    outcome.append(h.errno_name(e.errno))
+                try:
+                    os.close(fd)  # ENOTCONN once the mount is gone
+                except OSError:
+                    pass
+            thread = threading.Thread(target=reader, daemon=True)
+            thread.start()
+            h.wait_until(lambda: " READ offset=0 " in m.stderr(), timeout=10, what="the read to reach the bridge")
+            m.signal(signal.SIGTERM)
+            m.wait_exit(timeout=8)
+            thread.join(timeout=10)
+            h.check_eq(outcome, ["EIO"], "the held read's outcome")
+            h.check(not m.mounted(), "mount still present after SIGTERM")
+
+
+def mmap_buffer(length):
+    import mmap
+    return mmap.mmap(-1, length)
+
+
 def test_signal_while_connecting_extra_connections():
     # The first connection is up (and waiting for the server), the second one hangs in
     # its handshake: SIGINT must end the bridge at once, with nothing mounted.

@@ -20,7 +20,8 @@ namespace {
 // The nearest-rank percentile of the exact samples, which the histogram approximates.
 std::uint64_t exact_percentile(std::vector<std::uint64_t> samples, double p) {
   std::sort(samples.begin(), samples.end());
-  auto rank = std::uint64_t(std::ceil(p / 100.0 * double(samples.size())));
+  auto parts_per_million = std::uint64_t(std::llround(p * 10000.0));
+  auto rank = (parts_per_million * samples.size() + 999999) / 1000000;
   rank = std::clamp<std::uint64_t>(rank, 1, samples.size());
   return samples[rank - 1];
 }
@@ -176,6 +177,15 @@ TEST_CASE("percentiles stay within 1% across 1 µs .. 60 s") {
   CHECK(histogram.max() == *std::max_element(samples.begin(), samples.end()));
   CHECK(histogram.min() == *std::min_element(samples.begin(), samples.end()));
   CHECK(histogram.count() == samples.size());
+}
+
+TEST_CASE("p99.9 of 1000 samples is the 999th, not the largest") {
+  LatencyHistogram histogram;
+  for (int i = 0; i < 999; ++i) histogram.record(100);
+  histogram.record(100000);
+  CHECK(histogram.percentile(99.9) == 100);
+  CHECK(histogram.percentile(99.95) == 100000);
+  CHECK(histogram.percentile(100) == 100000);
 }
 
 TEST_CASE("a uniform set of values gives the expected percentiles and mean") {

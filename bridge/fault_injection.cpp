@@ -173,6 +173,10 @@ std::string parse_delay_spec(std::string_view text, DelaySpec& spec) {
              "' (expected uniform, normal, exponential or constant)";
     parsed.distribution = *distribution;
   }
+  if ((parsed.distribution == DelayDistribution::exponential || parsed.distribution == DelayDistribution::constant) &&
+      parsed.jitter.count() > 0)
+    return "--inject-delay: " + std::string(distribution_name(parsed.distribution)) +
+           " delays take no jitter (MEAN:" + std::string(distribution_name(parsed.distribution)) + ")";
   if (parsed.distribution == DelayDistribution::uniform && parsed.jitter > parsed.mean)
     return "--inject-delay: uniform jitter " + format_duration(parsed.jitter) + " exceeds the mean " +
            format_duration(parsed.mean) + " (use normal to allow clipping at zero)";

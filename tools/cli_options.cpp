@@ -2,6 +2,7 @@
 #include "tools/cli_options.hpp"
 
 #include <algorithm>
+#include <charconv>
 #include <optional>
 #include <sstream>
 
@@ -67,6 +68,17 @@ CLI::Validator whole_number(bool zero_allowed, long lowest, long highest, const 
         return "expected a whole number of " + unit + ": " + range;
       },
       "N (" + range + " " + unit + ")");
+}
+
+// A plain decimal number up to `highest`: no sign, blanks, or hex or octal prefix (CLI11
+// and the kernel would each read those their own way: "010" as 8, "-1" as the largest).
+bool is_plain_decimal(std::string_view text, std::uint64_t highest) {
+  if (text.empty() || text.find_first_not_of("0123456789") != std::string_view::npos ||
+      (text.size() > 1 && text.front() == '0'))
+    return false;
+  std::uint64_t value = 0;
+  auto [end, error] = std::from_chars(text.data(), text.data() + text.size(), value);
+  return error == std::errc{} && end == text.data() + text.size() && value <= highest;
 }
 
 }  // namespace
@@ -179,7 +191,13 @@ void setup(CLI::App& app, Options& options) {
   app.add_option("--inject-error", options.inject_error,
                  "fail a fraction of NBD commands before they reach the server: RATE[:ERRNO], e.g. 0.01:EIO or 1%");
   app.add_option("--seed", options.seed,
-                 "seed for --inject-delay and --inject-error (same seed, same sequence; default 1)");
+                 "seed for --inject-delay and --inject-error (same seed, same sequence; default 1)")
+      ->check(CLI::Validator(
+          [](std::string& text) -> std::string {
+            return is_plain_decimal(text, UINT64_MAX) ? std::string() : "expected a whole number, 0 to " +
+                                                                            std::to_string(UINT64_MAX);
+          },
+          "N"));
   app.add_option("--shutdown-timeout", options.shutdown_timeout_seconds,
                  "seconds that requests in flight may take at unmount before they fail with EIO (default 10; 0: "
                  "they fail at once)")
@@ -241,8 +259,7 @@ std::string check_option_combinations(const CLI::App& app, const Options& option
     // octal prefix); only a plain decimal number is sure to mean the same to both.
     if (!option.starts_with("max_read=")) continue;
     const std::string value = option.substr(std::string_view("max_read=").size());
-    if (value.empty() || value.size() > 10 || value.find_first_not_of("0123456789") != std::string::npos ||
-        (value.size() > 1 && value.front() == '0') || std::stoull(value) > 0xffffffffULL)
+    if (!is_plain_decimal(value, 0xffffffffULL))
       return "-o " + option + ": expected a whole number of bytes (at most 4294967295)";
   }
   if (options.list) {

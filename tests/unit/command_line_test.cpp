@@ -130,6 +130,10 @@ TEST_CASE("options that contradict each other, and durations out of range") {
         std::string::npos);
   CHECK(problem({"--seed", "3", "m", "nbd://h"}) == "--seed applies only with --inject-delay or --inject-error");
   CHECK(problem({"--seed", "3", "--inject-error", "1%", "m", "nbd://h"}) == "");
+  CHECK(problem({"--seed", "18446744073709551615", "--inject-error", "1%", "m", "nbd://h"}) == "");
+  // CLI11 alone took -1 and anything too large for the largest seed, and 010 for 8.
+  for (const char* seed : {"-1", "18446744073709551616", "010", "0x10", "+3", " 3"})
+    CHECK(problem({"--seed", seed, "--inject-error", "1%", "m", "nbd://h"}).find("--seed") != std::string::npos);
   CHECK(problem({"--spliced-writes", "on", "--socket-batching", "off", "m", "nbd://h"}) ==
         "--spliced-writes on needs --socket-batching on");
   CHECK(problem({"--socket-batching", "off", "m", "nbd://h"}) == "");  // the defaults give way

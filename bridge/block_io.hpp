@@ -51,6 +51,10 @@ struct RequestLimits {
   // write could land after the application's next write to the range.
   Clock::time_point send_until = Clock::time_point::max();
 
+  // The request's injected faults were drawn already (request_server draws them before
+  // it chooses a path): a command of it injects none again.
+  bool faults_drawn = false;
+
   bool given_up(Clock::time_point now) const { return (answered && *answered) || now >= send_until; }
 };
 
@@ -139,18 +143,8 @@ class BlockIo {
   asio::awaitable<std::error_code> command(Operation operation, Start start, CommandOptions options = {}) {
     // The NBD span starts before an injected delay: that delay stands for the network.
     auto sent = std::chrono::steady_clock::now();
-    if (faults_ && options.inject) {
-      // Injected faults act before the command reaches the server, as a slow or
-      // failing network would.
-      if (auto delay = faults_->next_delay(); delay.count() > 0) {
-        const auto taken = co_await wait_precisely(delay, options.limits);
-        if (statistics_) statistics_->injected_delay(std::uint64_t(taken.count()));
-      }
-      if (int error = faults_->next_error()) {
-        if (statistics_) statistics_->injected_error();
-        co_return std::error_code(error, std::generic_category());
-      }
-    }
+    if (faults_ && options.inject && !options.limits.faults_drawn)
+      if (auto error = co_await inject_faults(options.limits)) co_return error;
     const auto purpose = operation == Operation::block_status ? nbd_client::Purpose::block_status
                          : operation == Operation::flush      ? nbd_client::Purpose::flush
                                                               : nbd_client::Purpose::data;
@@ -187,15 +181,32 @@ class BlockIo {
   }
 
  public:
+  bool injects_faults() const { return faults_ != nullptr; }
+  // Injected faults act before a command reaches the server, as a slow or failing
+  // network would: waits the delay (ended early if the request is answered), then
+  // returns the error to fail the command with, if one is drawn.
+  asio::awaitable<std::error_code> inject_faults(RequestLimits limits) {
+    if (auto delay = faults_->next_delay(); delay.count() > 0) {
+      const auto taken = co_await wait_precisely(delay, limits);
+      if (statistics_) statistics_->injected_delay(std::uint64_t(taken.count()));
+    }
+    if (int error = faults_->next_error()) {
+      if (statistics_) statistics_->injected_error();
+      co_return std::error_code(error, std::generic_category());
+    }
+    co_return std::error_code{};
+  }
+
   // The per-request fast path, for a caller that awaits the connection itself and
   // so needs no coroutine frame of ours: a usable data connection when
-  // [offset, offset+length) needs no alignment work, no fault is to be injected
-  // and durability (if asked) is one FUA write; nullptr when the request must go
-  // through read()/write().
+  // [offset, offset+length) needs no alignment work and durability (if asked) is
+  // one FUA write; nullptr when the request must go through read()/write(). A caller
+  // draws the request's injected faults first (inject_faults), so that a run with
+  // them takes the same path as one without.
   nbd_client::Connection* direct_connection(std::uint64_t offset, std::size_t length, bool durable = false,
                                             nbd_client::Purpose purpose = nbd_client::Purpose::data) const {
     const std::uint64_t unit = block();
-    if (faults_ || (durable && !info_.can_fua) || (unit > 1 && (offset % unit != 0 || length % unit != 0)))
+    if ((durable && !info_.can_fua) || (unit > 1 && (offset % unit != 0 || length % unit != 0)))
       return nullptr;
     return pool_.least_loaded_usable(purpose);
   }

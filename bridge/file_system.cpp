@@ -447,6 +447,16 @@ void FileSystem::stop_request_servers() {
   }
 }
 
+// With injected faults, a READ or WRITE draws them before it chooses its path, so
+// that it takes the path it would take without them. Returns the injected error;
+// a request answered during the delay (a stop, a timeout) is not sent: EIO.
+asio::awaitable<std::error_code> FileSystem::draw_faults(RequestLimits& limits) {
+  limits.faults_drawn = true;
+  if (auto error = co_await io_.inject_faults(limits)) co_return error;
+  if (limits.given_up(std::chrono::steady_clock::now())) co_return std::error_code(EIO, std::generic_category());
+  co_return std::error_code{};
+}
+
 asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
   using clock = std::chrono::steady_clock;
   while (!self.stop) {
@@ -455,9 +465,13 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
       Tracked tracked(*this, job.request, Operation::read, "READ", job.offset, job.length, job.unique);
       // The buffer outlives the command: it is released only after the reply.
       BufferPool::Lease buffer = buffers_.acquire(job.length);
+      RequestLimits limits = tracked.limits();
+      const auto began = clock::now();
+      // (Tested here, not in draw_faults: a coroutine's frame would be allocated per request.)
       std::error_code error;
+      if (io_.injects_faults()) error = co_await draw_faults(limits);
       nbd_client::Connection* connection =
-          io_.direct_connection(job.offset, job.length, false, BlockIo::read_purpose(job.length));
+          error ? nullptr : io_.direct_connection(job.offset, job.length, false, BlockIo::read_purpose(job.length));
       // A large payload goes from the socket to a pipe that already holds the
       // reply's header, and from there to the reader: no copy through our memory.
       fuse_front::ReplyPipe* pipe = nullptr;
@@ -466,13 +480,13 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
         pipe = session_.reply_pipes().start_reply(job.unique, job.length);
       nbd_client::socket_batching::PipedPayload piped{buffer.data(), job.length, pipe ? pipe->write_end() : -1};
       if (connection) {
-        auto sent = clock::now();
+        auto sent = limits.faults_drawn ? began : clock::now();  // the NBD span includes an injected delay
         std::tie(error) = co_await connection->async_pread_piped(buffer.data(), job.length, job.offset,
                                                                  pipe ? &piped : nullptr, nbd_client::use_result);
         if (!io_.finished(Operation::read, *connection, sent, error)) connection = nullptr;  // broke: go the long way
       }
       if (pipe && !keep_pipe(pipe, piped, error)) connection = nullptr;  // the pipe failed: read it again
-      if (!connection) error = co_await io_.read(buffer.data(), job.length, job.offset, tracked.limits());
+      if (!connection && !error) error = co_await io_.read(buffer.data(), job.length, job.offset, limits);
       if (pipe) {
         co_await tracked.reply_piped(*pipe, job.length);
         session_.reply_pipes().give_back(pipe);  // drains a reply that was not sent (timed out)
@@ -491,22 +505,26 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
       Tracked tracked(*this, job.request, Operation::write, job.durable ? "WRITE+SYNC" : "WRITE", job.offset,
                       job.length);
       // job.payload keeps job.data (inside the FUSE receive buffer) alive until the server has it.
+      RequestLimits limits = tracked.limits();
+      const auto began = clock::now();
+      // (Tested here, not in draw_faults: a coroutine's frame would be allocated per request.)
       std::error_code error;
+      if (io_.injects_faults()) error = co_await draw_faults(limits);
       auto direct = [&] {
         return io_.direct_connection(job.offset, job.length, job.durable, BlockIo::write_purpose(job.length));
       };
-      nbd_client::Connection* connection = direct();
+      nbd_client::Connection* connection = error ? nullptr : direct();
       std::optional<RangeLock::Guard> blocks_held;
       bool given_up = false;
       if (connection && io_.writes_hold_blocks()) {
-        blocks_held.emplace(co_await io_.hold_blocks(job.offset, job.length, tracked.limits()));
+        blocks_held.emplace(co_await io_.hold_blocks(job.offset, job.length, limits));
         // The wait may have outlived that connection, or the request: answered or past its
         // expiry, it is not sent, nor queued for the blocks again.
-        given_up = tracked.limits().given_up(std::chrono::steady_clock::now());
+        given_up = limits.given_up(std::chrono::steady_clock::now());
         connection = given_up ? nullptr : direct();
       }
       if (connection) {
-        auto sent = clock::now();
+        auto sent = limits.faults_drawn ? began : clock::now();  // the NBD span includes an injected delay
         // The receive buffer's pages go to the socket as they are: job.payload
         // is not reused before the server has answered (this command's end).
         nbd_client::socket_batching::SentByReference by_reference{job.data, job.length};
@@ -525,7 +543,7 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
       }
       blocks_held.reset();  // write() takes it again: the lock is not reentrant
       if (given_up) error = std::error_code(EIO, std::generic_category());
-      else if (!connection) error = co_await io_.write(job.data, job.length, job.offset, job.durable, tracked.limits());
+      else if (!connection && !error) error = co_await io_.write(job.data, job.length, job.offset, job.durable, limits);
       note_allocation_changed(job.length);
       if (error) tracked.reply_error(to_application_errno(error));
       else tracked.reply_written(job.length);

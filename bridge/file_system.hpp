@@ -165,6 +165,7 @@ class FileSystem final : public fuse_front::Handlers {
   // Whether a READ reply of `length` goes out from the session's reply thread.
   bool reply_from_thread(std::size_t length) const;
   void hand_over(Job job);
+  asio::awaitable<std::error_code> draw_faults(RequestLimits& limits);
   asio::awaitable<void> request_server(RequestServer& self);
   void stop_request_servers();
   asio::awaitable<void> serve_flush(fuse_req_t request, bool fsync, std::uint64_t handle);

@@ -136,6 +136,23 @@ def test_injected_delay_raises_nbd_span():
     h.check(1.7 <= rise_ms <= 4.0, "NBD span p50 rose by %.2f ms, expected about 2 ms" % rise_ms)
 
 
+def test_injected_faults_keep_the_fast_path():
+    # A run with injected delays must take the same data path as one without, or
+    # an A/B of a delay measures a change of code path too: 1 MiB reads are still
+    # spliced, 1 MiB writes still sent by reference.
+    with h.Nbdkit(["memory", str(SIZE)]) as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--inject-delay", "10us:constant"]) as m:
+        d = h.tmpdir("fio")
+        h.run(["fio", "--name=big", "--filename=" + m.export, "--rw=write", "--bs=1M", "--size=8M", "--direct=1",
+               "--ioengine=io_uring", "--iodepth=4", "--verify=crc32c", "--verify_state_save=0"],
+              timeout=60, check=True, cwd=d)
+        stats = _stats_via_command(m.mountdir)
+        h.check(stats["injected"]["delays"] >= 16, "delays injected: %r" % stats["injected"])
+        h.check(stats["spliced_reads"]["piped"] > 0, "spliced reads with delays injected: %r" % stats["spliced_reads"])
+        h.check(stats["spliced_writes"]["by_reference"] > 0, "writes by reference with delays injected: %r"
+                % stats["spliced_writes"])
+
+
 def _error_pattern(seed):
     with h.Nbdkit(["memory", str(SIZE)]) as srv, \
             h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--inject-error", "0.3:EIO", "--seed", str(seed)]) as m:

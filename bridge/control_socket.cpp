@@ -123,12 +123,11 @@ std::error_code wait_for(int descriptor, short events, Deadline deadline) {
 
 }  // namespace
 
+// Not under XDG_RUNTIME_DIR: the bridge and `nbdbridge stats` may run in different
+// sessions (ssh, su, sudo: the variable differs or is unset), and logind removes
+// /run/user/UID, socket and all, when the session that made the mount ends.
 std::string control_socket_path(const std::string& absolute_mount_path) {
-  const char* runtime = std::getenv("XDG_RUNTIME_DIR");
-  // A relative or empty XDG_RUNTIME_DIR is invalid by the spec; the CLI must not resolve it
-  // against its own working directory and miss the server's socket.
-  std::string base = runtime && runtime[0] == '/' ? runtime : "/tmp";
-  while (base.size() > 1 && base.back() == '/') base.pop_back();
+  const std::string base = geteuid() == 0 ? "/run" : "/tmp";
   char name[40];
   std::snprintf(name, sizeof name, "%016llx.sock", static_cast<unsigned long long>(fnv1a_64(absolute_mount_path)));
   return base + "/nbdbridge-" + std::to_string(geteuid()) + "/" + name;

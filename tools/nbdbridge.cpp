@@ -579,17 +579,20 @@ int stats_command(std::vector<std::string> args) {
     // A dead or stale mount cannot be resolved; try the path as given.
     candidates.push_back(mountpoint);
   }
-  std::error_code last_error;
+  // Said: the most telling failure (a socket that refused, a bridge that did not
+  // answer), not "no such file" from a candidate that was never a mount's.
+  std::error_code telling_error;
   for (const auto& candidate : candidates) {
     std::string reply;
-    last_error = bridge::query_control(bridge::control_socket_path(candidate), reset ? "reset" : "stats", reply,
-                                       std::chrono::seconds(5));
-    if (!last_error) {
+    std::error_code error = bridge::query_control(bridge::control_socket_path(candidate), reset ? "reset" : "stats",
+                                                  reply, std::chrono::seconds(5));
+    if (!error) {
       std::fputs(reply.c_str(), stdout);
       return reply.rfind("error", 0) == 0 ? 1 : 0;
     }
+    if (!telling_error || telling_error == std::errc::no_such_file_or_directory) telling_error = error;
   }
-  say("no running nbdbridge found for " + mountpoint + " (" + last_error.message() + ")");
+  say("no running nbdbridge found for " + mountpoint + " (" + telling_error.message() + ")");
   return 1;
 }
 

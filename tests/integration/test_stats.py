@@ -95,7 +95,10 @@ def test_counts_through_stats_file_and_command():
 def test_stats_of_file_mode_mount_and_missing_bridge():
     target = os.path.join(h.tmpdir("fm"), "disk.img")
     open(target, "wb").close()
-    with h.Nbdkit(["memory", str(SIZE)]) as srv, h.Mount(target, [srv.uri]) as m:
+    # The bridge started in another session (ssh, su): XDG_RUNTIME_DIR differs from the
+    # one `nbdbridge stats` sees, and the session's directory may be gone by then.
+    env = dict(os.environ, XDG_RUNTIME_DIR=h.tmpdir("session"))
+    with h.Nbdkit(["memory", str(SIZE)]) as srv, h.Mount(target, [srv.uri], env=env) as m:
         fd = os.open(m.export, os.O_RDONLY)
         try:
             h.pread_full(fd, 4096, 0)

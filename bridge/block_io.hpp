@@ -143,7 +143,8 @@ class BlockIo {
   asio::awaitable<std::error_code> command(Operation operation, Start start, CommandOptions options = {}) {
     // The NBD span starts before an injected delay: that delay stands for the network.
     auto sent = std::chrono::steady_clock::now();
-    if (faults_ && options.inject && !options.limits.faults_drawn)
+    const bool delayed_here = faults_ && options.inject && !options.limits.faults_drawn;
+    if (delayed_here)
       if (auto error = co_await inject_faults(options.limits)) co_return error;
     const auto purpose = operation == Operation::block_status ? nbd_client::Purpose::block_status
                          : operation == Operation::flush      ? nbd_client::Purpose::flush
@@ -167,7 +168,11 @@ class BlockIo {
         connection = co_await pool_.usable_connection(purpose, options.limits.answered);  // through a reconnect
       }
       if (!connection || options.limits.given_up(Clock::now())) co_return std::error_code(EIO, std::generic_category());
+      // The NBD span is each attempt's own (after an injected delay, the first includes
+      // it): a command issued again after a reconnect is a second command, and the
+      // outage before it, or before the first, is not the server's latency.
       const auto attempt_sent = Clock::now();
+      if (!delayed_here || first_break) sent = attempt_sent;
       auto [error] = co_await start(*connection);
       if (finished(operation, *connection, sent, error, options.durable)) co_return error;
       if (error.value() == ESHUTDOWN && !connection->drain_requested() && ++shutdown_refusals >= 2)

@@ -1072,6 +1072,31 @@ def test_a_reconnect_held_by_a_silent_listener_tries_again():
         h.check(res[0][2] < 8.0, "the read waited %.1f s for the reconnect (3 s attempt limit)" % res[0][2])
 
 
+def test_nbd_span_leaves_out_the_outage():
+    # A read that waits through a reconnect: the application saw the outage, the
+    # server did not. Its NBD span is the command sent once the server was back.
+    import threading
+    size = 8 * MiB
+    img = random_image(size)
+    with h.Nbdkit(["file", img]) as srv, \
+            h.Mount(h.tmpdir("mp"), ["--unix", srv.sock], opts=["--retry-timeout", "20", "-C", "1"]) as m:
+        kill_server_rm_sock(srv)
+        results = []
+        reader = threading.Thread(target=lambda: results.extend(
+            io_ops(m.export, ["r:4096:4096"], timeout=20, what="read during the outage", mount=m)), daemon=True)
+        reader.start()
+        reader.join(timeout=1.2)
+        h.check(reader.is_alive(), "the read ended with no server: %r" % results)
+        srv.start()
+        reader.join(timeout=20)
+        h.check_eq([r[:2] for r in results], [("r", "OK:" + file_sha(img, 4096, 4096))], "the read")
+        r = h.run([h.NBDBRIDGE, "stats", m.mountdir], timeout=15, check=True)
+        read = json.loads(r.stdout)["operations"]["read"]
+        h.check(read["fuse_latency_us"]["max"] >= 1000000, "the read's own span: %r" % read["fuse_latency_us"])
+        h.check(read["nbd_latency_us"]["max"] < 500000, "the NBD span of the read includes the outage: %r"
+                % read["nbd_latency_us"])
+
+
 def test_retry_timeout_then_server_returns():
     size = 8 * MiB
     img = random_image(size)

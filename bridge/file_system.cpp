@@ -2,6 +2,7 @@
 // Loop thread only; see file_system.hpp for the reply-once rule.
 #include "bridge/file_system.hpp"
 
+#include "bridge/diagnostics.hpp"
 #include "bridge/errno_map.hpp"
 #include "bridge/geometry.hpp"
 #include "bridge/pending_signals.hpp"
@@ -137,7 +138,7 @@ FileSystem::Tracked::Tracked(FileSystem& owner, fuse_req_t request, Operation ki
   if (!owner_.idle_release_armed_) owner_.arm_idle_release();
   if constexpr (statistics_compiled_in) owner_.statistics_->request_started(kind_);
   if (owner_.options_.verbose) {
-    std::fprintf(stderr, "nbdbridge: #%" PRIu64 " %s offset=%" PRIu64 " length=%zu\n", id_, operation_, offset_,
+    trace("#%" PRIu64 " %s offset=%" PRIu64 " length=%zu", id_, operation_, offset_,
                  length_);
   }
 }
@@ -179,10 +180,10 @@ void FileSystem::Tracked::trace_reply(int error, std::size_t length) const {
   if (!owner_.options_.verbose) return;
   auto micros = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - started_);
   if (error)
-    std::fprintf(stderr, "nbdbridge: #%" PRIu64 " %s failed: %s (%lld us)\n", id_, operation_, std::strerror(error),
+    trace("#%" PRIu64 " %s failed: %s (%lld us)", id_, operation_, std::strerror(error),
                  static_cast<long long>(micros.count()));
   else
-    std::fprintf(stderr, "nbdbridge: #%" PRIu64 " %s done: %zu bytes (%lld us)\n", id_, operation_, length,
+    trace("#%" PRIu64 " %s done: %zu bytes (%lld us)", id_, operation_, length,
                  static_cast<long long>(micros.count()));
 }
 
@@ -291,7 +292,7 @@ void FileSystem::interrupt(std::uint64_t unique) {
       if (!request->replied_ && request->interrupted_at_ == std::chrono::steady_clock::time_point{}) {
         request->interrupted_at_ = std::chrono::steady_clock::now();
         if (options_.verbose)
-          std::fprintf(stderr, "nbdbridge: #%" PRIu64 " %s interrupted by a signal\n", request->id_,
+          trace("#%" PRIu64 " %s interrupted by a signal", request->id_,
                        request->operation_);
         answer_interrupts_later();
       }
@@ -351,7 +352,7 @@ void FileSystem::release_idle_memory() {
   buffers_.release_idle();
   session_.release_idle_buffers();
   malloc_trim(0);
-  if (options_.verbose) std::fprintf(stderr, "nbdbridge: idle: buffer memory given back\n");
+  if (options_.verbose) trace("idle: buffer memory given back");
 }
 
 asio::awaitable<void> FileSystem::drain(std::chrono::milliseconds bound) {
@@ -413,8 +414,8 @@ asio::awaitable<void> FileSystem::flush_at_stop() {
     else if (**flushed) not_done = "it failed: " + (*flushed)->message();
   }
   if (!not_done.empty())
-    std::fprintf(stderr, "nbdbridge: writes no fsync covered may not be durable: the flush at unmount was not done "
-                 "(%s)\n", not_done.c_str());
+    diagnostic("writes no fsync covered may not be durable: the flush at unmount was not done (" + not_done + ")",
+               final_patience);
 }
 
 // ---- request coroutines -----------------------------------------------------

@@ -1,6 +1,7 @@
 // The nbdbridge program: parse the command line, connect, mount, serve until
 // unmounted or signalled, then shut down in one place. One thread runs the Asio
 // loop that serves both /dev/fuse and the NBD socket.
+#include "bridge/diagnostics.hpp"
 #include "bridge/control_socket.hpp"
 #include "bridge/fault_injection.hpp"
 #include "bridge/file_system.hpp"
@@ -50,7 +51,11 @@ bool reply_thread_wanted(const tools::Options& options) {
   return options.connection_threads != "all";
 }
 
-void say(const std::string& line) { std::fprintf(stderr, "nbdbridge: %s\n", line.c_str()); }
+// One line on stderr. While the mount serves requests, a stderr nobody reads (a full
+// pipe) must not stall it: lines wait at most `patience`, then are dropped and counted.
+void say(const std::string& line, std::chrono::milliseconds patience = bridge::final_patience) {
+  bridge::diagnostic(line, patience);
+}
 
 std::chrono::milliseconds to_duration(double seconds) {
   return std::chrono::milliseconds(static_cast<long long>(seconds * 1000));
@@ -254,7 +259,7 @@ class Bridge {
     if (!info.can_flush && !info.read_only)
       say("note: the server does not support flush: it keeps no volatile write cache, so a write is durable "
           "once acknowledged and fsync succeeds without sending anything");
-    pool_.on_event = [](const std::string& line) { say(line); };
+    pool_.on_event = [](const std::string& line) { say(line, bridge::notice_patience); };
     bridge::Statistics& statistics = file_system_.statistics();
     statistics.set_connections(pool_.size());
     for (std::size_t index = 0; index < pool_.size(); ++index) statistics.set_connection_role(index, pool_.role_name(index));
@@ -358,13 +363,15 @@ class Bridge {
       std::error_code cancelled;
       co_await stats_ticker_.async_wait(asio::redirect_error(asio::use_awaitable, cancelled));
       if (cancelled || ended_flag_) co_return;
-      say("stats: " + file_system_.statistics().summary_line());
+      say("stats: " + file_system_.statistics().summary_line(), bridge::notice_patience);
     }
   }
 
   // False if --stats-file could not be written: the exit status says so.
   bool report_final_statistics() {
     say("stats at exit: " + file_system_.statistics().summary_line());
+    if (auto dropped = bridge::dropped_diagnostics())
+      say(std::to_string(dropped) + " line(s) for stderr were dropped: it was not being read");
     if (options_.stats_file.empty()) return true;
     const std::string json = file_system_.statistics().to_json() + "\n";
     std::FILE* file = std::fopen(options_.stats_file.c_str(), "w");

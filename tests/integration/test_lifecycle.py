@@ -4,6 +4,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -137,6 +138,51 @@ def test_stop_during_a_long_injected_delay():
 def mmap_buffer(length):
     import mmap
     return mmap.mmap(-1, length)
+
+
+def test_stderr_nobody_reads_stalls_nothing():
+    # -v on a pipe nobody reads (`2>&1 | less` left alone): once the pipe is full the
+    # trace lines are dropped, not waited for, and the mount goes on serving.
+    import threading
+    with h.Nbdkit(["memory", str(SIZE)]) as srv:
+        mp = h.tmpdir("mp")
+        read_end, write_end = os.pipe()
+        proc = h.popen([h.NBDBRIDGE, "-v", mp, srv.uri], stdout=subprocess.DEVNULL, stderr=write_end,
+                       start_new_session=True)
+        os.close(write_end)
+        output = []
+        drain = threading.Thread(target=lambda: output.append(_read_all(read_end)), daemon=True)
+        try:
+            h.wait_until(lambda: h.is_mounted(mp) or proc.poll() is not None, what="the mount")
+            h.check(proc.poll() is None, "the bridge exited")
+            # 4000 reads: two trace lines each, ~400 KB against the pipe's 64 KiB.
+            r = h.run(["dd", "if=" + os.path.join(mp, "nbd"), "of=/dev/null", "bs=1024", "count=4000",
+                       "iflag=direct"], timeout=30)
+            h.check_eq(r.returncode, 0, "dd through the mount: %s" % r.stderr)
+        finally:
+            drain.start()
+            if h.is_mounted(mp):
+                h.run(["fusermount3", "-u", mp], timeout=15)
+            try:
+                rc = proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = None
+            drain.join(timeout=10)
+            os.close(read_end)
+        h.check_eq(rc, 0, "exit status")
+        text = output[0] if output else ""
+        h.check(re.search(r"\d+ line\(s\) for stderr were dropped", text), "no line about the dropped lines: %s"
+                % text[-1000:])
+
+
+def _read_all(descriptor):
+    chunks = []
+    while True:
+        chunk = os.read(descriptor, 65536)
+        if not chunk:
+            return b"".join(chunks).decode(errors="replace")
+        chunks.append(chunk)
 
 
 def test_signal_while_connecting_extra_connections():

@@ -374,7 +374,11 @@ class Bridge {
       say(std::to_string(dropped) + " line(s) for stderr were dropped: it was not being read");
     if (options_.stats_file.empty()) return true;
     const std::string json = file_system_.statistics().to_json() + "\n";
-    std::FILE* file = std::fopen(options_.stats_file.c_str(), "w");
+    // O_NONBLOCK: a FIFO nobody reads would block the exit for ever (ENXIO instead).
+    int descriptor = open(options_.stats_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_NONBLOCK | O_CLOEXEC, 0666);
+    if (descriptor >= 0) fcntl(descriptor, F_SETFL, fcntl(descriptor, F_GETFL) & ~O_NONBLOCK);
+    std::FILE* file = descriptor >= 0 ? fdopen(descriptor, "w") : nullptr;
+    if (descriptor >= 0 && !file) close(descriptor);
     bool written = file && std::fwrite(json.data(), 1, json.size(), file) == json.size();
     int error = errno;
     if (file && std::fclose(file) != 0 && written) {

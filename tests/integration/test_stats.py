@@ -123,6 +123,18 @@ def test_stats_file_interval_and_exit_summary():
         h.check(final["operations"]["read"]["count"] >= 5, "final JSON counts the reads")
 
 
+def test_stats_file_on_a_fifo_nobody_reads():
+    # The exit must not wait for ever to open a FIFO with no reader: one line, exit 1.
+    fifo = os.path.join(h.tmpdir("sf"), "fifo")
+    os.mkfifo(fifo)
+    with h.Nbdkit(["memory", str(SIZE)]) as srv:
+        m = h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--stats-file", fifo], expect_exit=1)
+        with m:
+            h.check_eq(h.run(["fusermount3", "-u", m.mountdir], timeout=15).returncode, 0, "unmount")
+            m.wait_exit(timeout=10)
+        h.check("cannot write the statistics file" in m.stderr(), "the reason: %s" % m.stderr())
+
+
 def test_injected_delay_raises_nbd_span():
     # Both mounts at once, their reads interleaved in batches: a slow spell of the
     # machine (the sanitizer build beside the first pass) then weighs on both alike.

@@ -69,15 +69,29 @@ std::string read_text_file(const char* path) {
 }
 
 // Written atomically (rename), so a script polling for it never reads half a pid.
-bool write_pidfile(const std::string& path) {
-  std::string temporary = path + ".tmp";
-  {
-    std::ofstream file(temporary, std::ios::trunc);
-    if (!file) return false;
-    file << getpid() << "\n";
-    if (!file.flush()) return false;
-  }
-  return std::rename(temporary.c_str(), path.c_str()) == 0;
+// Written to a fresh temporary name beside it, then renamed into place, so a reader
+// never sees a partial pid. `written` identifies the file, so that the exit removes
+// it only while it is still ours.
+bool write_pidfile(const std::string& path, struct stat& written) {
+  std::string temporary = path + ".XXXXXX";
+  int descriptor = mkstemp(temporary.data());
+  if (descriptor < 0) return false;
+  const std::string pid = std::to_string(getpid()) + "\n";
+  bool done = fchmod(descriptor, 0644) == 0 && write(descriptor, pid.data(), pid.size()) == ssize_t(pid.size()) &&
+              fstat(descriptor, &written) == 0;
+  int error = errno;
+  close(descriptor);
+  if (done && std::rename(temporary.c_str(), path.c_str()) == 0) return true;
+  if (done) error = errno;
+  unlink(temporary.c_str());
+  errno = error;
+  return false;
+}
+
+void remove_pidfile(const std::string& path, const struct stat& written) {
+  struct stat now {};
+  if (lstat(path.c_str(), &now) == 0 && now.st_dev == written.st_dev && now.st_ino == written.st_ino)
+    unlink(path.c_str());
 }
 
 // A file the bridge will write once mounted (pidfile) or at exit (statistics): a
@@ -98,6 +112,9 @@ std::string check_writable_place(const std::string& path, bool written_in_place)
   if (!S_ISDIR(status.st_mode)) return directory + " is not a directory";
   if (access(directory.c_str(), W_OK | X_OK) != 0) return "cannot write into " + directory + ": " + std::strerror(errno);
   if (stat(path.c_str(), &status) == 0 && S_ISDIR(status.st_mode)) return "is a directory";
+  // The pidfile takes the place of what is there (and goes at exit): never a device,
+  // a FIFO or a symbolic link someone made there.
+  if (lstat(path.c_str(), &status) == 0 && !S_ISREG(status.st_mode)) return "exists and is not a regular file";
   return {};
 }
 
@@ -311,7 +328,7 @@ class Bridge {
     stats_ticker_.cancel();
     if (control_) control_->stop();
     bool statistics_written = report_final_statistics();
-    if (!options_.pidfile.empty() && !pidfile_failed_) std::remove(options_.pidfile.c_str());
+    if (!options_.pidfile.empty() && pidfile_written_) remove_pidfile(options_.pidfile, pidfile_identity_);
     if (session_.init_refused()) say("the kernel's FUSE INIT failed: " + session_.init_failure());
     if (options_.verbose) say("unmounted " + plan_.export_path());
     finish(statistics_written && !pidfile_failed_ && !caller_gone_ && !session_.init_refused() ? 0 : 1);
@@ -393,7 +410,7 @@ class Bridge {
   void on_live() {
     if (session_.init_refused()) return;  // the session has ended: not live, and never was
     // A script waits for the pidfile: a mount it never learns of must not stay.
-    if (!options_.pidfile.empty() && !write_pidfile(options_.pidfile)) {
+    if (!options_.pidfile.empty() && !(pidfile_written_ = write_pidfile(options_.pidfile, pidfile_identity_))) {
       say("cannot write pidfile " + options_.pidfile + ": " + std::strerror(errno) + "; unmounting");
       pidfile_failed_ = true;
       if (daemon_report_ >= 0) close(daemon_report_);  // the parent sees EOF and waits for our status
@@ -456,6 +473,8 @@ class Bridge {
   bool ended_flag_ = false;
   bool stop_requested_ = false;
   bool pidfile_failed_ = false;
+  bool pidfile_written_ = false;
+  struct stat pidfile_identity_ {};
   bool caller_gone_ = false;
   int exit_code_ = 1;
 };

@@ -5,6 +5,7 @@ Each case runs nbdbridge to completion with a deadline and then checks
 /proc/self/mountinfo and the process tree.
 """
 import os
+import stat
 import socket
 import sys
 import time
@@ -222,6 +223,25 @@ def test_unwritable_pidfile_or_statistics_file():
                             what="%s in a missing directory" % option, must_mention=[missing])
         _expect_failure(["-P", h.tmpdir("p"), mp, srv.uri], mp, what="pidfile is a directory",
                         must_mention=["directory"])
+        # The pidfile replaces what is at its path and is removed at exit: never a FIFO
+        # (or a device: -P /dev/full made it a file, then removed it) or a symlink.
+        d = h.tmpdir("p")
+        fifo = os.path.join(d, "fifo")
+        os.mkfifo(fifo)
+        link = os.path.join(d, "link")
+        os.symlink(os.path.join(d, "target"), link)
+        for path in (fifo, link):
+            _expect_failure(["-P", path, mp, srv.uri], mp, what="pidfile %s" % path,
+                            must_mention=["not a regular file"])
+        h.check(os.path.islink(link) and stat.S_ISFIFO(os.lstat(fifo).st_mode), "the refused paths are untouched")
+        h.check_eq(sorted(os.listdir(d)), ["fifo", "link"], "nothing else left in the pidfile's directory")
+        # A pidfile some other process replaced meanwhile is theirs: left at exit.
+        pidfile = os.path.join(d, "pid")
+        with h.Mount(mp, [srv.uri], opts=["-P", pidfile], wait_pidfile=pidfile):
+            with open(pidfile + ".new", "w") as f:
+                f.write("1\n")
+            os.rename(pidfile + ".new", pidfile)
+        h.check_eq(open(pidfile).read(), "1\n", "another's pidfile left at exit")
 
 
 def test_dir_slash_name_refuses_to_hide_files():

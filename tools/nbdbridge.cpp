@@ -166,6 +166,16 @@ int become_daemon(int target_fd) {
   // target given as 0 or 1 is the NBD socket itself and stays.
   if (target_fd != STDIN_FILENO) point_at_null_device({STDIN_FILENO});
   if (target_fd != STDOUT_FILENO) point_at_null_device({STDOUT_FILENO});
+  // Likewise every other descriptor the caller left open (`3>&1 | cat`, a supervisor
+  // waiting for EOF on a pipe): only the report pipe and an --fd target stay.
+  unsigned first = 3;
+  int kept[] = {std::min(report[1], target_fd), std::max(report[1], target_fd)};
+  for (int descriptor : kept) {
+    if (descriptor < int(first)) continue;
+    if (unsigned(descriptor) > first) close_range(first, unsigned(descriptor) - 1, 0);
+    first = unsigned(descriptor) + 1;
+  }
+  close_range(first, ~0U, 0);
   return report[1];
 }
 

@@ -472,6 +472,33 @@ def test_idle_mount_gives_memory_back():
         h.check_eq(r.returncode, 0, "fio verify after the release: %s %s" % (r.stdout, r.stderr))
 
 
+def test_daemon_holds_no_other_descriptor_of_the_caller():
+    # A supervisor that waits for EOF on a pipe it gave as fd 3 (`3>&1 | cat`): the
+    # daemon must not keep it open once the parent has returned.
+    import select
+    with h.Nbdkit(["memory", str(SIZE)]) as srv:
+        mp = h.tmpdir("mp")
+        pidfile = os.path.join(h.tmpdir("d"), "pid")
+        read_end, write_end = os.pipe()
+        try:
+            r = subprocess.run([h.NBDBRIDGE, "--daemon", "-P", pidfile, mp, srv.uri], pass_fds=(write_end,),
+                               stdin=subprocess.DEVNULL, capture_output=True, timeout=15)
+            os.close(write_end)
+            write_end = None
+            h.check_eq(r.returncode, 0, "--daemon exit status (stderr %r)" % r.stderr)
+            ready, _, _ = select.select([read_end], [], [], 5)
+            h.check(ready and os.read(read_end, 1) == b"", "the caller's pipe on another descriptor is still open")
+        finally:
+            if write_end is not None:
+                os.close(write_end)
+            os.close(read_end)
+            daemon_pid = int(open(pidfile).read()) if os.path.exists(pidfile) else None
+            if h.is_mounted(mp):
+                h.run(["fusermount3", "-u", mp])
+            if daemon_pid:
+                h.wait_until(lambda: not h.pid_alive(daemon_pid), what="the daemon to exit")
+
+
 def test_daemon_with_captured_output_returns():
     # $(nbdbridge --daemon ...), ssh, or a pipe: the caller reads until end of file, so
     # neither the daemon nor what it starts (fusermount3's auto_unmount watcher, a

@@ -247,6 +247,19 @@ std::string check_option_combinations(const CLI::App& app, const Options& option
   auto given = [&app](const char* name) { return app.count(name) > 0; };
   if (given("--seed") && options.inject_delay.empty() && options.inject_error.empty())
     return "--seed applies only with --inject-delay or --inject-error";
+  // TCP settings for a target that is surely not TCP (an --fd socket may be), and a
+  // reconnect limit for targets that are never reconnected.
+  const bool local_uri = options.uri.find("+unix://") != std::string::npos ||
+                         options.uri.find("+vsock://") != std::string::npos;
+  const char* not_tcp = !options.unix_path.empty()        ? "--unix"
+                        : !options.server_command.empty() ? "[ CMD ]"
+                        : local_uri                       ? "a unix or vsock URI"
+                                                          : nullptr;
+  for (const char* tcp_option : {"--tcp-congestion", "--tcp-keepalive"})
+    if (not_tcp && given(tcp_option)) return std::string(tcp_option) + " applies only to TCP, not to " + not_tcp;
+  if (given("--retry-timeout") && (!options.server_command.empty() || options.fd >= 0))
+    return std::string("--retry-timeout does not apply to ") + (options.fd >= 0 ? "--fd" : "[ CMD ]") +
+           ": that server cannot be reached again, so it is not reconnected";
   if (options.socket_batching == "off") {
     if (given("--spliced-reads") && options.spliced_reads == "on")
       return "--spliced-reads on needs --socket-batching on";

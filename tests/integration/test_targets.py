@@ -126,10 +126,15 @@ def test_tcp_congestion_control():
             h.check(controls and all(c == expected for c in controls),
                     "%r: congestion control of the bridge's connections %r, expected %s" % (opts, controls, expected))
             _check_rw(m, SIZE)
-    # A name on a unix socket has nothing to set: the mount works.
-    with h.Nbdkit(["memory", str(SIZE)]) as srv, \
-            h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--tcp-congestion", "reno"]) as m:
-        _check_rw(m, SIZE)
+    # On a unix socket there is nothing to set: said, not ignored.
+    with h.Nbdkit(["memory", str(SIZE)]) as srv:
+        for option, value in (("--tcp-congestion", "reno"), ("--tcp-keepalive", "10")):
+            for target in ([srv.uri], ["--unix", srv.sock]):
+                rc, err = h.nbdbridge_run([option, value, h.tmpdir("mp")] + target)
+                h.check(rc != 0 and "applies only to TCP" in err and len(err.strip().splitlines()) == 1,
+                        "%s with %r: %d %r" % (option, target, rc, err))
+        rc, err = h.nbdbridge_run(["--retry-timeout", "5", h.tmpdir("mp"), "[", "nbdkit", "memory", "1M", "]"])
+        h.check(rc != 0 and "--retry-timeout does not apply" in err, "--retry-timeout with [ CMD ]: %d %r" % (rc, err))
 
 
 def test_fd_unix_socket():

@@ -476,10 +476,11 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
       RequestLimits limits = tracked.limits();
       const auto began = clock::now();
       // (Tested here, not in draw_faults: a coroutine's frame would be allocated per request.)
-      std::error_code error;
-      if (io_.injects_faults()) error = co_await draw_faults(limits);
+      std::error_code injected;  // an injected error (or EIO: answered during the delay) fails it unsent
+      if (io_.injects_faults()) injected = co_await draw_faults(limits);
+      std::error_code error = injected;
       nbd_client::Connection* connection =
-          error ? nullptr : io_.direct_connection(job.offset, job.length, false, BlockIo::read_purpose(job.length));
+          injected ? nullptr : io_.direct_connection(job.offset, job.length, false, BlockIo::read_purpose(job.length));
       // A large payload goes from the socket to a pipe that already holds the
       // reply's header, and from there to the reader: no copy through our memory.
       fuse_front::ReplyPipe* pipe = nullptr;
@@ -494,7 +495,7 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
         if (!io_.finished(Operation::read, *connection, sent, error)) connection = nullptr;  // broke: go the long way
       }
       if (pipe && !keep_pipe(pipe, piped, error)) connection = nullptr;  // the pipe failed: read it again
-      if (!connection && !error) error = co_await io_.read(buffer.data(), job.length, job.offset, limits);
+      if (!connection && !injected) error = co_await io_.read(buffer.data(), job.length, job.offset, limits);
       if (pipe) {
         co_await tracked.reply_piped(*pipe, job.length);
         session_.reply_pipes().give_back(pipe);  // drains a reply that was not sent (timed out)
@@ -516,12 +517,13 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
       RequestLimits limits = tracked.limits();
       const auto began = clock::now();
       // (Tested here, not in draw_faults: a coroutine's frame would be allocated per request.)
-      std::error_code error;
-      if (io_.injects_faults()) error = co_await draw_faults(limits);
+      std::error_code injected;  // an injected error (or EIO: answered during the delay) fails it unsent
+      if (io_.injects_faults()) injected = co_await draw_faults(limits);
+      std::error_code error = injected;
       auto direct = [&] {
         return io_.direct_connection(job.offset, job.length, job.durable, BlockIo::write_purpose(job.length));
       };
-      nbd_client::Connection* connection = error ? nullptr : direct();
+      nbd_client::Connection* connection = injected ? nullptr : direct();
       std::optional<RangeLock::Guard> blocks_held;
       bool given_up = false;
       if (connection && io_.writes_hold_blocks()) {
@@ -551,7 +553,8 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
       }
       blocks_held.reset();  // write() takes it again: the lock is not reentrant
       if (given_up) error = std::error_code(EIO, std::generic_category());
-      else if (!connection && !error) error = co_await io_.write(job.data, job.length, job.offset, job.durable, limits);
+      else if (!connection && !injected)
+        error = co_await io_.write(job.data, job.length, job.offset, job.durable, limits);
       note_allocation_changed(job.length);
       if (error) tracked.reply_error(to_application_errno(error));
       else tracked.reply_written(job.length);

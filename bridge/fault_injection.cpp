@@ -21,13 +21,14 @@ struct ErrnoName {
 };
 
 // The errors a disk can plausibly return, and the ones the connection code produces.
-constexpr std::array<ErrnoName, 22> errno_names = {{
+constexpr std::array<ErrnoName, 23> errno_names = {{
     {"EIO", EIO},           {"ENOSPC", ENOSPC},       {"EPERM", EPERM},         {"EINVAL", EINVAL},
     {"ENOMEM", ENOMEM},     {"EROFS", EROFS},         {"ETIMEDOUT", ETIMEDOUT}, {"EACCES", EACCES},
     {"EAGAIN", EAGAIN},     {"EBUSY", EBUSY},         {"EDQUOT", EDQUOT},       {"EFBIG", EFBIG},
     {"EOVERFLOW", EOVERFLOW}, {"ENOTSUP", ENOTSUP},   {"ENXIO", ENXIO},         {"ENODEV", ENODEV},
     {"ESHUTDOWN", ESHUTDOWN}, {"ENOTCONN", ENOTCONN}, {"ECONNRESET", ECONNRESET}, {"EPIPE", EPIPE},
     {"EINTR", EINTR},       {"EFAULT", EFAULT},
+    {"EOPNOTSUPP", EOPNOTSUPP},  // ENOTSUP's value on Linux; after it, so the number is named ENOTSUP
 }};
 
 constexpr std::array<std::pair<std::string_view, DelayDistribution>, 4> distribution_names = {{

@@ -188,8 +188,9 @@ std::string resolve_mountpoint(const std::string& path, MountPlan& plan) {
   if (!plan.file_name.empty() && kind == PathKind::missing) {
     problem = check_directory_may_be_covered(plan.mount_path);
     if (!problem.empty())
-      return "mountpoint " + path + ": the mount would cover its directory " + plan.mount_path + ", " + problem +
-             "; create " + path + " first to mount over that file alone, or name an empty directory";
+      return "mountpoint " + path + " does not exist, and as DIRECTORY/NAME the mount would cover " +
+             plan.mount_path + ", " + problem + "; create " + path +
+             " first to mount over that file alone, or name an empty directory";
   }
   return {};
 }

@@ -93,7 +93,7 @@ void setup(CLI::App& app, Options& options) {
                  "an existing directory (the export appears as MOUNTPOINT/nbd), DIRECTORY/NAME "
                  "(appears as NAME; the mount covers DIRECTORY, which must be empty), or an existing "
                  "regular file (mounted over)");
-  app.add_option("TARGET", options.uri, "NBD URI of the export");
+  app.add_option("TARGET", options.uri, "NBD URI of the export (or [ CMD ARGS... ], --unix, --tcp or --fd)");
   app.add_option("--unix", options.unix_path, "connect to the NBD server's unix socket PATH");
   app.add_option("--tcp", options.tcp, "connect to HOST PORT over TCP")->expected(2)->type_name("HOST PORT");
   app.add_option("--fd", options.fd, "use the already-connected socket N")->check(CLI::NonNegativeNumber);
@@ -128,7 +128,8 @@ void setup(CLI::App& app, Options& options) {
                  "writes (default): with a multi-conn server, one more connection, driven by a thread "
                  "of its own, carries WRITEs of 128 KiB and more, so their copy into the socket "
                  "overlaps the loop; off: the loop thread drives every connection; all: each NBD "
-                 "connection is driven by a thread of its own (faster only for deep write queues)")
+                 "connection is driven by a thread of its own (faster only for deep write queues; slower at depth 1 "
+                 "and for 4 KiB I/O)")
       ->check(CLI::IsMember({"writes", "off", "all"}));
   app.add_option("--replies", options.replies,
                  "how the server answers: auto (default: simple replies on the data connections plus one "
@@ -152,7 +153,7 @@ void setup(CLI::App& app, Options& options) {
       ->check(CLI::IsMember({"on", "off"}));
   app.add_option("--tcp-congestion", options.tcp_congestion,
                  "TCP congestion control of the NBD connections: auto (default): reno on connections to "
-                 "this machine (127.0.0.1, ::1), where a pacing algorithm such as bbr only delays sends, "
+                 "this machine (127.0.0.0/8, ::1), where a pacing algorithm such as bbr only delays sends, "
                  "the system's choice elsewhere; system: the system's choice everywhere; NAME (e.g. cubic, "
                  "bbr): that one on every TCP connection, or the mount fails")
       ->check([](const std::string& name) {
@@ -183,7 +184,8 @@ void setup(CLI::App& app, Options& options) {
                  "latency at depth 1, more CPU")
       ->check(whole_number(false, 0, 10000, "microseconds"));
   app.add_option("--stats-interval", options.stats_interval_seconds,
-                 "print a one-line statistics summary to stderr every S seconds (a summary is always printed at exit)")
+                 "print a one-line statistics summary (totals so far) to stderr every S seconds (default 0: only the "
+                 "summary always printed at exit)")
       ->check(seconds(true));
   app.add_option("--stats-file", options.stats_file, "write the final statistics as JSON to FILE at exit");
   app.add_option("--inject-delay", options.inject_delay,
@@ -213,7 +215,18 @@ void setup(CLI::App& app, Options& options) {
       "  nbdbridge --inject-delay 2ms:0.5ms:normal --seed 7 ./mnt [ nbdkit memory 1G ]   # latency experiment\n"
       "  nbdbridge stats ./mnt                          # live statistics as JSON (--reset zeroes them)\n"
       "  fusermount3 -u ./mnt                           # unmount (or Ctrl-C)\n"
-      "Writes cannot grow the file: a write past the end fails with ENOSPC. Use dd conv=notrunc.");
+      "Writes cannot grow the file: a write past the end fails with ENOSPC (one that crosses it is short).\n"
+      "With dd seek=N add conv=notrunc.");
+}
+
+std::string parse_error_message(const CLI::App& app, const CLI::ParseError& error) {
+  // CLI11 lists unexpected words in the order of the reversed vector it was given.
+  if (dynamic_cast<const CLI::ExtrasError*>(&error)) {
+    std::string words;
+    for (const std::string& word : app.remaining()) words += (words.empty() ? "" : " ") + word;
+    return "unexpected argument(s): " + words;
+  }
+  return error.what();
 }
 
 std::string parse_command_line(CLI::App& app, std::vector<std::string> args, Options& options) {
@@ -231,7 +244,7 @@ std::string parse_command_line(CLI::App& app, std::vector<std::string> args, Opt
     app.parse(args);
   } catch (const CLI::ParseError& error) {
     if (error.get_exit_code() == 0) throw;  // --help
-    return std::string(error.what()) + " (see nbdbridge --help)";
+    return parse_error_message(app, error) + " (see nbdbridge --help)";
   }
   // -o ro is --readonly said the FUSE way: the file's mode and the NBD connection follow it.
   const auto mount_options = split_mount_options(options.mount_options);

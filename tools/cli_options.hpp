@@ -61,6 +61,9 @@ void setup(CLI::App& app, Options& options);
 // A request for help is rethrown (CLI::CallForHelp) for app.exit() to print.
 std::string parse_command_line(CLI::App& app, std::vector<std::string> args, Options& options);
 
+// A CLI11 parse error as one line, with unexpected words in the order they were given.
+std::string parse_error_message(const CLI::App& app, const CLI::ParseError& error);
+
 // Options that contradict each other (given on the same command line). Returns a
 // one-line problem or "".
 std::string check_option_combinations(const CLI::App& app, const Options& options);

@@ -605,7 +605,7 @@ int stats_command(std::vector<std::string> args) {
     app.parse(args);
   } catch (const CLI::ParseError& error) {
     if (error.get_exit_code() == 0) return app.exit(error);
-    say(std::string(error.what()) + " (see nbdbridge stats --help)");
+    say(tools::parse_error_message(app, error) + " (see nbdbridge stats --help)");
     return 2;
   }
   std::vector<std::string> candidates;

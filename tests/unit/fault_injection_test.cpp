@@ -109,6 +109,7 @@ TEST_CASE("error specs: rate as a fraction or a percentage, errno by name or num
   CHECK(error_of("1:eperm").error_number == EPERM);
   CHECK(error_of("0.1:EFBIG").error_number == EFBIG);
   CHECK(error_of("0.1:28").error_number == 28);
+  CHECK(error_of("0.1:EOPNOTSUPP").error_number == EOPNOTSUPP);
   CHECK(error_of("0").rate == 0);
   CHECK(error_of("100%").rate == 1);
 

@@ -262,7 +262,12 @@ class Bridge {
       co_return finish(1);
     }
     if (error) {
-      say("cannot connect to " + target_.describe() + ": " + pool_.error_message());
+      std::string reason = pool_.error_message();
+      // gnutls says only that the handshake ended: a wrong PSK key or identity, or a
+      // certificate the server does not accept, is the usual cause.
+      if (reason.find("gnutls_handshake") != std::string::npos)
+        reason += " (the TLS handshake failed: check the key file, the user name or the certificates)";
+      say("cannot connect to " + target_.describe() + ": " + reason);
       pool_.close();
       co_return finish(1);
     }

@@ -137,7 +137,8 @@ def test_wrong_psk_fails_fast():
         h.check(f.read() != g.read(), "psktool produced the same key twice")
     with h.Nbdkit(["memory", str(SIZE)], opts=["--tls=require", "--tls-psk=" + good]) as srv:
         uri = "nbds+unix://alice@/?socket=%s&tls-psk-file=%s" % (srv.sock, bad)
-        _expect_failure(uri, "wrong PSK")
+        err = _expect_failure(uri, "wrong PSK")
+        h.check("check the key file" in err, "the wrong PSK's message does not point at the key: %r" % err)
         # unknown user name
         uri = "nbds+unix://mallory@/?socket=%s&tls-psk-file=%s" % (srv.sock, _psk_file("mallory"))
         _expect_failure(uri, "unknown PSK user")

@@ -181,7 +181,8 @@ std::error_code Session::mount(const std::string& mountpoint, const std::vector<
   session_ = fuse_session_new(&args, &operations_, sizeof operations_, user_data_);
   fuse_opt_free_args(&args);  // libfuse may have copied argv into it
   if (!session_) {
-    error_message = "invalid mount options '" + joined + "': " + capture.finish();
+    // libfuse names the option it refused; the options we add ourselves would only confuse.
+    error_message = "invalid mount option: " + capture.finish();
     return std::make_error_code(std::errc::invalid_argument);
   }
   // fusermount3 runs in our process group until it has passed the /dev/fuse fd back:

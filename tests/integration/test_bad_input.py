@@ -197,6 +197,7 @@ def test_contradictory_or_out_of_range_options():
                 (["--list", "-e", "other", srv.uri], "--export-name"),
                 (["--list", "--tcp-keepalive", "5", srv.uri], "--tcp-keepalive"),
                 (["--seed", "7", mp, srv.uri], "--seed"),  # nothing injected to seed
+                (["-o", "bogus_opt", mp, srv.uri], "-o bogus_opt"),  # libfuse's word, not our own options
                 # Fractions are refused, not truncated (0.5 would turn polling off).
                 (["--busy-poll", "0.5", mp, srv.uri], "--busy-poll"),
                 (["--tcp-keepalive", "2.9", mp, srv.uri], "--tcp-keepalive"),

@@ -52,8 +52,10 @@ struct RequestLimits {
   Clock::time_point send_until = Clock::time_point::max();
 
   // The request's injected faults were drawn already (request_server draws them before
-  // it chooses a path): a command of it injects none again.
+  // it chooses a path, the stop's flush wants none): a command of it injects none again.
   bool faults_drawn = false;
+  // The delay they took: the NBD span of the request's first command includes it.
+  std::chrono::nanoseconds injected_delay{0};
 
   bool given_up(Clock::time_point now) const { return (answered && *answered) || now >= send_until; }
 };
@@ -141,11 +143,10 @@ class BlockIo {
   }
   template <typename Start>
   asio::awaitable<std::error_code> command(Operation operation, Start start, CommandOptions options = {}) {
-    // The NBD span starts before an injected delay: that delay stands for the network.
-    auto sent = std::chrono::steady_clock::now();
-    const bool delayed_here = faults_ && options.inject && !options.limits.faults_drawn;
-    if (delayed_here)
-      if (auto error = co_await inject_faults(options.limits)) co_return error;
+    // An injected delay stands for the network: the first attempt's NBD span includes it.
+    std::chrono::nanoseconds injected_delay = options.limits.injected_delay;
+    if (faults_ && options.inject && !options.limits.faults_drawn)
+      if (auto error = co_await inject_faults(options.limits, injected_delay)) co_return error;
     const auto purpose = operation == Operation::block_status ? nbd_client::Purpose::block_status
                          : operation == Operation::flush      ? nbd_client::Purpose::flush
                                                               : nbd_client::Purpose::data;
@@ -168,11 +169,11 @@ class BlockIo {
         connection = co_await pool_.usable_connection(purpose, options.limits.answered);  // through a reconnect
       }
       if (!connection || options.limits.given_up(Clock::now())) co_return std::error_code(EIO, std::generic_category());
-      // The NBD span is each attempt's own (after an injected delay, the first includes
-      // it): a command issued again after a reconnect is a second command, and the
-      // outage before it, or before the first, is not the server's latency.
+      // The NBD span is each attempt's own (the first's with the injected delay): a
+      // command issued again after a reconnect is a second command, and the outage
+      // before it, or before the first, is not the server's latency.
       const auto attempt_sent = Clock::now();
-      if (!delayed_here || first_break) sent = attempt_sent;
+      const auto sent = first_break ? attempt_sent : attempt_sent - injected_delay;
       auto [error] = co_await start(*connection);
       if (finished(operation, *connection, sent, error, options.durable)) co_return error;
       if (error.value() == ESHUTDOWN && !connection->drain_requested() && ++shutdown_refusals >= 2)
@@ -190,9 +191,10 @@ class BlockIo {
   // Injected faults act before a command reaches the server, as a slow or failing
   // network would: waits the delay (ended early if the request is answered), then
   // returns the error to fail the command with, if one is drawn.
-  asio::awaitable<std::error_code> inject_faults(RequestLimits limits) {
+  asio::awaitable<std::error_code> inject_faults(RequestLimits limits, std::chrono::nanoseconds& taken) {
+    taken = std::chrono::nanoseconds(0);
     if (auto delay = faults_->next_delay(); delay.count() > 0) {
-      const auto taken = co_await wait_precisely(delay, limits);
+      taken = co_await wait_precisely(delay, limits);
       if (statistics_) statistics_->injected_delay(std::uint64_t(taken.count()));
     }
     if (int error = faults_->next_error()) {

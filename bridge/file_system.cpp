@@ -330,8 +330,8 @@ void FileSystem::answer_interrupts_later() {
 }
 
 void FileSystem::arm_idle_release() {
+  idle_release_armed_ = true;  // also when off or stopping: requests then do not call again
   if (draining_ || options_.idle_release.count() <= 0) return;
-  idle_release_armed_ = true;
   request_id_at_idle_check_ = next_request_id_;
   idle_release_timer_.expires_after(options_.idle_release);
   idle_release_timer_.async_wait([this](std::error_code cancelled) {
@@ -398,7 +398,8 @@ asio::awaitable<void> FileSystem::flush_at_stop() {
     asio::co_spawn(executor_, [this, flushed]() -> asio::awaitable<void> {
       const auto started = std::chrono::steady_clock::now();
       if constexpr (statistics_compiled_in) statistics_->request_started(Operation::flush);
-      *flushed = co_await io_.flush(/*always=*/false);
+      // The bridge's own command: no injected delay may hold the stop (nor its exit).
+      *flushed = co_await io_.flush(/*always=*/false, RequestLimits{.faults_drawn = true});
       if constexpr (statistics_compiled_in)  // counted as an fsync would be
         statistics_->request_finished(Operation::flush, 0, bool(**flushed),
                                       std::uint64_t(std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -453,7 +454,7 @@ void FileSystem::stop_request_servers() {
 // a request answered during the delay (a stop, a timeout) is not sent: EIO.
 asio::awaitable<std::error_code> FileSystem::draw_faults(RequestLimits& limits) {
   limits.faults_drawn = true;
-  if (auto error = co_await io_.inject_faults(limits)) co_return error;
+  if (auto error = co_await io_.inject_faults(limits, limits.injected_delay)) co_return error;
   if (limits.given_up(std::chrono::steady_clock::now())) co_return std::error_code(EIO, std::generic_category());
   co_return std::error_code{};
 }
@@ -474,7 +475,6 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
       // The buffer outlives the command: it is released only after the reply.
       BufferPool::Lease buffer = buffers_.acquire(job.length);
       RequestLimits limits = tracked.limits();
-      const auto began = clock::now();
       // (Tested here, not in draw_faults: a coroutine's frame would be allocated per request.)
       std::error_code injected;  // an injected error (or EIO: answered during the delay) fails it unsent
       if (io_.injects_faults()) injected = co_await draw_faults(limits);
@@ -489,10 +489,11 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
         pipe = session_.reply_pipes().start_reply(job.unique, job.length);
       nbd_client::socket_batching::PipedPayload piped{buffer.data(), job.length, pipe ? pipe->write_end() : -1};
       if (connection) {
-        auto sent = limits.faults_drawn ? began : clock::now();  // the NBD span includes an injected delay
+        auto sent = clock::now() - limits.injected_delay;  // the NBD span includes an injected delay
         std::tie(error) = co_await connection->async_pread_piped(buffer.data(), job.length, job.offset,
                                                                  pipe ? &piped : nullptr, nbd_client::use_result);
         if (!io_.finished(Operation::read, *connection, sent, error)) connection = nullptr;  // broke: go the long way
+        limits.injected_delay = {};  // spent on this command: a second one is the server's alone
       }
       if (pipe && !keep_pipe(pipe, piped, error)) connection = nullptr;  // the pipe failed: read it again
       if (!connection && !injected) error = co_await io_.read(buffer.data(), job.length, job.offset, limits);
@@ -515,7 +516,6 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
                       job.length);
       // job.payload keeps job.data (inside the FUSE receive buffer) alive until the server has it.
       RequestLimits limits = tracked.limits();
-      const auto began = clock::now();
       // (Tested here, not in draw_faults: a coroutine's frame would be allocated per request.)
       std::error_code injected;  // an injected error (or EIO: answered during the delay) fails it unsent
       if (io_.injects_faults()) injected = co_await draw_faults(limits);
@@ -534,7 +534,7 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
         connection = given_up ? nullptr : direct();
       }
       if (connection) {
-        auto sent = limits.faults_drawn ? began : clock::now();  // the NBD span includes an injected delay
+        auto sent = clock::now() - limits.injected_delay;  // the NBD span includes an injected delay
         // The receive buffer's pages go to the socket as they are: job.payload
         // is not reused before the server has answered (this command's end).
         nbd_client::socket_batching::SentByReference by_reference{job.data, job.length};
@@ -550,12 +550,13 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
           if constexpr (statistics_compiled_in) statistics_->spliced_write(bool(error));
         }
         if (!io_.finished(Operation::write, *connection, sent, error, job.durable)) connection = nullptr;
+        limits.injected_delay = {};  // spent on this command: a second one is the server's alone
       }
       blocks_held.reset();  // write() takes it again: the lock is not reentrant
       if (given_up) error = std::error_code(EIO, std::generic_category());
       else if (!connection && !injected)
         error = co_await io_.write(job.data, job.length, job.offset, job.durable, limits);
-      note_allocation_changed(job.length);
+      if (!injected && !given_up) note_allocation_changed(job.length);  // (one never sent allocates nothing)
       if (error) tracked.reply_error(to_application_errno(error));
       else tracked.reply_written(job.length);
     }

@@ -189,9 +189,11 @@ void setup(CLI::App& app, Options& options) {
       ->check(seconds(true));
   app.add_option("--stats-file", options.stats_file, "write the final statistics as JSON to FILE at exit");
   app.add_option("--inject-delay", options.inject_delay,
-                 "delay each NBD command: MEAN[:JITTER][:uniform|normal|exponential|constant], e.g. 2ms:0.5ms:normal");
+                 "delay each READ and WRITE (each flush, zero, seek command) before it is sent: "
+                 "MEAN[:JITTER][:uniform|normal|exponential|constant], e.g. 2ms:0.5ms:normal (a bare number is ms)");
   app.add_option("--inject-error", options.inject_error,
-                 "fail a fraction of NBD commands before they reach the server: RATE[:ERRNO], e.g. 0.01:EIO or 1%");
+                 "fail a fraction of requests (drawn as the delay is) before they reach the server: RATE[:ERRNO], e.g. "
+                 "0.01:EIO or 1%");
   app.add_option("--seed", options.seed,
                  "seed for --inject-delay and --inject-error (same seed, same sequence; default 1)")
       ->check(CLI::Validator(

@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <charconv>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
@@ -130,7 +131,24 @@ volatile pid_t daemon_child = 0;
 
 // --daemon: the parent waits until the child reports the mount live (one byte)
 // or fails (EOF), and exits accordingly. Returns the fd the child reports on.
-int become_daemon(int target_fd) {
+// Descriptors a path on the command line names (/dev/fd/N, /proc/self/fd/N: a
+// --stats-file, a [ CMD ] server's file given as `3<img`): the daemon keeps them.
+std::vector<int> descriptors_named(const tools::Options& options) {
+  std::vector<int> named;
+  std::vector<std::string> words = options.server_command;
+  words.push_back(options.stats_file);
+  for (const std::string& word : words)
+    for (std::string_view prefix : {"/dev/fd/", "/proc/self/fd/"})
+      for (std::size_t at = word.find(prefix); at != std::string::npos; at = word.find(prefix, at + 1)) {
+        int descriptor = 0;
+        const char* digits = word.data() + at + prefix.size();
+        auto [end, error] = std::from_chars(digits, word.data() + word.size(), descriptor);
+        if (error == std::errc{} && end != digits) named.push_back(descriptor);
+      }
+  return named;
+}
+
+int become_daemon(int target_fd, std::vector<int> kept) {
   int report[2];
   if (pipe2(report, O_CLOEXEC) != 0) return -1;
   std::fflush(nullptr);
@@ -167,9 +185,12 @@ int become_daemon(int target_fd) {
   if (target_fd != STDIN_FILENO) point_at_null_device({STDIN_FILENO});
   if (target_fd != STDOUT_FILENO) point_at_null_device({STDOUT_FILENO});
   // Likewise every other descriptor the caller left open (`3>&1 | cat`, a supervisor
-  // waiting for EOF on a pipe): only the report pipe and an --fd target stay.
+  // waiting for EOF on a pipe): only the report pipe, an --fd target and those a path
+  // on the command line names stay.
   unsigned first = 3;
-  int kept[] = {std::min(report[1], target_fd), std::max(report[1], target_fd)};
+  kept.push_back(report[1]);
+  kept.push_back(target_fd);
+  std::sort(kept.begin(), kept.end());
   for (int descriptor : kept) {
     if (descriptor < int(first)) continue;
     if (unsigned(descriptor) > first) close_range(first, unsigned(descriptor) - 1, 0);
@@ -406,8 +427,14 @@ class Bridge {
       say(std::to_string(dropped) + " line(s) for stderr were dropped: it was not being read");
     if (options_.stats_file.empty()) return true;
     const std::string json = file_system_.statistics().to_json() + "\n";
-    // O_NONBLOCK: a FIFO nobody reads would block the exit for ever (ENXIO instead).
-    int descriptor = open(options_.stats_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_NONBLOCK | O_CLOEXEC, 0666);
+    // O_NONBLOCK: a FIFO nobody reads would block the exit for ever (ENXIO instead);
+    // a reader that comes a moment late is waited for, up to a second.
+    int descriptor = -1;
+    for (int tries = 0; tries < 100; ++tries) {
+      descriptor = open(options_.stats_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_NONBLOCK | O_CLOEXEC, 0666);
+      if (descriptor >= 0 || errno != ENXIO) break;
+      usleep(10000);
+    }
     if (descriptor >= 0) fcntl(descriptor, F_SETFL, fcntl(descriptor, F_GETFL) & ~O_NONBLOCK);
     std::FILE* file = descriptor >= 0 ? fdopen(descriptor, "w") : nullptr;
     if (descriptor >= 0 && !file) close(descriptor);
@@ -577,7 +604,7 @@ int run(const tools::Options& options) {
   }
   std::signal(SIGPIPE, SIG_IGN);
   int daemon_report = -1;
-  if (options.daemon && (daemon_report = become_daemon(options.fd)) < 0) {
+  if (options.daemon && (daemon_report = become_daemon(options.fd, descriptors_named(options))) < 0) {
     say(std::string("cannot go to the background: ") + std::strerror(errno));
     return 1;
   }

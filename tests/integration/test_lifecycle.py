@@ -480,14 +480,23 @@ def test_daemon_holds_no_other_descriptor_of_the_caller():
         mp = h.tmpdir("mp")
         pidfile = os.path.join(h.tmpdir("d"), "pid")
         read_end, write_end = os.pipe()
+        # One the command line names stays: --stats-file /dev/fd/N.
+        stats_path = os.path.join(h.tmpdir("s"), "stats.json")
+        stats = os.open(stats_path, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
-            r = subprocess.run([h.NBDBRIDGE, "--daemon", "-P", pidfile, mp, srv.uri], pass_fds=(write_end,),
+            r = subprocess.run([h.NBDBRIDGE, "--daemon", "-P", pidfile, "--stats-file", "/dev/fd/%d" % stats,
+                                mp, srv.uri], pass_fds=(write_end, stats),
                                stdin=subprocess.DEVNULL, capture_output=True, timeout=15)
             os.close(write_end)
             write_end = None
+            os.close(stats)
             h.check_eq(r.returncode, 0, "--daemon exit status (stderr %r)" % r.stderr)
             ready, _, _ = select.select([read_end], [], [], 5)
             h.check(ready and os.read(read_end, 1) == b"", "the caller's pipe on another descriptor is still open")
+            daemon_pid = int(open(pidfile).read())
+            h.run(["fusermount3", "-u", mp], timeout=15, check=True)
+            h.wait_until(lambda: not h.pid_alive(daemon_pid), what="the daemon to exit")
+            h.check(json.loads(open(stats_path).read())["version"] == 1, "the statistics through /dev/fd/N")
         finally:
             if write_end is not None:
                 os.close(write_end)

@@ -19,8 +19,10 @@
 #include <exception>
 #include <list>
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -131,6 +133,29 @@ std::string control_socket_path(const std::string& absolute_mount_path) {
   char name[40];
   std::snprintf(name, sizeof name, "%016llx.sock", static_cast<unsigned long long>(fnv1a_64(absolute_mount_path)));
   return base + "/nbdbridge-" + std::to_string(geteuid()) + "/" + name;
+}
+
+int lock_mountpoint(const std::string& absolute_mount_path, std::chrono::milliseconds patience) {
+  std::string path = control_socket_path(absolute_mount_path);
+  path.replace(path.size() - std::string_view(".sock").size(), std::string::npos, ".lock");
+  if (auto error = prepare_private_directory(parent_directory(path))) {
+    errno = error.value();
+    return -1;
+  }
+  int descriptor = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (descriptor < 0) return -1;
+  const Deadline deadline = std::chrono::steady_clock::now() + patience;
+  while (flock(descriptor, LOCK_EX | LOCK_NB) != 0) {
+    int error = errno;
+    if ((error == EWOULDBLOCK || error == EINTR) && std::chrono::steady_clock::now() < deadline) {
+      usleep(10000);
+      continue;
+    }
+    close(descriptor);
+    errno = error;
+    return -1;
+  }
+  return descriptor;
 }
 
 struct ControlServer::State {

@@ -23,6 +23,15 @@ namespace bridge {
 // Pure: creates nothing. Give the same absolute path the server was given, or the hash differs.
 std::string control_socket_path(const std::string& absolute_mount_path);
 
+// One bridge per mountpoint: an exclusive flock, held for as long as the returned
+// descriptor (close-on-exec) stays open, on a file beside the control socket. Two
+// bridges started at once on one directory both passed the "already a FUSE mount"
+// check and stacked two mounts. Waits up to `patience` for another holder (a bridge
+// still finishing after its unmount) to let go; returns -1 with errno EWOULDBLOCK
+// when it did not, -1 with another errno when no lock can be made (the caller then
+// goes on without one). The caller checks the mountpoint again once it holds it.
+int lock_mountpoint(const std::string& absolute_mount_path, std::chrono::milliseconds patience);
+
 class ControlServer {
  public:
   using Handler = std::function<std::string(std::string_view command)>;

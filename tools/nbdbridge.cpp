@@ -202,11 +202,13 @@ int become_daemon(int target_fd, std::vector<int> kept) {
 
 class Bridge {
  public:
-  Bridge(const tools::Options& options, nbd_client::Target target, bridge::MountPlan plan, int daemon_report)
+  Bridge(const tools::Options& options, nbd_client::Target target, bridge::MountPlan plan, int daemon_report,
+         int mountpoint_lock)
       : options_(options),
         target_(std::move(target)),
         plan_(std::move(plan)),
         daemon_report_(daemon_report),
+        mountpoint_lock_(mountpoint_lock),
         pool_(io_.get_executor()),
         session_(io_.get_executor(), fuse_front::operations_table(), &file_system_),
         file_system_(io_.get_executor(), pool_, session_,
@@ -356,6 +358,8 @@ class Bridge {
     session_.stop_receiving();
     co_await file_system_.drain(to_duration(options_.shutdown_timeout_seconds));
     session_.unmount();
+    // Unmounted: the next bridge on this mountpoint need not wait for the rest of our exit.
+    if (mountpoint_lock_ >= 0) close(std::exchange(mountpoint_lock_, -1));
     pool_.close();
     // The requests drain() answered end with their commands, which close() has just
     // failed: their completions, queued before this, run first, so the final
@@ -504,6 +508,7 @@ class Bridge {
   nbd_client::Target target_;
   bridge::MountPlan plan_;
   int daemon_report_;
+  int mountpoint_lock_;  // lock_mountpoint()'s, until the unmount (-1: none)
   asio::io_context io_{1};
   nbd_client::ConnectionPool pool_;
   fuse_front::Session session_;
@@ -602,13 +607,28 @@ int run(const tools::Options& options) {
     say(problem);
     return 1;
   }
+  // Held until the unmount (by the daemon, under --daemon): a second bridge started at
+  // the same moment on the same mountpoint stops here instead of stacking a second mount.
+  // It waits a little for a bridge that is still finishing after its unmount, then looks
+  // at the mountpoint again: the holder may have mounted it meanwhile.
+  const int mountpoint_lock = bridge::lock_mountpoint(plan.mount_path, std::chrono::seconds(1));
+  if (mountpoint_lock < 0 && errno == EWOULDBLOCK) {
+    say("another nbdbridge is starting on or serving " + plan.mount_path);
+    return 1;
+  }
+  if (std::string problem = bridge::resolve_mountpoint(options.mountpoint, plan); !problem.empty()) {
+    say(problem);
+    return 1;
+  }
   std::signal(SIGPIPE, SIG_IGN);
   int daemon_report = -1;
-  if (options.daemon && (daemon_report = become_daemon(options.fd, descriptors_named(options))) < 0) {
+  std::vector<int> daemon_keeps = descriptors_named(options);
+  daemon_keeps.push_back(mountpoint_lock);
+  if (options.daemon && (daemon_report = become_daemon(options.fd, daemon_keeps)) < 0) {
     say(std::string("cannot go to the background: ") + std::strerror(errno));
     return 1;
   }
-  auto bridge = std::make_unique<Bridge>(options, std::move(target), std::move(plan), daemon_report);
+  auto bridge = std::make_unique<Bridge>(options, std::move(target), std::move(plan), daemon_report, mountpoint_lock);
   if (faults) bridge->inject_faults(std::move(faults));
   const int status = bridge->run();
   bridge.reset();

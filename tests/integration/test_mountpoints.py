@@ -136,6 +136,42 @@ def test_mount_options_passed():
         _check_attrs(m.export)
 
 
+def test_two_bridges_started_at_once_on_one_mountpoint():
+    # Both used to pass the "already a FUSE mount" check before either had mounted,
+    # and stacked two mounts (stopping one then took the other's away). One mounts;
+    # the other says why not, with exit 1.
+    import subprocess
+    with h.Nbdkit(["memory", str(1 << 20)]) as srv:
+        for round_number in range(3):
+            mp = h.tmpdir("mp")
+            errs = [os.path.join(h.tmpdir("err"), "stderr") for _ in range(2)]
+            procs = []
+            try:
+                for err in errs:
+                    with open(err, "wb") as f:
+                        procs.append(h.popen([h.NBDBRIDGE, mp, srv.uri], stdout=subprocess.DEVNULL, stderr=f,
+                                             start_new_session=True))
+                h.wait_until(lambda: any(p.poll() is not None for p in procs), timeout=15,
+                             what="one of the two bridges to give up")
+                h.wait_until(lambda: h.is_mounted(mp), what="the other one's mount")
+                mounts = [m for m in h.fuse_mounts() if m["mountpoint"] == os.path.realpath(mp)]
+                h.check_eq(len(mounts), 1, "round %d: FUSE mounts on the mountpoint" % round_number)
+                loser = next(i for i, p in enumerate(procs) if p.poll() is not None)
+                h.check_eq(procs[loser].returncode, 1, "the second bridge's exit status")
+                text = h.read_text(errs[loser])
+                h.check(("another nbdbridge" in text or "already a FUSE mount" in text)
+                        and len(text.strip().splitlines()) == 1, "the second bridge's line: %r" % text)
+            finally:
+                if h.is_mounted(mp):
+                    h.run(["fusermount3", "-u", mp], timeout=15)
+                for p in procs:
+                    try:
+                        p.wait(timeout=15)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+            h.check_eq([p.returncode for p in procs if p is not procs[loser]], [0], "the first bridge's exit")
+
+
 def test_mountinfo_entry():
     mp = h.tmpdir("mp")
     with h.Nbdkit(["memory", str(SIZE)]) as srv, h.Mount(mp, [srv.uri]):

@@ -128,6 +128,7 @@ void point_at_null_device(std::initializer_list<int> streams) {
 }
 
 volatile pid_t daemon_child = 0;
+volatile sig_atomic_t daemon_signal_forwarded = 0;
 
 // --daemon: the parent waits until the child reports the mount live (one byte)
 // or fails (EOF), and exits accordingly. Returns the fd the child reports on.
@@ -160,7 +161,10 @@ int become_daemon(int target_fd, std::vector<int> kept) {
     // after setsid() the terminal's and the process group's no longer reach it.
     daemon_child = child;
     struct sigaction forward {};
-    forward.sa_handler = [](int signal_number) { kill(daemon_child, signal_number); };
+    forward.sa_handler = [](int signal_number) {
+      daemon_signal_forwarded = signal_number;
+      kill(daemon_child, signal_number);
+    };
     sigemptyset(&forward.sa_mask);
     for (int signal_number : {SIGINT, SIGTERM, SIGHUP}) {
       struct sigaction inherited {};
@@ -172,9 +176,22 @@ int become_daemon(int target_fd, std::vector<int> kept) {
     do {
       got = read(report[0], &byte, 1);
     } while (got < 0 && errno == EINTR);
-    if (got == 1) std::_Exit(0);
+    // A signal passed on to the daemon stops it, also one that came as it went live:
+    // the caller asked for that, and must not be told the mount is there.
+    if (got == 1 && !daemon_signal_forwarded) std::_Exit(0);
+    if (got == 1) {
+      say("interrupted (" + std::string(strsignal(daemon_signal_forwarded)) +
+          ") as the mount went live: the daemon unmounts it");
+      std::_Exit(1);
+    }
     int status = 0;
-    waitpid(child, &status, 0);
+    while (waitpid(child, &status, 0) < 0 && errno == EINTR) {
+    }
+    if (WIFSIGNALED(status)) {
+      say("interrupted: the daemon ended by " + std::string(strsignal(WTERMSIG(status))) +
+          " before the mount was live");
+      std::_Exit(1);
+    }
     std::_Exit(WIFEXITED(status) && WEXITSTATUS(status) != 0 ? WEXITSTATUS(status) : 1);
   }
   close(report[0]);
@@ -371,7 +388,15 @@ class Bridge {
     if (!options_.pidfile.empty() && pidfile_written_) remove_pidfile(options_.pidfile, pidfile_identity_);
     if (session_.init_refused()) say("the kernel's FUSE INIT failed: " + session_.init_failure());
     if (options_.verbose) say("unmounted " + plan_.export_path());
-    finish(statistics_written && !pidfile_failed_ && !caller_gone_ && !session_.init_refused() ? 0 : 1);
+    // Stopped (a signal) after the mount was made but before it went live: the caller
+    // was never told of a mount, so this is no success.
+    const bool interrupted_before_live = stop_requested_ && !live_ && !pidfile_failed_ && !caller_gone_ &&
+                                         !session_.init_refused();
+    if (interrupted_before_live) say("interrupted before the mount was live");
+    finish(statistics_written && !pidfile_failed_ && !caller_gone_ && !session_.init_refused() &&
+                   !interrupted_before_live
+               ? 0
+               : 1);
   }
 
   // Under --daemon the fusermount3 that stays behind for auto_unmount would inherit
@@ -482,6 +507,7 @@ class Bridge {
       }
       detach_stderr();
     }
+    live_ = true;
   }
 
   // --daemon, once live: a caller reading our stderr until EOF ($(...), ssh, a
@@ -523,6 +549,7 @@ class Bridge {
   bool pidfile_written_ = false;
   struct stat pidfile_identity_ {};
   bool caller_gone_ = false;
+  bool live_ = false;  // on_live() ran to its end: the pidfile written, a --daemon parent told
   int exit_code_ = 1;
 };
 

@@ -391,6 +391,8 @@ def test_daemon_caller_gone_while_it_connects():
                 h.check(not os.path.exists(pidfile), "a pidfile after the caller's %s" % how.name)
                 if how == signal.SIGKILL:
                     h.check("is gone" in open(errp).read(), "the child's stderr: %s" % open(errp).read())
+                else:
+                    h.check("interrupted" in open(errp).read(), "no reason on stderr: %s" % open(errp).read())
             finally:
                 for pid in _bridges_for(mp):
                     os.kill(pid, signal.SIGKILL)

@@ -388,15 +388,12 @@ class Bridge {
     if (!options_.pidfile.empty() && pidfile_written_) remove_pidfile(options_.pidfile, pidfile_identity_);
     if (session_.init_refused()) say("the kernel's FUSE INIT failed: " + session_.init_failure());
     if (options_.verbose) say("unmounted " + plan_.export_path());
-    // Stopped (a signal) after the mount was made but before it went live: the caller
-    // was never told of a mount, so this is no success.
-    const bool interrupted_before_live = stop_requested_ && !live_ && !pidfile_failed_ && !caller_gone_ &&
-                                         !session_.init_refused();
-    if (interrupted_before_live) say("interrupted before the mount was live");
-    finish(statistics_written && !pidfile_failed_ && !caller_gone_ && !session_.init_refused() &&
-                   !interrupted_before_live
-               ? 0
-               : 1);
+    // A --daemon child stopped (its parent passed a signal on) after mounting but before
+    // going live: the parent, which exits 1 then, passes on this line as the reason.
+    if (options_.daemon && stop_requested_ && !live_ && !pidfile_failed_ && !caller_gone_ &&
+        !session_.init_refused())
+      say("interrupted before the mount was live");
+    finish(statistics_written && !pidfile_failed_ && !caller_gone_ && !session_.init_refused() ? 0 : 1);
   }
 
   // Under --daemon the fusermount3 that stays behind for auto_unmount would inherit

@@ -29,34 +29,48 @@ bool stderr_ready(std::chrono::milliseconds patience) {
   }
 }
 
+constexpr char prefix[] = "nbdbridge: ";
+constexpr std::size_t prefix_length = sizeof prefix - 1;
+
+// stderr not ready: the line is not even formatted.
+bool dropped_line() {
+  dropped.fetch_add(1, std::memory_order_relaxed);
+  return false;
+}
+
+// "nbdbridge: " + text + "\n" from `text_length` bytes of text already at
+// line + prefix_length (cut to the buffer, still one line), in one write().
+bool write_line(char* line, std::size_t capacity, std::size_t text_length) {
+  std::size_t length = std::min(prefix_length + text_length, capacity - 1);
+  std::memcpy(line, prefix, prefix_length);
+  line[length++] = '\n';
+  ssize_t written;
+  do written = write(STDERR_FILENO, line, length);
+  while (written < 0 && errno == EINTR);
+  return written == ssize_t(length);
+}
+
 }  // namespace
 
 bool diagnostic(std::string_view text, std::chrono::milliseconds patience) {
+  if (!stderr_ready(patience)) return dropped_line();
   char line[4096];
-  int length = std::snprintf(line, sizeof line, "nbdbridge: %.*s\n", int(text.size()), text.data());
-  if (length < 0) return false;
-  if (std::size_t(length) >= sizeof line) {  // cut, but still one line
-    length = int(sizeof line) - 1;
-    line[length - 1] = '\n';
-  }
-  if (!stderr_ready(patience)) {
-    dropped.fetch_add(1, std::memory_order_relaxed);
-    return false;
-  }
-  ssize_t written;
-  do written = write(STDERR_FILENO, line, std::size_t(length));
-  while (written < 0 && errno == EINTR);
-  return written == length;
+  std::size_t copied = std::min(text.size(), sizeof line - prefix_length - 1);
+  std::memcpy(line + prefix_length, text.data(), copied);
+  return write_line(line, sizeof line, copied);
 }
 
 void trace(const char* format, ...) {
-  char text[1024];
+  if (!stderr_ready(trace_patience)) {
+    dropped_line();
+    return;
+  }
+  char line[1024];
   va_list arguments;
   va_start(arguments, format);
-  int length = std::vsnprintf(text, sizeof text, format, arguments);
+  int length = std::vsnprintf(line + prefix_length, sizeof line - prefix_length, format, arguments);
   va_end(arguments);
-  if (length < 0) return;
-  diagnostic(std::string_view(text, std::min<std::size_t>(std::size_t(length), sizeof text - 1)), trace_patience);
+  if (length >= 0) write_line(line, sizeof line, std::size_t(length));
 }
 
 std::uint64_t dropped_diagnostics() { return dropped.load(std::memory_order_relaxed); }

@@ -666,9 +666,10 @@ void FileSystem::go_live() {
 // While st_blocks is a guess (before the first count: the whole export; after this
 // mount's writes, until a count that saw them is in: an estimate) the kernel must
 // not keep it; otherwise one second, as st_blocks follows other clients' writes.
+// (Not stale and not counting implies no bytes written since the count: every write marks
+// the allocation stale, and only the start of a count, which takes them over, clears it.)
 double FileSystem::file_attribute_timeout() const {
-  bool exact = allocation_counted_ && !allocation_stale_ && !allocation_counting_ &&
-               written_since_count_began_ == 0 && written_before_count_began_ == 0;
+  bool exact = allocation_counted_ && !allocation_stale_ && !allocation_counting_;
   return exact ? file_attribute_timeout_seconds : 0.0;
 }
 

@@ -414,6 +414,7 @@ asio::awaitable<void> FileSystem::flush_at_stop() {
     if (!*flushed) not_done = "it did not finish in time";
     else if (**flushed) not_done = "it failed: " + (*flushed)->message();
   }
+  stop_left_writes_unflushed_ = !not_done.empty();
   if (!not_done.empty())
     diagnostic("writes no fsync covered may not be durable: the flush at unmount was not done (" + not_done + ")",
                final_patience);

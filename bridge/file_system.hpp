@@ -68,6 +68,8 @@ class FileSystem final : public fuse_front::Handlers {
 
   // Waits up to `bound` for requests in flight, then answers the rest with EIO.
   asio::awaitable<void> drain(std::chrono::milliseconds bound);
+  // drain()'s flush at stop was needed but not done: writes no fsync covered may be lost.
+  bool stop_left_writes_unflushed() const { return stop_left_writes_unflushed_; }
   std::size_t in_flight() const { return in_flight_count_; }
 
   void init(fuse_conn_info* connection) override;
@@ -242,6 +244,7 @@ class FileSystem final : public fuse_front::Handlers {
   std::uint64_t request_id_at_idle_check_ = 0;
   void go_live();
   bool draining_ = false;
+  bool stop_left_writes_unflushed_ = false;
 };
 
 }  // namespace bridge

@@ -393,7 +393,12 @@ class Bridge {
     if (options_.daemon && stop_requested_ && !live_ && !pidfile_failed_ && !caller_gone_ &&
         !session_.init_refused())
       say("interrupted before the mount was live");
-    finish(statistics_written && !pidfile_failed_ && !caller_gone_ && !session_.init_refused() ? 0 : 1);
+    // Writes the flush at stop did not cover fail the run: a script's `wait` must not take
+    // them as safely on the server.
+    finish(statistics_written && !pidfile_failed_ && !caller_gone_ && !session_.init_refused() &&
+                   !file_system_.stop_left_writes_unflushed()
+               ? 0
+               : 1);
   }
 
   // Under --daemon the fusermount3 that stays behind for auto_unmount would inherit

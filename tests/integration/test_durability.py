@@ -194,16 +194,17 @@ def test_stop_flushes_though_a_write_is_held_by_the_server():
 
 def test_stop_during_an_outage_is_prompt_and_says_what_was_not_flushed():
     """With the server gone, the flush at stop is not waited for (no reconnect), and
-    stderr says the writes may not be durable."""
+    stderr says the writes may not be durable, and the exit status is 1."""
     logfile = os.path.join(h.tmpdir("log"), "nbdkit.log")
     with _logged_server(logfile) as srv, \
-            h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--retry-timeout", "30"]) as m, _holder(m.export, 28672):
+            h.Mount(h.tmpdir("mp"), [srv.uri], opts=["--retry-timeout", "30"], expect_exit=1) as m, \
+            _holder(m.export, 28672):
         srv.kill(signal.SIGKILL)
         srv.proc.wait(timeout=10)
         h.wait_until(lambda: "lost" in m.stderr(), what="the bridge to notice the server is gone")
         t0 = time.monotonic()
         m.signal(signal.SIGTERM)
-        h.check_eq(m.wait_exit(), 0, "nbdbridge exit status (stderr: %s)" % m.stderr()[-1500:])
+        h.check_eq(m.wait_exit(), 1, "nbdbridge exit status (stderr: %s)" % m.stderr()[-1500:])
         h.check(time.monotonic() - t0 < 3.0, "the stop took %.1f s during an outage" % (time.monotonic() - t0))
         h.check("may not be durable" in m.stderr(), "no word of the unflushed writes: %s" % m.stderr()[-1500:])
 

@@ -61,7 +61,7 @@ def _check_new_requests_fail(m):
         h.check_eq(out, "pread EIO;pwrite EIO;fsync EIO", "new requests after server death")
 
 
-def _finish(m, lost=True):
+def _finish(m, lost=True, writes_unflushed=False):
     # The bridge must report the lost connection on stderr.
     if lost:
         try:
@@ -73,7 +73,11 @@ def _finish(m, lost=True):
     r = m.unmount()
     h.check_eq(r.returncode, 0, "fusermount3 -u after server death (%s)" % r.stderr.strip())
     rc = m.wait_exit(timeout=h.DEADLINE)
-    h.check_eq(rc, 0, "nbdbridge exit status after unmount (stderr: %s)" % m.stderr()[-2000:])
+    # Writes the server acknowledged and no flush covered died with it: the exit says so.
+    m.expect_exit = 1 if writes_unflushed else 0
+    h.check_eq(rc, m.expect_exit, "nbdbridge exit status after unmount (stderr: %s)" % m.stderr()[-2000:])
+    h.check(("may not be durable" in m.stderr()) == writes_unflushed,
+            "what stderr says of the writes no flush covered: %s" % m.stderr()[-2000:])
     h.check(not m.mounted(), "mount still present")
 
 
@@ -105,7 +109,7 @@ def test_kill9_server_mid_io():
         res = sorted(ln for ln in out.split("\n") if ln.startswith("T"))
         h.check_eq(res, ["T%d EIO" % i for i in range(4)], "per-thread errors (stderr %s)" % err)
         _check_new_requests_fail(m)
-        _finish(m)
+        _finish(m, writes_unflushed=True)
 
 
 def test_pending_request_fails_when_server_killed():

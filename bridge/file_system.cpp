@@ -111,6 +111,7 @@ void FileSystem::set_export(const nbd_client::ExportInfo& info) {
   io_.configure(info);
   io_.observe(statistics_.get(), faults_.get());
   allocated_bytes_ = info.size;
+  read_ahead_.set_export_size(info.size);
 }
 
 void FileSystem::inject_faults(std::unique_ptr<FaultInjector> faults) {
@@ -349,6 +350,7 @@ void FileSystem::arm_idle_release() {
 // that the next burst does not fault its memory in again); a mount idle for a while
 // gives them back, and the heap's free memory too.
 void FileSystem::release_idle_memory() {
+  read_ahead_.clear();
   buffers_.release_idle();
   session_.release_idle_buffers();
   malloc_trim(0);
@@ -356,7 +358,8 @@ void FileSystem::release_idle_memory() {
 }
 
 asio::awaitable<void> FileSystem::drain(std::chrono::milliseconds bound) {
-  draining_ = true;
+  draining_ = true;  // also gives up read-ahead fetches still waiting for a reconnect
+  read_ahead_.clear();
   expiry_sweep_.cancel();
   interrupt_timer_.cancel();
   idle_release_timer_.cancel();
@@ -450,6 +453,35 @@ void FileSystem::stop_request_servers() {
   }
 }
 
+bool FileSystem::answer_from_read_ahead(Tracked& tracked, const Job& job) {
+  const auto now = std::chrono::steady_clock::now();
+  const std::byte* ahead = read_ahead_.find(job.handle, job.offset, job.length, now);
+  if (ahead) {
+    tracked.reply_data(ahead, job.length);  // copied into the kernel before observe() may drop its window
+    if constexpr (statistics_compiled_in) statistics_->read_ahead_served(job.length);
+  }
+  if (auto fetch = read_ahead_.observe(job.handle, job.offset, job.length, now))
+    asio::co_spawn(executor_, fetch_ahead(*fetch), asio::detached);
+  return ahead != nullptr;
+}
+
+// The bridge's own READ: no injected faults (the READs it answers draw their own), not
+// sent once too late to be fresh on arrival, and given up by a stop.
+asio::awaitable<void> FileSystem::fetch_ahead(ReadAhead<BufferPool::Lease>::Fetch fetch) {
+  // Owned here until fetched() takes it: the command writes into it until it ends,
+  // whatever became of the window meanwhile.
+  BufferPool::Lease buffer = buffers_.acquire(fetch.length);
+  const RequestLimits limits{.answered = &draining_,
+                             .send_until = std::chrono::steady_clock::now() + read_ahead_.limits().freshness,
+                             .faults_drawn = true};
+  const std::error_code error = co_await io_.read(buffer.data(), fetch.length, fetch.offset, limits);
+  if constexpr (statistics_compiled_in) statistics_->read_ahead_fetched(fetch.length, bool(error));
+  if (options_.verbose)
+    trace("read-ahead of %zu bytes at %" PRIu64 " %s", fetch.length, fetch.offset,
+          error ? error.message().c_str() : "done");
+  read_ahead_.fetched(fetch, std::move(buffer), !error);
+}
+
 // With injected faults, a READ or WRITE draws them before it chooses its path, so
 // that it takes the path it would take without them. Returns the injected error;
 // a request answered during the delay (a stop, a timeout) is not sent: EIO.
@@ -473,48 +505,51 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
     Job job = std::move(self.job);
     if (job.kind == Operation::read) {
       Tracked tracked(*this, job.request, Operation::read, "READ", job.offset, job.length, job.unique);
-      // The buffer outlives the command: it is released only after the reply.
-      BufferPool::Lease buffer = buffers_.acquire(job.length);
       RequestLimits limits = tracked.limits();
       // (Tested here, not in draw_faults: a coroutine's frame would be allocated per request.)
       std::error_code injected;  // an injected error (or EIO: answered during the delay) fails it unsent
       if (io_.injects_faults()) injected = co_await draw_faults(limits);
-      std::error_code error = injected;
-      nbd_client::Connection* connection =
-          injected ? nullptr : io_.direct_connection(job.offset, job.length, false, BlockIo::read_purpose(job.length));
-      // A large payload goes from the socket to a pipe that already holds the
-      // reply's header, and from there to the reader: no copy through our memory.
-      fuse_front::ReplyPipe* pipe = nullptr;
-      if (connection && options_.spliced_read_minimum && job.length >= options_.spliced_read_minimum &&
-          connection->pipes_payloads())
-        pipe = session_.reply_pipes().start_reply(job.unique, job.length);
-      nbd_client::socket_batching::PipedPayload piped{buffer.data(), job.length, pipe ? pipe->write_end() : -1};
-      if (connection) {
-        auto sent = clock::now() - limits.injected_delay;  // the NBD span includes an injected delay
-        std::tie(error) = co_await connection->async_pread_piped(buffer.data(), job.length, job.offset,
-                                                                 pipe ? &piped : nullptr, nbd_client::use_result);
-        if (!io_.finished(Operation::read, *connection, sent, error)) connection = nullptr;  // broke: go the long way
-        limits.injected_delay = {};  // spent on this command: a second one is the server's alone
-      }
-      if (pipe && !keep_pipe(pipe, piped, error)) connection = nullptr;  // the pipe failed: read it again
-      if (!connection && !injected) error = co_await io_.read(buffer.data(), job.length, job.offset, limits);
-      if (pipe) {
-        co_await tracked.reply_piped(*pipe, job.length);
-        session_.reply_pipes().give_back(pipe);  // drains a reply that was not sent (timed out)
-      } else if (error) {
-        tracked.reply_error(to_application_errno(error));
-      } else if (reply_from_thread(job.length)) {
-        if (tracked.begin_reply()) {
-          tracked.trace_reply(0, job.length);
-          co_await session_.reply_worker().async_reply_buf(job.request, buffer.data(), job.length,
-                                                           asio::use_awaitable);
+      if (!(job.read_ahead && !injected && answer_from_read_ahead(tracked, job))) {
+        // The buffer outlives the command: it is released only after the reply.
+        BufferPool::Lease buffer = buffers_.acquire(job.length);
+        std::error_code error = injected;
+        nbd_client::Connection* connection =
+            injected ? nullptr : io_.direct_connection(job.offset, job.length, false, BlockIo::read_purpose(job.length));
+        // A large payload goes from the socket to a pipe that already holds the
+        // reply's header, and from there to the reader: no copy through our memory.
+        fuse_front::ReplyPipe* pipe = nullptr;
+        if (connection && options_.spliced_read_minimum && job.length >= options_.spliced_read_minimum &&
+            connection->pipes_payloads())
+          pipe = session_.reply_pipes().start_reply(job.unique, job.length);
+        nbd_client::socket_batching::PipedPayload piped{buffer.data(), job.length, pipe ? pipe->write_end() : -1};
+        if (connection) {
+          auto sent = clock::now() - limits.injected_delay;  // the NBD span includes an injected delay
+          std::tie(error) = co_await connection->async_pread_piped(buffer.data(), job.length, job.offset,
+                                                                   pipe ? &piped : nullptr, nbd_client::use_result);
+          if (!io_.finished(Operation::read, *connection, sent, error)) connection = nullptr;  // broke: go the long way
+          limits.injected_delay = {};  // spent on this command: a second one is the server's alone
         }
-      } else {
-        tracked.reply_data(buffer.data(), job.length);
+        if (pipe && !keep_pipe(pipe, piped, error)) connection = nullptr;  // the pipe failed: read it again
+        if (!connection && !injected) error = co_await io_.read(buffer.data(), job.length, job.offset, limits);
+        if (pipe) {
+          co_await tracked.reply_piped(*pipe, job.length);
+          session_.reply_pipes().give_back(pipe);  // drains a reply that was not sent (timed out)
+        } else if (error) {
+          tracked.reply_error(to_application_errno(error));
+        } else if (reply_from_thread(job.length)) {
+          if (tracked.begin_reply()) {
+            tracked.trace_reply(0, job.length);
+            co_await session_.reply_worker().async_reply_buf(job.request, buffer.data(), job.length,
+                                                             asio::use_awaitable);
+          }
+        } else {
+          tracked.reply_data(buffer.data(), job.length);
+        }
       }
     } else {
       Tracked tracked(*this, job.request, Operation::write, job.durable ? "WRITE+SYNC" : "WRITE", job.offset,
                       job.length);
+      read_ahead_.written();  // windows fetched before it, or while it runs, may hold the old data
       // job.payload keeps job.data (inside the FUSE receive buffer) alive until the server has it.
       RequestLimits limits = tracked.limits();
       // (Tested here, not in draw_faults: a coroutine's frame would be allocated per request.)
@@ -558,6 +593,7 @@ asio::awaitable<void> FileSystem::request_server(RequestServer& self) {
       else if (!connection && !injected)
         error = co_await io_.write(job.data, job.length, job.offset, job.durable, limits);
       if (!injected && !given_up) note_allocation_changed(job.length);  // (one never sent allocates nothing)
+      read_ahead_.written();
       if (error) tracked.reply_error(to_application_errno(error));
       else tracked.reply_written(job.length);
     }
@@ -596,7 +632,9 @@ asio::awaitable<void> FileSystem::serve_zero(fuse_req_t request, std::uint64_t o
                                              bool allow_unmap) {
   Tracked tracked(*this, request, Operation::trim_zero, allow_unmap ? "PUNCH-HOLE" : "ZERO-RANGE", offset,
                   std::size_t(length));
+  read_ahead_.written();
   std::error_code error = co_await io_.zero(offset, length, allow_unmap, tracked.limits());
+  read_ahead_.written();
   note_allocation_changed(allow_unmap ? 0 : length);
   if (error) {
     tracked.reply_error(to_application_errno(error));
@@ -820,6 +858,10 @@ void FileSystem::read(fuse_req_t request, std::size_t size, off_t offset, const 
   }
   Job job{Operation::read, request, length, std::uint64_t(offset)};
   job.unique = session_.current_unique();
+  job.handle = file->fh;
+  // The kernel's readahead does this in page mode; O_DIRECT asks for none.
+  job.read_ahead = options_.read_ahead && options_.cache == CacheMode::none && !(file->flags & O_DIRECT) &&
+                   read_ahead_.wants(length);
   hand_over(std::move(job));
 }
 
@@ -914,6 +956,7 @@ void FileSystem::lseek(fuse_req_t request, off_t offset, int whence, const fuse_
 void FileSystem::release(fuse_req_t request, fuse_ino_t, const fuse_file_info* file) {
   stats_snapshots_.erase(file->fh);
   unknown_writes_told_.erase(file->fh);
+  read_ahead_.forget(file->fh);
   fuse_reply_err(request, 0);
 }
 

@@ -6,6 +6,7 @@
 
 #include "bridge/block_io.hpp"
 #include "bridge/buffer_pool.hpp"
+#include "bridge/read_ahead.hpp"
 #include "fuse_front/operations.hpp"
 #include "fuse_front/session.hpp"
 #include "nbd_client/connection_pool.hpp"
@@ -45,6 +46,9 @@ struct FileSystemOptions {
   // After this long without a READ, WRITE or other data request, the buffers' memory
   // goes back to the system (0: kept for the next burst).
   std::chrono::milliseconds idle_release{10000};
+  // Small sequential buffered READs under CacheMode::none are answered from windows
+  // fetched ahead (bridge/read_ahead.hpp); O_DIRECT ones never are.
+  bool read_ahead = true;
 };
 
 class FileSystem final : public fuse_front::Handlers {
@@ -151,6 +155,8 @@ class FileSystem final : public fuse_front::Handlers {
     const std::byte* data = nullptr;
     bool durable = false;
     std::uint64_t unique = 0;  // READ: the FUSE request's id, for a spliced reply
+    std::uint64_t handle = 0;  // READ: the open file's
+    bool read_ahead = false;   // READ: small and buffered: may be answered from a read-ahead window
   };
   using Resumption = asio::async_result<asio::use_awaitable_t<>, void()>::handler_type;
   // A coroutine that serves READs and WRITEs one after another and parks in
@@ -168,6 +174,10 @@ class FileSystem final : public fuse_front::Handlers {
   bool reply_from_thread(std::size_t length) const;
   void hand_over(Job job);
   asio::awaitable<std::error_code> draw_faults(RequestLimits& limits);
+  // Answers a READ from a read-ahead window if one holds it, and fetches the file's
+  // next window when its reads call for one. Whether it answered.
+  bool answer_from_read_ahead(Tracked& tracked, const Job& job);
+  asio::awaitable<void> fetch_ahead(ReadAhead<BufferPool::Lease>::Fetch fetch);
   asio::awaitable<void> request_server(RequestServer& self);
   void stop_request_servers();
   asio::awaitable<void> serve_flush(fuse_req_t request, bool fsync, std::uint64_t handle);
@@ -210,6 +220,7 @@ class FileSystem final : public fuse_front::Handlers {
   std::unique_ptr<Statistics> statistics_;
   std::unique_ptr<FaultInjector> faults_;
   BlockIo io_;
+  ReadAhead<BufferPool::Lease> read_ahead_;  // its windows' buffers go back to buffers_, declared before it
   // Open handles of the .stats file: each holds the JSON taken at its open.
   std::unordered_map<std::uint64_t, std::string> stats_snapshots_;
   std::uint64_t next_stats_handle_ = 2;

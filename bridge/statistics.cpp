@@ -192,6 +192,12 @@ void Statistics::injected_delay(std::uint64_t nanoseconds) {
 
 void Statistics::injected_error() { ++injected_errors_; }
 
+void Statistics::read_ahead_fetched(std::uint64_t bytes, bool failed) {
+  ++read_ahead_windows_;
+  if (failed) ++read_ahead_failed_windows_;
+  else read_ahead_fetched_bytes_ += bytes;
+}
+
 void Statistics::spliced_read(bool whole) { ++(whole ? spliced_reads_ : splice_fallbacks_); }
 
 void Statistics::spliced_write(bool retired) {
@@ -212,6 +218,8 @@ void Statistics::reset() {
   injected_delays_ = injected_delay_nanoseconds_ = injected_errors_ = 0;
   spliced_reads_ = splice_fallbacks_ = 0;
   spliced_writes_ = retired_write_buffers_ = 0;
+  read_ahead_windows_ = read_ahead_failed_windows_ = read_ahead_fetched_bytes_ = 0;
+  read_ahead_reads_ = read_ahead_served_bytes_ = 0;
   last_reset_ = Clock::now();
 }
 
@@ -264,6 +272,12 @@ std::string Statistics::to_json() const {
     JsonScope(top.member("spliced_writes"), '{')
         .number("by_reference", spliced_writes_)
         .number("retired", retired_write_buffers_);
+    JsonScope(top.member("read_ahead"), '{')
+        .number("windows", read_ahead_windows_)
+        .number("failed_windows", read_ahead_failed_windows_)
+        .number("bytes_fetched", read_ahead_fetched_bytes_)
+        .number("reads_answered", read_ahead_reads_)
+        .number("bytes_answered", read_ahead_served_bytes_);
     JsonScope histograms(top.member("histograms"), '{');
     for (std::size_t index = 0; index < operation_kinds; ++index) {
       const auto& kind = operations_[index];

@@ -87,6 +87,12 @@ class Statistics {
   // A WRITE whose payload pages went to the socket by reference; retired: it
   // failed, so its receive buffer is unmapped instead of reused.
   void spliced_write(bool retired);
+  // A read-ahead window fetched (bridge/read_ahead.hpp), and a READ answered from one.
+  void read_ahead_fetched(std::uint64_t bytes, bool failed);
+  void read_ahead_served(std::uint64_t bytes) {
+    ++read_ahead_reads_;
+    read_ahead_served_bytes_ += bytes;
+  }
 
   // Zeroes everything but the in-flight-now gauges; peaks restart from the current level.
   void reset();
@@ -127,6 +133,8 @@ class Statistics {
   std::uint64_t splice_fallbacks() const { return splice_fallbacks_; }
   std::uint64_t spliced_writes() const { return spliced_writes_; }
   std::uint64_t retired_write_buffers() const { return retired_write_buffers_; }
+  std::uint64_t read_ahead_windows() const { return read_ahead_windows_; }
+  std::uint64_t read_ahead_reads() const { return read_ahead_reads_; }
 
  private:
   using Clock = std::chrono::steady_clock;
@@ -150,6 +158,11 @@ class Statistics {
   std::uint64_t splice_fallbacks_ = 0;
   std::uint64_t spliced_writes_ = 0;
   std::uint64_t retired_write_buffers_ = 0;
+  std::uint64_t read_ahead_windows_ = 0;
+  std::uint64_t read_ahead_failed_windows_ = 0;
+  std::uint64_t read_ahead_fetched_bytes_ = 0;
+  std::uint64_t read_ahead_reads_ = 0;
+  std::uint64_t read_ahead_served_bytes_ = 0;
 };
 
 }  // namespace bridge

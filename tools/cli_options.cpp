@@ -109,6 +109,12 @@ void setup(CLI::App& app, Options& options) {
                  "none: direct I/O, every request goes to the server (default); "
                  "page: kernel page cache and readahead")
       ->check(CLI::IsMember({"none", "page"}));
+  app.add_option("--read-ahead", options.read_ahead,
+                 "on (default): with --cache=none, a file read sequentially in pieces of 128 KiB or less "
+                 "without O_DIRECT (dd, md5sum, cat) is read 1 MiB ahead, and such a read is answered from "
+                 "data at most 0.1 s old that no write of this mount touched since; off: every read goes to "
+                 "the server")
+      ->check(CLI::IsMember({"on", "off"}));
   app.add_option("-C,--connections", options.connections,
                  "data connections to open when the server allows multi-conn: 1..64, or auto (default: 4 with "
                  "at least 4 CPUs, else 1); --replies auto adds one for block status, --connection-threads "
@@ -275,6 +281,8 @@ std::string check_option_combinations(const CLI::App& app, const Options& option
   if (given("--retry-timeout") && (!options.server_command.empty() || options.fd >= 0))
     return std::string("--retry-timeout does not apply to ") + (options.fd >= 0 ? "--fd" : "[ CMD ]") +
            ": that server cannot be reached again, so it is not reconnected";
+  if (given("--read-ahead") && options.cache == "page")
+    return "--read-ahead applies to --cache=none only: in page mode the kernel reads ahead";
   if (options.socket_batching == "off") {
     if (given("--spliced-reads") && options.spliced_reads == "on")
       return "--spliced-reads on needs --socket-batching on";

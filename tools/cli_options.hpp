@@ -26,6 +26,7 @@ struct Options {
   std::vector<std::string> mount_options;    // -o, split at commas
   bool verbose = false;
   std::string cache = "none";
+  std::string read_ahead = "on";             // --read-ahead on|off (--cache=none's small buffered reads)
   double connect_timeout_seconds = 30;
   double shutdown_timeout_seconds = 10;
   std::string connections = "auto";          // -C N or auto; used when the server allows multi-conn

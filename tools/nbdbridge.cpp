@@ -234,7 +234,7 @@ class Bridge {
                       reply_thread_wanted(options) ? bridge::FileSystemOptions{}.reply_thread_minimum : 0,
                       options.spliced_reads == "on" ? bridge::FileSystemOptions{}.spliced_read_minimum : 0,
                       options.spliced_writes == "on" ? bridge::FileSystemOptions{}.spliced_write_minimum : 0,
-                      to_duration(options.idle_release_seconds)}),
+                      to_duration(options.idle_release_seconds), options.read_ahead == "on"}),
         signals_(io_, SIGINT, SIGTERM, SIGHUP),
         ended_(io_),
         stats_ticker_(io_) {}

@@ -138,6 +138,10 @@ TEST_CASE("options that contradict each other, and durations out of range") {
         "--spliced-writes on needs --socket-batching on");
   CHECK(problem({"--socket-batching", "off", "m", "nbd://h"}) == "");  // the defaults give way
   CHECK(problem({"--spliced-reads", "off", "--socket-batching", "off", "m", "nbd://h"}) == "");
+  CHECK(problem({"--read-ahead", "off", "m", "nbd://h"}) == "");
+  CHECK(problem({"--read-ahead", "on", "--cache=page", "m", "nbd://h"}).find("--cache=none only") !=
+        std::string::npos);
+  CHECK(problem({"--read-ahead", "sometimes", "m", "nbd://h"}) != "");
   CHECK(problem({"--stats-interval", "0.0005", "m", "nbd://h"}).find("0.001 to 1e9") != std::string::npos);
   CHECK(problem({"--retry-timeout", "2e9", "m", "nbd://h"}).find("0.001 to 1e9") != std::string::npos);
   CHECK(problem({"--retry-timeout", "inf", "m", "nbd://h"}) != "");

@@ -1,0 +1,182 @@
+// The read-ahead bookkeeping: when a file counts as read sequentially, which windows are
+// fetched, and when a window may answer a READ (fresh, and no write of this mount since).
+#include "bridge/read_ahead.hpp"
+
+#include <doctest/doctest.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+using namespace std::chrono_literals;
+
+namespace {
+
+struct Buffer {
+  std::vector<std::byte> bytes;
+  std::byte* data() { return bytes.data(); }
+  const std::byte* data() const { return bytes.data(); }
+};
+using ReadAhead = bridge::ReadAhead<Buffer>;
+using Clock = ReadAhead::Clock;
+constexpr std::size_t KiB = 1024;
+constexpr std::size_t MiB = 1024 * KiB;
+
+// A buffer whose every byte says which window it is from.
+Buffer filled(std::size_t length, std::uint8_t value) { return Buffer{std::vector<std::byte>(length, std::byte{value})}; }
+
+struct Reader {
+  ReadAhead& read_ahead;
+  std::uint64_t handle;
+  std::uint64_t position = 0;
+  std::vector<ReadAhead::Fetch> fetches{};
+  // Reads `length` at the position; whether a window answered it.
+  bool read(std::size_t length, Clock::time_point now) {
+    const bool answered = read_ahead.find(handle, position, length, now) != nullptr;
+    if (auto fetch = read_ahead.observe(handle, position, length, now)) fetches.push_back(*fetch);
+    position += length;
+    return answered;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("read-ahead starts after a few sequential reads, one window at the reader's position") {
+  ReadAhead read_ahead;
+  read_ahead.set_export_size(64 * MiB);
+  Reader reader{read_ahead, 1};
+  const auto now = Clock::now();
+  CHECK_FALSE(reader.read(4 * KiB, now));
+  CHECK_FALSE(reader.read(4 * KiB, now));
+  CHECK(reader.fetches.empty());  // `file` and `blkid` read this much and stop
+  CHECK_FALSE(reader.read(4 * KiB, now));
+  REQUIRE(reader.fetches.size() == 1);
+  CHECK(reader.fetches[0].offset == 12 * KiB);
+  CHECK(reader.fetches[0].length == 1 * MiB);
+  // While it is fetched nothing answers, and it is not asked for again.
+  CHECK_FALSE(reader.read(4 * KiB, now));
+  CHECK(reader.fetches.size() == 1);
+  read_ahead.fetched(reader.fetches[0], filled(1 * MiB, 7), true);
+  const std::byte* data = read_ahead.find(1, 20 * KiB, 4 * KiB, now);
+  REQUIRE(data != nullptr);
+  CHECK(*data == std::byte{7});
+  // Not across the window's end, nor for another file.
+  CHECK(read_ahead.find(1, 12 * KiB + 1 * MiB - 2 * KiB, 4 * KiB, now) == nullptr);
+  CHECK(read_ahead.find(2, 20 * KiB, 4 * KiB, now) == nullptr);
+}
+
+TEST_CASE("read-ahead fetches the next window half-way through the current one") {
+  ReadAhead read_ahead;
+  read_ahead.set_export_size(64 * MiB);
+  Reader reader{read_ahead, 1, /*position=*/0};
+  const auto now = Clock::now();
+  for (int read = 0; read < 3; ++read) reader.read(64 * KiB, now);
+  REQUIRE(reader.fetches.size() == 1);
+  const auto first = reader.fetches[0];
+  CHECK(first.offset == 192 * KiB);
+  read_ahead.fetched(first, filled(first.length, 1), true);
+  // Up to half-way, answered from the first window, nothing more fetched.
+  while (reader.position + 64 * KiB < first.offset + first.length / 2) CHECK(reader.read(64 * KiB, now));
+  CHECK(reader.fetches.size() == 1);
+  CHECK(reader.read(64 * KiB, now));
+  REQUIRE(reader.fetches.size() == 2);
+  CHECK(reader.fetches[1].offset == first.offset + first.length);
+  read_ahead.fetched(reader.fetches[1], filled(reader.fetches[1].length, 2), true);
+  // The reader goes on from one window into the next without a READ to the server.
+  while (reader.position < reader.fetches[1].offset + 64 * KiB) CHECK(reader.read(64 * KiB, now));
+  CHECK(*read_ahead.find(1, reader.fetches[1].offset, 4 * KiB, now) == std::byte{2});
+}
+
+TEST_CASE("read-ahead: a write of this mount, or age, makes a window unusable") {
+  ReadAhead read_ahead;
+  read_ahead.set_export_size(64 * MiB);
+  Reader reader{read_ahead, 1};
+  const auto now = Clock::now();
+  for (int read = 0; read < 3; ++read) reader.read(4 * KiB, now);
+  REQUIRE(reader.fetches.size() == 1);
+  read_ahead.fetched(reader.fetches[0], filled(1 * MiB, 1), true);
+  CHECK(read_ahead.find(1, 12 * KiB, 4 * KiB, now) != nullptr);
+  CHECK(read_ahead.find(1, 12 * KiB, 4 * KiB, now + read_ahead.limits().freshness + 1ms) == nullptr);
+  read_ahead.written();
+  CHECK(read_ahead.find(1, 12 * KiB, 4 * KiB, now) == nullptr);
+  // The next sequential read fetches afresh.
+  reader.read(4 * KiB, now);
+  REQUIRE(reader.fetches.size() == 2);
+  CHECK(reader.fetches[1].offset == 16 * KiB);
+
+  SUBCASE("a write that began while a window was fetched ends it too") {
+    read_ahead.written();  // the write starts: the fetch in flight may or may not see it
+    reader.read(4 * KiB, now);
+    REQUIRE(reader.fetches.size() == 3);
+    read_ahead.written();  // ...and ends
+    read_ahead.fetched(reader.fetches[2], filled(1 * MiB, 3), true);
+    CHECK(read_ahead.find(1, reader.position, 4 * KiB, now) == nullptr);
+  }
+}
+
+TEST_CASE("read-ahead: a late or failed fetch answers nothing") {
+  ReadAhead read_ahead;
+  read_ahead.set_export_size(64 * MiB);
+  Reader reader{read_ahead, 1};
+  const auto now = Clock::now();
+  for (int read = 0; read < 3; ++read) reader.read(4 * KiB, now);
+  REQUIRE(reader.fetches.size() == 1);
+  SUBCASE("failed") {
+    read_ahead.fetched(reader.fetches[0], filled(1 * MiB, 1), false);
+    CHECK(read_ahead.find(1, 12 * KiB, 4 * KiB, now) == nullptr);
+    // ...and the reader's next read asks for the window again.
+    reader.read(4 * KiB, now);
+    CHECK(reader.fetches.size() == 2);
+  }
+  SUBCASE("the file was closed meanwhile") {
+    read_ahead.forget(1);
+    read_ahead.fetched(reader.fetches[0], filled(1 * MiB, 1), true);
+    CHECK(read_ahead.find(1, 12 * KiB, 4 * KiB, now) == nullptr);
+  }
+  SUBCASE("cleared (idle, or stopping)") {
+    read_ahead.clear();
+    read_ahead.fetched(reader.fetches[0], filled(1 * MiB, 1), true);
+    CHECK(read_ahead.find(1, 12 * KiB, 4 * KiB, now) == nullptr);
+  }
+}
+
+TEST_CASE("read-ahead: a jump, large reads and the export's end") {
+  ReadAhead read_ahead;
+  read_ahead.set_export_size(2 * MiB);
+  const auto now = Clock::now();
+  SUBCASE("a jump starts the count again") {
+    Reader reader{read_ahead, 1};
+    reader.read(4 * KiB, now);
+    reader.read(4 * KiB, now);
+    reader.position += 4 * KiB;
+    reader.read(4 * KiB, now);
+    reader.read(4 * KiB, now);
+    CHECK(reader.fetches.empty());
+  }
+  SUBCASE("large reads are not read ahead") {
+    CHECK(read_ahead.wants(128 * KiB));
+    CHECK_FALSE(read_ahead.wants(128 * KiB + 1));
+  }
+  SUBCASE("a window stops at the end, and none starts there") {
+    Reader reader{read_ahead, 1, 2 * MiB - 512 * KiB};
+    for (int read = 0; read < 3; ++read) reader.read(4 * KiB, now);
+    REQUIRE(reader.fetches.size() == 1);
+    CHECK(reader.fetches[0].offset + reader.fetches[0].length == 2 * MiB);
+    read_ahead.fetched(reader.fetches[0], filled(reader.fetches[0].length, 1), true);
+    while (reader.position < 2 * MiB) reader.read(4 * KiB, now);
+    CHECK(reader.fetches.size() == 1);
+  }
+  SUBCASE("a fifth file takes the stream of the one read least recently") {
+    for (std::uint64_t handle = 1; handle <= ReadAhead::stream_count + 1; ++handle) {
+      Reader reader{read_ahead, handle};
+      for (int read = 0; read < 3; ++read) reader.read(4 * KiB, now + std::chrono::milliseconds(handle));
+      REQUIRE(reader.fetches.size() == 1);
+      read_ahead.fetched(reader.fetches[0], filled(reader.fetches[0].length, std::uint8_t(handle)), true);
+    }
+    const auto later = now + 10ms;
+    CHECK(read_ahead.find(1, 12 * KiB, 4 * KiB, later) == nullptr);
+    CHECK(read_ahead.find(2, 12 * KiB, 4 * KiB, later) != nullptr);
+    CHECK(*read_ahead.find(ReadAhead::stream_count + 1, 12 * KiB, 4 * KiB, later) ==
+          std::byte(ReadAhead::stream_count + 1));
+  }
+}

@@ -102,6 +102,8 @@ class BlockIo {
   bool has_unflushed_writes() const { return info_.can_flush && pool_.has_unflushed_writes(); }
   // A flush could go out now, without waiting for a reconnect.
   bool can_flush_now() const { return pool_.any_usable(nbd_client::Purpose::flush); }
+  // A large READ could go out now, without waiting for a reconnect.
+  bool can_read_now() const { return pool_.any_usable(nbd_client::Purpose::large_read); }
   // lseek SEEK_DATA (want_data) / SEEK_HOLE; ENXIO at or past EOF or with no data after offset.
   asio::awaitable<std::error_code> seek(std::uint64_t offset, bool want_data, std::uint64_t& result,
                                         RequestLimits limits = {});

@@ -221,6 +221,8 @@ class FileSystem final : public fuse_front::Handlers {
   std::unique_ptr<FaultInjector> faults_;
   BlockIo io_;
   ReadAhead<BufferPool::Lease> read_ahead_;  // its windows' buffers go back to buffers_, declared before it
+  static constexpr std::size_t fetches_at_most = 8;
+  std::size_t fetches_running_ = 0;
   // Open handles of the .stats file: each holds the JSON taken at its open.
   std::unordered_map<std::uint64_t, std::string> stats_snapshots_;
   std::uint64_t next_stats_handle_ = 2;

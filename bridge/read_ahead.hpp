@@ -25,6 +25,10 @@ struct ReadAheadLimits {
   // A window is used only this long after its fetch was sent: data read ahead is at
   // most this old, where the page cache would keep it until the next open.
   std::chrono::milliseconds freshness{100};
+  // A reader whose READs come at most this far apart (computing a checksum of each:
+  // md5sum ~60 us per 32 KiB here, sha256sum ~130 us) is worth polling for after an
+  // answer: waking the loop costs more. A slower one (gzip, ~1 ms) is not.
+  std::chrono::microseconds pollable_gap{250};
 };
 
 // Buffer: movable, with data(); a pool lease in the bridge, a vector in tests.
@@ -45,20 +49,33 @@ class ReadAhead {
 
   explicit ReadAhead(ReadAheadLimits limits = {}) : limits_(limits) {}
 
-  void set_export_size(std::uint64_t size) { export_size_ = size; }
+  // Windows start on the server's minimum block (a power of two), so that no fetch
+  // needs a read-modify-write's bounce buffer.
+  void set_export(std::uint64_t size, std::uint64_t minimum_block) {
+    export_size_ = size;
+    alignment_ = std::max<std::uint64_t>(4096, minimum_block);
+  }
   const ReadAheadLimits& limits() const { return limits_; }
   bool wants(std::size_t length) const { return length <= limits_.largest_read; }
 
-  // This mount wrote, zeroed or trimmed (call at the start and at the end of each):
-  // no window fetched before can be trusted, nor one fetched while the write ran.
-  void written() { ++generation_; }
+  // This mount writes, zeroes or trims [offset, offset+length) (call as it starts and
+  // as it ends, before its reply): a window over it, fetched before, or while it runs,
+  // may hold the old data. Its reader reads from the server up to that window's end.
+  void written(std::uint64_t offset, std::uint64_t length) {
+    const std::uint64_t start = align_down(offset);
+    const std::uint64_t end = offset + length;
+    for (Stream& stream : streams_)
+      for (Window& window : stream.windows)
+        if ((window.fetching || window.ready) && window.offset < end && start < window.offset + window.length)
+          give_up(stream, window);
+  }
 
   // The data of [offset, offset+length) if a fresh window holds all of it, else null.
   const std::byte* find(std::uint64_t handle, std::uint64_t offset, std::size_t length, Clock::time_point now) const {
     for (const Stream& stream : streams_) {
       if (!stream.used || stream.handle != handle) continue;
       for (const Window& window : stream.windows)
-        if (window.ready && usable(window, now) && offset >= window.offset &&
+        if (window.ready && fresh(window, now) && offset >= window.offset &&
             offset + length <= window.offset + window.length)
           return window.buffer.data() + (offset - window.offset);
     }
@@ -66,38 +83,85 @@ class ReadAhead {
   }
 
   // Every READ of a file that wants() it, answered from a window or not: follows the
-  // file's position, and says which window to fetch next, if any (at most one).
-  std::optional<Fetch> observe(std::uint64_t handle, std::uint64_t offset, std::size_t length,
-                               Clock::time_point now) {
+  // file's position, and says which window to fetch next, if any (at most one; none
+  // unless may_fetch: the caller's cap on fetches, or no connection to send one on).
+  std::optional<Fetch> observe(std::uint64_t handle, std::uint64_t offset, std::size_t length, Clock::time_point now,
+                               bool may_fetch = true) {
     Stream& stream = stream_of(handle, now);
+    const bool sequential = offset == stream.next_offset;
+    // The reader's own time between READs, smoothed (one slow lap changes little): from
+    // the previous READ's answer, so that a distant server's round trips do not count.
+    const auto gap =
+        std::chrono::duration_cast<std::chrono::nanoseconds>(now - std::max(stream.last_used, stream.last_answered));
+    if (!sequential) stream.gap = unknown_gap;
+    else stream.gap = stream.sequential == 0 ? gap : (3 * stream.gap + gap) / 4;
+    stream.sequential = sequential ? stream.sequential + 1 : 0;
     stream.last_used = now;
-    stream.sequential = offset == stream.next_offset ? stream.sequential + 1 : 0;
     stream.next_offset = offset + length;
-    if (stream.sequential < limits_.sequential_before_fetching || stream.next_offset >= export_size_)
-      return std::nullopt;
+    for (Window& window : stream.windows)
+      if (window.ready && !fresh(window, now)) window = Window{};  // its memory goes now
     const std::uint64_t position = stream.next_offset;
+    if (!may_fetch || stream.sequential < limits_.sequential_before_fetching || position >= export_size_ ||
+        position < stream.no_fetch_before)
+      return std::nullopt;
+    const std::size_t window_length = window_for(stream.gap, length);
+    if (window_length == 0) return std::nullopt;
     const std::size_t stream_index = std::size_t(&stream - streams_.data());
     Window* holding = nullptr;  // the window the reader is in
     for (Window& window : stream.windows)
       if (covers(window, position, now)) holding = &window;
-    if (!holding) return start(stream_index, free_slot(stream, position, now), align_down(position), now);
+    if (!holding)
+      return start(stream_index, free_slot(stream, position, now), align_down(position), window_length, now);
     // Half-way through it, the next one is fetched: it is ready before the reader gets
     // there, unless the reader outruns the server (it then reads there itself a while).
     const std::uint64_t end = holding->offset + holding->length;
     if (end >= export_size_ || position - holding->offset < holding->length / 2) return std::nullopt;
     for (const Window& window : stream.windows)
       if (covers(window, end, now)) return std::nullopt;
-    return start(stream_index, free_slot(stream, position, now), end, now);
+    return start(stream_index, free_slot(stream, position, now), end, window_length, now);
+  }
+
+  // What a reader of `length`-byte READs `gap` apart reads while a window stays fresh,
+  // up to a window: a slow reader gets a small one rather than the same 1 MiB fetched
+  // over and over. None for a reader that would not come back a few times meanwhile.
+  std::size_t window_for(std::chrono::nanoseconds gap, std::size_t length) const {
+    const double reads_while_fresh =
+        std::chrono::duration<double>(limits_.freshness) / std::max(std::chrono::duration<double>(gap),
+                                                                    std::chrono::duration<double>(1e-6));
+    if (reads_while_fresh < 4) return 0;
+    const double bytes = std::min(reads_while_fresh * double(length), double(limits_.window));
+    const std::uint64_t aligned = std::max<std::uint64_t>(alignment_, std::uint64_t(bytes) / alignment_ * alignment_);
+    return std::size_t(std::min<std::uint64_t>(aligned, limits_.window));
+  }
+
+  // How soon the file's next READ may be expected, if it is a sequential reader quick
+  // enough to poll for (ReadAheadLimits::pollable_gap); else zero. After observe().
+  std::chrono::microseconds next_read_within(std::uint64_t handle) const {
+    for (const Stream& stream : streams_)
+      if (stream.used && stream.handle == handle && stream.sequential >= limits_.sequential_before_fetching &&
+          stream.gap <= limits_.pollable_gap)
+        return 2 * std::chrono::duration_cast<std::chrono::microseconds>(stream.gap);
+    return {};
+  }
+
+  // A READ observe()d was answered by the server (one answered from a window is
+  // answered as it arrives).
+  void answered(std::uint64_t handle, Clock::time_point now) {
+    for (Stream& stream : streams_)
+      if (stream.used && stream.handle == handle) stream.last_answered = now;
   }
 
   // A fetch's end: its data, if it succeeded, serves READs from now on (until stale).
-  // A failed one leaves the READs to go to the server, which answers them itself.
+  // A failed one is not fetched again until the reader has passed it: the READs go
+  // to the server, which answers each for itself.
   void fetched(const Fetch& fetch, Buffer buffer, bool succeeded) {
-    Window& window = streams_[fetch.stream].windows[fetch.slot];
+    Stream& stream = streams_[fetch.stream];
+    Window& window = stream.windows[fetch.slot];
     if (window.id != fetch.id || !window.fetching) return;  // given up meanwhile: buffer dropped
+    if (!succeeded) return give_up(stream, window);
     window.fetching = false;
-    window.ready = succeeded;
-    if (succeeded) window.buffer = std::move(buffer);
+    window.ready = true;
+    window.buffer = std::move(buffer);
   }
 
   // The file was closed.
@@ -111,11 +175,12 @@ class ReadAhead {
   }
 
  private:
+  static constexpr std::chrono::nanoseconds unknown_gap = std::chrono::hours(24);
+
   struct Window {
     std::uint64_t offset = 0;
     std::size_t length = 0;
     std::uint64_t id = 0;
-    std::uint64_t generation = 0;
     Clock::time_point sent{};
     bool fetching = false;
     bool ready = false;
@@ -125,39 +190,48 @@ class ReadAhead {
     bool used = false;
     std::uint64_t handle = 0;
     std::uint64_t next_offset = 0;
+    std::uint64_t no_fetch_before = 0;  // the end of a window lost to a write or a failure
     unsigned sequential = 0;
-    Clock::time_point last_used{};
+    Clock::time_point last_used{};  // its latest READ's arrival
+    Clock::time_point last_answered{};
+    std::chrono::nanoseconds gap = unknown_gap;  // between its READs, smoothed
     std::array<Window, windows_per_stream> windows{};
   };
 
-  bool usable(const Window& window, Clock::time_point now) const {
-    return (window.fetching || window.ready) && window.generation == generation_ &&
-           now - window.sent <= limits_.freshness;
-  }
+  bool fresh(const Window& window, Clock::time_point now) const { return now - window.sent <= limits_.freshness; }
   bool covers(const Window& window, std::uint64_t position, Clock::time_point now) const {
-    return usable(window, now) && position >= window.offset && position < window.offset + window.length;
+    return (window.fetching || window.ready) && fresh(window, now) && position >= window.offset &&
+           position < window.offset + window.length;
   }
-  static std::uint64_t align_down(std::uint64_t offset) { return offset & ~std::uint64_t(4095); }
+  std::uint64_t align_down(std::uint64_t offset) const { return offset - offset % alignment_; }
 
-  // A slot not in use, or one the reader has passed; the older one if both are
-  // (a window still fetching is simply given up: its fetch keeps its own buffer).
+  // A window fetched in vain: its memory goes (a fetch still running keeps its own
+  // buffer and finds its id gone), and its range is not fetched again.
+  static void give_up(Stream& stream, Window& window) {
+    stream.no_fetch_before = std::max(stream.no_fetch_before, window.offset + window.length);
+    window = Window{};
+  }
+
+  // A slot not in use, or one the reader has passed; the older one if both are in use
+  // (a window still fetching is then simply given up).
   std::size_t free_slot(const Stream& stream, std::uint64_t position, Clock::time_point now) const {
     std::size_t chosen = 0;
     for (std::size_t slot = 0; slot < windows_per_stream; ++slot) {
       const Window& window = stream.windows[slot];
-      if (!usable(window, now) || window.offset + window.length <= position) return slot;
+      if (!(window.fetching || window.ready) || !fresh(window, now) || window.offset + window.length <= position)
+        return slot;
       if (window.sent < stream.windows[chosen].sent) chosen = slot;
     }
     return chosen;
   }
 
-  std::optional<Fetch> start(std::size_t stream_index, std::size_t slot, std::uint64_t offset, Clock::time_point now) {
+  std::optional<Fetch> start(std::size_t stream_index, std::size_t slot, std::uint64_t offset, std::size_t length,
+                             Clock::time_point now) {
     Window& window = streams_[stream_index].windows[slot];
     window = Window{};
     window.offset = offset;
-    window.length = std::size_t(std::min<std::uint64_t>(limits_.window, export_size_ - offset));
+    window.length = std::size_t(std::min<std::uint64_t>(length, export_size_ - offset));
     window.id = ++last_id_;
-    window.generation = generation_;
     window.sent = now;
     window.fetching = true;
     return Fetch{stream_index, slot, window.id, window.offset, window.length};
@@ -178,15 +252,11 @@ class ReadAhead {
     return *oldest;
   }
 
-  static void reset(Stream& stream) {
-    stream.used = false;
-    stream.sequential = 0;
-    for (Window& window : stream.windows) window = Window{};  // a fetch running finds its id gone
-  }
+  static void reset(Stream& stream) { stream = Stream{}; }  // a fetch running finds its id gone
 
   ReadAheadLimits limits_;
   std::uint64_t export_size_ = 0;
-  std::uint64_t generation_ = 0;
+  std::uint64_t alignment_ = 4096;
   std::uint64_t last_id_ = 0;
   std::array<Stream, stream_count> streams_{};
 };

@@ -317,8 +317,9 @@ void Session::spin() {
   } else if (!idle_since_known_) {
     idle_since_ = std::chrono::steady_clock::now();
     idle_since_known_ = true;
-  } else if (std::chrono::steady_clock::now() - idle_since_ >= busy_poll_budget_) {
+  } else if (std::chrono::steady_clock::now() - idle_since_ >= std::max(busy_poll_budget_, expected_within_)) {
     spinning_ = false;  // the next activity starts it again
+    expected_within_ = {};
     return;
   }
   post_spin();

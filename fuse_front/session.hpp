@@ -16,6 +16,7 @@
 
 #include "fuse_front/reply_worker.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstddef>
@@ -98,6 +99,14 @@ class Session {
   // (coroutine frames, handlers) lasts one run()/poll() call, so an outer loop
   // of poll() calls lost it at every pass (1.5 mallocs per 1 MiB read).
   void set_busy_poll(std::chrono::microseconds budget) { busy_poll_budget_ = budget; }
+  // The next request is expected within `soon` (a sequential reader answered from
+  // memory comes back once it has used the data): while busy-polling is on at all, this
+  // time's polling goes on that long if the budget is shorter.
+  void expect_request_within(std::chrono::microseconds soon) {
+    if (busy_poll_budget_.count() == 0) return;
+    expected_within_ = std::max(expected_within_, soon);
+    note_activity();
+  }
   // Work seen on the loop thread (a reply sent, say): polling goes on.
   void note_activity() {
     ++activity_;
@@ -150,6 +159,7 @@ class Session {
   // Busy-polling: a handler that re-posts itself while activity_ changed within
   // the budget; while it is queued, Asio's reactor polls with a zero timeout.
   std::chrono::microseconds busy_poll_budget_{0};
+  std::chrono::microseconds expected_within_{0};  // until polling stops (expect_request_within)
   std::uint64_t activity_ = 0;
   std::uint64_t activity_seen_ = 0;
   std::chrono::steady_clock::time_point idle_since_;  // the first lap that saw no new work

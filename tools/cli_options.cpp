@@ -111,9 +111,9 @@ void setup(CLI::App& app, Options& options) {
       ->check(CLI::IsMember({"none", "page"}));
   app.add_option("--read-ahead", options.read_ahead,
                  "on (default): with --cache=none, a file read sequentially in pieces of 128 KiB or less "
-                 "without O_DIRECT (dd, md5sum, cat) is read 1 MiB ahead, and such a read is answered from "
-                 "data at most 0.1 s old that no write of this mount touched since; off: every read goes to "
-                 "the server")
+                 "without O_DIRECT (dd, md5sum, cat) is read up to 1 MiB ahead, and such a read is answered "
+                 "from data at most 0.1 s old that no write of this mount touched since; off: every read goes "
+                 "to the server")
       ->check(CLI::IsMember({"on", "off"}));
   app.add_option("-C,--connections", options.connections,
                  "data connections to open when the server allows multi-conn: 1..64, or auto (default: 4 with "

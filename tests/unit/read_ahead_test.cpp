@@ -43,7 +43,7 @@ struct Reader {
 
 TEST_CASE("read-ahead starts after a few sequential reads, one window at the reader's position") {
   ReadAhead read_ahead;
-  read_ahead.set_export_size(64 * MiB);
+  read_ahead.set_export(64 * MiB, 1);
   Reader reader{read_ahead, 1};
   const auto now = Clock::now();
   CHECK_FALSE(reader.read(4 * KiB, now));
@@ -67,7 +67,7 @@ TEST_CASE("read-ahead starts after a few sequential reads, one window at the rea
 
 TEST_CASE("read-ahead fetches the next window half-way through the current one") {
   ReadAhead read_ahead;
-  read_ahead.set_export_size(64 * MiB);
+  read_ahead.set_export(64 * MiB, 1);
   Reader reader{read_ahead, 1, /*position=*/0};
   const auto now = Clock::now();
   for (int read = 0; read < 3; ++read) reader.read(64 * KiB, now);
@@ -87,9 +87,9 @@ TEST_CASE("read-ahead fetches the next window half-way through the current one")
   CHECK(*read_ahead.find(1, reader.fetches[1].offset, 4 * KiB, now) == std::byte{2});
 }
 
-TEST_CASE("read-ahead: a write of this mount, or age, makes a window unusable") {
+TEST_CASE("read-ahead: a write of this mount over a window, or age, makes it unusable") {
   ReadAhead read_ahead;
-  read_ahead.set_export_size(64 * MiB);
+  read_ahead.set_export(64 * MiB, 1);
   Reader reader{read_ahead, 1};
   const auto now = Clock::now();
   for (int read = 0; read < 3; ++read) reader.read(4 * KiB, now);
@@ -97,26 +97,28 @@ TEST_CASE("read-ahead: a write of this mount, or age, makes a window unusable") 
   read_ahead.fetched(reader.fetches[0], filled(1 * MiB, 1), true);
   CHECK(read_ahead.find(1, 12 * KiB, 4 * KiB, now) != nullptr);
   CHECK(read_ahead.find(1, 12 * KiB, 4 * KiB, now + read_ahead.limits().freshness + 1ms) == nullptr);
-  read_ahead.written();
+  read_ahead.written(4 * MiB, 4 * KiB);  // elsewhere: the window stays
+  CHECK(read_ahead.find(1, 12 * KiB, 4 * KiB, now) != nullptr);
+  read_ahead.written(512 * KiB + 100, 1);
   CHECK(read_ahead.find(1, 12 * KiB, 4 * KiB, now) == nullptr);
-  // The next sequential read fetches afresh.
+  // The reader reads from the server up to the lost window's end, then fetches afresh.
+  while (reader.position + 4 * KiB < 12 * KiB + 1 * MiB) reader.read(4 * KiB, now);
+  CHECK(reader.fetches.size() == 1);
   reader.read(4 * KiB, now);
   REQUIRE(reader.fetches.size() == 2);
-  CHECK(reader.fetches[1].offset == 16 * KiB);
+  CHECK(reader.fetches[1].offset == 12 * KiB + 1 * MiB);
 
-  SUBCASE("a write that began while a window was fetched ends it too") {
-    read_ahead.written();  // the write starts: the fetch in flight may or may not see it
+  SUBCASE("a write that ends while a window is fetched ends it too") {
     reader.read(4 * KiB, now);
-    REQUIRE(reader.fetches.size() == 3);
-    read_ahead.written();  // ...and ends
-    read_ahead.fetched(reader.fetches[2], filled(1 * MiB, 3), true);
+    read_ahead.written(reader.position + 8 * KiB, 4 * KiB);  // (its start was before the fetch)
+    read_ahead.fetched(reader.fetches[1], filled(1 * MiB, 3), true);
     CHECK(read_ahead.find(1, reader.position, 4 * KiB, now) == nullptr);
   }
 }
 
 TEST_CASE("read-ahead: a late or failed fetch answers nothing") {
   ReadAhead read_ahead;
-  read_ahead.set_export_size(64 * MiB);
+  read_ahead.set_export(64 * MiB, 1);
   Reader reader{read_ahead, 1};
   const auto now = Clock::now();
   for (int read = 0; read < 3; ++read) reader.read(4 * KiB, now);
@@ -124,7 +126,10 @@ TEST_CASE("read-ahead: a late or failed fetch answers nothing") {
   SUBCASE("failed") {
     read_ahead.fetched(reader.fetches[0], filled(1 * MiB, 1), false);
     CHECK(read_ahead.find(1, 12 * KiB, 4 * KiB, now) == nullptr);
-    // ...and the reader's next read asks for the window again.
+    // Not fetched again (a bad block would fail every one): the reads go to the
+    // server until the reader has passed it.
+    while (reader.position + 4 * KiB < 12 * KiB + 1 * MiB) reader.read(4 * KiB, now);
+    CHECK(reader.fetches.size() == 1);
     reader.read(4 * KiB, now);
     CHECK(reader.fetches.size() == 2);
   }
@@ -142,7 +147,7 @@ TEST_CASE("read-ahead: a late or failed fetch answers nothing") {
 
 TEST_CASE("read-ahead: a jump, large reads and the export's end") {
   ReadAhead read_ahead;
-  read_ahead.set_export_size(2 * MiB);
+  read_ahead.set_export(2 * MiB, 1);
   const auto now = Clock::now();
   SUBCASE("a jump starts the count again") {
     Reader reader{read_ahead, 1};
@@ -179,4 +184,74 @@ TEST_CASE("read-ahead: a jump, large reads and the export's end") {
     CHECK(*read_ahead.find(ReadAhead::stream_count + 1, 12 * KiB, 4 * KiB, later) ==
           std::byte(ReadAhead::stream_count + 1));
   }
+}
+
+TEST_CASE("read-ahead: how soon a quick sequential reader comes back") {
+  ReadAhead read_ahead;
+  read_ahead.set_export(64 * MiB, 1);
+  Reader reader{read_ahead, 1};
+  auto now = Clock::now();
+  const auto gap = 80us;  // md5sum's 32 KiB take ~60 us here
+  for (int read = 0; read < 8; ++read, now += gap) reader.read(32 * KiB, now);
+  CHECK(read_ahead.next_read_within(1) == 2 * gap);
+  CHECK(read_ahead.next_read_within(2) == 0us);  // not a reader seen
+  SUBCASE("a slow reader (gzip) is not polled for") {
+    for (int read = 0; read < 16; ++read, now += 1ms) reader.read(32 * KiB, now);
+    CHECK(read_ahead.next_read_within(1) == 0us);
+  }
+  SUBCASE("nor one that jumped") {
+    reader.position += 1 * MiB;
+    reader.read(32 * KiB, now);
+    CHECK(read_ahead.next_read_within(1) == 0us);
+  }
+}
+
+TEST_CASE("read-ahead: a slower reader gets a smaller window, a slow one none") {
+  ReadAhead read_ahead;
+  read_ahead.set_export(64 * MiB, 1);
+  auto now = Clock::now();
+  SUBCASE("a 4 KiB read every 2 ms: 50 in 0.1 s") {
+    Reader reader{read_ahead, 1};
+    for (int read = 0; read < 3; ++read, now += 2ms) reader.read(4 * KiB, now);
+    REQUIRE(reader.fetches.size() == 1);
+    CHECK(reader.fetches[0].length == 200 * KiB);
+  }
+  SUBCASE("one every 50 ms: a window would be stale after two") {
+    Reader reader{read_ahead, 1};
+    for (int read = 0; read < 10; ++read, now += 50ms) reader.read(4 * KiB, now);
+    CHECK(reader.fetches.empty());
+  }
+  SUBCASE("none while the caller may not fetch") {
+    for (std::uint64_t position = 0; position < 64 * KiB; position += 4 * KiB)
+      CHECK_FALSE(read_ahead.observe(1, position, 4 * KiB, now, /*may_fetch=*/false));
+    CHECK(read_ahead.observe(1, 64 * KiB, 4 * KiB, now));
+  }
+}
+
+TEST_CASE("read-ahead windows start on the server's minimum block") {
+  ReadAhead read_ahead;
+  read_ahead.set_export(64 * MiB, 64 * KiB);
+  Reader reader{read_ahead, 1, /*position=*/100 * KiB};
+  const auto now = Clock::now();
+  for (int read = 0; read < 3; ++read) reader.read(4 * KiB, now);
+  REQUIRE(reader.fetches.size() == 1);
+  CHECK(reader.fetches[0].offset == 64 * KiB);
+  read_ahead.fetched(reader.fetches[0], filled(reader.fetches[0].length, 5), true);
+  CHECK(*read_ahead.find(1, reader.position, 4 * KiB, now) == std::byte{5});
+}
+
+TEST_CASE("read-ahead: a distant server's round trips are not the reader's pace") {
+  ReadAhead read_ahead;
+  read_ahead.set_export(64 * MiB, 1);
+  auto now = Clock::now();
+  // Each READ takes 50 ms to answer; the reader asks for the next 20 us after each answer.
+  std::vector<ReadAhead::Fetch> fetches;
+  for (std::uint64_t position = 0; position < 12 * KiB; position += 4 * KiB) {
+    if (auto fetch = read_ahead.observe(1, position, 4 * KiB, now)) fetches.push_back(*fetch);
+    now += 50ms;
+    read_ahead.answered(1, now);
+    now += 20us;
+  }
+  REQUIRE(fetches.size() == 1);
+  CHECK(fetches[0].length == 1 * MiB);
 }

@@ -278,6 +278,7 @@ void Connection::service() {
     int result = notify_read ? nbd_aio_notify_read(handle_) : nbd_aio_notify_write(handle_);
     ready_.collecting = false;
     if (result == -1 && error_message_.empty()) error_message_ = last_libnbd_error();
+    if (result == -1 && connecting_ && !connect_error_) connect_error_ = last_connect_error(false);
     notice_state_change();
     // Resumed handlers may issue commands here: the handle is not locked now, and
     // the next round re-reads its state.
@@ -418,9 +419,12 @@ bool names_a_host(const Target& target) {
 int Connection::start_connect(const Target& target) {
   if (target.kind == Target::Kind::command) {
     error_message_ = "a [ CMD ] target is started by the pool and connected as a unix socket";
+    connect_error_ = std::error_code(EINVAL, std::generic_category());
     return -1;
   }
-  return start_connect_on(handle_, target);
+  int result = start_connect_on(handle_, target);
+  if (result == -1) connect_error_ = last_connect_error(true);
+  return result;
 }
 
 // Shared by the loop and a resolver thread, which may outlive its Connection: the
@@ -435,6 +439,7 @@ struct Connection::NameResolution {
   asio::steady_timer finished;   // cancelled on the loop once the thread is done
   int result = -1;               // written before finished is cancelled
   std::string error;
+  std::error_code connect_error;  // the call's failure as last_connect_error() has it
 };
 
 namespace {
@@ -472,12 +477,14 @@ void* Connection::resolve_and_connect(void* raw_job) {
   // Also a handle that died inside the call (every address refused): the loop
   // thread's libnbd error would be another call's.
   std::string error = result == -1 || nbd_aio_is_dead(job->handle) ? last_libnbd_error() : std::string();
+  std::error_code connect_error = result == -1 ? last_connect_error(true) : std::error_code();
   {
     std::lock_guard lock(resolution.mutex);
     if (!resolution.abandoned) {
       resolution.returned = true;
       resolution.result = result;
       resolution.error = std::move(error);
+      resolution.connect_error = connect_error;
       // Posted under the lock: once abandoned, nothing reaches the loop any more.
       asio::post(resolution.finished.get_executor(), [resolution = job->resolution] { resolution->finished.cancel(); });
       return nullptr;
@@ -495,6 +502,7 @@ asio::awaitable<int> Connection::start_connect_off_loop(const Target& target) {
     reap_finished_resolvers();
     if (int error = pthread_create(&resolution->thread, nullptr, &resolve_and_connect, job.get())) {
       error_message_ = std::string("cannot start a thread to resolve the name: ") + std::strerror(error);
+      connect_error_ = std::error_code(error, std::generic_category());
       co_return -1;
     }
     job.release();  // the thread's now
@@ -511,6 +519,7 @@ asio::awaitable<int> Connection::start_connect_off_loop(const Target& target) {
   pthread_join(resolution->thread, nullptr);
   name_resolution_.reset();
   if (!resolution->error.empty()) error_message_ = resolution->error;
+  connect_error_ = resolution->connect_error;
   co_return resolution->result;
 }
 
@@ -533,7 +542,10 @@ void Connection::abandon_name_resolution() {
 asio::awaitable<std::error_code> Connection::async_connect(const Target& target, ConnectOptions options) {
   const auto connect_deadline = std::chrono::steady_clock::now() + options.timeout;
   on_progress_ = options.on_progress;
-  error_message_.clear();  // a Connection whose connect failed is tried again (ConnectionPool::reconnect)
+  // A Connection whose connect failed is tried again (ConnectionPool::reconnect, and
+  // async_connect's wait for the server).
+  error_message_.clear();
+  connect_error_.clear();
   handle_ = nbd_create();
   if (!handle_) {
     error_message_ = last_libnbd_error();
@@ -566,7 +578,7 @@ asio::awaitable<std::error_code> Connection::async_connect(const Target& target,
     if (error_message_.empty())
       error_message_ = connect_cancelled_ ? "connect cancelled" : last_libnbd_error();
     connecting_ = false;
-    co_return abandon_handle(connect_cancelled_ ? ECANCELED : ECONNREFUSED);
+    co_return abandon_handle(connect_cancelled_ ? ECANCELED : connect_error_ ? connect_error_.value() : EPROTO);
   }
   arm();
   if (!nbd_aio_is_ready(handle_) && !nbd_aio_is_dead(handle_)) {
@@ -581,12 +593,16 @@ asio::awaitable<std::error_code> Connection::async_connect(const Target& target,
     co_return std::error_code(ECANCELED, std::generic_category());
   }
   if (!nbd_aio_is_ready(handle_)) {
+    const bool failed = connect_error_ || nbd_aio_is_dead(handle_);
+    if (connect_cancelled_ && !failed) error_message_ = "connect cancelled";
     if (error_message_.empty()) {
       error_message_ = nbd_aio_is_dead(handle_) ? last_libnbd_error()
                                                 : "no answer from the server within " +
                                                       seconds_text(options.timeout) + " s";
     }
-    co_return abandon_handle(ECONNREFUSED);
+    co_return abandon_handle(failed            ? (connect_error_ ? connect_error_.value() : EPROTO)
+                             : connect_cancelled_ ? ECANCELED
+                                                  : ETIMEDOUT);
   }
   read_export_info();
   if (!tune_socket(options)) co_return abandon_handle(EINVAL);

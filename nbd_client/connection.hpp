@@ -104,6 +104,17 @@ struct ConnectOptions {
   std::function<void()> on_progress;
 };
 
+// A connect that failed because nothing was there to take it: no unix socket at the
+// path (ENOENT), or nothing listening (ECONNREFUSED). A server not started yet, or
+// gone; not one that is there and refuses.
+inline bool server_absent(std::error_code error) {
+  return error == std::errc::no_such_file_or_directory || error == std::errc::connection_refused;
+}
+// Between attempts while waiting for an absent server (--wait-for-server): often enough
+// that a mount follows the server's start closely, seldom enough to cost nothing (an
+// attempt on an absent server is one failed connect()).
+inline constexpr std::chrono::milliseconds server_wait_interval{50};
+
 class PendingCommand;
 
 // Memory for commands in flight, reused: in the steady state no command
@@ -230,7 +241,12 @@ class Connection {
   Connection& operator=(const Connection&) = delete;
 
   // Connects and negotiates within options.timeout. On failure returns an error and
-  // leaves a one-line reason in error_message().
+  // leaves a one-line reason in error_message(). The error is ENOENT or ECONNREFUSED
+  // only when nothing was there to take the connection (server_absent()); ECANCELED
+  // when cancel_connect() or close() ended it, ETIMEDOUT when the server did not
+  // finish the handshake in time, EPROTO when libnbd, TLS or the server refused it
+  // (a bad URI, a name that does not resolve, no such export), another (EINVAL,
+  // ENOMEM) for what failed here.
   asio::awaitable<std::error_code> async_connect(const Target& target, ConnectOptions options);
 
   const ExportInfo& info() const { return info_; }
@@ -477,6 +493,8 @@ class Connection {
   bool output_blocked_ = false;  // a flush found the socket full: wait for room
   asio::steady_timer connect_wakeup_;
   bool connect_cancelled_ = false;
+  // Why the connect under way failed, once it has (last_connect_error()); empty till then.
+  std::error_code connect_error_;
   // start_connect_off_loop()'s, while its thread holds handle_ (loop thread only).
   std::shared_ptr<NameResolution> name_resolution_;
   ExportInfo info_;

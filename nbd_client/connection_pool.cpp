@@ -70,7 +70,7 @@ asio::awaitable<std::error_code> ConnectionPool::async_connect(const Target& req
   connections_.push_back(std::make_unique<Connection>(executor_));
   reconnecting_.push_back(false);
   roles_.push_back(Role::data_and_status);
-  std::error_code error = co_await connections_.front()->async_connect(target_, options_for(Role::data_and_status));
+  std::error_code error = co_await connect_first(options.wait_for_server);
   if (error) {
     std::string how;
     if (target_was_command_ && server_.exited(how, std::chrono::seconds(1)))
@@ -132,6 +132,34 @@ asio::awaitable<std::error_code> ConnectionPool::async_connect(const Target& req
                                                         : connection->error_message());
       });
   co_return std::error_code{};
+}
+
+// --wait-for-server: a server started alongside the bridge (a CI script's `nbdkit -U
+// sock ... &` just before it) may not listen yet. Only a server that is not there is
+// waited for (server_absent(): no socket at the path, ECONNREFUSED); one that is there
+// and refuses (TLS, no such export, a bad handshake) fails the mount at once, as does
+// anything else. A host name that does not resolve is not waited through either:
+// libnbd says only gai_strerror()'s words for it, no errno, so a name that may resolve
+// later (EAI_AGAIN) cannot be told from one that never will (a typo), which would then
+// keep the mount waiting in silence; and the server the option is for runs beside the
+// bridge, under an address or a name that resolves already, only not listening yet.
+// The wait is measured from the first attempt; the last attempt is made at its end.
+asio::awaitable<std::error_code> ConnectionPool::connect_first(std::chrono::milliseconds wait_for_server) {
+  Connection& connection = *connections_.front();
+  const ConnectOptions options = options_for(Role::data_and_status);
+  const bool may_wait = wait_for_server.count() > 0 && !target_was_command_ && target_.kind != Target::Kind::socket_fd;
+  const auto wait_ends = clock::now() + wait_for_server;
+  for (bool said = false;;) {
+    if (connect_cancelled_) co_return std::error_code(ECANCELED, std::generic_category());
+    std::error_code error = co_await connection.async_connect(target_, options);
+    if (!error || !may_wait || !server_absent(error) || connect_cancelled_) co_return error;
+    const auto now = clock::now();
+    if (now >= wait_ends) co_return error;
+    if (!std::exchange(said, true) && on_waiting_for_server) on_waiting_for_server(connection.error_message());
+    server_wait_pause_.expires_after(std::min<clock::duration>(server_wait_interval, wait_ends - now));
+    std::error_code ignored;
+    co_await server_wait_pause_.async_wait(asio::redirect_error(asio::use_awaitable, ignored));
+  }
 }
 
 void ConnectionPool::write_acknowledged(const Connection& connection) {
@@ -608,6 +636,8 @@ Connection& ConnectionPool::pick(Purpose purpose) {
 }
 
 void ConnectionPool::cancel_connect() {
+  connect_cancelled_ = true;
+  server_wait_pause_.cancel();
   for (auto& connection : connections_) connection->cancel_connect();
 }
 

@@ -61,6 +61,11 @@ struct PoolOptions {
   bool hold_threads = false;
   // How long requests wait for a lost server to come back; zero: fail at once.
   std::chrono::milliseconds retry_timeout = std::chrono::seconds(60);
+  // How long the first connect keeps trying while nothing is there to take it
+  // (server_absent()): a server started alongside the bridge may not listen yet.
+  // Zero: fail at once. Not for a [ CMD ] target (its socket listens before the
+  // server starts) or an --fd one (connected already).
+  std::chrono::milliseconds wait_for_server{0};
 };
 
 // Errors that mean "the connection broke under the command", not "the server
@@ -75,11 +80,16 @@ std::string export_change(const ExportInfo& was, const ExportInfo& now, bool sev
 
 class ConnectionPool {
  public:
-  explicit ConnectionPool(asio::any_io_executor executor) : executor_(executor) {}
+  explicit ConnectionPool(asio::any_io_executor executor) : executor_(executor), server_wait_pause_(executor) {}
 
-  // Connects the first connection, then the rest if the server and target allow.
-  // On failure: an error and a one-line reason in error_message().
+  // Connects the first connection (waiting for the server up to
+  // PoolOptions::wait_for_server), then the rest if the server and target allow.
+  // On failure: an error (Connection::async_connect's; ECANCELED after
+  // cancel_connect()) and a one-line reason in error_message().
   asio::awaitable<std::error_code> async_connect(const Target& target, PoolOptions options);
+  // Called once if the first connect found no server and async_connect waits for one,
+  // with the reason the first attempt failed.
+  std::function<void(const std::string& reason)> on_waiting_for_server;
 
   const ExportInfo& info() const { return info_; }
   const std::string& error_message() const { return error_message_; }
@@ -137,6 +147,7 @@ class ConnectionPool {
   // (close() flushes only then).
   bool has_unflushed_writes() const;
 
+  // Ends async_connect now (a signal): the connect under way, or the wait for the server.
   void cancel_connect();
   void close();
   // Starts the connection threads held back by PoolOptions::hold_threads.
@@ -158,6 +169,7 @@ class ConnectionPool {
   void account_lost_writes(std::size_t index);
   void writes_went_with_a_connection(std::uint64_t epoch, std::uint64_t made);
   ConnectOptions options_for(Role role) const;
+  asio::awaitable<std::error_code> connect_first(std::chrono::milliseconds wait_for_server);
   asio::awaitable<void> open_connections(unsigned count, Role role);
   bool reconnectable() const;
   void watch(std::size_t index);  // hands the connection's events to lost() and server_shutting_down()
@@ -192,6 +204,9 @@ class ConnectionPool {
   std::vector<bool> reconnecting_;
   std::vector<Role> roles_;  // parallel to connections_; a block-status connection goes last
   ServerProcess server_;
+  // async_connect's pause between attempts while it waits for the server.
+  asio::steady_timer server_wait_pause_;
+  bool connect_cancelled_ = false;
   std::string error_message_;
   std::string note_;
   std::list<asio::steady_timer*> waiters_;

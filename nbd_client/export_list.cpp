@@ -6,6 +6,7 @@
 
 #include <libnbd.h>
 
+#include <cerrno>
 #include <memory>
 
 namespace nbd_client {
@@ -21,9 +22,47 @@ int collect_name(void* user_data, const char* name, const char* description) {
   return 0;
 }
 
+int start_connect(nbd_handle* h, const Target& target, const std::string& command_socket) {
+  switch (target.kind) {
+    case Target::Kind::uri: return nbd_aio_connect_uri(h, target.uri.c_str());
+    case Target::Kind::unix_socket: return nbd_aio_connect_unix(h, target.unix_path.c_str());
+    case Target::Kind::tcp: return nbd_aio_connect_tcp(h, target.host.c_str(), target.port.c_str());
+    case Target::Kind::socket_fd: return nbd_aio_connect_socket(h, target.fd);
+    case Target::Kind::command: return nbd_aio_connect_unix(h, command_socket.c_str());
+  }
+  return -1;
+}
+
+// nbd_connect_*() in its two steps, so that a failed connect() of the socket can be
+// told from a failed handshake (last_connect_error()): the call that starts the
+// connect, then the handshake run up to option mode, as libnbd's own synchronous
+// connect runs it. Returns a one-line problem, or "".
+std::string connect_in_steps(nbd_handle* h, const Target& target, const std::string& command_socket,
+                             std::error_code& connect_error) {
+  if (start_connect(h, target, command_socket) == -1) {
+    connect_error = last_connect_error(true);
+    return last_libnbd_error();
+  }
+  // In option mode a refused handshake (TLS the server will not do) may end it with
+  // nbd_poll() succeeding: the reason is then an error libnbd has set meanwhile, told
+  // from an older one of this thread's (an earlier attempt's) by its text.
+  const char* earlier = nbd_get_error();
+  const std::string earlier_error = earlier ? earlier : "";
+  while (nbd_aio_is_connecting(h))
+    if (nbd_poll(h, -1) == -1) {
+      connect_error = last_connect_error(false);
+      return last_libnbd_error();
+    }
+  if (nbd_aio_is_negotiating(h)) return {};
+  connect_error = std::error_code(EPROTO, std::generic_category());
+  const char* error = nbd_get_error();
+  return error && error != earlier_error ? error : "the server ended the handshake";
+}
+
 }  // namespace
 
-std::string list_exports(const Target& target, std::vector<ExportListing>& exports) {
+std::string list_exports(const Target& target, std::vector<ExportListing>& exports, std::error_code& connect_error) {
+  connect_error.clear();
   std::unique_ptr<nbd_handle, HandleCloser> handle(nbd_create());
   if (!handle) return last_libnbd_error();
   nbd_handle* h = handle.get();
@@ -31,25 +70,17 @@ std::string list_exports(const Target& target, std::vector<ExportListing>& expor
   nbd_set_opt_mode(h, true);
   nbd_set_full_info(h, true);
   ServerProcess server;
-  int connected = -1;
-  switch (target.kind) {
-    case Target::Kind::uri: connected = nbd_connect_uri(h, target.uri.c_str()); break;
-    case Target::Kind::unix_socket: connected = nbd_connect_unix(h, target.unix_path.c_str()); break;
-    case Target::Kind::tcp: connected = nbd_connect_tcp(h, target.host.c_str(), target.port.c_str()); break;
-    case Target::Kind::socket_fd: connected = nbd_connect_socket(h, target.fd); break;
-    case Target::Kind::command: {
-      std::string socket_path, problem;
-      if (server.start(target.command, false, socket_path, problem)) return problem;
-      connected = nbd_connect_unix(h, socket_path.c_str());
-      break;
-    }
+  std::string command_socket;
+  if (target.kind == Target::Kind::command) {
+    std::string problem;
+    if (server.start(target.command, false, command_socket, problem)) return problem;
   }
-  if (connected == -1) {
+  if (std::string problem = connect_in_steps(h, target, command_socket, connect_error); !problem.empty()) {
     // A server command that died says why better than the socket it never served.
     std::string how;
     if (target.kind == Target::Kind::command && server.exited(how, std::chrono::seconds(1)))
       return "the server command failed to start (" + how + ")";
-    return last_libnbd_error();
+    return problem;
   }
   nbd_list_callback list{&collect_name, &exports, nullptr};
   if (nbd_opt_list(h, list) == -1) return last_libnbd_error();

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <string>
+#include <system_error>
 #include <vector>
 
 namespace nbd_client {
@@ -17,7 +18,9 @@ struct ExportListing {
   std::int64_t size = -1;  // -1: the server would not say
 };
 
-// Returns an empty string on success, else a one-line reason.
-std::string list_exports(const Target& target, std::vector<ExportListing>& exports);
+// Returns an empty string on success, else a one-line reason; connect_error is then
+// why the connect failed as Connection::async_connect has it (server_absent(): nothing
+// there to take it), or empty if it was not the connect that failed.
+std::string list_exports(const Target& target, std::vector<ExportListing>& exports, std::error_code& connect_error);
 
 }  // namespace nbd_client

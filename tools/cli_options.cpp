@@ -125,6 +125,11 @@ void setup(CLI::App& app, Options& options) {
   app.add_flag("--list", options.list, "print the server's exports with their sizes, then exit (no MOUNTPOINT)");
   app.add_option("--connect-timeout", options.connect_timeout_seconds, "seconds to wait for the server (default 30)")
       ->check(seconds(false));
+  app.add_option("--wait-for-server", options.wait_for_server_seconds,
+                 "at start, keep trying every 50 ms for up to S seconds while the server is not there yet (no "
+                 "unix socket at the path, connection refused), e.g. one a script has just started (default 0: "
+                 "fail at once; not with --fd or [ CMD ])")
+      ->check(seconds(true));
   app.add_option("--reply-thread", options.reply_thread,
                  "on: READ replies of 128 KiB and more are sent from a second thread, so the kernel's "
                  "copy into the reader's pages overlaps the next receives; off: not; auto (default): on "
@@ -220,6 +225,8 @@ void setup(CLI::App& app, Options& options) {
       "  nbdbridge --pidfile /tmp/b.pid ./mnt --tcp 127.0.0.1 10809\n"
       "  nbdbridge ./mnt 'nbds+unix://alice@/?socket=/run/nbd.sock&tls-psk-file=keys.psk'   # TLS\n"
       "  nbdbridge --list nbd://server                  # exports and sizes\n"
+      "  nbdkit -f -U s.sock memory 1G &                # CI: a server started just before,\n"
+      "  nbdbridge --wait-for-server 10 ./mnt 'nbd+unix:///?socket=s.sock'   # not listening yet\n"
       "  nbdbridge --inject-delay 2ms:0.5ms:normal --seed 7 ./mnt [ nbdkit memory 1G ]   # latency experiment\n"
       "  nbdbridge stats ./mnt                          # live statistics as JSON (--reset zeroes them)\n"
       "  fusermount3 -u ./mnt                           # unmount (or Ctrl-C)\n"
@@ -283,6 +290,11 @@ std::string check_option_combinations(const CLI::App& app, const Options& option
            ": that server cannot be reached again, so it is not reconnected";
   if (given("--read-ahead") && options.cache == "page")
     return "--read-ahead applies to --cache=none only: in page mode the kernel reads ahead";
+  if (given("--wait-for-server") && (!options.server_command.empty() || options.fd >= 0))
+    return std::string("--wait-for-server does not apply to ") +
+           (options.fd >= 0 ? "--fd: that socket is connected already"
+                            : "[ CMD ]: nbdbridge starts that server itself, on a socket already listening") +
+           ", so there is no server to wait for";
   if (options.socket_batching == "off") {
     if (given("--spliced-reads") && options.spliced_reads == "on")
       return "--spliced-reads on needs --socket-batching on";
@@ -300,8 +312,8 @@ std::string check_option_combinations(const CLI::App& app, const Options& option
   }
   if (options.list) {
     // --list mounts nothing: an option that only shapes a mount is a mistake to say, not to ignore.
-    static const char* const listing_options[] = {"--list", "MOUNTPOINT", "TARGET", "--unix",
-                                                  "--tcp",  "--fd",       "--connect-timeout"};
+    static const char* const listing_options[] = {"--list", "MOUNTPOINT", "TARGET",          "--unix",
+                                                  "--tcp",  "--fd",       "--connect-timeout", "--wait-for-server"};
     for (const CLI::Option* option : app.get_options()) {
       if (option->count() == 0) continue;
       bool allowed = false;

@@ -28,6 +28,7 @@ struct Options {
   std::string cache = "none";
   std::string read_ahead = "on";             // --read-ahead on|off (--cache=none's small buffered reads)
   double connect_timeout_seconds = 30;
+  double wait_for_server_seconds = 0;        // keep trying a server not listening yet (0: fail at once)
   double shutdown_timeout_seconds = 10;
   std::string connections = "auto";          // -C N or auto; used when the server allows multi-conn
   std::string replies = "auto";              // --replies auto|structured|simple

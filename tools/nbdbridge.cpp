@@ -62,6 +62,18 @@ std::chrono::milliseconds to_duration(double seconds) {
   return std::chrono::milliseconds(static_cast<long long>(seconds * 1000));
 }
 
+// "20", "0.5": a number of seconds as the user gave it.
+std::string seconds_text(double seconds) {
+  std::ostringstream text;
+  text << seconds;
+  return text.str();
+}
+
+// The line a connect that --wait-for-server gave up on ends with.
+std::string waited_note(const tools::Options& options) {
+  return " (no server there within --wait-for-server " + seconds_text(options.wait_for_server_seconds) + " s)";
+}
+
 std::string read_text_file(const char* path) {
   std::ifstream file(path);
   std::stringstream text;
@@ -292,6 +304,12 @@ class Bridge {
     // words then go only to a log file (see detach_stderr()).
     pool_options.pass_server_stderr = options_.verbose && (daemon_report_ < 0 || stderr_is_kept());
     pool_options.retry_timeout = to_duration(options_.retry_timeout_seconds);
+    pool_options.wait_for_server = to_duration(options_.wait_for_server_seconds);
+    if (options_.verbose)
+      pool_.on_waiting_for_server = [this](const std::string& reason) {
+        say("waiting up to " + seconds_text(options_.wait_for_server_seconds) + " s for the server at " +
+            target_.describe() + " (" + reason + ")");
+      };
     pool_options.replies = options_.replies == "simple"       ? nbd_client::ReplyMode::simple
                            : options_.replies == "structured" ? nbd_client::ReplyMode::structured
                                                               : nbd_client::ReplyMode::automatic;
@@ -307,6 +325,7 @@ class Bridge {
       // certificate the server does not accept, is the usual cause.
       if (reason.find("gnutls_handshake") != std::string::npos)
         reason += " (the TLS handshake failed: check the key file, the user name or the certificates)";
+      if (nbd_client::server_absent(error) && options_.wait_for_server_seconds > 0) reason += waited_note(options_);
       say("cannot connect to " + target_.describe() + ": " + reason);
       pool_.close();
       co_return finish(1);
@@ -566,10 +585,59 @@ void give_up_after(double seconds) {
   alarm(static_cast<unsigned>(seconds + 0.999));
 }
 
-int list_exports(const nbd_client::Target& target, double timeout_seconds) {
-  give_up_after(timeout_seconds);
+// --list --wait-for-server runs before any loop: while it waits for the server (and
+// tries it), a stop ends it from the handler, as give_up_after() does, in one line.
+// Without the option, and once the server has answered, a stop has its default effect.
+class StopEndsWait {
+ public:
+  StopEndsWait() {
+    struct sigaction stop {};
+    stop.sa_handler = [](int) {
+      const char message[] = "nbdbridge: interrupted while waiting for the server\n";
+      ssize_t ignored = write(STDERR_FILENO, message, sizeof message - 1);
+      (void)ignored;
+      std::_Exit(1);
+    };
+    sigemptyset(&stop.sa_mask);
+    for (std::size_t index = 0; index < std::size(signals_); ++index) {
+      sigaction(signals_[index], nullptr, &inherited_[index]);
+      if (inherited_[index].sa_handler != SIG_IGN) sigaction(signals_[index], &stop, nullptr);  // nohup stays nohup
+    }
+  }
+  ~StopEndsWait() {
+    for (std::size_t index = 0; index < std::size(signals_); ++index) sigaction(signals_[index], &inherited_[index], nullptr);
+  }
+  StopEndsWait(const StopEndsWait&) = delete;
+  StopEndsWait& operator=(const StopEndsWait&) = delete;
+
+ private:
+  static constexpr int signals_[] = {SIGINT, SIGTERM, SIGHUP};
+  struct sigaction inherited_[std::size(signals_)] {};
+};
+
+int list_exports(const nbd_client::Target& target, const tools::Options& options) {
   std::vector<nbd_client::ExportListing> exports;
-  if (std::string problem = nbd_client::list_exports(target, exports); !problem.empty()) {
+  std::string problem;
+  std::error_code connect_error;
+  // As a mount does (ConnectionPool::connect_first): only a server not there yet is
+  // waited for, each attempt bounded by --connect-timeout, the last one at the end.
+  const auto wait_ends = std::chrono::steady_clock::now() + to_duration(options.wait_for_server_seconds);
+  std::optional<StopEndsWait> stop_ends_wait;
+  if (options.wait_for_server_seconds > 0) stop_ends_wait.emplace();
+  for (;;) {
+    give_up_after(options.connect_timeout_seconds);
+    exports.clear();
+    problem = nbd_client::list_exports(target, exports, connect_error);
+    alarm(0);
+    const auto now = std::chrono::steady_clock::now();
+    if (problem.empty() || !nbd_client::server_absent(connect_error) || now >= wait_ends) break;
+    std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(nbd_client::server_wait_interval,
+                                                                               wait_ends - now));
+  }
+  stop_ends_wait.reset();
+  if (!problem.empty()) {
+    if (nbd_client::server_absent(connect_error) && options.wait_for_server_seconds > 0)
+      problem += waited_note(options);
     say("cannot list the exports of " + target.describe() + ": " + problem);
     return 1;
   }
@@ -588,7 +656,7 @@ int run(const tools::Options& options) {
     say(problem);
     return 2;
   }
-  if (options.list) return list_exports(target, options.connect_timeout_seconds);
+  if (options.list) return list_exports(target, options);
   // Everything that can be checked is checked before --force changes anything.
   if (std::string problem = tools::check_allow_other(tools::split_mount_options(options.mount_options),
                                                      geteuid() == 0, read_text_file("/etc/fuse.conf"));

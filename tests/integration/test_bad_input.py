@@ -192,6 +192,8 @@ def test_contradictory_or_out_of_range_options():
                 (["--retry-timeout", "1e17", mp, srv.uri], "--retry-timeout"),
                 (["--shutdown-timeout", "nan", mp, srv.uri], "--shutdown-timeout"),
                 (["--connect-timeout", "0", mp, srv.uri], "--connect-timeout"),
+                (["--wait-for-server", "-1", mp, srv.uri], "--wait-for-server"),
+                (["--wait-for-server", "1", mp, "--fd", "0"], "--wait-for-server"),
                 # --list would ignore these: said, not ignored.
                 (["--list", "-v", srv.uri], "--verbose"),
                 (["--list", "-e", "other", srv.uri], "--export-name"),

@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
-"""Every TARGET form: URIs, [ CMD ARGS... ], --unix, --tcp, --fd."""
+"""Every TARGET form: URIs, [ CMD ARGS... ], --unix, --tcp, --fd; --wait-for-server."""
 import os
+import signal
 import socket
+import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
@@ -217,6 +220,214 @@ def test_subprocess_server_full_path():
     nbdkit = h.run(["sh", "-c", "command -v nbdkit"]).stdout.strip()
     with h.Mount(h.tmpdir("mp"), ["[", nbdkit, "pattern", str(SIZE), "]"]) as m:
         _check_pattern(m)
+
+
+# --wait-for-server: a server a script starts just before the bridge (`nbdkit -f -U sock
+# ... &`) may not listen yet. The bridge keeps trying while nothing is there (no socket
+# at the path, ECONNREFUSED), up to S seconds; anything else fails at once.
+
+WAITING = "waiting up to"   # the line -v says as the wait begins
+
+
+def _said_waiting(m):
+    h.wait_until(lambda: WAITING in m.stderr() or m.proc.poll() is not None, timeout=h.DEADLINE,
+                 what="the bridge to say it waits for the server")
+    h.check(m.proc.poll() is None, "the bridge exited instead of waiting: %r" % m.stderr())
+    h.check(not m.mounted(), "mounted before the server was there")
+
+
+def _catches(pid, sig):
+    """Whether process pid has a handler for sig (SigCgt in /proc/PID/status)."""
+    for line in h.read_text("/proc/%d/status" % pid).splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+def _lines(text):
+    return [ln for ln in text.splitlines() if ln.strip()]
+
+
+def test_wait_for_server_started_later():
+    # The bridge is seen waiting (-v says so), and only then is the server started:
+    # the mount appears, the bytes are the server's, and unmounting ends it with 0.
+    for target_of in (lambda srv: ["nbd+unix:///?socket=" + srv.sock],
+                      lambda srv: ["--unix", srv.sock]):
+        srv = h.Nbdkit(["pattern", str(SIZE)])   # not started yet: no socket at srv.sock
+        m = h.Mount(h.tmpdir("mp"), target_of(srv), opts=["-v", "--wait-for-server", "20"])
+        m.start()
+        with m:
+            _said_waiting(m)
+            h.check(srv.sock in m.stderr().split(WAITING, 1)[1].splitlines()[0],
+                    "the waiting line names the socket: %r" % m.stderr())
+            with srv:
+                m.wait_mounted()
+                _check_pattern(m)
+                h.check_eq(m.unmount().returncode, 0, "fusermount3 -u")
+                h.check_eq(m.wait_exit(), 0, "exit status after the unmount")
+
+
+def test_wait_for_server_tcp_started_later():
+    # Over TCP a closed port refuses (ECONNREFUSED): waited for as well. The server
+    # must come on the port the bridge was given (Nbdkit picks one of its own).
+    port = h.free_tcp_port()
+    m = h.Mount(h.tmpdir("mp"), ["nbd://127.0.0.1:%d/" % port], opts=["-v", "--wait-for-server", "20"])
+    m.start()
+    with m:
+        _said_waiting(m)
+        d = h.tmpdir("nbdkit")
+        with open(os.path.join(d, "stderr"), "wb") as err:
+            server = h.popen(["nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port),
+                              "memory", str(SIZE)], stdout=err, stderr=err)
+        try:
+            m.wait_mounted()
+            _check_rw(m, SIZE)
+            h.check_eq(m.unmount().returncode, 0, "fusermount3 -u")
+            h.check_eq(m.wait_exit(), 0, "exit status after the unmount")
+        finally:
+            server.terminate()
+            server.wait(timeout=10)
+
+
+def test_wait_for_server_under_daemon():
+    # The parent waits while the daemon waits, and exits 0 once the mount is live.
+    srv = h.Nbdkit(["pattern", str(SIZE)])
+    pidfile = os.path.join(h.tmpdir("pid"), "pid")
+    m = h.Mount(h.tmpdir("mp"), [srv.uri], opts=["-v", "--daemon", "-P", pidfile, "--wait-for-server", "20"])
+    m.start()
+    with m:
+        _said_waiting(m)
+        with srv:
+            h.check_eq(m.wait_exit(), 0, "--daemon parent's exit status once the server came")
+            h.check(m.mounted(), "mounted when the --daemon parent exited 0")
+            with open(pidfile) as f:
+                daemon = int(f.read())
+            _check_pattern(m)
+            h.check_eq(m.unmount().returncode, 0, "fusermount3 -u")
+            h.wait_until(lambda: not h.pid_alive(daemon), what="the daemon to exit after the unmount")
+
+
+def test_wait_for_server_gives_up():
+    # No server ever: the wait ends after S seconds with the line a missing server gets
+    # without the option (naming the target), a non-zero exit, and nothing mounted.
+    d = h.tmpdir("nobody")
+    missing = os.path.join(d, "missing.sock")
+    port = h.free_tcp_port()
+    for target, named in ((["nbd+unix:///?socket=" + missing], missing),
+                          (["--unix", missing], missing),
+                          (["--tcp", "127.0.0.1", str(port)], "127.0.0.1:%d" % port)):
+        mp = h.tmpdir("mp")
+        t0 = time.monotonic()
+        rc, err = h.nbdbridge_run(["--wait-for-server", "1", mp] + target, timeout=h.DEADLINE)
+        took = time.monotonic() - t0
+        h.check(rc not in (0, "timeout") and rc > 0, "%r: exit status %r (stderr %r)" % (target, rc, err))
+        h.check(0.9 <= took <= 6, "%r: gave up after %.1f s (--wait-for-server 1)" % (target, took))
+        h.check_eq(len(_lines(err)), 1, "%r: stderr lines (%r)" % (target, err))
+        h.check(named in err and "cannot connect" in err and "--wait-for-server 1 s" in err,
+                "%r: the line names the target and the wait: %r" % (target, err))
+        h.check(not h.is_mounted(mp), "%r: left mounted" % target)
+    # --list waits the same way.
+    t0 = time.monotonic()
+    r = h.run([h.NBDBRIDGE, "--list", "--wait-for-server", "1", "--unix", missing], timeout=h.DEADLINE)
+    took = time.monotonic() - t0
+    h.check(r.returncode == 1 and r.stdout == "" and len(_lines(r.stderr)) == 1 and missing in r.stderr,
+            "--list: %d %r %r" % (r.returncode, r.stdout, r.stderr))
+    h.check(0.9 <= took <= 6, "--list gave up after %.1f s (--wait-for-server 1)" % took)
+
+
+def test_without_wait_missing_server_fails_at_once():
+    # Without the option nothing is waited for, as before it existed.
+    d = h.tmpdir("nobody")
+    missing = os.path.join(d, "missing.sock")
+    for target in (["nbd+unix:///?socket=" + missing], ["--tcp", "127.0.0.1", str(h.free_tcp_port())]):
+        mp = h.tmpdir("mp")
+        t0 = time.monotonic()
+        rc, err = h.nbdbridge_run([mp] + target, timeout=h.DEADLINE)
+        took = time.monotonic() - t0
+        h.check(rc not in (0, "timeout") and rc > 0 and len(_lines(err)) == 1,
+                "%r: %r %r" % (target, rc, err))
+        h.check(took < 5, "%r: took %.1f s to fail without --wait-for-server" % (target, took))
+        h.check("wait" not in err, "%r: %r" % (target, err))
+
+
+def test_wait_for_server_does_not_wait_for_refusals():
+    # A server that is there and refuses (no such export, no TLS) fails at once: only a
+    # server that is not there is waited for.
+    with h.Nbdkit(["memory", "1M", "exportname-strict=true", "exportname=good"],
+                  opts=["--filter=exportname"]) as srv:
+        for target, what in (([srv.uri_export("bad")], "unknown export"),
+                             (["nbds+unix:///good?socket=" + srv.sock], "TLS the server does not do")):
+            mp = h.tmpdir("mp")
+            t0 = time.monotonic()
+            rc, err = h.nbdbridge_run(["--wait-for-server", "30", mp] + target, timeout=h.DEADLINE)
+            took = time.monotonic() - t0
+            h.check(rc not in (0, "timeout") and rc > 0 and len(_lines(err)) == 1, "%s: %r %r" % (what, rc, err))
+            h.check(took < 5, "%s: took %.1f s with --wait-for-server 30" % (what, took))
+            h.check(not h.is_mounted(mp), "%s: left mounted" % what)
+    # Nor is what getaddrinfo() cannot resolve (see ConnectionPool::connect_first); here
+    # the port's name, which needs no name server to fail.
+    mp = h.tmpdir("mp")
+    t0 = time.monotonic()
+    rc, err = h.nbdbridge_run(["--wait-for-server", "30", mp, "--tcp", "127.0.0.1", "no-such-service"],
+                              timeout=h.DEADLINE)
+    took = time.monotonic() - t0
+    h.check(rc not in (0, "timeout") and rc > 0 and "getaddrinfo" in err, "unresolvable name: %r %r" % (rc, err))
+    h.check(took < 5, "unresolvable name: took %.1f s with --wait-for-server 30" % took)
+
+
+def test_wait_for_server_stopped_by_signal():
+    # SIGTERM (or Ctrl-C) during the wait ends it at once: exit 1, one line, no mount.
+    d = h.tmpdir("nobody")
+    missing = os.path.join(d, "missing.sock")
+    for sig, extra in ((signal.SIGTERM, []), (signal.SIGINT, []), (signal.SIGTERM, ["--daemon"])):
+        m = h.Mount(h.tmpdir("mp"), ["--unix", missing], opts=["-v", "--wait-for-server", "60"] + extra,
+                    expect_exit=1)
+        m.start()
+        with m:
+            _said_waiting(m)
+            t0 = time.monotonic()
+            m.signal(sig)
+            h.check_eq(m.wait_exit(timeout=10), 1, "exit status after %s %r" % (sig.name, extra))
+            took = time.monotonic() - t0
+            h.check(took < 5, "%s %r: took %.1f s to end the wait" % (sig.name, extra, took))
+            h.check(not m.mounted(), "mounted after %s" % sig.name)
+            after = m.stderr().split(WAITING, 1)[1].split("\n", 1)[1]   # the lines after it
+            h.check_eq(len(_lines(after)), 1, "%s %r: lines after the waiting line (%r)" % (sig.name, extra, after))
+            h.check("interrupted" in after, "%s %r: %r" % (sig.name, extra, after))
+    # --list, which runs before any loop, likewise: once it catches SIGTERM (before
+    # that, the signal would only show the default action's effect).
+    p = h.popen([h.NBDBRIDGE, "--list", "--wait-for-server", "60", "--unix", missing],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        h.wait_until(lambda: p.poll() is not None or _catches(p.pid, signal.SIGTERM),
+                     what="--list to catch SIGTERM")
+        h.check(p.poll() is None, "--list ended before the signal")
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=10)
+    h.check(time.monotonic() - t0 < 5, "--list: took %.1f s to end the wait" % (time.monotonic() - t0))
+    h.check(p.returncode == 1 and out == b"" and len(_lines(err.decode())) == 1 and b"interrupted" in err,
+            "--list after SIGTERM: %r %r %r" % (p.returncode, out, err))
+
+
+def test_wait_for_server_refused_where_nothing_is_waited_for():
+    # An --fd socket is connected already, and a [ CMD ] server is started by the bridge
+    # on a socket that listens first: the option is refused there, in one line (exit 2).
+    # Its value is checked as the other durations' are.
+    mp = h.tmpdir("mp")
+    for args, said in ((["--wait-for-server", "5", mp, "--fd", "3"], "does not apply to --fd"),
+                       (["--wait-for-server", "5", mp, "[", "nbdkit", "memory", "1M", "]"], "does not apply to [ CMD ]"),
+                       (["--wait-for-server", "-1", mp, "--unix", "x.sock"], "0, or 0.001 to 1e9 seconds"),
+                       (["--wait-for-server", "5s", mp, "--unix", "x.sock"], "expected a number of seconds"),
+                       (["--wait-for-server", "2e9", mp, "--unix", "x.sock"], "0, or 0.001 to 1e9 seconds")):
+        rc, err = h.nbdbridge_run(args)
+        h.check(rc == 2 and said in err and "--wait-for-server" in err and len(_lines(err)) == 1,
+                "%r: %r %r" % (args, rc, err))
+        h.check(not h.is_mounted(mp), "%r: mounted" % args)
 
 
 if __name__ == "__main__":

@@ -147,6 +147,16 @@ TEST_CASE("options that contradict each other, and durations out of range") {
   CHECK(problem({"--retry-timeout", "inf", "m", "nbd://h"}) != "");
   CHECK(problem({"--request-timeout", "5s", "m", "nbd://h"}).find("number of seconds") != std::string::npos);
   CHECK(problem({"--connect-timeout", "0", "m", "nbd://h"}) != "");
+  // --wait-for-server: a duration, 0 for off; not where there is no server to wait for.
+  CHECK(problem({"--wait-for-server", "0", "m", "nbd://h"}) == "");
+  CHECK(problem({"--wait-for-server", "0.5", "m", "--unix", "s"}) == "");
+  CHECK(problem({"--wait-for-server", "-1", "m", "nbd://h"}).find("0.001 to 1e9") != std::string::npos);
+  CHECK(problem({"--wait-for-server", "1e10", "m", "nbd://h"}).find("0.001 to 1e9") != std::string::npos);
+  CHECK(problem({"--wait-for-server", "3s", "m", "nbd://h"}).find("number of seconds") != std::string::npos);
+  CHECK(problem({"--wait-for-server", "3", "m", "--fd", "4"}).find("--wait-for-server does not apply to --fd") == 0);
+  CHECK(problem({"--wait-for-server", "3", "m", "[", "nbdkit", "memory", "1G", "]"})
+            .find("--wait-for-server does not apply to [ CMD ]") == 0);
+  CHECK(problem({"--list", "--wait-for-server", "3", "nbd://h"}) == "");
   CHECK(problem({"--retry-timeout", "0", "--shutdown-timeout", "0.25", "m", "nbd://h"}) == "");
   CHECK(problem({"--tcp-keepalive", "1", "m", "nbd://h"}).find("2 to 86400") != std::string::npos);
   CHECK(problem({"--tcp-keepalive", "0", "m", "nbd://h"}) == "");

@@ -106,8 +106,8 @@ void setup(CLI::App& app, Options& options) {
       ->allow_extra_args(false);  // one word per -o, so the positionals after it stay positionals
   app.add_flag("-v,--verbose", options.verbose, "trace each request, with its id, on stderr");
   app.add_option("--cache", options.cache,
-                 "none: direct I/O, every request goes to the server (default); "
-                 "page: kernel page cache and readahead")
+                 "none: direct I/O, every request goes to the server (default; small sequential buffered "
+                 "reads are read ahead, see --read-ahead); page: kernel page cache and readahead")
       ->check(CLI::IsMember({"none", "page"}));
   app.add_option("--read-ahead", options.read_ahead,
                  "on (default): with --cache=none, a file read sequentially in pieces of 128 KiB or less "

@@ -368,7 +368,13 @@ asio::awaitable<void> FileSystem::drain(std::chrono::milliseconds bound) {
   drained_.expires_after(bound);
   // The background allocation count is waited for too: closing the connection
   // under its block-status command would leave the server writing to a closed socket.
-  while (in_flight_count_ > 0 || allocation_counting_ || fetches_running_ > 0) {
+  // So are read-ahead fetches, but for a second at most: nobody waits for their data.
+  const auto fetches_waited_until =
+      std::chrono::steady_clock::now() + std::min<std::chrono::milliseconds>(bound, std::chrono::seconds(1));
+  while (in_flight_count_ > 0 || allocation_counting_ ||
+         (fetches_running_ > 0 && std::chrono::steady_clock::now() < fetches_waited_until)) {
+    if (in_flight_count_ == 0 && !allocation_counting_ && drained_.expiry() > fetches_waited_until)
+      drained_.expires_at(fetches_waited_until);
     std::error_code woken;
     co_await drained_.async_wait(asio::redirect_error(asio::use_awaitable, woken));
     if (!woken) break;  // deadline passed
@@ -490,7 +496,7 @@ asio::awaitable<void> FileSystem::fetch_ahead(ReadAhead<BufferPool::Lease>::Fetc
   if (options_.verbose)
     trace("read-ahead of %zu bytes at %" PRIu64 " %s", fetch.length, fetch.offset,
           error ? error.message().c_str() : "done");
-  read_ahead_.fetched(fetch, std::move(buffer), !error);
+  read_ahead_.fetched(fetch, std::move(buffer), !error, std::chrono::steady_clock::now());
 }
 
 // With injected faults, a READ or WRITE draws them before it chooses its path, so

@@ -59,15 +59,22 @@ class ReadAhead {
   bool wants(std::size_t length) const { return length <= limits_.largest_read; }
 
   // This mount writes, zeroes or trims [offset, offset+length) (call as it starts and
-  // as it ends, before its reply): a window over it, fetched before, or while it runs,
-  // may hold the old data. Its reader reads from the server up to that window's end.
+  // as it ends, before its reply): a window fetched before, or while it runs, may hold
+  // the old data there, and only there (a read-modify-write of a larger server block
+  // puts back what it read). The window keeps what lies before the range, or after it
+  // if the range covers the window's start (a reader writing back what it has just read,
+  // `dd conv=notrunc` in place); one wholly written is lost, and not fetched again until
+  // its reader has passed it.
   void written(std::uint64_t offset, std::uint64_t length) {
-    const std::uint64_t start = align_down(offset);
     const std::uint64_t end = offset + length;
     for (Stream& stream : streams_)
-      for (Window& window : stream.windows)
-        if ((window.fetching || window.ready) && window.offset < end && start < window.offset + window.length)
-          give_up(stream, window);
+      for (Window& window : stream.windows) {
+        const std::uint64_t window_end = window.offset + window.length;
+        if (!(window.fetching || window.ready) || end <= window.valid_from || window_end <= offset) continue;
+        if (offset > window.valid_from) window.length = std::size_t(offset - window.offset);
+        else if (end < window_end) window.valid_from = end;
+        else give_up(stream, window);
+      }
   }
 
   // The data of [offset, offset+length) if a fresh window holds all of it, else null.
@@ -75,7 +82,7 @@ class ReadAhead {
     for (const Stream& stream : streams_) {
       if (!stream.used || stream.handle != handle) continue;
       for (const Window& window : stream.windows)
-        if (window.ready && fresh(window, now) && offset >= window.offset &&
+        if (window.ready && fresh(window, now) && offset >= window.valid_from &&
             offset + length <= window.offset + window.length)
           return window.buffer.data() + (offset - window.offset);
     }
@@ -87,14 +94,21 @@ class ReadAhead {
   // unless may_fetch: the caller's cap on fetches, or no connection to send one on).
   std::optional<Fetch> observe(std::uint64_t handle, std::uint64_t offset, std::size_t length, Clock::time_point now,
                                bool may_fetch = true) {
-    Stream& stream = stream_of(handle, now);
+    Stream* tracked = stream_of(handle, now);
+    if (!tracked) return std::nullopt;  // as many files are read ahead already
+    Stream& stream = *tracked;
     const bool sequential = offset == stream.next_offset;
     // The reader's own time between READs, smoothed (one slow lap changes little): from
     // the previous READ's answer, so that a distant server's round trips do not count.
     const auto gap =
         std::chrono::duration_cast<std::chrono::nanoseconds>(now - std::max(stream.last_used, stream.last_answered));
-    if (!sequential) stream.gap = unknown_gap;
-    else stream.gap = stream.sequential == 0 ? gap : (3 * stream.gap + gap) / 4;
+    if (!sequential) {
+      stream.gap = unknown_gap;
+      stream.no_fetch_before = 0;  // a reader starting elsewhere (again) starts afresh
+      stream.too_slow = false;
+    } else {
+      stream.gap = stream.sequential == 0 ? gap : (3 * stream.gap + gap) / 4;
+    }
     stream.sequential = sequential ? stream.sequential + 1 : 0;
     stream.last_used = now;
     stream.next_offset = offset + length;
@@ -102,7 +116,7 @@ class ReadAhead {
       if (window.ready && !fresh(window, now)) window = Window{};  // its memory goes now
     const std::uint64_t position = stream.next_offset;
     if (!may_fetch || stream.sequential < limits_.sequential_before_fetching || position >= export_size_ ||
-        position < stream.no_fetch_before)
+        position < stream.no_fetch_before || stream.too_slow)
       return std::nullopt;
     const std::size_t window_length = window_for(stream.gap, length);
     if (window_length == 0) return std::nullopt;
@@ -121,13 +135,14 @@ class ReadAhead {
     return start(stream_index, free_slot(stream, position, now), end, window_length, now);
   }
 
-  // What a reader of `length`-byte READs `gap` apart reads while a window stays fresh,
-  // up to a window: a slow reader gets a small one rather than the same 1 MiB fetched
-  // over and over. None for a reader that would not come back a few times meanwhile.
+  // What a reader of `length`-byte READs `gap` apart reads in half the freshness, up to
+  // a window: the next window is sent half-way through this one, so it is used up while
+  // fresh; a slow reader gets a small one rather than the same 1 MiB fetched over and
+  // over. None for a reader that would not come back a few times meanwhile.
   std::size_t window_for(std::chrono::nanoseconds gap, std::size_t length) const {
     const double reads_while_fresh =
-        std::chrono::duration<double>(limits_.freshness) / std::max(std::chrono::duration<double>(gap),
-                                                                    std::chrono::duration<double>(1e-6));
+        std::chrono::duration<double>(limits_.freshness) / 2 /
+        std::max(std::chrono::duration<double>(gap), std::chrono::duration<double>(1e-6));
     if (reads_while_fresh < 4) return 0;
     const double bytes = std::min(reads_while_fresh * double(length), double(limits_.window));
     const std::uint64_t aligned = std::max<std::uint64_t>(alignment_, std::uint64_t(bytes) / alignment_ * alignment_);
@@ -154,11 +169,14 @@ class ReadAhead {
   // A fetch's end: its data, if it succeeded, serves READs from now on (until stale).
   // A failed one is not fetched again until the reader has passed it: the READs go
   // to the server, which answers each for itself.
-  void fetched(const Fetch& fetch, Buffer buffer, bool succeeded) {
+  // One that came too late to be fresh tells that the server is too slow for this
+  // reader to be read ahead: not again until it starts elsewhere.
+  void fetched(const Fetch& fetch, Buffer buffer, bool succeeded, Clock::time_point now) {
     Stream& stream = streams_[fetch.stream];
     Window& window = stream.windows[fetch.slot];
     if (window.id != fetch.id || !window.fetching) return;  // given up meanwhile: buffer dropped
-    if (!succeeded) return give_up(stream, window);
+    if (!fresh(window, now)) stream.too_slow = true;
+    if (!succeeded || stream.too_slow) return give_up(stream, window);
     window.fetching = false;
     window.ready = true;
     window.buffer = std::move(buffer);
@@ -180,6 +198,7 @@ class ReadAhead {
   struct Window {
     std::uint64_t offset = 0;
     std::size_t length = 0;
+    std::uint64_t valid_from = 0;  // a write over its start leaves only what follows it
     std::uint64_t id = 0;
     Clock::time_point sent{};
     bool fetching = false;
@@ -191,6 +210,7 @@ class ReadAhead {
     std::uint64_t handle = 0;
     std::uint64_t next_offset = 0;
     std::uint64_t no_fetch_before = 0;  // the end of a window lost to a write or a failure
+    bool too_slow = false;               // a window came back stale
     unsigned sequential = 0;
     Clock::time_point last_used{};  // its latest READ's arrival
     Clock::time_point last_answered{};
@@ -199,8 +219,10 @@ class ReadAhead {
   };
 
   bool fresh(const Window& window, Clock::time_point now) const { return now - window.sent <= limits_.freshness; }
+  // A window still fetching covers its range however long it takes: a slow server is
+  // not sent a second one for the same range (fetched() finds whether it came fresh).
   bool covers(const Window& window, std::uint64_t position, Clock::time_point now) const {
-    return (window.fetching || window.ready) && fresh(window, now) && position >= window.offset &&
+    return (window.fetching || (window.ready && fresh(window, now))) && position >= window.valid_from &&
            position < window.offset + window.length;
   }
   std::uint64_t align_down(std::uint64_t offset) const { return offset - offset % alignment_; }
@@ -218,7 +240,7 @@ class ReadAhead {
     std::size_t chosen = 0;
     for (std::size_t slot = 0; slot < windows_per_stream; ++slot) {
       const Window& window = stream.windows[slot];
-      if (!(window.fetching || window.ready) || !fresh(window, now) || window.offset + window.length <= position)
+      if (!(window.fetching || (window.ready && fresh(window, now))) || window.offset + window.length <= position)
         return slot;
       if (window.sent < stream.windows[chosen].sent) chosen = slot;
     }
@@ -230,6 +252,7 @@ class ReadAhead {
     Window& window = streams_[stream_index].windows[slot];
     window = Window{};
     window.offset = offset;
+    window.valid_from = offset;
     window.length = std::size_t(std::min<std::uint64_t>(length, export_size_ - offset));
     window.id = ++last_id_;
     window.sent = now;
@@ -237,19 +260,22 @@ class ReadAhead {
     return Fetch{stream_index, slot, window.id, window.offset, window.length};
   }
 
-  // The file's stream; a new one takes the least recently used.
-  Stream& stream_of(std::uint64_t handle, Clock::time_point now) {
+  // The file's stream; a new one takes a free one, or the least recently used if that
+  // is idle (longer than a window stays fresh); else none: a fifth file read beside
+  // four others is not read ahead, rather than all five taking turns at evicting.
+  Stream* stream_of(std::uint64_t handle, Clock::time_point now) {
     Stream* oldest = &streams_[0];
     for (Stream& stream : streams_) {
-      if (stream.used && stream.handle == handle) return stream;
+      if (stream.used && stream.handle == handle) return &stream;
       if (!stream.used || (oldest->used && stream.last_used < oldest->last_used)) oldest = &stream;
     }
+    if (oldest->used && now - oldest->last_used <= limits_.freshness) return nullptr;
     reset(*oldest);
     oldest->used = true;
     oldest->handle = handle;
     oldest->last_used = now;
     oldest->next_offset = ~std::uint64_t(0);  // the first READ is not "sequential"
-    return *oldest;
+    return oldest;
   }
 
   static void reset(Stream& stream) { stream = Stream{}; }  // a fetch running finds its id gone

@@ -147,6 +147,8 @@ def test_a_write_that_ends_while_a_window_is_fetched_is_seen():
             h.wait_until(lambda: h.live_stats(m.mountdir)["operations"]["write"]["in_flight"] == 1,
                          what="the write to be in flight")
             _start_window(m, reader)
+            h.check_eq(h.live_stats(m.mountdir)["operations"]["write"]["in_flight"], 1,
+                       "the write in flight once the window was in (else this tests no race)")
             h.check(writer.wait(timeout=30) == 0, "the writer failed")
             h.check_bytes(_read_sequentially(reader, 12 * KiB, 72 * KiB, 4 * KiB)[52 * KiB:],
                           b"\xab" * 4096 + bytes(4096), "the block written while the window was fetched")
@@ -176,14 +178,50 @@ def test_writes_elsewhere_leave_the_window():
             os.close(writer)
 
 
+def test_a_reader_writing_back_what_it_read_keeps_its_windows():
+    """`dd if=X of=X conv=notrunc` in place, a program rewriting each record it reads: the
+    write just behind the reader leaves the rest of the window in use."""
+    with h.Nbdkit(["pattern", str(16 * MiB)], opts=["--filter=cow"]) as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
+        fd = os.open(m.export, os.O_RDWR)
+        try:
+            before = _read_ahead(m)["reads_answered"]
+            for offset in range(0, 4 * MiB, 4 * KiB):
+                data = os.pread(fd, 4 * KiB, offset)
+                h.check_bytes(data, h.pattern_bytes(offset, 4 * KiB, 16 * MiB), "read at %d" % offset)
+                h.check_eq(os.pwrite(fd, data, offset), 4 * KiB, "pwrite at %d" % offset)
+            stats = _read_ahead(m)
+            answered = stats["reads_answered"] - before
+            h.check(answered >= 1024 * 3 // 4, "%d of 1024 reads answered ahead, each written back (%r)"
+                    % (answered, stats))
+        finally:
+            os.close(fd)
+
+
+def test_a_server_slower_than_the_freshness_gets_no_fetch_per_read():
+    """A window that takes longer than 0.1 s comes back stale: it is not sent again for
+    every READ meanwhile, nor again once it came back stale."""
+    with h.Nbdkit(["pattern", str(SIZE), "rdelay=150ms"], opts=["--filter=delay"]) as srv, \
+            h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
+        fd = os.open(m.export, os.O_RDONLY)
+        try:
+            h.check_bytes(_read_sequentially(fd, 0, 48 * KiB, 4 * KiB), h.pattern_bytes(0, 48 * KiB, SIZE),
+                          "reads from a slow server")
+        finally:
+            os.close(fd)
+        stats = _read_ahead(m)
+        h.check(stats["windows"] + stats["failed_windows"] <= 2 and stats["reads_answered"] == 0,
+                "read-ahead for 12 READs from a server answering in 150 ms: %r" % stats)
+
+
 def test_a_slow_reader_is_not_read_ahead():
-    """A 4 KiB reader every 40 ms would use a window twice before it went stale: no
+    """A 4 KiB reader every 80 ms would use a window once before it went stale: no
     window is fetched for it (fetched for each READ, one would cost 1 MiB per READ)."""
     with h.Nbdkit(["pattern", str(SIZE)]) as srv, h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
         fd = os.open(m.export, os.O_RDONLY)
         try:
             for offset in range(0, 12 * 4 * KiB, 4 * KiB):
-                pace = time.monotonic() + 0.04   # the workload's pace, not a synchronisation
+                pace = time.monotonic() + 0.08   # the workload's pace, not a synchronisation
                 h.check_bytes(os.pread(fd, 4 * KiB, offset), h.pattern_bytes(offset, 4 * KiB, SIZE),
                               "read at %d" % offset)
                 h.wait_until(lambda: time.monotonic() >= pace, what="the reader's pace")

@@ -245,12 +245,16 @@ esac
 """
 
 
-def test_a_failed_window_leaves_each_read_its_own_answer():
+def _sh_plugin(text):
     script = os.path.join(h.tmpdir("sh"), "plugin.sh")
     with open(script, "w") as f:
-        f.write(SH_SCRIPT)
+        f.write(text)
     os.chmod(script, 0o755)
-    with h.Nbdkit(["sh", script]) as srv, h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
+    return script
+
+
+def test_a_failed_window_leaves_each_read_its_own_answer():
+    with h.Nbdkit(["sh", _sh_plugin(SH_SCRIPT)]) as srv, h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
         fd = os.open(m.export, os.O_RDONLY)
         try:
             offset = 0
@@ -284,12 +288,8 @@ esac
 def test_a_stop_waits_for_a_fetch_in_flight():
     """A window still being fetched at unmount is waited for (within --shutdown-timeout):
     closing the connection under it would leave the server its reply to a closed socket."""
-    script = os.path.join(h.tmpdir("sh"), "plugin.sh")
-    with open(script, "w") as f:
-        f.write(SLOW_SH_SCRIPT)
-    os.chmod(script, 0o755)
     logfile = os.path.join(h.tmpdir("log"), "nbdkit.log")
-    with h.Nbdkit(["sh", script, "logfile=" + logfile], opts=["--filter=log"]) as srv:
+    with h.Nbdkit(["sh", _sh_plugin(SLOW_SH_SCRIPT), "logfile=" + logfile], opts=["--filter=log"]) as srv:
         with h.Mount(h.tmpdir("mp"), [srv.uri]) as m:
             fd = os.open(m.export, os.O_RDONLY)
             try:

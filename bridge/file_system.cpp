@@ -469,7 +469,7 @@ bool FileSystem::answer_from_read_ahead(Tracked& tracked, const Job& job) {
   }
   // Fetches are bounded (each holds up to 1 MiB until its reply, however late), and
   // none waits for a reconnect: the READs themselves do.
-  const bool may_fetch = fetches_running_ < fetches_at_most && io_.can_read_now();
+  auto may_fetch = [this] { return fetches_running_ < fetches_at_most && io_.can_read_now(); };
   if (auto fetch = read_ahead_.observe(job.handle, job.offset, job.length, now, may_fetch))
     asio::co_spawn(executor_, fetch_ahead(*fetch), asio::detached);
   // Such a reader comes back as soon as it has used the data: a loop asleep by then

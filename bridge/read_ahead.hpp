@@ -91,9 +91,11 @@ class ReadAhead {
 
   // Every READ of a file that wants() it, answered from a window or not: follows the
   // file's position, and says which window to fetch next, if any (at most one; none
-  // unless may_fetch: the caller's cap on fetches, or no connection to send one on).
+  // unless may_fetch(): the caller's cap on fetches, or no connection to send one on;
+  // asked only when a fetch is due, not at every READ).
+  template <class MayFetch>
   std::optional<Fetch> observe(std::uint64_t handle, std::uint64_t offset, std::size_t length, Clock::time_point now,
-                               bool may_fetch = true) {
+                               MayFetch&& may_fetch) {
     Stream* tracked = stream_of(handle, now);
     if (!tracked) return std::nullopt;  // as many files are read ahead already
     Stream& stream = *tracked;
@@ -115,7 +117,7 @@ class ReadAhead {
     for (Window& window : stream.windows)
       if (window.ready && !fresh(window, now)) window = Window{};  // its memory goes now
     const std::uint64_t position = stream.next_offset;
-    if (!may_fetch || stream.sequential < limits_.sequential_before_fetching || position >= export_size_ ||
+    if (stream.sequential < limits_.sequential_before_fetching || position >= export_size_ ||
         position < stream.no_fetch_before || stream.too_slow)
       return std::nullopt;
     const std::size_t window_length = window_for(stream.gap, length);
@@ -124,14 +126,17 @@ class ReadAhead {
     Window* holding = nullptr;  // the window the reader is in
     for (Window& window : stream.windows)
       if (covers(window, position, now)) holding = &window;
-    if (!holding)
+    if (!holding) {
+      if (!may_fetch()) return std::nullopt;
       return start(stream_index, free_slot(stream, position, now), align_down(position), window_length, now);
+    }
     // Half-way through it, the next one is fetched: it is ready before the reader gets
     // there, unless the reader outruns the server (it then reads there itself a while).
     const std::uint64_t end = holding->offset + holding->length;
     if (end >= export_size_ || position - holding->offset < holding->length / 2) return std::nullopt;
     for (const Window& window : stream.windows)
       if (covers(window, end, now)) return std::nullopt;
+    if (!may_fetch()) return std::nullopt;
     return start(stream_index, free_slot(stream, position, now), end, window_length, now);
   }
 

@@ -33,7 +33,7 @@ struct Reader {
   // Reads `length` at the position; whether a window answered it.
   bool read(std::size_t length, Clock::time_point now) {
     const bool answered = read_ahead.find(handle, position, length, now) != nullptr;
-    if (auto fetch = read_ahead.observe(handle, position, length, now)) fetches.push_back(*fetch);
+    if (auto fetch = read_ahead.observe(handle, position, length, now, [] { return true; })) fetches.push_back(*fetch);
     position += length;
     return answered;
   }
@@ -266,8 +266,8 @@ TEST_CASE("read-ahead: a slower reader gets a smaller window, a slow one none") 
   }
   SUBCASE("none while the caller may not fetch") {
     for (std::uint64_t position = 0; position < 64 * KiB; position += 4 * KiB)
-      CHECK_FALSE(read_ahead.observe(1, position, 4 * KiB, now, /*may_fetch=*/false));
-    CHECK(read_ahead.observe(1, 64 * KiB, 4 * KiB, now));
+      CHECK_FALSE(read_ahead.observe(1, position, 4 * KiB, now, [] { return false; }));
+    CHECK(read_ahead.observe(1, 64 * KiB, 4 * KiB, now, [] { return true; }));
   }
 }
 
@@ -290,7 +290,7 @@ TEST_CASE("read-ahead: a distant server's round trips are not the reader's pace"
   // Each READ takes 50 ms to answer; the reader asks for the next 20 us after each answer.
   std::vector<ReadAhead::Fetch> fetches;
   for (std::uint64_t position = 0; position < 12 * KiB; position += 4 * KiB) {
-    if (auto fetch = read_ahead.observe(1, position, 4 * KiB, now)) fetches.push_back(*fetch);
+    if (auto fetch = read_ahead.observe(1, position, 4 * KiB, now, [] { return true; })) fetches.push_back(*fetch);
     now += 50ms;
     read_ahead.answered(1, now);
     now += 20us;

@@ -6,6 +6,7 @@
 
 #include "bridge/buffer_pool.hpp"
 #include "bridge/fault_injection.hpp"
+#include "bridge/geometry.hpp"
 #include "bridge/statistics.hpp"
 #include "bridge/range_lock.hpp"
 #include "nbd_client/connection_pool.hpp"
@@ -25,11 +26,6 @@
 
 namespace bridge {
 
-// Rounding to a power-of-two-or-not block size, as the server advertises it.
-constexpr std::uint64_t align_down(std::uint64_t value, std::uint64_t block) { return value / block * block; }
-constexpr std::uint64_t align_up(std::uint64_t value, std::uint64_t block) {
-  return (value + block - 1) / block * block;
-}
 
 // A hole for lseek must read as zeros: the server must say both "hole" and "zero".
 constexpr bool is_hole(std::uint32_t flags) { return (flags & 1u) && (flags & 2u); }

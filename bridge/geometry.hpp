@@ -1,5 +1,5 @@
 // The export's shape as the application sees it: where reads end and which
-// writes fit. Pure functions over the export size; no I/O.
+// writes fit, and rounding to the server's blocks. Pure functions; no I/O.
 #pragma once
 
 #include <cerrno>
@@ -7,6 +7,12 @@
 #include <cstdint>
 
 namespace bridge {
+
+// Rounding to a power-of-two-or-not block size, as the server advertises it.
+constexpr std::uint64_t align_down(std::uint64_t value, std::uint64_t block) { return value / block * block; }
+constexpr std::uint64_t align_up(std::uint64_t value, std::uint64_t block) {
+  return (value + block - 1) / block * block;
+}
 
 // Reads are short at EOF and empty past it, as for a regular file.
 constexpr std::size_t clamp_read(std::uint64_t export_size, std::uint64_t offset, std::size_t length) {

@@ -12,6 +12,8 @@
 #include <optional>
 #include <utility>
 
+#include "bridge/geometry.hpp"
+
 namespace bridge {
 
 struct ReadAheadLimits {
@@ -128,7 +130,8 @@ class ReadAhead {
       if (covers(window, position, now)) holding = &window;
     if (!holding) {
       if (!may_fetch()) return std::nullopt;
-      return start(stream_index, free_slot(stream, position, now), align_down(position), window_length, now);
+      return start(stream_index, free_slot(stream, position, now), align_down(position, alignment_), window_length,
+                   now);
     }
     // Half-way through it, the next one is fetched: it is ready before the reader gets
     // there, unless the reader outruns the server (it then reads there itself a while).
@@ -230,7 +233,6 @@ class ReadAhead {
     return (window.fetching || (window.ready && fresh(window, now))) && position >= window.valid_from &&
            position < window.offset + window.length;
   }
-  std::uint64_t align_down(std::uint64_t offset) const { return offset - offset % alignment_; }
 
   // A window fetched in vain: its memory goes (a fetch still running keeps its own
   // buffer and finds its id gone), and its range is not fetched again.
